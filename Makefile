@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Both create .venv if missing and install what they need
+# (idempotent: a stamp file keyed on pyproject.toml skips the install when nothing changed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# The registry's torchvision/torchaudio/torchcodec do not load beside torch 2.13.0+cpu and break transformers.
+CONFLICTING := torchvision torchaudio torchcodec
+
+.PHONY: install demo test test-fast clean-cluster bench
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing heteroscale-ray into $(VENV) (first time: ~3 min, ~4.5 GB)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e ".[cpu,dev]"
+	@$(PY) -m pip uninstall -q -y $(CONFLICTING) 2>/dev/null || true
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@$(VENV)/bin/heteroscale demo
+
+test: install
+	@$(PY) -m pytest -q tests
+
+test-fast: install
+	@$(PY) -m pytest -q tests -m "not e2e"
+
+bench: install
+	@$(PY) bench/router_overhead.py
+
+clean-cluster:
+	@$(VENV)/bin/heteroscale down

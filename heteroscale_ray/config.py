@@ -1,0 +1,336 @@
+"""User-facing configuration: the local cluster spec and the service spec, validated once, frozen afterwards.
+
+YAML is parsed with pydantic (extra keys are rejected, every error names its field path) and converted into
+frozen dataclasses that the rest of the code uses. Must not import Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Node label keys. A deployment group is pinned to a domain by these labels.
+LABEL_GPU_TYPE = "heteroscale.io/gpu-type"
+LABEL_S1 = "heteroscale.io/s1"
+LABEL_S2 = "heteroscale.io/s2"
+LABEL_ROLE_HINT = "heteroscale.io/node"  # the node's name from the spec, for humans and `heteroscale status`
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+_GPU_TYPE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the field and the bad value."""
+
+
+def gpu_resource(gpu_type: str) -> str:
+    """Ray custom resource that stands in for one accelerator of `gpu_type` (e.g. `GPU_H20`)."""
+    return f"GPU_{gpu_type}"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{kind} {value!r} must be lowercase letters, digits and '-', 1-42 chars")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cluster spec
+# --------------------------------------------------------------------------------------------------------------
+
+
+class HeadSpec(_Strict):
+    num_cpus: int = Field(0, ge=0, description="Ray logical CPUs on the head (Serve controller/proxy need none)")
+    memory_gb: float = Field(2.0, gt=0)
+    object_store_memory_mb: int = Field(256, ge=78)
+    dashboard_port: int = Field(8265, ge=1024, le=65535)
+    gcs_port: int = Field(6389, ge=1024, le=65535)
+
+
+class NodeSpec(_Strict):
+    name: str
+    gpu_type: str
+    num_gpus: int = Field(ge=1, description="fake accelerators (custom resource GPU_<type>)")
+    s1: str = Field(description="S1 (mini-pod) switch domain")
+    s2: str = Field(description="S2 (big-pod) switch domain")
+    num_cpus: int = Field(1, ge=1, description="Ray logical CPUs (scheduling slots, not physical cores)")
+    memory_gb: float = Field(4.0, gt=0)
+    object_store_memory_mb: int = Field(256, ge=78)
+
+    @field_validator("name", "s1", "s2")
+    @classmethod
+    def _names(cls, value: str, info) -> str:
+        return _check_name(info.field_name, value)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu(cls, value: str) -> str:
+        if not _GPU_TYPE.match(value):
+            raise ValueError(f"gpu_type {value!r} must be letters, digits or '_' (1-32 chars)")
+        return value
+
+
+class ClusterSpecModel(_Strict):
+    head: HeadSpec = HeadSpec()
+    nodes: list[NodeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusterSpecModel":
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"node names must be unique; repeated: {dupes}")
+        s1_parent: dict[str, str] = {}
+        for node in self.nodes:
+            parent = s1_parent.setdefault(node.s1, node.s2)
+            if parent != node.s2:
+                raise ValueError(
+                    f"S1 domain {node.s1!r} appears under two S2 domains ({parent!r} and {node.s2!r}); "
+                    "an S1 switch belongs to exactly one S2"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    gpu_type: str
+    num_gpus: int
+    s1: str
+    s2: str
+    num_cpus: int
+    memory_gb: float
+    object_store_memory_mb: int
+
+    def labels(self) -> dict[str, str]:
+        return {LABEL_GPU_TYPE: self.gpu_type, LABEL_S1: self.s1, LABEL_S2: self.s2, LABEL_ROLE_HINT: self.name}
+
+    def resources(self) -> dict[str, float]:
+        return {gpu_resource(self.gpu_type): float(self.num_gpus)}
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    head: HeadSpec
+    nodes: tuple[Node, ...]
+
+    def total_memory_gb(self) -> float:
+        return self.head.memory_gb + sum(n.memory_gb for n in self.nodes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Service spec
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(_Strict):
+    id: str = Field("tiny-llama", min_length=1, description="model name clients send in `model`")
+    source: str = Field(
+        "tiny",
+        description="'tiny' = the generated tiny Llama (built on first use); otherwise a local path or hub id",
+    )
+
+
+class EngineSpec(_Strict):
+    """vLLM engine options that differ between the CPU stack and GPU clusters. Nothing else branches on device."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    kv_connector: str = "NixlConnector"
+    kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
+    nixl_backends: tuple[str, ...] = ("UCX",)
+    nixl_side_channel_port_base: int = Field(20000, ge=1024, le=60000)
+    nixl_side_channel_host: str | None = Field(
+        None, description="host NIXL handshakes use; None = the Ray node's IP (set 127.0.0.1 on one machine)"
+    )
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(4096, ge=16)
+    enforce_eager: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+    cpu_kvcache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE; ignored on cuda")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine kwargs")
+    env: dict[str, str] = Field(default_factory=dict, description="extra env vars for every engine process")
+
+
+class RoleSpec(_Strict):
+    gpu_types: tuple[str, ...] = Field(min_length=1, description="preferred GPU type first, then fallbacks")
+    gpus_per_replica: int = Field(1, ge=1)
+    num_cpus_per_replica: float = Field(0.5, gt=0, description="Ray logical CPUs reserved per replica")
+    cpu_threads_bind: str | None = Field(
+        None, description="VLLM_CPU_OMP_THREADS_BIND for this role's engines (CPU only), e.g. '0' or '0-1'"
+    )
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class RolesSpec(_Strict):
+    prefill: RoleSpec
+    decode: RoleSpec
+
+
+class DeploymentGroupSpec(_Strict):
+    name: str
+    domain: str = Field(description="network domain the group lives in: an S1 or S2 name, per `affinity`")
+    prefill_replicas: int = Field(1, ge=0)
+    decode_replicas: int = Field(1, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _n(cls, value: str) -> str:
+        return _check_name("deployment group name", value)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "DeploymentGroupSpec":
+        if (self.prefill_replicas == 0) != (self.decode_replicas == 0):
+            raise ValueError(
+                f"deployment group {self.name!r}: prefill_replicas ({self.prefill_replicas}) and decode_replicas "
+                f"({self.decode_replicas}) must both be 0 or both be >= 1 (a DG serves only as a P+D pair)"
+            )
+        return self
+
+
+class IngressSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(120.0, gt=0, description="whole non-streaming request; first token when streaming")
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description="longest gap between streamed chunks")
+    api_key_env: str | None = Field(
+        "HETEROSCALE_API_KEY", description="env var holding the API key; requests need it when the var is set"
+    )
+    api_key: str | None = Field(None, description="API key given directly (prefer api_key_env)")
+
+
+class ServiceSpecModel(_Strict):
+    name: str
+    model: ModelSpec = ModelSpec()
+    engine: EngineSpec = EngineSpec()
+    roles: RolesSpec
+    affinity: Literal["s1", "s2", "cluster"] = "s1"
+    deployment_groups: list[DeploymentGroupSpec] = Field(min_length=1)
+    ingress: IngressSpec = IngressSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _n(cls, value: str) -> str:
+        return _check_name("service name", value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceSpecModel":
+        names = [g.name for g in self.deployment_groups]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"deployment group names must be unique; repeated: {dupes}")
+        if self.engine.device == "cuda" and self.engine.kv_buffer_device == "cpu":
+            # Legal (host-staged transfers), but worth knowing; not an error.
+            pass
+        return self
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    model: ModelSpec
+    engine: EngineSpec
+    roles: RolesSpec
+    affinity: str
+    deployment_groups: tuple[DeploymentGroupSpec, ...]
+    ingress: IngressSpec
+    source_path: str | None = field(default=None, compare=False)
+
+    def api_key(self) -> str | None:
+        if self.ingress.api_key:
+            return self.ingress.api_key
+        if self.ingress.api_key_env:
+            return os.environ.get(self.ingress.api_key_env) or None
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        bad = e.get("input")
+        shown = "" if isinstance(bad, (dict, list)) else f" (got {bad!r})"
+        lines.append(f"  {path}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_cluster_spec(data: dict, source: str = "<dict>") -> ClusterSpec:
+    try:
+        model = ClusterSpecModel.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    nodes = tuple(Node(**n.model_dump()) for n in model.nodes)
+    return ClusterSpec(head=model.head, nodes=nodes)
+
+
+def load_cluster_spec(path: str | Path) -> ClusterSpec:
+    return parse_cluster_spec(_read_yaml(path), str(path))
+
+
+def parse_service_spec(data: dict, source: str = "<dict>") -> ServiceSpec:
+    try:
+        model = ServiceSpecModel.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    return ServiceSpec(
+        name=model.name,
+        model=model.model,
+        engine=model.engine,
+        roles=model.roles,
+        affinity=model.affinity,
+        deployment_groups=tuple(model.deployment_groups),
+        ingress=model.ingress,
+        source_path=None if source == "<dict>" else source,
+    )
+
+
+def load_service_spec(path: str | Path) -> ServiceSpec:
+    return parse_service_spec(_read_yaml(path), str(path))
+
+
+def check_service_fits_cluster(service: ServiceSpec, cluster: ClusterSpec) -> None:
+    """Static check: each DG's domain exists and holds an accepted GPU type for both roles. Raises ConfigError."""
+    label = {"s1": "s1", "s2": "s2"}.get(service.affinity)
+    for group in service.deployment_groups:
+        in_domain = [n for n in cluster.nodes if label is None or getattr(n, label) == group.domain]
+        if label is not None and not in_domain:
+            known = sorted({getattr(n, label) for n in cluster.nodes})
+            raise ConfigError(
+                f"deployment group {group.name!r}: domain {group.domain!r} is not a known {label.upper()} domain "
+                f"(known: {known})"
+            )
+        for role_name in ("prefill", "decode"):
+            role = getattr(service.roles, role_name)
+            types_here = {n.gpu_type for n in in_domain}
+            if not types_here & set(role.gpu_types):
+                raise ConfigError(
+                    f"deployment group {group.name!r}: domain {group.domain!r} has no node with a {role_name} "
+                    f"GPU type {list(role.gpu_types)} (it has {sorted(types_here)})"
+                )

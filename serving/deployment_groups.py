@@ -1,0 +1,196 @@
+"""Deployment groups: one prefill + one decode Serve deployment pinned to one network domain.
+
+Pure functions only (no Ray, no vLLM): they turn a `ServiceSpec` and the cluster's node facts into per-DG,
+per-role engine settings (GPU type picked from the role's preference list, label selectors, placement bundles,
+engine kwargs and env), and edit the set of DGs (`add_deployment_group`, `remove_deployment_group`,
+`set_role_replicas`) the way the controller will at run time. `serving.app` turns the result into Serve
+deployments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, Iterable, Mapping
+
+from heteroscale_ray.config import (
+    LABEL_GPU_TYPE,
+    LABEL_S1,
+    LABEL_S2,
+    DeploymentGroupSpec,
+    RoleSpec,
+    ServiceSpec,
+    gpu_resource,
+)
+
+
+class Role(str, Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class PlacementError(ValueError):
+    """A deployment group cannot be pinned: the message names the group, domain and what is missing."""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What placement needs to know of one node (from Ray's node table or a cluster spec)."""
+
+    gpu_type: str | None
+    s1: str | None
+    s2: str | None
+    num_gpus_total: float = 0.0
+
+
+def domain_label(affinity: str) -> str | None:
+    """Node label key that defines a DG's domain for this affinity (None for cluster scope)."""
+    return {"s1": LABEL_S1, "s2": LABEL_S2, "cluster": None}[affinity]
+
+
+def nodes_in_domain(nodes: Iterable[NodeFacts], affinity: str, domain: str) -> list[NodeFacts]:
+    if affinity == "cluster":
+        return list(nodes)
+    return [n for n in nodes if getattr(n, affinity) == domain]
+
+
+def resolve_gpu_type(nodes: Iterable[NodeFacts], affinity: str, domain: str, role: Role, spec: RoleSpec,
+                     group: str) -> str:
+    """First GPU type of the role's preference list that some node of the domain has enough of."""
+    here = nodes_in_domain(nodes, affinity, domain)
+    for gpu_type in spec.gpu_types:
+        if any(n.gpu_type == gpu_type and n.num_gpus_total >= spec.gpus_per_replica for n in here):
+            return gpu_type
+    have = sorted({n.gpu_type for n in here if n.gpu_type})
+    raise PlacementError(
+        f"deployment group {group!r}: no node in {affinity} domain {domain!r} offers a {role.value} GPU type from "
+        f"{list(spec.gpu_types)} with >= {spec.gpus_per_replica} GPUs per node (domain has {have or 'no nodes'})"
+    )
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    """Everything needed to deploy one role of one DG."""
+
+    group: str
+    role: Role
+    deployment_name: str
+    num_replicas: int
+    gpu_type: str
+    bundle: Mapping[str, float]
+    label_selector: Mapping[str, str]
+    engine_kwargs: Mapping[str, Any]
+    env: Mapping[str, str]
+    nixl_port_base: int
+    max_ongoing_requests: int
+
+
+def deployment_name(service: str, group: str, role: Role) -> str:
+    return f"{service}:{group}:{role.value}"
+
+
+def label_selector(affinity: str, domain: str, gpu_type: str) -> dict[str, str]:
+    selector = {LABEL_GPU_TYPE: gpu_type}
+    key = domain_label(affinity)
+    if key is not None:
+        selector[key] = domain
+    return selector
+
+
+def engine_kwargs(service: ServiceSpec, model_path: str) -> dict[str, Any]:
+    """vLLM engine kwargs shared by both roles (NIXL connector, device-specific options from config)."""
+    eng = service.engine
+    kv_transfer = {
+        "kv_connector": eng.kv_connector,
+        "kv_role": "kv_both",
+        "kv_buffer_device": eng.kv_buffer_device,
+    }
+    if eng.kv_connector == "NixlConnector":
+        kv_transfer["kv_connector_extra_config"] = {"backends": list(eng.nixl_backends)}
+    kwargs: dict[str, Any] = {
+        "tokenizer": model_path,
+        "dtype": eng.dtype,
+        "max_model_len": eng.max_model_len,
+        "enforce_eager": eng.enforce_eager,
+        "tensor_parallel_size": eng.tensor_parallel_size,
+        "kv_transfer_config": kv_transfer,
+        "disable_log_stats": False,
+    }
+    kwargs.update(eng.engine_kwargs)
+    return kwargs
+
+
+def role_env(service: ServiceSpec, role_spec: RoleSpec) -> dict[str, str]:
+    eng = service.engine
+    env = {"VLLM_LOGGING_LEVEL": "WARNING"}
+    if eng.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(eng.cpu_kvcache_space_gb)
+        if role_spec.cpu_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = role_spec.cpu_threads_bind
+    if eng.nixl_side_channel_host:
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = eng.nixl_side_channel_host
+    env.update(eng.env)
+    return env
+
+
+def plan_group(service: ServiceSpec, group: DeploymentGroupSpec, index: int, nodes: Iterable[NodeFacts],
+               model_path: str) -> tuple[RolePlan, RolePlan]:
+    """Per-role plans for one DG. `index` spaces NIXL side-channel ports so co-located DGs never collide."""
+    nodes = list(nodes)
+    plans = []
+    for offset, role in enumerate((Role.PREFILL, Role.DECODE)):
+        spec: RoleSpec = getattr(service.roles, role.value)
+        gpu_type = resolve_gpu_type(nodes, service.affinity, group.domain, role, spec, group.name)
+        plans.append(
+            RolePlan(
+                group=group.name,
+                role=role,
+                deployment_name=deployment_name(service.name, group.name, role),
+                num_replicas=group.prefill_replicas if role is Role.PREFILL else group.decode_replicas,
+                gpu_type=gpu_type,
+                bundle={"CPU": spec.num_cpus_per_replica, gpu_resource(gpu_type): float(spec.gpus_per_replica)},
+                label_selector=label_selector(service.affinity, group.domain, gpu_type),
+                engine_kwargs=engine_kwargs(service, model_path),
+                env=role_env(service, spec),
+                # 100 ports per (DG, role): Serve adds the replica rank x TP size to the base.
+                nixl_port_base=service.engine.nixl_side_channel_port_base + 200 * index + 100 * offset,
+                max_ongoing_requests=spec.max_ongoing_requests,
+            )
+        )
+    return plans[0], plans[1]
+
+
+# ---- editing the set of DGs (what the controller will do at run time) -----------------------------------------
+
+
+def add_deployment_group(groups: tuple[DeploymentGroupSpec, ...], group: DeploymentGroupSpec
+                         ) -> tuple[DeploymentGroupSpec, ...]:
+    if any(g.name == group.name for g in groups):
+        raise ValueError(f"deployment group {group.name!r} already exists")
+    return (*groups, group)
+
+
+def remove_deployment_group(groups: tuple[DeploymentGroupSpec, ...], name: str) -> tuple[DeploymentGroupSpec, ...]:
+    if not any(g.name == name for g in groups):
+        raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
+    return tuple(g for g in groups if g.name != name)
+
+
+def set_role_replicas(groups: tuple[DeploymentGroupSpec, ...], name: str, role: Role, num_replicas: int
+                      ) -> tuple[DeploymentGroupSpec, ...]:
+    if num_replicas < 0:
+        raise ValueError(f"num_replicas ({num_replicas}) for {role.value} of {name!r} must be >= 0")
+    field = "prefill_replicas" if role is Role.PREFILL else "decode_replicas"
+    out, found = [], False
+    for g in groups:
+        if g.name == name:
+            found = True
+            g = g.model_copy(update={field: num_replicas})
+        out.append(g)
+    if not found:
+        raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
+    return tuple(out)
+
+
+def with_groups(service: ServiceSpec, groups: tuple[DeploymentGroupSpec, ...]) -> ServiceSpec:
+    return replace(service, deployment_groups=groups)

@@ -1,0 +1,214 @@
+"""OpenAI-compatible ingress that balances requests across deployment groups.
+
+Builds on Ray Serve LLM's `OpenAiIngress` (request models, validation-error handling, SSE framing) and adds:
+choice of deployment group per request (least in-flight among the groups admitted to routing, round-robin on
+ties), a withdraw/restore switch per group for soft scale-in, configurable timeouts (whole request, or first
+token plus idle gap when streaming), an optional API key, `GET /health`, `GET /metrics` (Prometheus text) and
+`GET /v1/heteroscale/stats` (what each group served). Each DG's decode deployment drives its own DG's prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncGenerator
+
+from fastapi import HTTPException, Request, status
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    ErrorResponse,
+    OpenAIHTTPException,
+)
+from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
+from ray.llm._internal.serve.core.ingress.utils import (
+    NON_STREAMING_RESPONSE_TYPES,
+    _openai_json_wrapper,
+    _peek_at_generator,
+    _sanitize_chat_completion_request,
+)
+from ray.llm._internal.serve.core.protocol import RawRequestInfo
+from ray.serve.handle import DeploymentHandle
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY = CollectorRegistry()
+_REQUESTS = Counter("heteroscale_ingress_requests", "requests by route and outcome", ("route", "outcome"),
+                    registry=_REGISTRY)
+_LATENCY = Histogram("heteroscale_ingress_latency_seconds", "time to the response head (first chunk when "
+                     "streaming)", ("route",), registry=_REGISTRY,
+                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+_INFLIGHT = Gauge("heteroscale_ingress_inflight", "requests in flight per deployment group", ("deployment_group",),
+                  registry=_REGISTRY)
+_ROUTED = Counter("heteroscale_ingress_routed", "requests routed per deployment group", ("deployment_group",),
+                  registry=_REGISTRY)
+
+_OPEN_PATHS = ("/health", "/metrics")
+_API_KEY: dict[str, str | None] = {"value": None}  # set by the replica's __init__; read by the middleware
+
+app = init()
+
+
+@app.middleware("http")
+async def _require_api_key(request: Request, call_next):
+    key = _API_KEY["value"]
+    if key and request.url.path not in _OPEN_PATHS:
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {key}":
+            _REQUESTS.labels(request.url.path, "unauthorized").inc()
+            return JSONResponse(
+                status_code=status.HTTP_401_UNAUTHORIZED,
+                content={"error": {"message": "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                   "type": "authentication_error", "param": None, "code": 401}},
+            )
+    return await call_next(request)
+
+
+@app.exception_handler(HTTPException)
+async def _openai_style_http_error(request: Request, exc: HTTPException):
+    """FastAPI's HTTPException (e.g. unknown model -> 404) as an OpenAI error object."""
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
+                           else "server_error", "param": None, "code": exc.status_code}},
+    )
+
+
+class _Timeout(Exception):
+    pass
+
+
+async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> AsyncGenerator:
+    """Re-yield `gen`, ending with an SSE error event if no chunk arrives for `idle_timeout_s`."""
+    iterator = gen.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            logger.warning("stream idle for more than %.1fs; closing it", idle_timeout_s)
+            await iterator.aclose()
+            yield ('data: {"error": {"message": "stream idle timeout", "type": "timeout", "code": 504}}\n\n')
+            return
+        yield chunk
+
+
+class PDIngress(OpenAiIngress):
+    """One model, several deployment groups (each a decode deployment that drives its own prefill)."""
+
+    def __init__(self, groups: dict[str, DeploymentHandle], model_card: dict, *, request_timeout_s: float,
+                 stream_idle_timeout_s: float, api_key: str | None = None):
+        from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+
+        if not groups:
+            raise ValueError("PDIngress needs at least one deployment group")
+        card = ModelCard.model_validate(model_card)
+        super().__init__(llm_deployments={card.id: next(iter(groups.values()))}, model_cards={card.id: card})
+        self._groups = {name: handle.options(stream=True) for name, handle in groups.items()}
+        self._inflight = {name: 0 for name in groups}
+        self._routed = {name: 0 for name in groups}
+        self._withdrawn: set[str] = set()
+        self._tiebreak = itertools.count()
+        self._request_timeout_s = request_timeout_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
+        _API_KEY["value"] = api_key
+
+    # ---- routing across deployment groups ---------------------------------------------------------------------
+
+    def _pick_group(self) -> str:
+        admitted = [g for g in self._groups if g not in self._withdrawn]
+        if not admitted:
+            raise OpenAIHTTPException(status_code=503, message="no deployment group is admitted to routing",
+                                      type="ServiceUnavailable")
+        low = min(self._inflight[g] for g in admitted)
+        candidates = [g for g in admitted if self._inflight[g] == low]
+        return candidates[next(self._tiebreak) % len(candidates)]
+
+    async def set_withdrawn(self, groups: list[str]) -> list[str]:
+        """Stop sending new requests to these groups (in-flight ones finish); others are restored."""
+        unknown = sorted(set(groups) - set(self._groups))
+        if unknown:
+            raise ValueError(f"unknown deployment groups {unknown}; have {sorted(self._groups)}")
+        self._withdrawn = set(groups)
+        return sorted(self._withdrawn)
+
+    async def routing_stats(self) -> dict:
+        return {"inflight": dict(self._inflight), "routed": dict(self._routed), "withdrawn": sorted(self._withdrawn)}
+
+    async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
+        await self._get_model_id(body.model)  # 404 for an unknown model
+        group = self._pick_group()
+        handle = self._groups[group]
+        if isinstance(body, ChatCompletionRequest):
+            body = _sanitize_chat_completion_request(body)
+        info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
+        self._inflight[group] += 1
+        self._routed[group] += 1
+        _INFLIGHT.labels(group).inc()
+        _ROUTED.labels(group).inc()
+        try:
+            async for response in getattr(handle, call_method).remote(body, info):
+                yield response
+        finally:
+            self._inflight[group] -= 1
+            _INFLIGHT.labels(group).dec()
+
+    async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
+        route = call_method
+        start = time.monotonic()
+        try:
+            gen = self._get_response(body=body, call_method=call_method, raw_request=raw_request)
+            try:
+                first, gen = await asyncio.wait_for(_peek_at_generator(gen), self._request_timeout_s)
+            except asyncio.TimeoutError:
+                raise _Timeout() from None
+            first_chunk = first[0] if isinstance(first, list) else first
+            if isinstance(first_chunk, ErrorResponse):
+                raise OpenAIHTTPException(message=first_chunk.error.message, status_code=first_chunk.error.code,
+                                          type=first_chunk.error.type)
+            _LATENCY.labels(route).observe(time.monotonic() - start)
+            if isinstance(first_chunk, NON_STREAMING_RESPONSE_TYPES):
+                _REQUESTS.labels(route, "ok").inc()
+                return JSONResponse(content=first_chunk.model_dump())
+            _REQUESTS.labels(route, "stream").inc()
+            stream = _with_idle_timeout(_openai_json_wrapper(gen), self._stream_idle_timeout_s)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        except _Timeout:
+            _REQUESTS.labels(route, "timeout").inc()
+            raise OpenAIHTTPException(status_code=status.HTTP_504_GATEWAY_TIMEOUT, type="timeout",
+                                      message=f"no response within request_timeout_s={self._request_timeout_s}")
+        except OpenAIHTTPException as exc:
+            _REQUESTS.labels(route, f"http_{exc.status_code}").inc()
+            raise
+
+    # ---- operational endpoints --------------------------------------------------------------------------------
+
+    async def health(self) -> Response:
+        admitted = [g for g in self._groups if g not in self._withdrawn]
+        code = 200 if admitted else 503
+        return JSONResponse(status_code=code, content={"status": "ok" if admitted else "no admitted groups",
+                                                        "deployment_groups": sorted(self._groups),
+                                                        "withdrawn": sorted(self._withdrawn)})
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(_REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def heteroscale_stats(self) -> Response:
+        return JSONResponse(content=await self.routing_stats())
+
+
+ENDPOINTS = {
+    "models": lambda a: a.get("/v1/models"),
+    "model_data": lambda a: a.get("/v1/models/{model:path}"),
+    "completions": lambda a: a.post("/v1/completions"),
+    "chat": lambda a: a.post("/v1/chat/completions"),
+    "health": lambda a: a.get("/health"),
+    "metrics": lambda a: a.get("/metrics"),
+    "heteroscale_stats": lambda a: a.get("/v1/heteroscale/stats"),
+}
+
+PDIngressDeployment = make_fastapi_ingress(PDIngress, endpoint_map=ENDPOINTS, app=app)

@@ -1,0 +1,92 @@
+import pytest
+
+from heteroscale_ray.config import DeploymentGroupSpec, load_service_spec
+from serving.deployment_groups import (
+    NodeFacts,
+    PlacementError,
+    Role,
+    add_deployment_group,
+    plan_group,
+    remove_deployment_group,
+    resolve_gpu_type,
+    set_role_replicas,
+)
+from tests.conftest import EXAMPLES
+
+SERVICE = load_service_spec(EXAMPLES / "service-local.yaml")
+NODES = [
+    NodeFacts("L20", "s1-a", "s2-0", 2),
+    NodeFacts("H20", "s1-a", "s2-0", 2),
+    NodeFacts("H20", "s1-b", "s2-0", 2),  # s1-b has no L20: prefill must fall back to H20
+    NodeFacts(None, None, None, 0),  # the head
+]
+
+
+def test_preferred_gpu_type_then_fallback():
+    prefill = SERVICE.roles.prefill  # [L20, H20]
+    assert resolve_gpu_type(NODES, "s1", "s1-a", Role.PREFILL, prefill, "g") == "L20"
+    assert resolve_gpu_type(NODES, "s1", "s1-b", Role.PREFILL, prefill, "g") == "H20"
+
+
+def test_unplaceable_group_names_domain_and_types():
+    decode = SERVICE.roles.decode.model_copy(update={"gpu_types": ("H800",)})
+    with pytest.raises(PlacementError, match=r"'g'.*domain 's1-a'.*\['H800'\].*\['H20', 'L20'\]"):
+        resolve_gpu_type(NODES, "s1", "s1-a", Role.DECODE, decode, "g")
+    too_big = SERVICE.roles.decode.model_copy(update={"gpus_per_replica": 4})
+    with pytest.raises(PlacementError, match=">= 4 GPUs"):
+        resolve_gpu_type(NODES, "s1", "s1-a", Role.DECODE, too_big, "g")
+
+
+def test_plan_pins_both_roles_to_the_domain_and_their_gpu_type():
+    prefill, decode = plan_group(SERVICE, SERVICE.deployment_groups[0], 0, NODES, "/m")
+    assert prefill.label_selector == {"heteroscale.io/gpu-type": "L20", "heteroscale.io/s1": "s1-a"}
+    assert decode.label_selector == {"heteroscale.io/gpu-type": "H20", "heteroscale.io/s1": "s1-a"}
+    assert prefill.bundle["GPU_L20"] == 1 and decode.bundle["GPU_H20"] == 1
+    assert prefill.deployment_name == "tiny-chat:dg-a:prefill"
+    kv = decode.engine_kwargs["kv_transfer_config"]
+    assert kv["kv_connector"] == "NixlConnector" and kv["kv_buffer_device"] == "cpu"
+    assert prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert decode.env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
+
+
+def test_gpu_options_come_from_config_not_code():
+    gpu = SERVICE.engine.model_copy(update={"device": "cuda", "kv_buffer_device": "cuda",
+                                            "nixl_side_channel_host": None})
+    service = type(SERVICE)(**{**SERVICE.__dict__, "engine": gpu})
+    prefill, _ = plan_group(service, service.deployment_groups[0], 0, NODES, "/m")
+    assert prefill.engine_kwargs["kv_transfer_config"]["kv_buffer_device"] == "cuda"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in prefill.env and "VLLM_CPU_OMP_THREADS_BIND" not in prefill.env
+    assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in prefill.env
+
+
+def test_nixl_port_ranges_never_collide_across_groups_and_roles():
+    groups = (SERVICE.deployment_groups[0], DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+    bases = []
+    for i, g in enumerate(groups):
+        bases += [p.nixl_port_base for p in plan_group(SERVICE, g, i, NODES, "/m")]
+    assert len(set(bases)) == 4
+    assert all(abs(a - b) >= 100 for a in bases for b in bases if a != b)
+
+
+def test_cluster_affinity_has_no_domain_label():
+    service = type(SERVICE)(**{**SERVICE.__dict__, "affinity": "cluster"})
+    prefill, _ = plan_group(service, DeploymentGroupSpec(name="x", domain="anything"), 0, NODES, "/m")
+    assert prefill.label_selector == {"heteroscale.io/gpu-type": "L20"}
+
+
+def test_add_remove_and_set_replicas():
+    groups = SERVICE.deployment_groups
+    more = add_deployment_group(groups, DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+    assert [g.name for g in more] == ["dg-a", "dg-b"]
+    with pytest.raises(ValueError, match="already exists"):
+        add_deployment_group(more, DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+    scaled = set_role_replicas(more, "dg-b", Role.DECODE, 3)
+    assert scaled[1].decode_replicas == 3 and scaled[1].prefill_replicas == 1
+    assert more[1].decode_replicas == 1  # inputs are never mutated
+    with pytest.raises(ValueError, match=r"num_replicas \(-1\)"):
+        set_role_replicas(more, "dg-b", Role.DECODE, -1)
+    with pytest.raises(KeyError, match="'dg-z' does not exist"):
+        set_role_replicas(more, "dg-z", Role.DECODE, 1)
+    assert [g.name for g in remove_deployment_group(more, "dg-a")] == ["dg-b"]
+    with pytest.raises(KeyError, match="does not exist"):
+        remove_deployment_group(more, "dg-z")
