@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,13 +70,15 @@ def read_state(temp_dir: str = DEFAULT_TEMP_DIR) -> ClusterState | None:
 
 def _our_processes(temp_dir: str) -> list[psutil.Process]:
     """Processes whose command line references our temp dir, plus all their descendants."""
+    # The dir must end where a path component ends: /tmp/hsray must not match /tmp/hsray-e2e.
+    pattern = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?=[/\s'\",]|$)")
     roots: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if temp_dir in cmdline and proc.pid != os.getpid():
+        if pattern.search(cmdline) and proc.pid != os.getpid():
             roots[proc.pid] = proc
     found = dict(roots)
     for proc in list(roots.values()):

@@ -1,0 +1,113 @@
+"""PDIngress routing across deployment groups, with fake deployment handles (no Ray)."""
+
+import asyncio
+
+import pytest
+
+from serving.ingress import PDIngress, _with_idle_timeout
+
+CARD = {"id": "m", "object": "model", "owned_by": "me", "permission": [], "metadata": {}}
+
+
+class FakeMethod:
+    def __init__(self, group, gate):
+        self.group, self.gate = group, gate
+
+    def remote(self, body, info):
+        async def gen():
+            await self.gate.wait()
+            yield f"{self.group}:{body.prompt}"
+        return gen()
+
+
+class FakeHandle:
+    def __init__(self, group, gate):
+        self.completions = FakeMethod(group, gate)
+
+    def options(self, **kwargs):
+        return self
+
+
+class Body:
+    model = "m"
+
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+
+def make_ingress(groups, gate):
+    return PDIngress({g: FakeHandle(g, gate) for g in groups}, CARD, request_timeout_s=5, stream_idle_timeout_s=5)
+
+
+async def _collect(ingress, prompt):
+    return [c async for c in ingress._get_response(body=Body(prompt), call_method="completions")]
+
+
+def test_least_in_flight_spreads_requests_and_counts_return_to_zero():
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a", "b", "c"], gate)
+        tasks = [asyncio.create_task(_collect(ingress, i)) for i in range(6)]
+        await asyncio.sleep(0.05)
+        assert ingress._inflight == {"a": 2, "b": 2, "c": 2}
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert sorted(r[0].split(":")[0] for r in results) == ["a", "a", "b", "b", "c", "c"]
+        assert ingress._inflight == {"a": 0, "b": 0, "c": 0}
+        assert (await ingress.routing_stats())["routed"] == {"a": 2, "b": 2, "c": 2}
+
+    asyncio.run(main())
+
+
+def test_withdrawn_groups_get_no_new_requests_and_none_left_is_503():
+    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+    async def main():
+        gate = asyncio.Event()
+        gate.set()
+        ingress = make_ingress(["a", "b"], gate)
+        await ingress.set_withdrawn(["a"])
+        results = [await _collect(ingress, i) for i in range(4)]
+        assert all(r[0].startswith("b:") for r in results)
+        with pytest.raises(ValueError, match=r"unknown deployment groups \['z'\]"):
+            await ingress.set_withdrawn(["z"])
+        await ingress.set_withdrawn(["a", "b"])
+        with pytest.raises(OpenAIHTTPException) as err:
+            await _collect(ingress, 0)
+        assert err.value.status_code == 503
+        assert (await ingress.health()).status_code == 503
+        await ingress.set_withdrawn([])
+        assert (await ingress.health()).status_code == 200
+
+    asyncio.run(main())
+
+
+def test_unknown_model_is_404_before_routing():
+    from fastapi import HTTPException
+
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a"], gate)
+        body = Body("x")
+        body.model = "other"
+        with pytest.raises(HTTPException) as err:
+            await _collect_body(ingress, body)
+        assert err.value.status_code == 404 and ingress._routed == {"a": 0}
+
+    async def _collect_body(ingress, body):
+        return [c async for c in ingress._get_response(body=body, call_method="completions")]
+
+    asyncio.run(main())
+
+
+def test_idle_stream_ends_with_an_error_event():
+    async def main():
+        async def slow():
+            yield "data: 1\n\n"
+            await asyncio.sleep(10)
+            yield "data: never\n\n"
+
+        chunks = [c async for c in _with_idle_timeout(slow(), 0.05)]
+        assert chunks[0] == "data: 1\n\n" and "idle timeout" in chunks[1] and len(chunks) == 2
+
+    asyncio.run(main())
