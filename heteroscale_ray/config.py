@@ -157,6 +157,9 @@ class EngineSpec(_Strict):
     enforce_eager: bool = True
     tensor_parallel_size: int = Field(1, ge=1)
     cpu_kvcache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE; ignored on cuda")
+    stream_batching_interval_ms: float | None = Field(
+        None, ge=0, description="ray.llm batches streamed chunks in windows of this length (None = ray's 50 ms)"
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine kwargs")
     env: dict[str, str] = Field(default_factory=dict, description="extra env vars for every engine process")
 

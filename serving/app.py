@@ -38,6 +38,8 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
         },
         runtime_env={"env_vars": dict(plan.env)},
         experimental_configs={
+            **({"stream_batching_interval_ms": service.engine.stream_batching_interval_ms}
+               if service.engine.stream_batching_interval_ms is not None else {}),
             "NIXL_SIDE_CHANNEL_PORT_BASE": plan.nixl_port_base,
             "heteroscale_role": plan.role.value,
             "heteroscale_group": plan.group,
