@@ -1,0 +1,278 @@
+"""Data types of the autoscaling core: configuration, observations, decisions and state (all frozen).
+
+Pure: imports nothing of Ray, vLLM, HTTP, the clock or the environment. Times are seconds on the caller's clock
+(`now_s` is always an argument). Defaults cite where they come from: (paper) = HeteroScale arXiv 2508.19559,
+(assumed) = an engineering default from `shared/reference/paper.md` §10, to be tuned per service.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping
+
+
+class Role(str, Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Action(str, Enum):
+    HOLD = "hold"
+    SCALE_OUT = "scale_out"
+    SCALE_IN = "scale_in"  # soft: the Decision's withdraw counts leave routing; instances keep running
+    RESTORE = "restore"  # withdrawn instances rejoin routing at once (SLOs degraded while observing)
+    TERMINATE_WITHDRAWN = "terminate_withdrawn"  # observation window passed with SLOs held: targets drop
+
+
+class Reason(str, Enum):
+    NO_DATA = "no_data"  # decode TPS missing, NaN or stale: hold, never scale in
+    WITHIN_BAND = "within_band"  # proportional target inside the hysteresis band
+    PROPORTIONAL = "proportional"  # decode TPS outside the band
+    ZERO_TRAFFIC = "zero_traffic"  # fresh data, no decode tokens: go to the minimum
+    COOLDOWN = "cooldown"  # would act, but the cooldown since the last action has not passed
+    AT_BOUND = "at_bound"  # would act, but the min/max bound is already reached
+    LATENCY_MODERATE = "latency_moderate"  # TBT/TTFT past the moderate tier: fixed step out
+    LATENCY_SEVERE = "latency_severe"  # past the severe tier: larger fixed step out
+    SCHEDULE = "schedule"  # the periodic schedule sets (or floors) the size
+    SOFT_SCALE_IN_OBSERVING = "soft_scale_in_observing"
+    SOFT_SCALE_IN_DONE = "soft_scale_in_done"  # SLOs held through the window: terminate withdrawn
+    SOFT_SCALE_IN_SLO_DEGRADED = "soft_scale_in_slo_degraded"  # restore withdrawn instances
+    BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
+
+
+class Mode(str, Enum):
+    METRICS = "metrics"  # proportional control on decode TPS (+ latency safety net)
+    PERIODIC = "periodic"  # the schedule alone
+    METRICS_WITH_SCHEDULE_FLOOR = "metrics_with_schedule_floor"  # metrics, never below the schedule
+
+
+def _positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} ({value}) must be a finite number > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} ({value}) must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class LatencyTier:
+    """Scale out both pools by `step_fraction` when TBT or TTFT exceeds `slo_multiple` x its SLO."""
+
+    slo_multiple: float
+    step_fraction: float
+
+    def __post_init__(self) -> None:
+        _positive("slo_multiple", self.slo_multiple)
+        _positive("step_fraction", self.step_fraction)
+
+
+@dataclass(frozen=True)
+class ScheduleWindow:
+    """A periodic-policy window of the day [start_s, end_s) (seconds after midnight on the caller's clock)."""
+
+    start_s: float
+    end_s: float
+    total_instances: int  # prefill + decode
+    prefill_per_decode: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_s < self.end_s <= 86_400:
+            raise ValueError(f"schedule window [{self.start_s}, {self.end_s}) must satisfy 0 <= start < end <= 86400")
+        if self.total_instances < 2:
+            raise ValueError(f"total_instances ({self.total_instances}) must be >= 2 (one prefill and one decode)")
+        _positive("prefill_per_decode", self.prefill_per_decode)
+
+    def contains(self, second_of_day: float) -> bool:
+        return self.start_s <= second_of_day < self.end_s
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One service's scaling policy. Validated at construction; every message names the value and the rule."""
+
+    target_decode_tps_per_instance: float  # (paper) from stress tests; (assumed) 0.7 x saturation decode TPS
+    prefill_per_decode: float = 1 / 3  # (assumed) P:D = 1:3, an example ratio; set from the stress test
+    min_prefill: int = 1  # (assumed) min 1 per role
+    max_prefill: int = 64
+    min_decode: int = 1
+    max_decode: int = 192
+    hysteresis_band: float = 0.10  # (assumed) act when desired/current leaves [0.9, 1.1]
+    scale_out_cooldown_s: float = 180.0  # (assumed)
+    scale_in_cooldown_s: float = 600.0  # (assumed); also counted from the last scale-out
+    max_step_fraction: float = 0.5  # (assumed) one proportional step changes a pool by <= 50 %
+    max_step_count: int | None = None  # optional absolute cap on one proportional step (decode instances)
+    tbt_slo_s: float | None = None  # latency SLOs (percentile as observed); None = that signal is not used
+    ttft_slo_s: float | None = None
+    latency_tiers: tuple[LatencyTier, ...] = (LatencyTier(1.1, 0.10), LatencyTier(1.5, 0.20))  # (paper) +10/+20 %
+    latency_cooldown_s: float = 60.0  # (assumed) repeated latency steps wait for new instances to start
+    soft_scale_in_window_s: float = 300.0  # (assumed) 5 min observation; 0 = terminate at once
+    staleness_limit_s: float = 60.0  # (assumed) 2 x the 30 s policy period
+    mode: Mode = Mode.METRICS
+    schedule: tuple[ScheduleWindow, ...] = ()
+    advisory: bool = False  # compute and export decisions, never actuate
+    priority: int = 0  # higher first when the fleet GPU budget is short
+    gpus_per_prefill: int = 1
+    gpus_per_decode: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("target_decode_tps_per_instance", self.target_decode_tps_per_instance)
+        _positive("prefill_per_decode", self.prefill_per_decode)
+        for name in ("min_prefill", "max_prefill", "min_decode", "max_decode", "gpus_per_prefill", "gpus_per_decode"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} ({value}) must be an integer >= 0")
+        if self.min_decode < 1 or self.min_prefill < 1:
+            raise ValueError(f"min_prefill ({self.min_prefill}) and min_decode ({self.min_decode}) must be >= 1 "
+                             "(a P/D service needs both roles)")
+        if self.max_prefill < self.min_prefill:
+            raise ValueError(f"max_prefill ({self.max_prefill}) must be >= min_prefill ({self.min_prefill})")
+        if self.max_decode < self.min_decode:
+            raise ValueError(f"max_decode ({self.max_decode}) must be >= min_decode ({self.min_decode})")
+        if self.max_prefill < math.ceil(self.min_decode * self.prefill_per_decode - 1e-9):
+            raise ValueError(
+                f"max_prefill ({self.max_prefill}) is below the prefill count the ratio needs at min_decode "
+                f"({self.min_decode} x {self.prefill_per_decode:g} -> {math.ceil(self.min_decode * self.prefill_per_decode - 1e-9)})"
+            )
+        if not 0 <= self.hysteresis_band < 1:
+            raise ValueError(f"hysteresis_band ({self.hysteresis_band}) must be in [0, 1)")
+        for name in ("scale_out_cooldown_s", "scale_in_cooldown_s", "latency_cooldown_s", "soft_scale_in_window_s"):
+            _non_negative(name, getattr(self, name))
+        _positive("staleness_limit_s", self.staleness_limit_s)
+        _positive("max_step_fraction", self.max_step_fraction)
+        if self.max_step_count is not None and self.max_step_count < 1:
+            raise ValueError(f"max_step_count ({self.max_step_count}) must be >= 1 or None")
+        for name in ("tbt_slo_s", "ttft_slo_s"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        multiples = [t.slo_multiple for t in self.latency_tiers]
+        if multiples != sorted(multiples) or len(set(multiples)) != len(multiples):
+            raise ValueError(f"latency_tiers must have strictly increasing slo_multiple, got {multiples}")
+        if self.mode is not Mode.METRICS and not self.schedule:
+            raise ValueError(f"mode {self.mode.value!r} needs a non-empty schedule")
+        spans = sorted((w.start_s, w.end_s) for w in self.schedule)
+        for (a_start, a_end), (b_start, _) in zip(spans, spans[1:]):
+            if b_start < a_end:
+                raise ValueError(f"schedule windows overlap: [{a_start}, {a_end}) and one starting at {b_start}")
+
+    def pair_for_decode(self, num_decode: int, prefill_per_decode: float | None = None) -> tuple[int, int]:
+        """The ratio rule: (P, D) with D clamped to its bounds and P = clamp(ceil(D x ratio))."""
+        ratio = self.prefill_per_decode if prefill_per_decode is None else prefill_per_decode
+        d = min(max(num_decode, self.min_decode), self.max_decode)
+        p = min(max(math.ceil(d * ratio - 1e-9), self.min_prefill), self.max_prefill)
+        return p, d
+
+    def gpus(self, num_prefill: int, num_decode: int) -> int:
+        return num_prefill * self.gpus_per_prefill + num_decode * self.gpus_per_decode
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    services: Mapping[str, PolicyConfig]
+    gpu_budget: int | None = None  # optional fleet-wide cap, shared by service priority
+
+    def __post_init__(self) -> None:
+        if self.gpu_budget is not None:
+            floor = sum(c.gpus(*c.pair_for_decode(c.min_decode)) for c in self.services.values())
+            if self.gpu_budget < floor:
+                raise ValueError(f"gpu_budget ({self.gpu_budget}) is below the services' minimum sizes ({floor} GPUs)")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One observed value and when it was sampled. None / NaN / old values are treated as missing."""
+
+    value: float | None = None
+    sampled_at_s: float | None = None
+
+    def fresh(self, now_s: float, limit_s: float) -> float | None:
+        if self.value is None or self.sampled_at_s is None:
+            return None
+        if not math.isfinite(self.value) or self.value < 0:
+            return None
+        if now_s - self.sampled_at_s > limit_s or self.sampled_at_s > now_s + limit_s:
+            return None
+        return float(self.value)
+
+
+@dataclass(frozen=True)
+class RoleCounts:
+    ready: int = 0
+    pending: int = 0  # starting, not yet Ready
+    withdrawn: int = 0  # running but out of routing (soft scale-in)
+
+
+@dataclass(frozen=True)
+class ServiceObservation:
+    """Windowed signals of one service (sums over its decode replicas, percentiles as the SLO defines them)."""
+
+    decode_tps: Signal = Signal()
+    prefill_kv_miss_tps: Signal = Signal()
+    ttft_s: Signal = Signal()
+    tbt_s: Signal = Signal()
+    prefill: RoleCounts = RoleCounts()
+    decode: RoleCounts = RoleCounts()
+    gpu_util: Mapping[Role, Signal] = field(default_factory=dict)  # informational (paper: misleading for decode)
+    sm_activity: Mapping[Role, Signal] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    services: Mapping[str, ServiceObservation]
+
+
+@dataclass(frozen=True)
+class SoftScaleIn:
+    started_s: float
+    from_prefill: int
+    from_decode: int
+    to_prefill: int
+    to_decode: int
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    target_prefill: int
+    target_decode: int
+    last_scale_out_s: float | None = None
+    last_scale_in_s: float | None = None
+    last_latency_step_s: float | None = None
+    soft: SoftScaleIn | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    services: Mapping[str, ServiceState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """The numbers behind a decision (exported as metrics by adapters; never computed there)."""
+
+    decode_tps: float | None = None
+    desired_decode_raw: float | None = None  # tps / target, before rounding, clamping, dampening
+    ratio_to_current: float | None = None
+    dampened: bool = False
+    latency_breach: float | None = None  # worst observed/SLO multiple
+    budget_gpus: int | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceDecision:
+    action: Action
+    reason: Reason
+    target_prefill: int  # absolute: instances that should exist (withdrawn ones included until terminated)
+    target_decode: int
+    withdraw_prefill: int = 0  # of those, how many are out of routing
+    withdraw_decode: int = 0
+    advisory: bool = False
+    diagnostics: Diagnostics = Diagnostics()
+
+
+@dataclass(frozen=True)
+class Decision:
+    services: Mapping[str, ServiceDecision]

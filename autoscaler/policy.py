@@ -1,0 +1,255 @@
+"""The HeteroScale policy: one pure decision function that scales prefill and decode together.
+
+`decide(state, observation, now_s, config) -> (Decision, state)`. Pure: no Ray, vLLM, HTTP, clock or
+environment; equal inputs give equal outputs. The live controller and the fleet simulator both call it.
+
+Per service, in order:
+1. a soft scale-in in progress is resolved first: restore at once if SLOs degrade (or load returns), terminate
+   the withdrawn instances once the observation window passed with fresh data, else keep observing;
+2. the latency safety net (tiered TBT/TTFT thresholds) adds a fixed +x % of both pools, overriding a hold;
+3. proportional control on decode TPS: D = ceil(tps / target), P = ceil(D x ratio), hysteresis band, separate
+   cooldowns, dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
+4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
+5. a fleet GPU budget, if set, is shared by priority and never exceeded.
+Scale-in never happens at once: the Decision withdraws instances from routing first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Protocol
+
+from autoscaler.model import (
+    Action,
+    Decision,
+    Diagnostics,
+    FleetConfig,
+    Mode,
+    Observation,
+    PolicyConfig,
+    PolicyState,
+    Reason,
+    ServiceDecision,
+    ServiceObservation,
+    ServiceState,
+    SoftScaleIn,
+)
+
+SECONDS_PER_DAY = 86_400.0
+
+
+class Policy(Protocol):
+    """Anything that decides like HeteroScale; the simulator's baselines implement the same protocol."""
+
+    def decide(self, state: PolicyState, observation: Observation, now_s: float, config: FleetConfig
+               ) -> tuple[Decision, PolicyState]: ...
+
+
+def _elapsed(now_s: float, since_s: float | None) -> float:
+    return math.inf if since_s is None else now_s - since_s
+
+
+def _initial_state(cfg: PolicyConfig, obs: ServiceObservation | None) -> ServiceState:
+    observed_d = 0 if obs is None else obs.decode.ready + obs.decode.pending + obs.decode.withdrawn
+    p, d = cfg.pair_for_decode(observed_d)
+    return ServiceState(target_prefill=p, target_decode=d)
+
+
+def _schedule_pair(cfg: PolicyConfig, now_s: float) -> tuple[int, int] | None:
+    second = now_s % SECONDS_PER_DAY
+    for window in cfg.schedule:
+        if window.contains(second):
+            ratio = window.prefill_per_decode
+            num_decode = max(1, math.floor(window.total_instances / (1 + ratio) + 1e-9))
+            return cfg.pair_for_decode(num_decode, ratio)
+    return None
+
+
+def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: float) -> float | None:
+    if obs is None:
+        return None
+    ratios = []
+    for signal, slo in ((obs.tbt_s, cfg.tbt_slo_s), (obs.ttft_s, cfg.ttft_slo_s)):
+        value = signal.fresh(now_s, cfg.staleness_limit_s)
+        if slo is not None and value is not None:
+            ratios.append(value / slo)
+    return max(ratios) if ratios else None
+
+
+def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyConfig, diag: Diagnostics,
+              withdraw: tuple[int, int] = (0, 0)) -> ServiceDecision:
+    return ServiceDecision(action=action, reason=reason, target_prefill=state.target_prefill,
+                           target_decode=state.target_decode, withdraw_prefill=withdraw[0],
+                           withdraw_decode=withdraw[1], advisory=cfg.advisory, diagnostics=diag)
+
+
+def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
+              diag: Diagnostics) -> tuple[ServiceDecision, ServiceState]:
+    """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0)."""
+    if cfg.soft_scale_in_window_s == 0:
+        new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s)
+        return _decision(Action.SCALE_IN, reason, new, cfg, diag), new
+    soft = SoftScaleIn(now_s, st.target_prefill, st.target_decode, pair[0], pair[1])
+    new = replace(st, soft=soft)
+    withdraw = (st.target_prefill - pair[0], st.target_decode - pair[1])
+    return _decision(Action.SCALE_IN, reason, new, cfg, diag, withdraw), new
+
+
+def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
+               diag: Diagnostics, latency: bool = False) -> tuple[ServiceDecision, ServiceState]:
+    new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
+                  last_latency_step_s=now_s if latency else st.last_latency_step_s)
+    return _decision(Action.SCALE_OUT, reason, new, cfg, diag), new
+
+
+def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
+                  diag: Diagnostics) -> tuple[ServiceDecision, ServiceState]:
+    soft = st.soft
+    withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
+    first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
+    load_back = tps is not None and tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)
+    if (breach is not None and breach > first_tier) or load_back:
+        new = replace(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
+                      last_scale_in_s=now_s)
+        return _decision(Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, new, cfg, diag), new
+    if tps is None:  # terminating is a scale-in: it needs fresh decode TPS, whatever latency says
+        return _decision(Action.HOLD, Reason.NO_DATA, st, cfg, diag, withdraw), st
+    if now_s - soft.started_s >= cfg.soft_scale_in_window_s:
+        new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
+                      last_scale_in_s=now_s)
+        return _decision(Action.TERMINATE_WITHDRAWN, Reason.SOFT_SCALE_IN_DONE, new, cfg, diag), new
+    return _decision(Action.HOLD, Reason.SOFT_SCALE_IN_OBSERVING, st, cfg, diag, withdraw), st
+
+
+def _latency_step(cfg: PolicyConfig, st: ServiceState, breach: float | None, now_s: float
+                  ) -> tuple[Reason, tuple[int, int]] | None:
+    if breach is None or _elapsed(now_s, st.last_latency_step_s) < cfg.latency_cooldown_s:
+        return None
+    tier_index = max((i for i, t in enumerate(cfg.latency_tiers) if breach > t.slo_multiple), default=None)
+    if tier_index is None:
+        return None
+    tier = cfg.latency_tiers[tier_index]
+    reason = Reason.LATENCY_SEVERE if tier_index == len(cfg.latency_tiers) - 1 and tier_index > 0 \
+        else Reason.LATENCY_MODERATE
+    num_decode = max(st.target_decode + 1, math.ceil(st.target_decode * (1 + tier.step_fraction) - 1e-9))
+    return reason, cfg.pair_for_decode(num_decode)
+
+
+def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObservation | None, now_s: float
+                   ) -> tuple[ServiceDecision, ServiceState]:
+    """One service's decision. Never raises on bad telemetry: missing, NaN or stale data holds."""
+    st = st or _initial_state(cfg, obs)
+    current = (st.target_prefill, st.target_decode)
+    tps = None if obs is None else obs.decode_tps.fresh(now_s, cfg.staleness_limit_s)
+    breach = _latency_breach(cfg, obs, now_s)
+    diag = Diagnostics(decode_tps=tps, latency_breach=breach)
+
+    if st.soft is not None:
+        return _resolve_soft(cfg, st, tps, breach, now_s, diag)
+
+    # --- what the signals ask for ------------------------------------------------------------------------------
+    schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None
+    desired: tuple[int, int] | None = None
+    reason = Reason.PROPORTIONAL
+    dampen = True
+    if cfg.mode is Mode.PERIODIC:
+        desired, reason, dampen = schedule, Reason.SCHEDULE, False
+    elif tps is not None:
+        raw = tps / cfg.target_decode_tps_per_instance
+        diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
+        if tps == 0:
+            desired, reason, dampen = cfg.pair_for_decode(cfg.min_decode), Reason.ZERO_TRAFFIC, False
+        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:
+            desired, reason = current, Reason.WITHIN_BAND
+        else:
+            desired = cfg.pair_for_decode(math.ceil(raw - 1e-9))
+    if schedule is not None and cfg.mode is Mode.METRICS_WITH_SCHEDULE_FLOOR:
+        # The schedule is a floor: it lifts the metrics' answer, and without data it may only lift the size.
+        floor_base = current if desired is None else desired
+        if schedule[1] > floor_base[1]:
+            desired, reason, dampen = schedule, Reason.SCHEDULE, False
+
+    # --- latency safety net: scale out only, overrides a hold or a scale-in ----------------------------------------
+    step = _latency_step(cfg, st, breach, now_s)
+    if step is not None:
+        latency_reason, pair = step
+        wanted = desired or current
+        if pair[1] > wanted[1]:
+            return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True)
+        if pair == current and wanted == current:
+            return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
+
+    if desired is None:
+        note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else ""
+        hold_reason = Reason.SCHEDULE if cfg.mode is Mode.PERIODIC else Reason.NO_DATA
+        return _decision(Action.HOLD, hold_reason, st, cfg, replace(diag, note=note)), st
+    if desired == current:
+        return _decision(Action.HOLD, Reason.AT_BOUND if reason is Reason.PROPORTIONAL else reason, st, cfg, diag), st
+
+    # --- act: cooldowns, dampening --------------------------------------------------------------------------------
+    max_step = max(1, math.floor(st.target_decode * cfg.max_step_fraction))
+    if cfg.max_step_count is not None:
+        max_step = min(max_step, cfg.max_step_count)
+    if desired[1] > current[1] or (desired[1] == current[1] and desired[0] > current[0]):
+        if reason is not Reason.SCHEDULE and _elapsed(now_s, st.last_scale_out_s) < cfg.scale_out_cooldown_s:
+            return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
+        if dampen and desired[1] - current[1] > max_step:
+            desired, diag = cfg.pair_for_decode(current[1] + max_step), replace(diag, dampened=True)
+        return _scale_out(cfg, st, desired, now_s, reason, diag)
+    since_last = min(_elapsed(now_s, st.last_scale_in_s), _elapsed(now_s, st.last_scale_out_s))
+    if reason is not Reason.SCHEDULE and since_last < cfg.scale_in_cooldown_s:
+        return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
+    if dampen and current[1] - desired[1] > max_step:
+        desired, diag = cfg.pair_for_decode(current[1] - max_step), replace(diag, dampened=True)
+    return _scale_in(cfg, st, desired, now_s, reason, diag)
+
+
+def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], states: dict[str, ServiceState]
+                  ) -> None:
+    """Cut targets by service priority until the fleet fits `gpu_budget` (in place). Minimum sizes always fit."""
+    budget = config.gpu_budget
+    total = sum(config.services[n].gpus(d.target_prefill, d.target_decode) for n, d in decisions.items())
+    if budget is None or total <= budget:
+        return
+    mins = {n: c.gpus(*c.pair_for_decode(c.min_decode)) for n, c in config.services.items()}
+    remaining = budget - sum(mins[n] for n in decisions)
+    for name in sorted(decisions, key=lambda n: (-config.services[n].priority, n)):
+        cfg, dec, st = config.services[name], decisions[name], states[name]
+        want_d = dec.target_decode
+        grant = cfg.pair_for_decode(want_d)
+        while cfg.gpus(*grant) - mins[name] > remaining and grant[1] > cfg.min_decode:
+            grant = cfg.pair_for_decode(grant[1] - 1)
+        remaining -= cfg.gpus(*grant) - mins[name]
+        if grant == (dec.target_prefill, dec.target_decode):
+            continue
+        previous = (st.soft.from_prefill, st.soft.from_decode) if st.soft else (st.target_prefill, st.target_decode)
+        action = Action.HOLD if grant == previous else (Action.SCALE_OUT if grant[1] > previous[1] else Action.SCALE_IN)
+        states[name] = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
+        decisions[name] = ServiceDecision(
+            action=action, reason=Reason.BUDGET_LIMITED, target_prefill=grant[0], target_decode=grant[1],
+            advisory=cfg.advisory, diagnostics=replace(dec.diagnostics, budget_gpus=budget,
+                                                       note=f"wanted {dec.target_prefill}P/{dec.target_decode}D"))
+
+
+class HeteroScalePolicy:
+    """Decode-TPS proportional control with latency safety net, soft scale-in, schedule and budget."""
+
+    def decide(self, state: PolicyState, observation: Observation, now_s: float, config: FleetConfig
+               ) -> tuple[Decision, PolicyState]:
+        decisions: dict[str, ServiceDecision] = {}
+        states: dict[str, ServiceState] = {}
+        for name in sorted(config.services):
+            decisions[name], states[name] = decide_service(config.services[name], state.services.get(name),
+                                                           observation.services.get(name), now_s)
+        _apply_budget(config, decisions, states)
+        return Decision(services=decisions), PolicyState(services=states)
+
+
+_DEFAULT = HeteroScalePolicy()
+
+
+def decide(state: PolicyState, observation: Observation, now_s: float, config: FleetConfig
+           ) -> tuple[Decision, PolicyState]:
+    """Decide every service in one call (see module docstring). Pure and deterministic."""
+    return _DEFAULT.decide(state, observation, now_s, config)

@@ -1,0 +1,241 @@
+"""Scenario table (like the Kubernetes HPA's replica-calculator tests) covering every Reason, plus properties."""
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.model import (
+    Action,
+    FleetConfig,
+    LatencyTier,
+    Mode,
+    Observation,
+    PolicyConfig,
+    PolicyState,
+    Reason,
+    RoleCounts,
+    ScheduleWindow,
+    ServiceObservation,
+    ServiceState,
+    Signal,
+    SoftScaleIn,
+)
+from autoscaler.policy import decide, decide_service
+
+NOW = 10_000.0
+CFG = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=1 / 3, max_prefill=10, max_decode=30,
+                   tbt_slo_s=0.05, ttft_slo_s=1.0)
+
+
+def obs(tps=None, age=0.0, tbt=None, ttft=None):
+    sig = lambda v: Signal(v, NOW - age) if v is not None else Signal()  # noqa: E731
+    return ServiceObservation(decode_tps=sig(tps), tbt_s=sig(tbt), ttft_s=sig(ttft))
+
+
+def state(p=2, d=6, out=None, in_=None, soft=None, lat=None):
+    return ServiceState(p, d, last_scale_out_s=out, last_scale_in_s=in_, soft=soft, last_latency_step_s=lat)
+
+
+SOFT = SoftScaleIn(started_s=NOW - 100, from_prefill=2, from_decode=6, to_prefill=1, to_decode=3)
+
+# name, state, observation, expected (action, reason, P, D, withdraw P, withdraw D)
+SCENARIOS = [
+    ("steady load holds", state(), obs(600), (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
+    ("flapping just inside the band holds", state(), obs(655), (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
+    ("flapping just inside the band (low side)", state(), obs(545), (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
+    ("ramp up scales both pools", state(), obs(800), (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 8, 0, 0)),
+    ("spike is dampened to +50 %", state(), obs(3000), (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 9, 0, 0)),
+    ("ramp down withdraws first", state(), obs(300), (Action.SCALE_IN, Reason.PROPORTIONAL, 2, 6, 1, 3)),
+    ("scale-out cooldown", state(out=NOW - 100), obs(800), (Action.HOLD, Reason.COOLDOWN, 2, 6, 0, 0)),
+    ("scale-in cooldown counts from the last scale-out", state(out=NOW - 300), obs(300),
+     (Action.HOLD, Reason.COOLDOWN, 2, 6, 0, 0)),
+    ("scale-in cooldown", state(in_=NOW - 300), obs(300), (Action.HOLD, Reason.COOLDOWN, 2, 6, 0, 0)),
+    ("moderate TBT breach: +10 %", state(), obs(600, tbt=0.06),
+     (Action.SCALE_OUT, Reason.LATENCY_MODERATE, 3, 7, 0, 0)),
+    ("severe TBT breach: +20 %", state(), obs(600, tbt=0.08), (Action.SCALE_OUT, Reason.LATENCY_SEVERE, 3, 8, 0, 0)),
+    ("TTFT breach counts too", state(), obs(600, ttft=1.2), (Action.SCALE_OUT, Reason.LATENCY_MODERATE, 3, 7, 0, 0)),
+    ("latency overrides a proportional scale-in", state(), obs(300, tbt=0.06),
+     (Action.SCALE_OUT, Reason.LATENCY_MODERATE, 3, 7, 0, 0)),
+    ("latency safety net works without TPS", state(), obs(None, tbt=0.08),
+     (Action.SCALE_OUT, Reason.LATENCY_SEVERE, 3, 8, 0, 0)),
+    ("latency step ignores the scale-out cooldown", state(out=NOW - 10), obs(600, tbt=0.08),
+     (Action.SCALE_OUT, Reason.LATENCY_SEVERE, 3, 8, 0, 0)),
+    ("repeated latency steps wait for the latency cooldown", state(lat=NOW - 10), obs(600, tbt=0.08),
+     (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
+    ("latency step at the max bound holds", state(10, 30), obs(3000, tbt=0.08), (Action.HOLD, Reason.AT_BOUND, 10, 30, 0, 0)),
+    ("bigger proportional step beats latency step", state(), obs(900, tbt=0.06),
+     (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 9, 0, 0)),
+    ("stale data holds", state(), obs(100, age=120), (Action.HOLD, Reason.NO_DATA, 2, 6, 0, 0)),
+    ("NaN holds", state(), obs(math.nan), (Action.HOLD, Reason.NO_DATA, 2, 6, 0, 0)),
+    ("negative rate holds", state(), obs(-5.0), (Action.HOLD, Reason.NO_DATA, 2, 6, 0, 0)),
+    ("missing service observation holds", state(), None, (Action.HOLD, Reason.NO_DATA, 2, 6, 0, 0)),
+    ("fresh zero traffic goes to the minimum", state(), obs(0.0), (Action.SCALE_IN, Reason.ZERO_TRAFFIC, 2, 6, 1, 5)),
+    ("zero traffic at the minimum holds", state(1, 1), obs(0.0), (Action.HOLD, Reason.ZERO_TRAFFIC, 1, 1, 0, 0)),
+    ("max bound clamps", state(10, 28), obs(10_000), (Action.SCALE_OUT, Reason.PROPORTIONAL, 10, 30, 0, 0)),
+    ("at max bound holds", state(10, 30), obs(10_000), (Action.HOLD, Reason.AT_BOUND, 10, 30, 0, 0)),
+    ("soft scale-in observing", state(soft=SOFT), obs(300), (Action.HOLD, Reason.SOFT_SCALE_IN_OBSERVING, 2, 6, 1, 3)),
+    ("soft scale-in terminates after the window", state(soft=replace(SOFT, started_s=NOW - 301)), obs(300),
+     (Action.TERMINATE_WITHDRAWN, Reason.SOFT_SCALE_IN_DONE, 1, 3, 0, 0)),
+    ("soft scale-in restores on SLO breach", state(soft=SOFT), obs(300, tbt=0.06),
+     (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
+    ("soft scale-in restores when load returns", state(soft=SOFT), obs(600),
+     (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
+    ("soft scale-in never terminates on missing data", state(soft=replace(SOFT, started_s=NOW - 900)),
+     obs(None), (Action.HOLD, Reason.NO_DATA, 2, 6, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("name, st0, observation, expected", SCENARIOS, ids=[s[0] for s in SCENARIOS])
+def test_scenarios(name, st0, observation, expected):
+    decision, _ = decide_service(CFG, st0, observation, NOW)
+    got = (decision.action, decision.reason, decision.target_prefill, decision.target_decode,
+           decision.withdraw_prefill, decision.withdraw_decode)
+    assert got == expected
+
+
+def test_diagnostics_carry_the_numbers():
+    decision, _ = decide_service(CFG, state(), obs(3000), NOW)
+    assert decision.diagnostics.decode_tps == 3000 and decision.diagnostics.desired_decode_raw == 30
+    assert decision.diagnostics.dampened is True and decision.diagnostics.ratio_to_current == 5
+
+
+def test_max_step_count_caps_dampening():
+    decision, _ = decide_service(replace(CFG, max_step_count=1), state(), obs(3000), NOW)
+    assert decision.target_decode == 7
+
+
+def test_immediate_scale_in_when_observation_window_is_zero():
+    decision, new = decide_service(replace(CFG, soft_scale_in_window_s=0), state(), obs(300), NOW)
+    assert (decision.action, decision.target_decode, decision.withdraw_decode) == (Action.SCALE_IN, 3, 0)
+    assert new.soft is None and new.last_scale_in_s == NOW
+
+
+def test_soft_scale_in_lifecycle_with_state_threading():
+    _, s1 = decide_service(CFG, state(), obs(300), NOW)
+    assert s1.soft == SoftScaleIn(NOW, 2, 6, 1, 3)
+    d2, s2 = decide_service(CFG, s1, obs(300, age=-299), NOW + 299)
+    assert d2.reason is Reason.SOFT_SCALE_IN_OBSERVING
+    d3, s3 = decide_service(CFG, s2, obs(300, age=-300), NOW + 300)
+    assert (d3.action, d3.target_prefill, d3.target_decode) == (Action.TERMINATE_WITHDRAWN, 1, 3)
+    d4, _ = decide_service(CFG, s3, obs(100, age=-400), NOW + 400)
+    assert d4.reason is Reason.COOLDOWN  # the scale-in cooldown starts when the instances are terminated
+
+
+def test_initial_state_comes_from_the_observed_counts():
+    observation = replace(obs(600), decode=RoleCounts(ready=5, pending=1), prefill=RoleCounts(ready=2))
+    decision, new = decide_service(CFG, None, observation, NOW)
+    assert (new.target_prefill, new.target_decode) == (2, 6) and decision.reason is Reason.WITHIN_BAND
+
+
+def test_periodic_schedule_and_floor():
+    windows = (ScheduleWindow(0, 43_200, 8, 1 / 3), ScheduleWindow(43_200, 86_400, 16, 1 / 3))
+    periodic = replace(CFG, mode=Mode.PERIODIC, schedule=windows)
+    morning = 3 * 86_400 + 3600.0
+    decision, _ = decide_service(periodic, state(), obs(None), morning)
+    assert (decision.action, decision.reason, decision.target_prefill, decision.target_decode) == \
+        (Action.HOLD, Reason.SCHEDULE, 2, 6)  # 8 instances at 1:3 is exactly the current size
+    evening = 3 * 86_400 + 50_000.0
+    decision, _ = decide_service(periodic, state(), obs(None), evening)
+    assert (decision.action, decision.reason, decision.target_prefill, decision.target_decode) == \
+        (Action.SCALE_OUT, Reason.SCHEDULE, 4, 12)
+    floor = replace(CFG, mode=Mode.METRICS_WITH_SCHEDULE_FLOOR, schedule=windows)
+    decision, _ = decide_service(floor, state(), obs(100, age=-50_000 + 10_000), evening)
+    assert (decision.reason, decision.target_decode) == (Reason.SCHEDULE, 12)
+    decision, _ = decide_service(floor, state(), obs(None), evening)  # no data: the floor may still lift
+    assert (decision.reason, decision.target_decode) == (Reason.SCHEDULE, 12)
+    gap = replace(CFG, mode=Mode.PERIODIC, schedule=(ScheduleWindow(0, 3600, 4, 1.0),))
+    decision, _ = decide_service(gap, state(), obs(600), 7200.0)
+    assert (decision.action, decision.reason) == (Action.HOLD, Reason.SCHEDULE)
+
+
+def test_budget_is_shared_by_priority_and_never_exceeded():
+    high = replace(CFG, priority=10)
+    low = replace(CFG, priority=0)
+    fleet = FleetConfig(services={"high": high, "low": low}, gpu_budget=20)
+    start = PolicyState(services={"high": state(), "low": state()})
+    observation = Observation(services={"high": obs(900), "low": obs(900)})
+    decision, new = decide(start, observation, NOW, fleet)
+    h, l_ = decision.services["high"], decision.services["low"]
+    assert (h.target_prefill, h.target_decode, h.reason) == (3, 9, Reason.PROPORTIONAL)
+    assert l_.reason is Reason.BUDGET_LIMITED
+    assert h.target_prefill + h.target_decode + l_.target_prefill + l_.target_decode <= 20
+    assert new.services["low"].target_decode == l_.target_decode
+
+
+def test_one_services_bad_data_does_not_touch_another():
+    fleet = FleetConfig(services={"a": CFG, "b": CFG})
+    start = PolicyState(services={"a": state(), "b": state()})
+    decision, _ = decide(start, Observation(services={"a": obs(math.nan), "b": obs(800)}), NOW, fleet)
+    assert decision.services["a"].reason is Reason.NO_DATA
+    assert decision.services["b"].target_decode == 8
+
+
+def test_advisory_flag_is_carried():
+    decision, _ = decide_service(replace(CFG, advisory=True), state(), obs(800), NOW)
+    assert decision.advisory and decision.action is Action.SCALE_OUT
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_decode_tps_per_instance": 0}, r"target_decode_tps_per_instance \(0\)"),
+    ({"target_decode_tps_per_instance": math.nan}, r"target_decode_tps_per_instance \(nan\)"),
+    ({"min_decode": 0}, r"min_decode \(0\) must be >= 1"),
+    ({"max_decode": 0}, r"max_decode \(0\) must be >= min_decode"),
+    ({"max_prefill": 1, "min_decode": 9, "max_decode": 9}, r"max_prefill \(1\) is below"),
+    ({"hysteresis_band": 1.5}, r"hysteresis_band \(1.5\)"),
+    ({"scale_in_cooldown_s": -1}, r"scale_in_cooldown_s \(-1\)"),
+    ({"latency_tiers": (LatencyTier(1.5, 0.2), LatencyTier(1.1, 0.1))}, "strictly increasing"),
+    ({"mode": Mode.PERIODIC}, "needs a non-empty schedule"),
+    ({"max_step_count": 0}, r"max_step_count \(0\)"),
+])
+def test_config_errors_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig(**{"target_decode_tps_per_instance": 100.0, **kwargs})
+
+
+def test_budget_below_minimums_is_rejected():
+    with pytest.raises(ValueError, match=r"gpu_budget \(3\) is below"):
+        FleetConfig(services={"a": CFG, "b": CFG}, gpu_budget=3)
+
+
+# ---- properties -----------------------------------------------------------------------------------------------
+
+values = st.one_of(st.none(), st.just(math.nan), st.floats(min_value=0, max_value=5000), st.just(0.0))
+steps = st.lists(st.tuples(values, st.floats(min_value=0, max_value=200), st.floats(min_value=1, max_value=400),
+                           st.one_of(st.none(), st.floats(min_value=0, max_value=0.2))), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps, st.integers(min_value=10, max_value=60))
+def test_invariants_over_random_observation_sequences(sequence, budget):
+    fleet = FleetConfig(services={"a": CFG, "b": replace(CFG, priority=1, prefill_per_decode=0.5)}, gpu_budget=budget)
+    policy_state, now = PolicyState(), 0.0
+    for tps, age, dt, tbt in sequence:
+        now += dt
+        sample = ServiceObservation(decode_tps=Signal(tps, now - age), tbt_s=Signal(tbt, now))
+        observation = Observation(services={"a": sample, "b": sample})
+        decision, new_state = decide(policy_state, observation, now, fleet)
+        again, again_state = decide(policy_state, observation, now, fleet)
+        assert (decision, new_state) == (again, again_state)  # deterministic
+        total = 0
+        for name, dec in decision.services.items():
+            cfg = fleet.services[name]
+            assert 0 <= dec.withdraw_prefill <= dec.target_prefill and 0 <= dec.withdraw_decode <= dec.target_decode
+            assert cfg.min_decode <= dec.target_decode <= cfg.max_decode
+            assert cfg.min_prefill <= dec.target_prefill <= cfg.max_prefill
+            assert dec.target_prefill == cfg.pair_for_decode(dec.target_decode)[0]  # ratio rule
+            total += cfg.gpus(dec.target_prefill, dec.target_decode)
+            before = policy_state.services.get(name)
+            fresh = tps is not None and not math.isnan(tps) and age <= cfg.staleness_limit_s
+            if before is not None and not fresh and dec.reason is not Reason.BUDGET_LIMITED:
+                assert dec.action not in (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # no scale-in on bad data
+                assert dec.target_decode >= before.target_decode
+        assert total <= budget
+        policy_state = new_state
+
+
+def test_every_reason_is_covered_by_a_test():
+    covered = {row[3][1] for row in SCENARIOS} | {Reason.SCHEDULE, Reason.BUDGET_LIMITED}
+    assert covered == set(Reason)
