@@ -95,8 +95,7 @@ def _handle_paths(spec, prompts: Prompts, n: int, max_tokens: int) -> dict:
     prefill = serve.get_deployment_handle(f"{spec.name}:{group}:prefill", spec.name)
     decode = serve.get_deployment_handle(f"{spec.name}:{group}:decode", spec.name)
     model = spec.model.id
-    res = {"handle_pd": [], "single_engine": [], "phase_prefill_rpc": [], "phase_pull_and_first_token": [],
-           "phase_decode_after_pull": []}
+    res = {"handle_pd": [], "single_engine": [], "phase_prefill_rpc": [], "phase_pull_and_first_token": []}
     for i in range(n + 2):
         start = time.perf_counter()
         list(decode.options(stream=True).completions.remote(_request(model, prompts.next(), max_tokens)))
@@ -122,7 +121,7 @@ def _handle_paths(spec, prompts: Prompts, n: int, max_tokens: int) -> dict:
             res["phase_pull_and_first_token"].append(t_pull)
     engine = {role: serve.get_deployment_handle(f"{spec.name}:{group}:{role}", spec.name)
               .engine_stats.remote(window_s=600).result() for role in ("prefill", "decode")}
-    out = {k: _summary(v) for k, v in res.items() if v}
+    out = {k: _summary(v) for k, v in res.items()}
     out["engine_prefill_ttft_p50_ms"] = round(engine["prefill"]["ttft_p50_s"] * 1000, 2)
     out["engine_decode_tbt_p50_ms"] = round(engine["decode"]["tbt_p50_s"] * 1000, 2)
     return out
@@ -137,6 +136,7 @@ def _deploy_ray_anchor(spec, address) -> str:
     from ray import serve
     from ray.serve.llm import build_pd_openai_app
 
+    svc.import_build_app()
     from serving.app import llm_config_for
     from serving.deployment_groups import plan_group
 

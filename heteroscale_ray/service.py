@@ -29,11 +29,24 @@ def connect(address: str | None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _quiet_ray_llm() -> None:
-    """ray.llm's builders log each deployment's full options at INFO on their own handlers; keep ours only."""
+def import_build_app():
+    """Import `serving.app.build_app` (vLLM via ray.llm) without letting ray.llm take over driver logging.
+
+    On import ray.llm puts a JSON handler at INFO on the root logger, and its builders log every deployment's
+    full options at INFO on handlers of their own; the CLI's console should show our progress lines only.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from serving.app import build_app
+
+    root.setLevel(level)
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("ray.serve.ray.llm"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    return build_app
 
 
 def disconnect() -> None:
@@ -71,9 +84,7 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
 
     connect(address)
     path = model_path(service)
-    from serving.app import build_app  # imports vLLM via ray.llm
-
-    _quiet_ray_llm()
+    build_app = import_build_app()
     app = build_app(service, path, node_facts())
     serve.start(http_options={"host": service.ingress.host, "port": service.ingress.port},
                 proxy_location="HeadOnly")
