@@ -1,0 +1,393 @@
+"""One scheduling cycle: where each P/D batch goes (paper §5.6). Pure: no Ray, clock or environment.
+
+`place(tree, requests, config) -> Placement`. Requests are served by service priority (then name). A scale-out
+batch is placed whole in one domain (grow an existing deployment group there, or open a new one), or split
+into at most `config.max_batch_splits` sub-batches that are each whole (never a prefill without its decode).
+Candidates are ranked by (RDMA-subgroup tier, GPU-type fallback rank, free GPUs left in the domain, grow before
+create, name): the least precious tier that satisfies the service first, then the preferred GPU types, then
+the most-filled domain (limits fragmentation). Chosen GPUs are reserved in the tree at once, so later requests
+of the same cycle see the reduced capacity. Scale-in shrinks the service's groups in the most precious tiers
+first; freed GPUs are not returned to the tree until the next cycle rebuilds it.
+
+Disaggregated MoE: with `ServiceShape.moe`, a prefill instance is `attn_per_prefill` ATTN + `ffn_per_prefill`
+FFN instances that must share one S1, while the whole DG shares one S2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable
+
+from placement.topology import CLUSTER_DOMAIN, Domain, Scope, Tier, TopologyTree
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    attn_per_prefill: int
+    ffn_per_prefill: int
+    attn_gpu_types: tuple[str, ...]
+    ffn_gpu_types: tuple[str, ...]
+    gpus_per_attn: int = 1
+    gpus_per_ffn: int = 1
+
+
+@dataclass(frozen=True)
+class ServiceShape:
+    name: str
+    prefill_gpu_types: tuple[str, ...]  # preferred first, then fallbacks
+    decode_gpu_types: tuple[str, ...]
+    affinity: str = Scope.S1  # s1 | s2 | cluster
+    priority: int = 0
+    gpus_per_prefill: int = 1
+    gpus_per_decode: int = 1
+    moe: MoeShape | None = None
+
+    def __post_init__(self) -> None:
+        if self.affinity not in (Scope.S1, Scope.S2, Scope.CLUSTER):
+            raise ValueError(f"service {self.name}: affinity ({self.affinity!r}) must be s1, s2 or cluster")
+        if not self.prefill_gpu_types or not self.decode_gpu_types:
+            raise ValueError(f"service {self.name}: prefill_gpu_types and decode_gpu_types must not be empty")
+        if self.moe is not None and self.affinity != Scope.S2:
+            raise ValueError(f"service {self.name}: a disaggregated-MoE service needs affinity 's2' (ATTN+FFN share "
+                             f"an S1, the P/D pair an S2), got {self.affinity!r}")
+
+
+@dataclass(frozen=True)
+class DeploymentGroup:
+    name: str
+    service: str
+    scope: str
+    domain: str
+    prefill_gpu_type: str
+    decode_gpu_type: str
+    num_prefill: int
+    num_decode: int
+
+
+@dataclass(frozen=True)
+class ScaleRequest:
+    service: ServiceShape
+    delta_prefill: int  # > 0 scale out, < 0 scale in
+    delta_decode: int
+    groups: tuple[DeploymentGroup, ...] = ()  # the service's existing DGs
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_splits: int = 8  # sub-batches one scale-out may be cut into when no domain fits it whole
+
+    def __post_init__(self) -> None:
+        if self.max_batch_splits < 1:
+            raise ValueError(f"max_batch_splits ({self.max_batch_splits}) must be >= 1")
+
+
+class ActionKind(str, Enum):
+    GROW = "grow"
+    CREATE = "create"
+    SHRINK = "shrink"
+    REMOVE = "remove"
+
+
+class Why(str, Enum):
+    LOWEST_TIER = "lowest_tier"  # placed in the least precious tier that satisfies the service
+    SPLIT = "split"  # no domain fits the whole batch; placed as several whole sub-batches
+    SCALE_IN_PRECIOUS_FIRST = "scale_in_precious_first"
+    NO_DOMAIN_WITH_TYPES = "no_domain_with_types"  # no domain at the service's scope has both roles' GPU types
+    NO_CAPACITY = "no_capacity"  # domains with the types exist, but none has room now
+    INVALID_REQUEST = "invalid_request"
+    NOTHING_TO_REMOVE = "nothing_to_remove"
+
+
+@dataclass(frozen=True)
+class PlacementAction:
+    kind: ActionKind
+    service: str
+    group: str
+    scope: str
+    domain: str
+    tier: Tier
+    prefill_gpu_type: str
+    decode_gpu_type: str
+    num_prefill: int  # added (grow/create) or removed (shrink/remove)
+    num_decode: int
+    node_gpus: tuple[tuple[str, str, int], ...] = ()  # (role, node_id, gpus) reserved for added instances
+    why: Why = Why.LOWEST_TIER
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    service: str
+    num_prefill: int
+    num_decode: int
+    why: Why
+    detail: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    actions: tuple[PlacementAction, ...] = ()
+    unplaced: tuple[Unplaced, ...] = ()
+
+
+# ---- node-level allocation on a scratch copy of the free map ---------------------------------------------------
+
+
+def _take(domain: Domain, free: dict[str, int], gpu_type: str, count: int, gpus_each: int, role: str,
+          out: list[tuple[str, str, int]]) -> bool:
+    """Best-fit `count` instances of `gpus_each` GPUs on `gpu_type` nodes of the domain (one node each)."""
+    if count == 0:
+        return True
+    candidates = [n for n in domain.by_type.get(gpu_type, ()) if free[n.node_id] >= gpus_each]
+    if sum(free[n.node_id] // gpus_each for n in candidates) < count:
+        return False
+    nodes = sorted(candidates, key=lambda n: (free[n.node_id], n.node_id))
+    placed = 0
+    for node in nodes:
+        while placed < count and free[node.node_id] >= gpus_each:
+            free[node.node_id] -= gpus_each
+            out.append((role, node.node_id, gpus_each))
+            placed += 1
+        if placed == count:
+            return True
+    return False
+
+
+def _take_moe_prefill(tree: TopologyTree, domain: Domain, free: dict[str, int], moe: MoeShape, count: int,
+                      out: list[tuple[str, str, int]]) -> str | None:
+    """Each MoE prefill = ATTN + FFN instances inside one S1 of the S2 domain. Returns 'attn/ffn' types or None."""
+    s1s = sorted({n.s1 for n in domain.nodes})
+    chosen = None
+    for _ in range(count):
+        done = False
+        for s1 in sorted(s1s, key=lambda s: (tree.domain(Scope.S1, s).free_gpus(), s)):
+            sub = tree.domain(Scope.S1, s1)
+            for attn_type in moe.attn_gpu_types:
+                for ffn_type in moe.ffn_gpu_types:
+                    trial, trial_out = dict(free), []
+                    if _take(sub, trial, attn_type, moe.attn_per_prefill, moe.gpus_per_attn, "attn", trial_out) \
+                            and _take(sub, trial, ffn_type, moe.ffn_per_prefill, moe.gpus_per_ffn, "ffn", trial_out):
+                        free.update(trial)
+                        out.extend(trial_out)
+                        chosen = chosen or f"{attn_type}/{ffn_type}"
+                        done = True
+                        break
+                if done:
+                    break
+            if done:
+                break
+        if not done:
+            return None
+    return chosen or "-"
+
+
+@dataclass
+class _Fit:
+    domain: Domain
+    group: DeploymentGroup | None
+    prefill_type: str
+    decode_type: str
+    fallback_rank: int
+    alloc: list[tuple[str, str, int]] = field(default_factory=list)
+    free_after: int = 0
+    scratch: dict[str, int] = field(default_factory=dict)  # the tree's free map after this allocation
+
+
+def _capacity(domain: Domain, gpu_type: str, gpus_each: int, free: dict[str, int]) -> int:
+    return sum(free[n.node_id] // gpus_each for n in domain.by_type.get(gpu_type, ()))
+
+
+def _allocate(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, ptype: str, dtype: str
+              ) -> tuple[dict[str, int], list[tuple[str, str, int]]] | None:
+    """Reserve on a scratch copy of the domain's free counts; None if the batch does not fit."""
+    free, alloc = {n.node_id: tree.free[n.node_id] for n in domain.nodes}, []
+    if svc.moe is not None:
+        ok = _take_moe_prefill(tree, domain, free, svc.moe, p, alloc) is not None
+    else:
+        ok = _take(domain, free, ptype, p, svc.gpus_per_prefill, "prefill", alloc)
+    if ok and _take(domain, free, dtype, d, svc.gpus_per_decode, "decode", alloc):
+        return free, alloc
+    return None
+
+
+def _try(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, prefill_types: Iterable[str],
+         decode_types: Iterable[str], group: DeploymentGroup | None) -> _Fit | None:
+    """The best GPU-type pair (by preference) for which the batch fits in the domain.
+
+    Instances of one size on one GPU type fit iff `sum(free // gpus)` over the type's nodes covers them, so for
+    roles on different types, or on one type with one instance size, no trial allocation is needed to rank
+    candidates (the winner is allocated afterwards). Mixed sizes on one type and MoE are allocated on trial."""
+    here = domain.gpu_types()
+    demand = p * svc.gpus_per_prefill + d * svc.gpus_per_decode
+    for pi, ptype in enumerate(prefill_types):
+        if svc.moe is None and ptype not in here:
+            continue
+        for di, dtype in enumerate(decode_types):
+            if dtype not in here:
+                continue
+            if svc.moe is None and ptype != dtype:
+                exact = (_capacity(domain, ptype, svc.gpus_per_prefill, tree.free) >= p
+                         and _capacity(domain, dtype, svc.gpus_per_decode, tree.free) >= d)
+            elif svc.moe is None and svc.gpus_per_prefill == svc.gpus_per_decode:  # one pool, one size
+                exact = _capacity(domain, ptype, svc.gpus_per_prefill, tree.free) >= p + d
+            else:
+                exact = None
+            if exact is not None:
+                if exact:
+                    return _Fit(domain, group, ptype, dtype, pi + di, free_after=domain.free_gpus() - demand)
+                continue
+            trial = _allocate(tree, domain, svc, p, d, ptype, dtype)
+            if trial is not None:
+                free, alloc = trial
+                return _Fit(domain, group, ptype, dtype, pi + di, alloc, sum(free.values()), free)
+    return None
+
+
+def _candidates(tree: TopologyTree, req: ScaleRequest, p: int, d: int) -> list[_Fit]:
+    svc = req.service
+    fits = []
+    used_domains = set()
+    for group in req.groups:
+        used_domains.add(group.domain)
+        domain = tree.domains.get((group.scope, group.domain))
+        if domain is None:
+            continue
+        fit = _try(tree, domain, svc, p, d, [group.prefill_gpu_type], [group.decode_gpu_type], group)
+        if fit:
+            fits.append(fit)
+    if p < 1 or d < 1:  # a new group needs both roles; decode-only (or prefill-only) growth needs a group
+        return fits
+    for domain in tree.domains_at(svc.affinity):
+        if domain.name in used_domains:
+            continue
+        fit = _try(tree, domain, svc, p, d, svc.prefill_gpu_types, svc.decode_gpu_types, None)
+        if fit:
+            fits.append(fit)
+    return fits
+
+
+def _rank(fit: _Fit) -> tuple:
+    return (int(fit.domain.tier), fit.fallback_rank, fit.free_after, 0 if fit.group else 1, fit.domain.name)
+
+
+def _has_types(tree: TopologyTree, svc: ServiceShape) -> bool:
+    prefill_types = set(svc.moe.attn_gpu_types) if svc.moe else set(svc.prefill_gpu_types)
+    for domain in tree.domains_at(svc.affinity):
+        here = domain.gpu_types()
+        if here & prefill_types and here & set(svc.decode_gpu_types):
+            return True
+    return False
+
+
+def _new_group_name(svc: ServiceShape, domain: Domain, taken: set[str]) -> str:
+    base = f"{svc.name}-{domain.name if domain.name != CLUSTER_DOMAIN else 'cluster'}"
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}-{i}"
+    taken.add(name)
+    return name
+
+
+def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, actions: list, unplaced: list,
+               taken_names: set[str]) -> None:
+    svc = req.service
+    p_left, d_left = req.delta_prefill, req.delta_decode
+    groups = list(req.groups)
+    why = Why.LOWEST_TIER
+    for _ in range(cfg.max_batch_splits):
+        if p_left == 0 and d_left == 0:
+            return
+        fits = _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_left, d_left)
+        p_try, d_try = p_left, d_left
+        if not fits and cfg.max_batch_splits > 1:
+            # Largest whole sub-batch of the same shape that some domain can hold (binary search on decode).
+            lo, hi, best = 1, d_left - 1, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                p_mid = min(p_left, math.ceil(mid * p_left / d_left))
+                found = _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_mid, mid)
+                if found:
+                    best, lo = (p_mid, mid, found), mid + 1
+                else:
+                    hi = mid - 1
+            if best is None:
+                break
+            p_try, d_try, fits = best
+            why = Why.SPLIT  # this and every later sub-batch of the request
+        if not fits:
+            break
+        fit = min(fits, key=_rank)
+        if not fit.scratch:
+            fit.scratch, fit.alloc = _allocate(tree, fit.domain, svc, p_try, d_try, fit.prefill_type,
+                                               fit.decode_type)  # exact: the capacity check said it fits
+        tree.free.update(fit.scratch)  # virtual allocation: later requests of this cycle see it
+        if fit.group is not None:
+            kind, name = ActionKind.GROW, fit.group.name
+            grown = DeploymentGroup(name, svc.name, fit.group.scope, fit.group.domain, fit.prefill_type,
+                                    fit.decode_type, fit.group.num_prefill + p_try, fit.group.num_decode + d_try)
+            groups = [grown if g.name == name else g for g in groups]
+        else:
+            kind, name = ActionKind.CREATE, _new_group_name(svc, fit.domain, taken_names)
+            groups.append(DeploymentGroup(name, svc.name, fit.domain.scope, fit.domain.name, fit.prefill_type,
+                                          fit.decode_type, p_try, d_try))
+        actions.append(PlacementAction(kind, svc.name, name, fit.domain.scope, fit.domain.name, fit.domain.tier,
+                                       fit.prefill_type, fit.decode_type, p_try, d_try, tuple(fit.alloc), why,
+                                       f"tier {fit.domain.tier.name}, fallback rank {fit.fallback_rank}, "
+                                       f"{fit.free_after} GPUs left in domain"))
+        p_left, d_left = p_left - p_try, d_left - d_try
+    if p_left or d_left:
+        if not _has_types(tree, svc):
+            why, detail = Why.NO_DOMAIN_WITH_TYPES, (
+                f"no {svc.affinity} domain has a prefill type in {list(svc.prefill_gpu_types)} and a decode type "
+                f"in {list(svc.decode_gpu_types)}")
+        else:
+            why, detail = Why.NO_CAPACITY, (f"domains with the GPU types exist, but none has room for the "
+                                            f"remaining {p_left}P+{d_left}D after {len(actions)} placements")
+        unplaced.append(Unplaced(svc.name, p_left, d_left, why, detail))
+
+
+def _scale_in(tree: TopologyTree, req: ScaleRequest, actions: list, unplaced: list) -> None:
+    p_left, d_left = -req.delta_prefill, -req.delta_decode
+
+    def tier_of(g: DeploymentGroup) -> Tier:
+        domain = tree.domains.get((g.scope, g.domain))
+        return domain.tier if domain else Tier.LOW
+
+    for g in sorted(req.groups, key=lambda g: (-int(tier_of(g)), g.num_decode, g.name)):
+        if p_left == 0 and d_left == 0:
+            break
+        if p_left >= g.num_prefill and d_left >= g.num_decode:
+            kind, p_i, d_i = ActionKind.REMOVE, g.num_prefill, g.num_decode
+        else:  # keep both roles of a surviving group non-empty
+            kind, p_i, d_i = ActionKind.SHRINK, min(p_left, g.num_prefill - 1), min(d_left, g.num_decode - 1)
+            if p_i == 0 and d_i == 0:
+                continue
+        actions.append(PlacementAction(kind, g.service, g.name, g.scope, g.domain, tier_of(g), g.prefill_gpu_type,
+                                       g.decode_gpu_type, p_i, d_i, (), Why.SCALE_IN_PRECIOUS_FIRST,
+                                       f"tier {tier_of(g).name} first"))
+        p_left, d_left = p_left - p_i, d_left - d_i
+    if p_left or d_left:
+        unplaced.append(Unplaced(req.service.name, -p_left, -d_left, Why.NOTHING_TO_REMOVE,
+                                 "the service's groups cannot give up more without emptying one role of a group"))
+
+
+def place(tree: TopologyTree, requests: Iterable[ScaleRequest], config: SchedulerConfig = SchedulerConfig()
+          ) -> Placement:
+    """Run one scheduling cycle. Mutates `tree`'s free counts (virtual allocation); returns what to do."""
+    actions: list[PlacementAction] = []
+    unplaced: list[Unplaced] = []
+    ordered = sorted(requests, key=lambda r: (-r.service.priority, r.service.name))
+    taken_names = {g.name for r in ordered for g in r.groups}
+    for req in ordered:
+        p, d = req.delta_prefill, req.delta_decode
+        if (p > 0 and d < 0) or (p < 0 and d > 0):
+            unplaced.append(Unplaced(req.service.name, p, d, Why.INVALID_REQUEST,
+                                     f"prefill and decode move in the same direction (got {p:+d}P {d:+d}D)"))
+        elif p > 0 or d > 0:
+            _scale_out(tree, req, config, actions, unplaced, taken_names)
+        elif p < 0 or d < 0:
+            _scale_in(tree, req, actions, unplaced)
+    return Placement(tuple(actions), tuple(unplaced))

@@ -1,0 +1,129 @@
+"""Topology tree (cluster -> S2 -> S1 -> node) and RDMA-subgroup tiers, built from node facts.
+
+Pure: no Ray (the Ray adapter turns `ray.nodes()` into `NodeInfo`s), no clock, no environment.
+
+Tiers (paper §5.4), from least to most precious:
+- LOW:    an S2 whose GPUs are all one type (S2-homogeneous);
+- MEDIUM: an S2 with several GPU types whose every S1 is homogeneous (S2-heterogeneous);
+- HIGH:   an S1 that directly connects different GPU types (S1-heterogeneous).
+An S1 domain takes the tier HIGH if it is heterogeneous, else the tier of its S2. An S2 domain that contains an
+S1-heterogeneous switch is HIGH as a whole (using it consumes that capacity). The cluster scope is LOW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable
+
+
+class Tier(IntEnum):
+    LOW = 0
+    MEDIUM = 1
+    HIGH = 2
+
+
+class Scope:
+    """Domain scopes (plain strings, as in the service spec's `affinity`)."""
+
+    S1 = "s1"
+    S2 = "s2"
+    CLUSTER = "cluster"
+
+
+CLUSTER_DOMAIN = "*"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    gpu_type: str
+    total_gpus: int
+    free_gpus: int
+    s1: str
+    s2: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.free_gpus <= self.total_gpus:
+            raise ValueError(f"node {self.node_id}: free_gpus ({self.free_gpus}) must be in [0, total_gpus "
+                             f"({self.total_gpus})]")
+
+
+@dataclass
+class Domain:
+    """A network domain at one scope with its nodes (mutable free counts: the scheduler's virtual allocation)."""
+
+    scope: str
+    name: str
+    tier: Tier
+    nodes: list[NodeInfo]
+    free: dict[str, int] = field(default_factory=dict)  # node_id -> free GPUs (virtually allocated)
+    by_type: dict[str, list[NodeInfo]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for node in self.nodes:
+            self.by_type.setdefault(node.gpu_type, []).append(node)
+
+    def gpu_types(self) -> set[str]:
+        return set(self.by_type)
+
+    def free_gpus(self, gpu_type: str | None = None) -> int:
+        nodes = self.nodes if gpu_type is None else self.by_type.get(gpu_type, [])
+        return sum(self.free[n.node_id] for n in nodes)
+
+
+@dataclass
+class TopologyTree:
+    nodes: dict[str, NodeInfo]
+    s1_parent: dict[str, str]  # S1 -> S2
+    domains: dict[tuple[str, str], Domain]  # (scope, name) -> Domain; all share one `free` map
+    free: dict[str, int]
+
+    def domain(self, scope: str, name: str) -> Domain:
+        try:
+            return self.domains[(scope, name)]
+        except KeyError:
+            known = sorted(n for s, n in self.domains if s == scope)
+            raise KeyError(f"no {scope} domain {name!r} (known: {known[:20]})") from None
+
+    def domains_at(self, scope: str) -> list[Domain]:
+        return [d for (s, _), d in self.domains.items() if s == scope]
+
+    def tiers(self) -> dict[tuple[str, str], Tier]:
+        return {key: d.tier for key, d in self.domains.items()}
+
+
+def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
+    """Group nodes into S1/S2/cluster domains and classify each domain's tier. Raises on inconsistent labels."""
+    by_id: dict[str, NodeInfo] = {}
+    s1_parent: dict[str, str] = {}
+    s1_nodes: dict[str, list[NodeInfo]] = {}
+    s2_nodes: dict[str, list[NodeInfo]] = {}
+    for node in nodes:
+        if node.node_id in by_id:
+            raise ValueError(f"duplicate node id {node.node_id!r}")
+        by_id[node.node_id] = node
+        parent = s1_parent.setdefault(node.s1, node.s2)
+        if parent != node.s2:
+            raise ValueError(f"S1 {node.s1!r} is under two S2s ({parent!r}, {node.s2!r}) (node {node.node_id})")
+        s1_nodes.setdefault(node.s1, []).append(node)
+        s2_nodes.setdefault(node.s2, []).append(node)
+    free = {n.node_id: n.free_gpus for n in by_id.values()}
+    hetero_s1 = {s1 for s1, ns in s1_nodes.items() if len({n.gpu_type for n in ns}) > 1}
+    s2_tier: dict[str, Tier] = {}
+    for s2, ns in s2_nodes.items():
+        if any(s1 in hetero_s1 for s1 in {n.s1 for n in ns}):
+            s2_tier[s2] = Tier.HIGH
+        elif len({n.gpu_type for n in ns}) > 1:
+            s2_tier[s2] = Tier.MEDIUM
+        else:
+            s2_tier[s2] = Tier.LOW
+    domains: dict[tuple[str, str], Domain] = {}
+    for s1, ns in s1_nodes.items():
+        tier = Tier.HIGH if s1 in hetero_s1 else s2_tier[s1_parent[s1]]
+        domains[(Scope.S1, s1)] = Domain(Scope.S1, s1, tier, ns, free)
+    for s2, ns in s2_nodes.items():
+        domains[(Scope.S2, s2)] = Domain(Scope.S2, s2, s2_tier[s2], ns, free)
+    domains[(Scope.CLUSTER, CLUSTER_DOMAIN)] = Domain(Scope.CLUSTER, CLUSTER_DOMAIN, Tier.LOW,
+                                                      list(by_id.values()), free)
+    return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=free)
