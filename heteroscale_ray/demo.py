@@ -40,11 +40,11 @@ def _burst(base_url: str, model: str, api_key: str | None) -> list[dict]:
 
 
 def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progress=print) -> int:
-    started_here = address is None
-    if started_here:
+    started_here = False
+    if address is None:
         check_service_fits_cluster(service, cluster)
-        state = local_cluster.up(cluster, progress=progress)
-        address = state.address
+        started_here = not local_cluster.is_running()  # a cluster from `heteroscale up` is reused and kept
+        address = local_cluster.up(cluster, progress=progress).address
     try:
         url = svc.deploy(service, address, progress=progress)
         progress(f"sending {NUM_REQUESTS} requests (completions + streaming chat) through the openai client")

@@ -1,0 +1,104 @@
+"""Ray adapter of the placement core: live topology from Ray's node table, all-or-nothing probes with placement
+groups, and the cluster-autoscaler hint. The only module of `placement/` that imports Ray.
+
+Probe protocol for a placed batch (a GROW/CREATE action): one placement group with a bundle per instance,
+`bundle_label_selector` pinning each bundle to its role's GPU type and the group's domain, and
+`topology_strategy={<domain label>: "STRICT_PACK"}` (all bundles share one domain value). Ray creates a
+placement group whole or not at all, so `probe()` returning True proves the batch fits in that domain right
+now; on False nothing is left behind. The probe is then removed and the Serve replicas are scaled: a Serve
+replica cannot join an outside placement group. In the window between the removal and the replicas' start
+another workload can take the capacity; the replicas then stay pending (Serve retries), the next cycle's tree
+(rebuilt from live state) no longer shows the capacity, and the controller must treat long-pending replicas
+as unplaced (tests/integration/test_placement_ray.py shows the window).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+from heteroscale_ray.config import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, gpu_resource
+from placement.scheduler import ActionKind, PlacementAction, ServiceShape
+from placement.topology import NodeInfo, Scope
+
+logger = logging.getLogger(__name__)
+
+_SCOPE_LABEL = {Scope.S1: LABEL_S1, Scope.S2: LABEL_S2}
+
+
+def nodes_from_ray(ray_nodes: Iterable[Mapping], available: Mapping[str, Mapping[str, float]]) -> list[NodeInfo]:
+    """NodeInfos from `ray.nodes()` rows and per-node available resources. Nodes without the GPU-type, S1 and S2
+    labels (e.g. the head) or without a `GPU_<type>` resource are not part of the accelerator topology."""
+    out = []
+    for row in ray_nodes:
+        if not row.get("Alive"):
+            continue
+        labels = row.get("Labels") or {}
+        gpu_type, s1, s2 = labels.get(LABEL_GPU_TYPE), labels.get(LABEL_S1), labels.get(LABEL_S2)
+        if not (gpu_type and s1 and s2):
+            continue
+        key = gpu_resource(gpu_type)
+        total = int(row.get("Resources", {}).get(key, 0))
+        if total == 0:
+            continue
+        free = int(available.get(row["NodeID"], {}).get(key, 0))
+        out.append(NodeInfo(row["NodeID"], gpu_type, total, min(max(free, 0), total), s1, s2))
+    return out
+
+
+def live_nodes() -> list[NodeInfo]:
+    import ray
+    from ray._private import state  # per-node availability has no public API in 2.60
+
+    return nodes_from_ray(ray.nodes(), state.available_resources_per_node())
+
+
+def probe_bundles(action: PlacementAction, service: ServiceShape) -> tuple[list[dict], list[dict]]:
+    """Bundles and per-bundle label selectors for the instances an action adds."""
+    if action.kind not in (ActionKind.GROW, ActionKind.CREATE):
+        raise ValueError(f"only GROW/CREATE actions add instances to probe, got {action.kind.value}")
+    scope_selector = {}
+    if action.scope in _SCOPE_LABEL:
+        scope_selector[_SCOPE_LABEL[action.scope]] = action.domain
+    bundles, selectors = [], []
+    for gpu_type, count, gpus in ((action.prefill_gpu_type, action.num_prefill, service.gpus_per_prefill),
+                                  (action.decode_gpu_type, action.num_decode, service.gpus_per_decode)):
+        for _ in range(count):
+            bundles.append({gpu_resource(gpu_type): float(gpus)})
+            selectors.append({LABEL_GPU_TYPE: gpu_type, **scope_selector})
+    return bundles, selectors
+
+
+def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.0, keep: bool = False):
+    """Reserve the action's instances all-or-nothing in its domain. Returns the ready placement group if
+    `keep`, True if it fit (and was released), False if it did not (nothing is left behind)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles, selectors = probe_bundles(action, service)
+    kwargs = {}
+    if action.scope in _SCOPE_LABEL:
+        kwargs["topology_strategy"] = {_SCOPE_LABEL[action.scope]: "STRICT_PACK"}
+    pg = placement_group(bundles, bundle_label_selector=selectors,
+                         name=f"heteroscale-probe-{action.service}-{action.group}", **kwargs)
+    ready = pg.wait(timeout_s)
+    if not ready or not keep:
+        remove_placement_group(pg)
+    logger.info("probe %s %s in %s: %s", action.kind.value, action.group, action.domain,
+                "fits" if ready else "does not fit")
+    if ready and keep:
+        return pg
+    return ready
+
+
+def request_target_shape(bundles: list[dict], selectors: list[dict], enabled: bool) -> bool:
+    """Ask Ray's cluster autoscaler (v2) for the whole target shape; a no-op unless `enabled` (config flag).
+
+    v2 treats the request as a floor on the cluster's shape (total resources), replacing the previous one."""
+    if not enabled:
+        return False
+    if len(bundles) != len(selectors):
+        raise ValueError(f"{len(bundles)} bundles but {len(selectors)} label selectors (one per bundle)")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles, bundle_label_selectors=selectors)
+    return True
