@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -90,6 +91,84 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _load_trace(path: str, skip_bad: bool):
+    from bench import traces
+
+    if not Path(path).is_file():
+        raise traces.TraceError(f"trace file {path!r} does not exist")
+    if path.endswith(".jsonl"):
+        return traces.read_jsonl(path)
+    with open(path) as handle:
+        header = handle.readline()
+    convert = traces.from_azure_csv if "ContextTokens" in header else traces.from_burstgpt_csv
+    rows, report = convert(path, skip_bad=skip_bad)
+    if report.skipped:
+        print(f"skipped {report.skipped} bad rows of {path}, e.g. {report.first_errors[0]}", file=sys.stderr)
+    return rows
+
+
+def cmd_trace(args) -> int:
+    from bench import traces
+
+    rows = _load_trace(args.input, args.skip_bad)
+    if args.synth_duration_s:
+        shape = traces.RateShape(mean_rps=args.mean_rps, peak_to_trough=args.peak_to_trough, day_s=args.day_s)
+        rows = traces.synthesize(shape, args.synth_duration_s, rows, seed=args.seed)
+    if args.time_scale != 1.0:
+        rows = traces.time_scale(rows, args.time_scale)
+    if args.rate_scale != 1.0:
+        rows = traces.rate_scale(rows, args.rate_scale, seed=args.seed)
+    if args.max_input_tokens or args.max_output_tokens:
+        rows = traces.truncate(rows, args.max_input_tokens or 10**9, args.max_output_tokens or 10**9)
+    if args.duration_s:
+        rows = traces.window(rows, 0.0, args.duration_s)
+    traces.write_jsonl(rows, args.output)
+    print(json.dumps({"output": args.output, **traces.summarize_trace(rows)}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import asyncio
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from bench import loadgen, plots
+    from bench.traces import truncate
+    from heteroscale_ray.tiny_model import ensure_tiny_model
+
+    cfg = loadgen.LoadConfig(
+        url=args.url.rstrip("/"), model=args.model, api_key=args.api_key or os.environ.get("HETEROSCALE_API_KEY"),
+        time_scale=args.time_scale, duration_s=args.duration, max_requests=args.max_requests,
+        max_concurrency=args.max_concurrency, request_timeout_s=args.request_timeout_s,
+        ttft_slo_ms=args.ttft_slo_ms, tbt_slo_ms=args.tbt_slo_ms)
+    trace = _load_trace(args.trace, args.skip_bad)
+    if args.max_input_tokens or args.max_output_tokens:
+        trace = truncate(trace, args.max_input_tokens or 10**9, args.max_output_tokens or 10**9)
+    planned = loadgen.plan(cfg, trace)
+    if not planned:
+        print("error: no request of the trace falls inside --duration/--max-requests", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(ensure_tiny_model()))
+    with tqdm(total=len(planned), desc="building prompts", unit="req", disable=args.quiet) as bar:
+        prompts = loadgen.build_prompts([req for req, _ in planned], tokenizer, lambda i, n: bar.update(1))
+    print(f"replaying {len(planned)} requests open-loop against {cfg.url} "
+          f"(last arrival at {planned[-1][1].scheduled_s:.1f}s)", file=sys.stderr)
+    interrupted = False
+    with tqdm(total=len(planned), desc="requests", unit="req", disable=args.quiet) as bar:
+        try:
+            asyncio.run(loadgen.replay(cfg, planned, prompts, on_done=lambda r: bar.update(1)))
+        except KeyboardInterrupt:
+            interrupted = True
+    results = [res for _, res in planned]
+    summary = loadgen.write_results(args.out, cfg, results, {"trace": args.trace, "interrupted": interrupted})
+    extra = plots.read_series(args.extra_series) if args.extra_series else None
+    summary["plots"] = plots.write_plots(results, args.out, extra=extra)
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("requests", "throughput", "ttft", "tbt", "slo")}, indent=2))
+    return 130 if interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heteroscale", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -114,6 +193,45 @@ def build_parser() -> argparse.ArgumentParser:
         address=True)
     add("model", cmd_model, "generate (or find) the tiny test model and print its path")
     add("validate", cmd_validate, "validate a cluster spec and a service spec together", cluster=True, service=True)
+
+    def add_trace_options(p):
+        p.add_argument("--skip-bad", action="store_true", help="skip and count bad CSV rows instead of failing")
+        p.add_argument("--max-input-tokens", type=int, default=None, help="truncate prompt lengths to this")
+        p.add_argument("--max-output-tokens", type=int, default=None, help="truncate output lengths to this")
+
+    bench = sub.add_parser("bench", help="replay a trace open-loop against an OpenAI endpoint; write results")
+    bench.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--trace", required=True, help="trace: .jsonl (Mooncake-style), Azure or BurstGPT .csv")
+    bench.add_argument("--out", required=True, help="output folder (requests.jsonl, summary.json, PNG plots)")
+    bench.add_argument("--time-scale", type=float, default=1.0, help="multiply arrival times (0.5 = 2x faster)")
+    bench.add_argument("--duration", type=float, default=None, help="send only requests arriving before S s")
+    bench.add_argument("--max-requests", type=int, default=10_000)
+    bench.add_argument("--max-concurrency", type=int, default=None)
+    bench.add_argument("--request-timeout-s", type=float, default=120.0)
+    bench.add_argument("--model", default=None, help="model id (default: the endpoint's first model)")
+    bench.add_argument("--tokenizer", default=None, help="tokenizer path (default: the generated tiny model)")
+    bench.add_argument("--api-key", default=None, help="default: $HETEROSCALE_API_KEY")
+    bench.add_argument("--ttft-slo-ms", type=float, default=2000.0)
+    bench.add_argument("--tbt-slo-ms", type=float, default=200.0)
+    bench.add_argument("--extra-series", default=None, help="JSONL of {t_s, name: value} rows to plot too")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trace_options(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    trace = sub.add_parser("trace", help="convert / transform / synthesize a trace into Mooncake-style JSONL")
+    trace.add_argument("input", help=".jsonl, Azure .csv or BurstGPT .csv (sizes source when synthesizing)")
+    trace.add_argument("output", help="output .jsonl")
+    trace.add_argument("--time-scale", type=float, default=1.0)
+    trace.add_argument("--rate-scale", type=float, default=1.0)
+    trace.add_argument("--duration-s", type=float, default=None, help="keep the first S seconds")
+    trace.add_argument("--synth-duration-s", type=float, default=None,
+                       help="synthesize a diurnal trace this long, drawing sizes from the input")
+    trace.add_argument("--mean-rps", type=float, default=1.0)
+    trace.add_argument("--peak-to-trough", type=float, default=3.0)
+    trace.add_argument("--day-s", type=float, default=86_400.0, help="length of one diurnal cycle")
+    trace.add_argument("--seed", type=int, default=0)
+    add_trace_options(trace)
+    trace.set_defaults(func=cmd_trace)
     return parser
 
 
@@ -123,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, ValueError) as err:  # TraceError and config validation name the bad value
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
