@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -27,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import loadgen  # noqa: E402
+from bench.results_io import write_result  # noqa: E402
 from bench.stats import summarize  # noqa: E402
 from bench.traces import TraceRequest  # noqa: E402
 from heteroscale_ray.tiny_model import ensure_tiny_model  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> int:
     result["ratio_median_itl"] = round(h["median_itl_ms"] / v["median_itl_ms"], 3)
     result["within_tolerance"] = (abs(result["ratio_median_ttft"] - 1) <= 0.30
                                   and abs(result["ratio_median_itl"] - 1) <= 0.30)
-    out = ROOT / "bench" / "results" / "crosscheck_vllm.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result("crosscheck_vllm", result)
     return 0
 
 

@@ -9,7 +9,6 @@ alone. Writes bench/results/placement_scale.json. Target: p50 <= 100 ms on the 2
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_result  # noqa: E402
 from placement.scheduler import ScaleRequest, ServiceShape, place  # noqa: E402
 from placement.topology import NodeInfo, Scope, build_tree  # noqa: E402
 
@@ -80,10 +80,7 @@ def main() -> int:
         "actions": len(placed.actions), "unplaced": len(placed.unplaced),
         "target_p50_ms": 100, "meets_target": statistics.median(cycle) * 1000 <= 100,
     }
-    out = ROOT / "bench" / "results" / "placement_scale.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result("placement_scale", result)
     return 0
 
 

@@ -7,7 +7,6 @@ controller would run), so the ratio shows the cost of deciding the fleet in one 
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_result  # noqa: E402
 from autoscaler.model import FleetConfig, Observation, PolicyConfig, PolicyState, ServiceObservation, Signal  # noqa: E402
 from autoscaler.policy import decide  # noqa: E402
 
@@ -66,10 +66,7 @@ def main() -> int:
         "baseline_per_service_calls_p50_ms": round(statistics.median(per_service_times) * 1000, 2),
         "fleet_vs_per_service_ratio": round(p50 / statistics.median(per_service_times), 3),
     }
-    out = ROOT / "bench" / "results" / "policy_speed.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result("policy_speed", result)
     return 0
 
 

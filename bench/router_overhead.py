@@ -16,7 +16,6 @@ Usage: python bench/router_overhead.py [--requests N] [--prompt-tokens T] [--max
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results_io import write_result  # noqa: E402
 from heteroscale_ray import local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402
 from heteroscale_ray.config import parse_cluster_spec, parse_service_spec  # noqa: E402
@@ -212,9 +212,7 @@ def main() -> int:
     if "nixl_fix_off_http_pd" in results:
         results["fix_off_vs_on_ratio_p50"] = round(results["nixl_fix_off_http_pd"]["p50_ms"] / router["p50_ms"], 3)
     results["wall_s"] = round(time.time() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    write_result("router_overhead", results, args.out)
     return 0
 
 
