@@ -45,10 +45,19 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports. The sockets are held open together: ports picked one at a time can repeat
+    (a just-closed port is handed out again), which made `ray start` refuse two components on one port."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _gb(value: float) -> int:
@@ -182,22 +191,30 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
     )
     for node in spec.nodes:
         progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}")
-        _run(
-            [
-                _ray_cli(), "start",
-                f"--address={address}",
-                "--node-ip-address=127.0.0.1",
-                f"--temp-dir={temp_dir}",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}",
-                "--include-log-monitor=false",
-                "--disable-usage-stats",
-                *_node_args(node),
-            ],
-            env,
-        )
+        for attempt in (1, 2):  # a port can still be taken between picking and binding: retry once
+            agent_http, agent_grpc, runtime_env, metrics = _free_ports(4)
+            try:
+                _run(
+                    [
+                        _ray_cli(), "start",
+                        f"--address={address}",
+                        "--node-ip-address=127.0.0.1",
+                        f"--temp-dir={temp_dir}",
+                        f"--dashboard-agent-listen-port={agent_http}",
+                        f"--dashboard-agent-grpc-port={agent_grpc}",
+                        f"--runtime-env-agent-port={runtime_env}",
+                        f"--metrics-export-port={metrics}",
+                        "--include-log-monitor=false",
+                        "--disable-usage-stats",
+                        *_node_args(node),
+                    ],
+                    env,
+                )
+                break
+            except RuntimeError as err:
+                if attempt == 2 or "port" not in str(err):
+                    raise
+                progress(f"    port clash starting {node.name}; retrying with other ports")
     _wait_for_nodes(address, 1 + len(spec.nodes), 60, env)
     state = ClusterState(
         address=address,

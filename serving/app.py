@@ -30,6 +30,8 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
         engine_kwargs=dict(plan.engine_kwargs),
         placement_group_config={"bundle_per_worker": {gpu_key: plan.bundle[gpu_key]}},
         deployment_config={
+            # A fixed count (config now, the HeteroScale controller later): with num_replicas set, ray.llm drops
+            # its default per-deployment autoscaling_config, which would scale P and D apart.
             "num_replicas": plan.num_replicas,
             "max_ongoing_requests": plan.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": plan.bundle["CPU"]},
@@ -48,12 +50,6 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
     )
 
 
-def _no_autoscaling(options: dict) -> dict:
-    # Replica counts come from the config now and from the HeteroScale controller later, never from Serve's
-    # per-deployment autoscaler (which would scale P and D apart); ray.llm adds a default autoscaling_config.
-    return {"num_replicas": options["num_replicas"], "autoscaling_config": None}
-
-
 def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeFacts]) -> Application:
     nodes = list(nodes)
     decode_apps = {}
@@ -64,15 +60,13 @@ def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeFacts])
         prefill_app = build_llm_deployment(
             prefill_cfg,
             deployment_cls=PrefillServer,
-            override_serve_options={"name": prefill_plan.deployment_name,
-                                    **_no_autoscaling(prefill_cfg.deployment_config)},
+            override_serve_options={"name": prefill_plan.deployment_name},
         )
         decode_apps[group.name] = build_llm_deployment(
             decode_cfg,
             deployment_cls=DecodeServer,
             bind_kwargs={"prefill_server": prefill_app},
-            override_serve_options={"name": decode_plan.deployment_name,
-                                    **_no_autoscaling(decode_cfg.deployment_config)},
+            override_serve_options={"name": decode_plan.deployment_name},
         )
         logger.info("DG %s in %s: prefill %dx %s, decode %dx %s", group.name, group.domain,
                     prefill_plan.num_replicas, prefill_plan.gpu_type, decode_plan.num_replicas, decode_plan.gpu_type)

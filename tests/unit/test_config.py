@@ -107,3 +107,11 @@ def test_api_key_from_env_or_config(monkeypatch):
     assert parse_service_spec(data).api_key() == "k1"
     data["ingress"]["api_key"] = "k2"
     assert parse_service_spec(data).api_key() == "k2"
+
+
+def test_free_ports_are_distinct():
+    from heteroscale_ray.local_cluster import _free_ports
+
+    for _ in range(50):
+        ports = _free_ports(4)
+        assert len(set(ports)) == 4
