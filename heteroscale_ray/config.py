@@ -231,9 +231,6 @@ class ServiceSpecModel(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"deployment group names must be unique; repeated: {dupes}")
-        if self.engine.device == "cuda" and self.engine.kv_buffer_device == "cpu":
-            # Legal (host-staged transfers), but worth knowing; not an error.
-            pass
         return self
 
 
