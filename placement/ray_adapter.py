@@ -15,7 +15,7 @@ as unplaced (tests/integration/test_placement_ray.py shows the window).
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from heteroscale_ray.config import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, gpu_resource
 from placement.scheduler import ActionKind, PlacementAction, ServiceShape
@@ -88,6 +88,23 @@ def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.
     if ready and keep:
         return pg
     return ready
+
+
+def realize(action: PlacementAction, service: ServiceShape, scale: Callable[[PlacementAction], None],
+            timeout_s: float = 10.0) -> bool:
+    """Make a GROW/CREATE action real, all or nothing: probe the domain, and only if the whole batch fits call
+    `scale(action)` (which sets the DG's pinned Serve deployments' replica counts). Returns whether it did."""
+    if not probe(action, service, timeout_s=timeout_s):
+        return False
+    scale(action)
+    return True
+
+
+def selectors_for(action: PlacementAction) -> dict[str, dict[str, str]]:
+    """The label selector each role's replicas of this DG are pinned with (domain + the role's GPU type)."""
+    scope = {_SCOPE_LABEL[action.scope]: action.domain} if action.scope in _SCOPE_LABEL else {}
+    return {"prefill": {LABEL_GPU_TYPE: action.prefill_gpu_type, **scope},
+            "decode": {LABEL_GPU_TYPE: action.decode_gpu_type, **scope}}
 
 
 def request_target_shape(bundles: list[dict], selectors: list[dict], enabled: bool) -> bool:

@@ -119,3 +119,44 @@ def test_bundles_and_autoscaler_hint_shape(cluster):
     assert request_target_shape(bundles, selectors, enabled=False) is False  # behind a config flag
     with pytest.raises(ValueError, match="one per bundle"):
         request_target_shape(bundles, selectors[:1], enabled=True)
+
+
+def test_realize_scales_only_a_batch_that_fits(cluster):
+    """probe -> scale: a fitting batch gets replicas pinned in its domain; an infeasible one gets nothing."""
+    from ray import serve
+
+    from placement.ray_adapter import realize, selectors_for
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Engine:
+        def __call__(self):
+            import ray
+
+            return ray.get_runtime_context().get_node_labels()
+
+    deployed = []
+
+    def scale(action):  # what the controller does: set the DG's pinned deployments' replica counts
+        for role, count in (("prefill", action.num_prefill), ("decode", action.num_decode)):
+            gpu = action.prefill_gpu_type if role == "prefill" else action.decode_gpu_type
+            app = Engine.options(name=f"{action.group}-{role}", num_replicas=count,
+                                 placement_group_bundles=[{f"GPU_{gpu}": 1.0}],
+                                 placement_group_bundle_label_selector=[selectors_for(action)[role]]).bind()
+            name = f"{action.group}-{role}"
+            deployed.append((name, serve.run(app, name=name, route_prefix=None)))
+
+    fits = place(build_tree(live_nodes()), [ScaleRequest(HETERO, 1, 1)]).actions[0]
+    too_big = PlacementAction(ActionKind.CREATE, "chat", "chat-big", Scope.S1, "s1-a", Tier.HIGH, "L20", "H20",
+                              num_prefill=3, num_decode=1)
+    before = len(_live_pgs())
+    try:
+        assert realize(too_big, HETERO, scale, timeout_s=3) is False
+        assert deployed == [] and len(_live_pgs()) == before  # no placement group, no replica
+        assert realize(fits, HETERO, scale) is True
+        for name, handle in deployed:
+            labels = handle.remote().result(timeout_s=60)
+            assert labels["heteroscale.io/s1"] == fits.domain
+            assert labels["heteroscale.io/gpu-type"] == ("L20" if name.endswith("prefill") else "H20")
+    finally:
+        for name, _ in deployed:
+            serve.delete(name)
