@@ -38,7 +38,9 @@ def test_tokens_are_conserved_and_policies_are_ordered(results):
         s = res.summary()
         assert s["tokens"]["served"] + s["tokens"]["dropped"] == s["tokens"]["demanded"], name
         assert 0 <= s["slo_attainment_ttft"] <= 1 and 0 <= s["slo_attainment_tbt"] <= 1
-        assert s["ratio_violations"] == 0 and s["unplaced_requests"] == 0
+        assert s["unplaced_requests"] == 0
+    assert results["heteroscale"].summary()["ratio_violations"] == 0  # P and D move together
+    assert results["hpa_gpu_util"].summary()["ratio_violations"] > 0  # per-pool scaling drifts off the ratio
     oracle = results["oracle"].gpu_hours
     assert all(oracle <= res.gpu_hours + 1e-9 for res in results.values())
     static = results["static_peak"].summary()
