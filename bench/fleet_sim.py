@@ -112,6 +112,10 @@ class Tick:
     served_tokens: float
 
 
+def _step(cap: Capacity, context: int, batch: int) -> float:
+    return cap.decode.decode_step_time_s([context] * batch)[0]
+
+
 def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, ready_decode: int) -> Tick:
     """Fluid latency and throughput of one service for one tick at `rps` with these Ready instance counts."""
     demand_tps = rps * svc.mean_output
@@ -122,12 +126,15 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
     attainment_tbt = 1.0 if demand_tps <= decode_capacity else decode_capacity / demand_tps
     per_instance = served / max(ready_decode, 1)
     context = svc.mean_input + svc.mean_output // 2
-    tbt = cap.decode.decode_step_time_s([context])[0]
-    for batch in range(1, cap.decode.max_decode_batch(context) + 1):  # smallest batch that sustains the rate
-        step = cap.decode.decode_step_time_s([context] * batch)[0]
-        tbt = step
-        if batch / step >= per_instance:
-            break
+    # The smallest batch that sustains the per-instance rate (batch / step time grows with the batch).
+    lo, hi = 1, cap.decode.max_decode_batch(context)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid / _step(cap, context, mid) >= per_instance:
+            hi = mid
+        else:
+            lo = mid + 1
+    tbt = _step(cap, context, lo)
     rho = rps * svc.mean_input / (ready_prefill * cap.cap_prefill_tps) if ready_prefill else math.inf
     if rho < 1:
         mean_ttft = cap.prefill_time_s / (1 - rho) + cap.kv_transfer_s
@@ -178,7 +185,7 @@ class PolicyResult:
     unplaced: int = 0
     demand_tokens: float = 0.0
     served_tokens: float = 0.0
-    timeline: list[dict] = field(default_factory=list)
+    per_tick: dict[float, list[float]] = field(default_factory=dict)  # t -> [allocated GPUs, busy GPUs, requests]
     decisions: list = field(default_factory=list)  # (now_s, Observation, Decision) for the parity test
 
     def summary(self) -> dict:
@@ -201,7 +208,7 @@ class PolicyResult:
 
 
 def _account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rps: float, run: ServiceRun,
-             counts: tuple[int, int], tick_s: float) -> None:
+             counts: tuple[int, int], tick_s: float, t: float | None = None) -> None:
     """GPU-hours (everything allocated: ready, starting, withdrawn) and utilization of one service-tick."""
     p_all, d_all = counts
     hours = tick_s / 3600
@@ -227,6 +234,11 @@ def _account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, r
     result.met_tbt += tick.attainment_tbt * requests
     result.demand_tokens += tick.demand_tokens * tick_s
     result.served_tokens += tick.served_tokens * tick_s
+    if t is not None:
+        row = result.per_tick.setdefault(t, [0.0, 0.0, 0.0])
+        row[0] += gpus_p + gpus_d
+        row[1] += util_d * ready_gpus_d + util_p * ready_gpus_p
+        row[2] += requests
 
 
 def policy_config(svc: SimService, cap: Capacity) -> PolicyConfig:
@@ -301,9 +313,7 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
             last_ticks[svc.name] = tick
             counts = (run.ready_prefill + sum(x[1] for x in run.pending),
                       run.ready_decode + sum(x[2] for x in run.pending))
-            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s)
-        result.timeline.append({"t_s": t, "ready_prefill": sum(r.ready_prefill for r in runs.values()),
-                                "ready_decode": sum(r.ready_decode for r in runs.values())})
+            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
@@ -365,7 +375,7 @@ def run_counts_policy(scenario: Scenario, counts_at) -> PolicyResult:
             p, d = counts_at(svc, cap, t)
             run = ServiceRun(ready_prefill=p, ready_decode=d)
             tick = evaluate(svc, cap, rps, p, d)
-            _account(result, svc, cap, tick, rps, run, (p, d), scenario.tick_s)
+            _account(result, svc, cap, tick, rps, run, (p, d), scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
@@ -421,7 +431,7 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
             last[svc.name] = tick
             counts = (run.ready_prefill + sum(x[1] for x in run.pending),
                       run.ready_decode + sum(x[2] for x in run.pending))
-            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s)
+            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
@@ -527,3 +537,144 @@ def run_sla_planner(scenario: Scenario) -> PolicyResult:
 POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "serve_queue": run_serve_queue,
             "periodic": run_periodic, "sla_planner": run_sla_planner, "static_peak": run_static_peak,
             "oracle": run_oracle}
+
+
+# ---- scenarios -------------------------------------------------------------------------------------------------
+
+
+def generate_nodes(s2: int, s1_per_s2: int, nodes_per_s1: int, gpus_per_node: int, types: Sequence[str],
+                   seed: int = 0) -> tuple[NodeInfo, ...]:
+    """A fleet mixing the three RDMA-subgroup kinds: S2s cycle through S1-heterogeneous (both types in every
+    S1), S2-heterogeneous (each S1 one type) and S2-homogeneous (one type)."""
+    nodes = []
+    for a in range(s2):
+        kind = a % 3
+        for b in range(s1_per_s2):
+            for i in range(nodes_per_s1):
+                if kind == 0:
+                    gpu = types[i % len(types)]
+                elif kind == 1:
+                    gpu = types[b % len(types)]
+                else:
+                    gpu = types[(a // 3) % len(types)]
+                nodes.append(NodeInfo(f"n{a}-{b}-{i}", gpu, gpus_per_node, gpus_per_node, f"s2-{a}-s1-{b}",
+                                      f"s2-{a}"))
+    return tuple(nodes)
+
+
+def generate_services(count: int, seed: int, mean_rps: tuple[float, float], peak_to_trough: tuple[float, float],
+                      mean_input: int, mean_output: int, ttft_slo_s: float, tbt_slo_s: float, day_s: float,
+                      model: str = "llama-8b", prefill_gpu: str = "L20", decode_gpu: str = "H20",
+                      affinity: str = "s2") -> tuple[SimService, ...]:
+    import random
+
+    rng = random.Random(seed)
+    return tuple(SimService(
+        f"svc-{k:03d}",
+        RateShape(mean_rps=rng.uniform(*mean_rps), peak_to_trough=rng.uniform(*peak_to_trough), day_s=day_s,
+                  peak_hour=rng.uniform(10, 22)),
+        mean_input, mean_output, ttft_slo_s, tbt_slo_s, model, prefill_gpu, decode_gpu, rng.randint(0, 3),
+        affinity) for k in range(count))
+
+
+def load_scenario(path) -> Scenario:
+    """Scenario YAML: name, duration_s, tick_s, startup_s, topology.generator, services.generator (see
+    bench/scenarios/*.yaml). Unknown keys are errors that name the key."""
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    allowed = {"name", "duration_s", "tick_s", "startup_s", "topology", "services"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown scenario keys {unknown} (allowed: {sorted(allowed)})")
+    try:
+        topo, svc = data["topology"]["generator"], data["services"]["generator"]
+        nodes = generate_nodes(**topo)
+        services = generate_services(**{**svc, "mean_rps": tuple(svc["mean_rps"]),
+                                        "peak_to_trough": tuple(svc["peak_to_trough"])})
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: bad topology/services generator: {err}") from None
+    return Scenario(data["name"], nodes, services, float(data["duration_s"]), float(data.get("tick_s", 30.0)),
+                    float(data.get("startup_s", 120.0)))
+
+
+# ---- running a scenario: summary.json and plots ------------------------------------------------------------------
+
+
+def simulate(scenario: Scenario, policies: Sequence[str], progress=None) -> tuple[dict, dict[str, PolicyResult]]:
+    import time
+
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    start = time.perf_counter()
+    results = {}
+    for name in policies:
+        if progress:
+            progress(f"simulating {name} on {scenario.name} ...")
+        results[name] = POLICIES[name](scenario)
+    summary = {"scenario": scenario.name, "wall_s": round(time.perf_counter() - start, 2),
+               "fleet": {"gpus": sum(n.total_gpus for n in scenario.nodes), "services": len(scenario.services),
+                         "duration_s": scenario.duration_s, "tick_s": scenario.tick_s,
+                         "startup_s": scenario.startup_s},
+               "policies": {name: r.summary() for name, r in results.items()}}
+    summary["goals"] = _goals(summary["policies"])
+    return summary, results
+
+
+def _goals(p: dict) -> dict:
+    """The issue's goals as measured numbers (reported, never asserted)."""
+    goals = {}
+    ours = p.get("heteroscale")
+    if ours and "oracle" in p:
+        goals["gpu_hours_vs_oracle"] = round(ours["gpu_hours"] / max(p["oracle"]["gpu_hours"], 1e-9), 3)
+        goals["gpu_hours_vs_oracle_goal"] = 1.10
+    if ours:
+        goals["slo_attainment_min"] = min(ours["slo_attainment_ttft"], ours["slo_attainment_tbt"])
+        goals["slo_attainment_goal"] = 0.99
+        others = {k: v for k, v in p.items() if k not in ("heteroscale", "oracle")}
+        goals["fewer_gpu_hours_than"] = sorted(k for k, v in others.items() if ours["gpu_hours"] < v["gpu_hours"])
+        goals["more_gpu_hours_than"] = sorted(k for k, v in others.items() if ours["gpu_hours"] >= v["gpu_hours"])
+    if ours and "hpa_gpu_util" in p:
+        goals["avg_gpu_util_points_above_hpa"] = round(100 * (ours["avg_gpu_util"] - p["hpa_gpu_util"]["avg_gpu_util"]), 2)
+        goals["avg_gpu_util_points_goal"] = 26.6
+    return goals
+
+
+def write_plots(summary: dict, results: dict[str, PolicyResult], out_dir) -> list[str]:
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    for name, res in results.items():
+        ts = sorted(res.per_tick)
+        axes[0].plot([t / 3600 for t in ts], [res.per_tick[t][0] for t in ts], label=name)
+        axes[1].plot([t / 3600 for t in ts], [res.per_tick[t][1] / max(res.per_tick[t][0], 1e-9) for t in ts],
+                     label=name)
+    axes[0].set_ylabel("allocated GPUs")
+    axes[1].set_ylabel("avg GPU util")
+    axes[1].set_xlabel("hours")
+    axes[0].legend(fontsize="small", ncol=4)
+    fig.tight_layout()
+    timeline = out / "instances_and_util.png"
+    fig.savefig(timeline, dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, s in summary["policies"].items():
+        attainment = min(s["slo_attainment_ttft"], s["slo_attainment_tbt"])
+        ax.scatter(s["gpu_hours"], attainment)
+        ax.annotate(name, (s["gpu_hours"], attainment), fontsize="small")
+    ax.set_xlabel("GPU-hours")
+    ax.set_ylabel("SLO attainment (min of TTFT, TBT)")
+    fig.tight_layout()
+    tradeoff = out / "gpu_hours_vs_slo.png"
+    fig.savefig(tradeoff, dpi=90)
+    plt.close(fig)
+    return [str(timeline), str(tradeoff)]

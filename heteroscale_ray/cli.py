@@ -169,6 +169,21 @@ def cmd_bench(args) -> int:
     return 130 if interrupted else 0
 
 
+def cmd_sim(args) -> int:
+    from bench import fleet_sim
+
+    scenario = fleet_sim.load_scenario(args.scenario)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    summary, results = fleet_sim.simulate(scenario, policies, progress=lambda m: print(m, file=sys.stderr))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary["plots"] = fleet_sim.write_plots(summary, results, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({"scenario": summary["scenario"], "wall_s": summary["wall_s"], "goals": summary["goals"]},
+                     indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heteroscale", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -232,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--seed", type=int, default=0)
     add_trace_options(trace)
     trace.set_defaults(func=cmd_trace)
+
+    sim = sub.add_parser("sim", help="fleet simulator: the same decide()/place() against baselines")
+    sim.add_argument("--scenario", required=True, help="scenario YAML (bench/scenarios/*.yaml)")
+    sim.add_argument("--policies", default="heteroscale,hpa_gpu_util,serve_queue,periodic,sla_planner,"
+                     "static_peak,oracle", help="comma-separated policy names")
+    sim.add_argument("--out", required=True, help="output folder (summary.json, PNG plots)")
+    sim.set_defaults(func=cmd_sim)
     return parser
 
 

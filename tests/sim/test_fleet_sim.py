@@ -1,5 +1,7 @@
 """Fleet simulator (fluid): internal consistency on a small scenario, and parity with direct decide() calls."""
 
+from pathlib import Path
+
 import pytest
 
 from autoscaler.model import PolicyState
@@ -78,3 +80,29 @@ def test_parity_simulator_driver_and_direct_decide_calls():
     for now_s, observation, decision in recorded:
         direct, state = decide(state, observation, now_s, fleet)
         assert direct == decision
+
+
+def test_sim_command_writes_the_summary_shape(tmp_path):
+    import json
+
+    from heteroscale_ray import cli
+    from tests.conftest import ROOT
+
+    assert cli.main(["sim", "--scenario", str(ROOT / "bench" / "scenarios" / "small.yaml"),
+                     "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["scenario"] == "small" and summary["wall_s"] > 0
+    assert set(summary["policies"]) == {"heteroscale", "hpa_gpu_util", "serve_queue", "periodic", "sla_planner",
+                                        "static_peak", "oracle"}
+    for name, p in summary["policies"].items():
+        for key in ("gpu_hours", "avg_gpu_util", "avg_sm_activity", "slo_attainment_ttft", "slo_attainment_tbt",
+                    "num_scale_actions", "ratio_violations"):
+            assert key in p, (name, key)
+        assert 0 <= p["avg_gpu_util"] <= 1 and 0 <= p["slo_attainment_ttft"] <= 1
+        assert set(p["gpu_hours_by_role"]) == {"prefill", "decode"}
+    assert {"gpu_hours_vs_oracle", "avg_gpu_util_points_above_hpa"} <= set(summary["goals"])
+    assert all(Path(f).stat().st_size > 5000 for f in summary["plots"])
+    with pytest.raises(ValueError, match=r"unknown policies \['nope'\]"):
+        from bench.fleet_sim import load_scenario, simulate
+
+        simulate(load_scenario(ROOT / "bench" / "scenarios" / "small.yaml"), ["nope"])
