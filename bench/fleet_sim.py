@@ -207,6 +207,19 @@ class PolicyResult:
         }
 
 
+def _role_utils(svc: SimService, cap: Capacity, tick: Tick, run: ServiceRun, rps: float
+                ) -> tuple[float, float, float, float]:
+    """(prefill util, prefill SM activity, decode util, decode SM activity) of Ready instances in a tick."""
+    if run.ready_decode and rps > 0:
+        in_flight = rps / run.ready_decode * (tick.ttft_p90_s / math.log(10) + svc.mean_output * tick.tbt_s)
+        util_d, sm_d = nvml_utilization(1 - math.exp(-in_flight), cap.decode_compute_fraction)
+    else:
+        util_d = sm_d = 0.0
+    rho = rps * svc.mean_input / (run.ready_prefill * cap.cap_prefill_tps) if run.ready_prefill else 0.0
+    util_p, sm_p = nvml_utilization(min(rho, 1.0), 0.9)  # prefill is compute-bound (perf model: > 0.9)
+    return util_p, sm_p, util_d, sm_d
+
+
 def _account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rps: float, run: ServiceRun,
              counts: tuple[int, int], tick_s: float, t: float | None = None) -> None:
     """GPU-hours (everything allocated: ready, starting, withdrawn) and utilization of one service-tick."""
@@ -216,13 +229,7 @@ def _account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, r
     result.gpu_hours += (gpus_p + gpus_d) * hours
     result.gpu_hours_by_role["prefill"] += gpus_p * hours
     result.gpu_hours_by_role["decode"] += gpus_d * hours
-    if run.ready_decode and rps > 0:
-        in_flight = rps / run.ready_decode * (tick.ttft_p90_s / math.log(10) + svc.mean_output * tick.tbt_s)
-        util_d, sm_d = nvml_utilization(1 - math.exp(-in_flight), cap.decode_compute_fraction)
-    else:
-        util_d = sm_d = 0.0
-    rho = rps * svc.mean_input / (run.ready_prefill * cap.cap_prefill_tps) if run.ready_prefill else 0.0
-    util_p, sm_p = nvml_utilization(min(rho, 1.0), 0.9)  # prefill is compute-bound (perf model: > 0.9)
+    util_p, sm_p, util_d, sm_d = _role_utils(svc, cap, tick, run, rps)
     ready_gpus_d, ready_gpus_p = run.ready_decode * cap.decode.tp, run.ready_prefill * cap.prefill.tp
     result.util_weighted += (util_d * ready_gpus_d + util_p * ready_gpus_p) * hours
     result.sm_weighted += (sm_d * ready_gpus_d + sm_p * ready_gpus_p) * hours
@@ -437,10 +444,54 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
 
 
 def _utilizations(svc: SimService, cap: Capacity, tick: Tick, run: ServiceRun, rps: float) -> tuple[float, float]:
-    probe = PolicyResult()
-    _account(probe, svc, cap, tick, rps, run, (run.ready_prefill, run.ready_decode), 3600.0)
-    return (probe.util_by_role["prefill"] / max(run.ready_prefill * cap.prefill.tp, 1),
-            probe.util_by_role["decode"] / max(run.ready_decode * cap.decode.tp, 1))
+    util_p, _, util_d, _ = _role_utils(svc, cap, tick, run, rps)
+    return util_p, util_d
+
+
+def metric_study(svc: SimService, points: int = 24) -> list[dict]:
+    """The paper's Fig. 2 on the model: a fixed deployment (sized for the service's peak) under load from 5 % to
+    130 % of that peak; returns each candidate signal per load level."""
+    cap = Capacity.of(svc)
+    peak = svc.shape.max_rate()
+    num_prefill, num_decode = oracle_counts(svc, cap, peak)
+    rows = []
+    for i in range(points):
+        rps = peak * (0.05 + 1.25 * i / (points - 1))
+        tick = evaluate(svc, cap, rps, num_prefill, num_decode)
+        util_p, sm_p, util_d, sm_d = _role_utils(svc, cap, tick, ServiceRun(num_prefill, num_decode), rps)
+        rows.append({"load_fraction_of_peak": round(rps / peak, 3), "rps": round(rps, 3),
+                     "decode_tps": round(tick.decode_tps, 1), "prefill_tps": round(rps * svc.mean_input, 1),
+                     "decode_gpu_util": round(util_d, 4), "decode_sm_activity": round(sm_d, 4),
+                     "prefill_gpu_util": round(util_p, 4), "prefill_sm_activity": round(sm_p, 4),
+                     "ttft_p90_s": round(tick.ttft_p90_s, 4), "tbt_s": round(tick.tbt_s, 5),
+                     "instances": {"prefill": num_prefill, "decode": num_decode}})
+    return rows
+
+
+def plot_metric_study(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["load_fraction_of_peak"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(x, [r["decode_tps"] for r in rows], label="decode TPS")
+    axes[0].plot(x, [r["prefill_tps"] / 10 for r in rows], label="prefill TPS / 10")
+    axes[0].set_title("throughput: linear in load")
+    axes[1].plot(x, [r["decode_gpu_util"] for r in rows], label="decode GPU util")
+    axes[1].plot(x, [r["decode_sm_activity"] for r in rows], label="decode SM activity")
+    axes[1].plot(x, [r["prefill_gpu_util"] for r in rows], label="prefill GPU util")
+    axes[1].set_title("hardware: decode util saturates")
+    axes[2].plot(x, [min(r["ttft_p90_s"], 10) for r in rows], label="TTFT p90 (s, capped 10)")
+    axes[2].plot(x, [r["tbt_s"] * 100 for r in rows], label="TBT (s x 100)")
+    axes[2].set_title("latency: flat, then a cliff")
+    for ax in axes:
+        ax.set_xlabel("load / peak")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _hpa(target_util: float = 0.6, tolerance: float = 0.1, down_window_s: float = 300.0):

@@ -173,6 +173,15 @@ def cmd_sim(args) -> int:
     from bench import fleet_sim
 
     scenario = fleet_sim.load_scenario(args.scenario)
+    if args.metric_study:
+        rows = fleet_sim.metric_study(scenario.services[0])
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fleet_sim.plot_metric_study(rows, out / "metric_study.png")
+        (out / "metric_study.json").write_text(json.dumps({"service": scenario.services[0].name, "rows": rows},
+                                                          indent=2))
+        print(json.dumps(rows[:: max(1, len(rows) // 6)], indent=1))
+        return 0
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     summary, results = fleet_sim.simulate(scenario, policies, progress=lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
@@ -253,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policies", default="heteroscale,hpa_gpu_util,serve_queue,periodic,sla_planner,"
                      "static_peak,oracle", help="comma-separated policy names")
     sim.add_argument("--out", required=True, help="output folder (summary.json, PNG plots)")
+    sim.add_argument("--metric-study", action="store_true",
+                     help="instead: the candidate signals of the scenario's first service vs load (paper Fig. 2)")
     sim.set_defaults(func=cmd_sim)
     return parser
 

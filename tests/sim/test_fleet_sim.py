@@ -106,3 +106,19 @@ def test_sim_command_writes_the_summary_shape(tmp_path):
         from bench.fleet_sim import load_scenario, simulate
 
         simulate(load_scenario(ROOT / "bench" / "scenarios" / "small.yaml"), ["nope"])
+
+
+def test_metric_study_reproduces_the_papers_observations():
+    from bench.fleet_sim import metric_study
+
+    rows = metric_study(small_scenario().services[0], points=12)
+    loads = [r["rps"] for r in rows]
+    tps = [r["decode_tps"] for r in rows]
+    # decode TPS is linear in load (until capacity): constant tokens per request
+    assert all(abs(t / l - tps[0] / loads[0]) < 1e-6 * t + 1 for t, l in zip(tps[:8], loads[:8]))
+    # decode GPU utilization is saturated from light load on; prefill utilization tracks load
+    assert min(r["decode_gpu_util"] for r in rows[2:]) > 0.99
+    assert rows[-1]["prefill_gpu_util"] > 5 * rows[1]["prefill_gpu_util"]
+    # latency: nearly flat at low load, then a cliff
+    assert rows[3]["ttft_p90_s"] < 1.5 * rows[0]["ttft_p90_s"]
+    assert rows[-1]["ttft_p90_s"] > 2.5 * rows[0]["ttft_p90_s"]
