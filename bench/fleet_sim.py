@@ -37,10 +37,11 @@ from autoscaler.model import (
 from autoscaler.policy import decide
 from bench.perf_model import GPUS, MODELS, Instance, kv_transfer_time_s, nvml_utilization, saturation_decode_tps
 from bench.traces import RateShape
-from placement.scheduler import DeploymentGroup, ScaleRequest, ServiceShape, place
+from placement.scheduler import DeploymentGroup, Placement, ScaleRequest, ServiceShape, place
 from placement.topology import NodeInfo, build_tree
 
 PREFILL_CHUNK_TOKENS = 8192  # tokens one prefill pass batches (chunked prefill), for prefill capacity
+place_nothing = Placement()
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Capacity:
     kv_transfer_s: float
     decode_compute_fraction: float
     ratio: float  # prefill instances per decode instance that balances the two pools (offline "stress test")
+    steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
 
     @classmethod
     def of(cls, svc: SimService) -> Capacity:
@@ -113,7 +115,10 @@ class Tick:
 
 
 def _step(cap: Capacity, context: int, batch: int) -> float:
-    return cap.decode.decode_step_time_s([context] * batch)[0]
+    key = (context, batch)
+    if key not in cap.steps:
+        cap.steps[key] = cap.decode.decode_step_time_s([context] * batch)[0]
+    return cap.steps[key]
 
 
 def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, ready_decode: int) -> Tick:
@@ -286,7 +291,6 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
         decision, state = decide(state, observation, t, fleet)
         if record:
             result.decisions.append((t, observation, decision))
-        tree = _tree_with_allocations(scenario.nodes, runs)
         requests = []
         for svc in scenario.services:
             dec, run = decision.services[svc.name], runs[svc.name]
@@ -302,7 +306,8 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
                 requests.append(ScaleRequest(shapes[svc.name], dp, dd, tuple(run.groups.values())))
             elif dp <= 0 and dd <= 0 and (dp or dd):
                 _release(run, -dp, -dd)
-        plan = place(tree, requests)
+        # The paper's cycle rebuilds the topology view from cluster state; only cycles that place need it.
+        plan = place(_tree_with_allocations(scenario.nodes, runs), requests) if requests else place_nothing
         for action in plan.actions:
             run = runs[action.service]
             group = run.groups.get(action.group)
@@ -543,8 +548,10 @@ def _periodic(scenario: Scenario, window_s: float = 3600.0):
 
     def desire(svc, cap, mem, last, run, t):
         start = math.floor(t / window_s) * window_s
-        peak = max(svc.shape.rate(start + i * scenario.tick_s) for i in range(int(window_s // scenario.tick_s)))
-        return oracle_counts(svc, cap, peak)
+        if mem.get("window") != start:  # size each window once
+            peak = max(svc.shape.rate(start + i * scenario.tick_s) for i in range(int(window_s // scenario.tick_s)))
+            mem["window"], mem["counts"] = start, oracle_counts(svc, cap, peak)
+        return mem["counts"]
 
     return desire
 
