@@ -122,3 +122,22 @@ def test_metric_study_reproduces_the_papers_observations():
     # latency: nearly flat at low load, then a cliff
     assert rows[3]["ttft_p90_s"] < 1.5 * rows[0]["ttft_p90_s"]
     assert rows[-1]["ttft_p90_s"] > 2.5 * rows[0]["ttft_p90_s"]
+
+
+def test_trace_driven_scenario(tmp_path):
+    from bench.fleet_sim import TraceRate, load_scenario, simulate
+    from bench.traces import TraceRequest
+    from tests.conftest import ROOT
+
+    rate = TraceRate.from_trace([TraceRequest(ms, 10, 5) for ms in (0, 100, 200, 61_000)], bin_s=60)
+    assert rate.rate(30) == pytest.approx(3 / 60) and rate.rate(90) == pytest.approx(1 / 60)
+    assert rate.rate(150) == rate.rate(30) and rate.max_rate() == pytest.approx(3 / 60)  # cyclic
+    path = ROOT / "bench" / "scenarios" / "small-traces.yaml"
+    if not (ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv").exists():
+        pytest.skip("shared/traces not beside this checkout")
+    scenario = load_scenario(path)
+    replay = next(s for s in scenario.services if s.name == "azure-conv")
+    assert isinstance(replay.shape, TraceRate) and 4 < replay.shape.max_rate() < 12  # Azure: ~5.5 req/s
+    assert all(s.mean_input > 1000 for s in scenario.services)  # sizes from the trace, not constants
+    summary, _ = simulate(scenario, ["heteroscale", "oracle"])
+    assert summary["policies"]["heteroscale"]["tokens"]["demanded"] > 0
