@@ -57,6 +57,8 @@ class SimService:
     decode_gpu: str = "H20"
     priority: int = 0
     affinity: str = "s2"
+    tp_prefill: int = 1  # tensor-parallel degree per role (GPUs per instance)
+    tp_decode: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class Capacity:
     @classmethod
     def of(cls, svc: SimService) -> Capacity:
         model = MODELS[svc.model]
-        dec, pre = Instance(GPUS[svc.decode_gpu], model), Instance(GPUS[svc.prefill_gpu], model)
+        dec = Instance(GPUS[svc.decode_gpu], model, tp=svc.tp_decode)
+        pre = Instance(GPUS[svc.prefill_gpu], model, tp=svc.tp_prefill)
         context = svc.mean_input + svc.mean_output // 2
         cap_d = saturation_decode_tps(dec, context, svc.tbt_slo_s)
         if cap_d <= 0:
@@ -98,7 +101,8 @@ class Capacity:
         _, compute_fraction = dec.decode_step_time_s([context] * batch)
         ratio = (svc.mean_input / cap_p) / (svc.mean_output / cap_d)
         return cls(dec, pre, cap_d, cap_p, pre.prefill_time_s([svc.mean_input])[0],
-                   kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu]), compute_fraction, ratio)
+                   kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu], tp=svc.tp_prefill),
+                   compute_fraction, ratio)
 
 
 @dataclass
@@ -273,8 +277,10 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
     caps = {s.name: Capacity.of(s) for s in scenario.services}
     fleet = FleetConfig(services={s.name: policy_config(s, caps[s.name]) for s in scenario.services})
     shapes = {s.name: ServiceShape(s.name, (s.prefill_gpu,), (s.decode_gpu,), affinity=s.affinity,
-                                   priority=s.priority) for s in scenario.services}
+                                   priority=s.priority, gpus_per_prefill=s.tp_prefill,
+                                   gpus_per_decode=s.tp_decode) for s in scenario.services}
     runs = {s.name: ServiceRun() for s in scenario.services}
+    tps = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
     result, state = PolicyResult(), PolicyState()
     last_ticks: dict[str, Tick] = {}
     t = 0.0
@@ -314,7 +320,7 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
             elif dp <= 0 and dd <= 0 and (dp or dd):
                 _release(run, -dp, -dd)
         # The paper's cycle rebuilds the topology view from cluster state; only cycles that place need it.
-        plan = place(_tree_with_allocations(scenario.nodes, runs), requests) if requests else place_nothing
+        plan = place(_tree_with_allocations(scenario.nodes, runs, tps), requests) if requests else place_nothing
         for action in plan.actions:
             run = runs[action.service]
             group = run.groups.get(action.group)
@@ -362,18 +368,22 @@ def _release(run: ServiceRun, prefill: int, decode: int) -> None:
                                                g.decode_gpu_type, new_p, new_d)
 
 
-def _tree_with_allocations(nodes: Sequence[NodeInfo], runs: dict[str, ServiceRun]):
+def _tree_with_allocations(nodes: Sequence[NodeInfo], runs: dict[str, ServiceRun],
+                           tps: dict[str, tuple[int, int]] | None = None):
     """Rebuild the topology view each cycle (as the paper's scheduler does): free = total - what groups hold.
     Group GPUs are charged to the group's domain nodes of the right type, fullest first."""
+    tps = tps or {}
     free = {n.node_id: n.total_gpus for n in nodes}
     by_domain: dict[tuple[str, str], list[NodeInfo]] = {}
     for node in nodes:
         by_domain.setdefault(("s1", node.s1), []).append(node)
         by_domain.setdefault(("s2", node.s2), []).append(node)
         by_domain.setdefault(("cluster", "*"), []).append(node)
-    for run in runs.values():
+    for name, run in runs.items():
+        tp = tps.get(name, (1, 1))
         for g in run.groups.values():
-            for gpu_type, count in ((g.prefill_gpu_type, g.num_prefill), (g.decode_gpu_type, g.num_decode)):
+            for gpu_type, count in ((g.prefill_gpu_type, g.num_prefill * tp[0]),
+                                    (g.decode_gpu_type, g.num_decode * tp[1])):
                 for node in by_domain.get((g.scope, g.domain), []):
                     if count == 0:
                         break
@@ -630,7 +640,7 @@ def generate_nodes(s2: int, s1_per_s2: int, nodes_per_s1: int, gpus_per_node: in
 def generate_services(count: int, seed: int, mean_rps: tuple[float, float], peak_to_trough: tuple[float, float],
                       mean_input: int, mean_output: int, ttft_slo_s: float, tbt_slo_s: float, day_s: float,
                       model: str = "llama-8b", prefill_gpu: str = "L20", decode_gpu: str = "H20",
-                      affinity: str = "s2") -> tuple[SimService, ...]:
+                      affinity: str = "s2", tp_prefill: int = 1, tp_decode: int = 1) -> tuple[SimService, ...]:
     import random
 
     rng = random.Random(seed)
@@ -639,7 +649,7 @@ def generate_services(count: int, seed: int, mean_rps: tuple[float, float], peak
         RateShape(mean_rps=rng.uniform(*mean_rps), peak_to_trough=rng.uniform(*peak_to_trough), day_s=day_s,
                   peak_hour=rng.uniform(10, 22)),
         mean_input, mean_output, ttft_slo_s, tbt_slo_s, model, prefill_gpu, decode_gpu, rng.randint(0, 3),
-        affinity) for k in range(count))
+        affinity, tp_prefill, tp_decode) for k in range(count))
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,20 @@ def test_trace_driven_scenario(tmp_path):
     assert all(s.mean_input > 1000 for s in scenario.services)  # sizes from the trace, not constants
     summary, _ = simulate(scenario, ["heteroscale", "oracle"])
     assert summary["policies"]["heteroscale"]["tokens"]["demanded"] > 0
+
+
+def test_70b_service_with_tensor_parallel_roles():
+    from bench.fleet_sim import run_heteroscale
+
+    svc70 = SimService("big", RateShape(mean_rps=4, peak_to_trough=2, day_s=3600), 1000, 200, ttft_slo_s=3.0,
+                       tbt_slo_s=0.1, model="llama-70b", prefill_gpu="H20", decode_gpu="H20", tp_prefill=4,
+                       tp_decode=2)
+    cap = Capacity.of(svc70)
+    assert (cap.prefill.tp, cap.decode.tp) == (4, 2) and cap.cap_decode_tps > 0
+    scenario = small_scenario()
+    scenario = Scenario("tp", scenario.nodes, (svc70,), duration_s=3600, tick_s=30, startup_s=120)
+    result = run_heteroscale(scenario)
+    s = result.summary()
+    assert s["unplaced_requests"] == 0 and s["ratio_violations"] == 0 and s["gpu_hours"] > 0
+    # every instance holds its TP degree of GPUs: 4 per prefill, 2 per decode
+    assert all(row[0] % 2 == 0 and row[0] >= 6 for t, row in result.per_tick.items() if t >= 150)
