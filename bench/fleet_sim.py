@@ -182,6 +182,17 @@ class ServiceRun:
     withdrawn_decode: int = 0
     groups: dict[str, DeploymentGroup] = field(default_factory=dict)
 
+    def promote(self, now_s: float) -> None:
+        """Instances whose start-up finished become Ready."""
+        for _, p, d in [x for x in self.pending if x[0] <= now_s]:
+            self.ready_prefill, self.ready_decode = self.ready_prefill + p, self.ready_decode + d
+        self.pending = [x for x in self.pending if x[0] > now_s]
+
+    def allocated(self) -> tuple[int, int]:
+        """(prefill, decode) instances holding GPUs: Ready (withdrawn included) and starting."""
+        return (self.ready_prefill + sum(x[1] for x in self.pending),
+                self.ready_decode + sum(x[2] for x in self.pending))
+
 
 @dataclass
 class PolicyResult:
@@ -285,10 +296,8 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
     last_ticks: dict[str, Tick] = {}
     t = 0.0
     while t < scenario.duration_s:
-        for run in runs.values():  # instances that finished starting
-            for ready_at, p, d in [x for x in run.pending if x[0] <= t]:
-                run.ready_prefill, run.ready_decode = run.ready_prefill + p, run.ready_decode + d
-            run.pending = [x for x in run.pending if x[0] > t]
+        for run in runs.values():
+            run.promote(t)
         services = {}
         for svc in scenario.services:
             run, tick = runs[svc.name], last_ticks.get(svc.name)
@@ -307,8 +316,7 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
         requests = []
         for svc in scenario.services:
             dec, run = decision.services[svc.name], runs[svc.name]
-            have_p = run.ready_prefill + sum(x[1] for x in run.pending)
-            have_d = run.ready_decode + sum(x[2] for x in run.pending)
+            have_p, have_d = run.allocated()
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
             if dec.target_prefill != fleet.services[svc.name].pair_for_decode(dec.target_decode)[0]:
@@ -336,9 +344,7 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
             tick = evaluate(svc, cap, rps, run.ready_prefill - run.withdrawn_prefill,
                             run.ready_decode - run.withdrawn_decode)
             last_ticks[svc.name] = tick
-            counts = (run.ready_prefill + sum(x[1] for x in run.pending),
-                      run.ready_decode + sum(x[2] for x in run.pending))
-            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s, t)
+            _account(result, svc, cap, tick, rps, run, run.allocated(), scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
@@ -352,8 +358,7 @@ def _release(run: ServiceRun, prefill: int, decode: int) -> None:
         run.pending[i] = (at, p - take_p, d - take_d)
     run.pending = [x for x in run.pending if x[1] or x[2]]
     run.ready_prefill, run.ready_decode = run.ready_prefill - prefill, run.ready_decode - decode
-    total_p, total_d = run.ready_prefill + sum(x[1] for x in run.pending), run.ready_decode + sum(
-        x[2] for x in run.pending)
+    total_p, total_d = run.allocated()
     for name in sorted(run.groups, reverse=True):  # keep group sizes consistent with the instance counts
         g = run.groups[name]
         excess_p = sum(x.num_prefill for x in run.groups.values()) - total_p
@@ -439,11 +444,8 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     while t < scenario.duration_s:
         for svc in scenario.services:
             run, cap = runs[svc.name], caps[svc.name]
-            for ready_at, p, d in [x for x in run.pending if x[0] <= t]:
-                run.ready_prefill, run.ready_decode = run.ready_prefill + p, run.ready_decode + d
-            run.pending = [x for x in run.pending if x[0] > t]
-            have = (run.ready_prefill + sum(x[1] for x in run.pending),
-                    run.ready_decode + sum(x[2] for x in run.pending))
+            run.promote(t)
+            have = run.allocated()
             want = desire(svc, cap, mems[svc.name], last[svc.name], run, t)
             bound = max_counts[svc.name]  # like a user's maxReplicas: 2x what the peak needs
             want = (min(max(1, want[0]), bound[0]), min(max(1, want[1]), bound[1]))
@@ -458,9 +460,7 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
             rps = svc.shape.rate(t)
             tick = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
             last[svc.name] = tick
-            counts = (run.ready_prefill + sum(x[1] for x in run.pending),
-                      run.ready_decode + sum(x[2] for x in run.pending))
-            _account(result, svc, cap, tick, rps, run, counts, scenario.tick_s, t)
+            _account(result, svc, cap, tick, rps, run, run.allocated(), scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
