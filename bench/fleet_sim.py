@@ -581,10 +581,12 @@ def _sla_planner():
     def desire(svc, cap, mem, last, run, t):
         rps = svc.shape.rate(max(t - scenario_tick(mem), 0.0))
         p, d = oracle_counts(svc, cap, rps)
-        if last is not None and run.ready_prefill:
-            expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode).ttft_p90_s
-            correction = min(max(last.ttft_p90_s / max(expected, 1e-9), 0.5), 2.0)
-            p = max(1, math.ceil(p * correction - 1e-9))
+        if last is not None and run.ready_prefill and run.ready_decode:
+            expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
+            ttft_correction = min(max(last.ttft_p90_s / max(expected.ttft_p90_s, 1e-9), 0.5), 2.0)
+            itl_correction = min(max(last.tbt_s / max(expected.tbt_s, 1e-9), 0.5), 2.0)
+            p = max(1, math.ceil(p * ttft_correction - 1e-9))
+            d = max(1, math.ceil(d * itl_correction - 1e-9))
         return p, d
 
     def scenario_tick(mem):
