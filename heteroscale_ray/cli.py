@@ -170,9 +170,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sim(args) -> int:
-    from bench import fleet_sim
+    from bench import fleet_sim, sim_run
+    from bench.sim_scenarios import load_scenario
 
-    scenario = fleet_sim.load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario)
     if args.metric_study:
         rows = fleet_sim.metric_study(scenario.services[0])
         out = Path(args.out)
@@ -183,10 +184,10 @@ def cmd_sim(args) -> int:
         print(json.dumps(rows[:: max(1, len(rows) // 6)], indent=1))
         return 0
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    summary, results = fleet_sim.simulate(scenario, policies, progress=lambda m: print(m, file=sys.stderr))
+    summary, results = sim_run.simulate(scenario, policies, progress=lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary["plots"] = fleet_sim.write_plots(summary, results, out)
+    summary["plots"] = sim_run.write_plots(summary, results, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({"scenario": summary["scenario"], "wall_s": summary["wall_s"], "goals": summary["goals"]},
                      indent=2))

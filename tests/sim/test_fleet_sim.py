@@ -7,7 +7,6 @@ import pytest
 from autoscaler.model import PolicyState
 from autoscaler.policy import decide
 from bench.fleet_sim import (
-    POLICIES,
     Capacity,
     Scenario,
     SimService,
@@ -16,6 +15,7 @@ from bench.fleet_sim import (
     policy_config,
     run_heteroscale,
 )
+from bench.sim_run import POLICIES
 from bench.traces import RateShape
 from placement.topology import NodeInfo
 
@@ -103,7 +103,8 @@ def test_sim_command_writes_the_summary_shape(tmp_path):
     assert {"gpu_hours_vs_oracle", "avg_gpu_util_points_above_hpa"} <= set(summary["goals"])
     assert all(Path(f).stat().st_size > 5000 for f in summary["plots"])
     with pytest.raises(ValueError, match=r"unknown policies \['nope'\]"):
-        from bench.fleet_sim import load_scenario, simulate
+        from bench.sim_run import simulate
+        from bench.sim_scenarios import load_scenario
 
         simulate(load_scenario(ROOT / "bench" / "scenarios" / "small.yaml"), ["nope"])
 
@@ -125,7 +126,8 @@ def test_metric_study_reproduces_the_papers_observations():
 
 
 def test_trace_driven_scenario(tmp_path):
-    from bench.fleet_sim import TraceRate, load_scenario, simulate
+    from bench.sim_run import simulate
+    from bench.sim_scenarios import TraceRate, load_scenario
     from bench.traces import TraceRequest
     from tests.conftest import ROOT
 

@@ -1,0 +1,158 @@
+"""Baseline autoscaling policies for the fleet simulator (reactive, per pool), after the peers users run today:
+Kubernetes HPA on GPU utilization, Ray Serve's default ongoing-requests policy, a periodic schedule and a
+Dynamo-style SLA planner. Pure Python; no clock.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bench.fleet_sim import (
+    Capacity,
+    PolicyResult,
+    Scenario,
+    ServiceRun,
+    SimService,
+    Tick,
+    _account,
+    _peak_counts,
+    _release,
+    _role_utils,
+    evaluate,
+    oracle_counts,
+)
+
+
+def run_reactive(scenario: Scenario, desire) -> PolicyResult:
+    """A per-service reactive baseline: `desire(svc, cap, mem, last_tick, run, t) -> (P, D)` every tick, new
+    instances Ready after `startup_s`, removals at once, each role bounded by 2x its peak need (a user's
+    maxReplicas). Baselines are not limited by the topology (that can only flatter them); `mem` is the
+    baseline's own state (delays, windows)."""
+    caps = {s.name: Capacity.of(s) for s in scenario.services}
+    max_counts = {name: (2 * p, 2 * d) for name, (p, d) in _peak_counts(scenario, caps).items()}
+    runs = {s.name: ServiceRun(ready_prefill=1, ready_decode=1) for s in scenario.services}
+    mems: dict[str, dict] = {s.name: {} for s in scenario.services}
+    last: dict[str, Tick | None] = {s.name: None for s in scenario.services}
+    result, t = PolicyResult(), 0.0
+    while t < scenario.duration_s:
+        for svc in scenario.services:
+            run, cap = runs[svc.name], caps[svc.name]
+            run.promote(t)
+            have = run.allocated()
+            want = desire(svc, cap, mems[svc.name], last[svc.name], run, t)
+            bound = max_counts[svc.name]  # like a user's maxReplicas: 2x what the peak needs
+            want = (min(max(1, want[0]), bound[0]), min(max(1, want[1]), bound[1]))
+            if want != have:
+                result.num_scale_actions += 1
+            add = (max(0, want[0] - have[0]), max(0, want[1] - have[1]))
+            if add != (0, 0):
+                run.pending.append((t + scenario.startup_s, *add))
+            _release(run, max(0, have[0] - want[0]), max(0, have[1] - want[1]))
+            if want[0] != math.ceil(want[1] * cap.ratio - 1e-9):
+                result.ratio_violations += 1
+            rps = svc.shape.rate(t)
+            tick = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
+            last[svc.name] = tick
+            _account(result, svc, cap, tick, rps, run, run.allocated(), scenario.tick_s, t)
+        t += scenario.tick_s
+    return result
+
+
+def _utilizations(svc: SimService, cap: Capacity, tick: Tick, run: ServiceRun, rps: float) -> tuple[float, float]:
+    util_p, _, util_d, _ = _role_utils(svc, cap, tick, run, rps)
+    return util_p, util_d
+
+
+def _hpa(target_util: float = 0.6, tolerance: float = 0.1, down_window_s: float = 300.0):
+    """Kubernetes HPA on GPU utilization, one per pool: desired = ceil(current x util / target) outside a 10 %
+    tolerance; scale-up at once, scale-down to the highest desire of the last 5 minutes (stabilization)."""
+
+    def desire(svc, cap, mem, last, run, t):
+        if last is None:
+            return run.ready_prefill, run.ready_decode
+        util_p, util_d = _utilizations(svc, cap, last, run, svc.shape.rate(t))
+        out = []
+        for role, current, util in (("p", run.ready_prefill, util_p), ("d", run.ready_decode, util_d)):
+            ratio = util / target_util
+            raw = current if abs(ratio - 1) <= tolerance else math.ceil(current * ratio - 1e-9)
+            history = [(ts, v) for ts, v in mem.get(role, []) if ts > t - down_window_s] + [(t, raw)]
+            mem[role] = history
+            out.append(max(v for _, v in history))
+        return out[0], out[1]
+
+    return desire
+
+
+def _serve_queue(target_ongoing: float = 2.0, upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0):
+    """Ray Serve's default policy per pool: desired = ongoing requests / target_ongoing_requests (2), acting only
+    after the desire persisted for upscale_delay_s (30 s) / downscale_delay_s (600 s)."""
+
+    def desire(svc, cap, mem, last, run, t):
+        if last is None:
+            return run.ready_prefill, run.ready_decode
+        rps = svc.shape.rate(t)
+        ongoing_p = rps * (last.ttft_p90_s / math.log(10))
+        ongoing_d = rps * (last.ttft_p90_s / math.log(10) + svc.mean_output * last.tbt_s)
+        out = []
+        for role, current, ongoing in (("p", run.ready_prefill, ongoing_p), ("d", run.ready_decode, ongoing_d)):
+            raw = max(1, math.ceil(ongoing / target_ongoing - 1e-9))
+            direction = (raw > current) - (raw < current)
+            since = mem.get(role + "_since") if mem.get(role + "_dir") == direction else t
+            mem[role + "_dir"], mem[role + "_since"] = direction, since
+            delay = upscale_delay_s if direction > 0 else downscale_delay_s
+            out.append(raw if direction and t - since >= delay else current)
+        return out[0], out[1]
+
+    return desire
+
+
+def _periodic(scenario: Scenario, window_s: float = 3600.0):
+    """Periodic policy (paper §4.3): per window of the day a static (P, D), sized for the window's peak from the
+    known diurnal shape (the best a schedule can do)."""
+
+    def desire(svc, cap, mem, last, run, t):
+        start = math.floor(t / window_s) * window_s
+        if mem.get("window") != start:  # size each window once
+            peak = max(svc.shape.rate(start + i * scenario.tick_s) for i in range(int(window_s // scenario.tick_s)))
+            mem["window"], mem["counts"] = start, oracle_counts(svc, cap, peak)
+        return mem["counts"]
+
+    return desire
+
+
+def _sla_planner():
+    """Dynamo-style SLA planner: predict the next interval's load as the last one, size prefill and decode
+    separately from profiled throughput at the TTFT/ITL targets, scaled by correction factors (observed /
+    expected latency of the last interval)."""
+
+    def desire(svc, cap, mem, last, run, t):
+        rps = svc.shape.rate(max(t - scenario_tick(mem), 0.0))
+        p, d = oracle_counts(svc, cap, rps)
+        if last is not None and run.ready_prefill and run.ready_decode:
+            expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
+            ttft_correction = min(max(last.ttft_p90_s / max(expected.ttft_p90_s, 1e-9), 0.5), 2.0)
+            itl_correction = min(max(last.tbt_s / max(expected.tbt_s, 1e-9), 0.5), 2.0)
+            p = max(1, math.ceil(p * ttft_correction - 1e-9))
+            d = max(1, math.ceil(d * itl_correction - 1e-9))
+        return p, d
+
+    def scenario_tick(mem):
+        return mem.setdefault("tick_s", 30.0)
+
+    return desire
+
+
+def run_hpa_gpu_util(scenario: Scenario) -> PolicyResult:
+    return run_reactive(scenario, _hpa())
+
+
+def run_serve_queue(scenario: Scenario) -> PolicyResult:
+    return run_reactive(scenario, _serve_queue())
+
+
+def run_periodic(scenario: Scenario) -> PolicyResult:
+    return run_reactive(scenario, _periodic(scenario))
+
+
+def run_sla_planner(scenario: Scenario) -> PolicyResult:
+    return run_reactive(scenario, _sla_planner())

@@ -1,0 +1,89 @@
+"""Run a scenario under several policies: `summary.json` (with the issue's goals as measured numbers) and plots."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from bench.fleet_sim import PolicyResult, Scenario, run_heteroscale, run_oracle, run_static_peak
+from bench.sim_baselines import run_hpa_gpu_util, run_periodic, run_serve_queue, run_sla_planner
+
+POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "serve_queue": run_serve_queue,
+            "periodic": run_periodic, "sla_planner": run_sla_planner, "static_peak": run_static_peak,
+            "oracle": run_oracle}
+
+
+def simulate(scenario: Scenario, policies: Sequence[str], progress=None) -> tuple[dict, dict[str, PolicyResult]]:
+    import time
+
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
+    start = time.perf_counter()
+    results = {}
+    for name in policies:
+        if progress:
+            progress(f"simulating {name} on {scenario.name} ...")
+        results[name] = POLICIES[name](scenario)
+    summary = {"scenario": scenario.name, "wall_s": round(time.perf_counter() - start, 2),
+               "fleet": {"gpus": sum(n.total_gpus for n in scenario.nodes), "services": len(scenario.services),
+                         "duration_s": scenario.duration_s, "tick_s": scenario.tick_s,
+                         "startup_s": scenario.startup_s},
+               "policies": {name: r.summary() for name, r in results.items()}}
+    summary["goals"] = _goals(summary["policies"])
+    return summary, results
+
+
+def _goals(p: dict) -> dict:
+    """The issue's goals as measured numbers (reported, never asserted)."""
+    goals = {}
+    ours = p.get("heteroscale")
+    if ours and "oracle" in p:
+        goals["gpu_hours_vs_oracle"] = round(ours["gpu_hours"] / max(p["oracle"]["gpu_hours"], 1e-9), 3)
+        goals["gpu_hours_vs_oracle_goal"] = 1.10
+    if ours:
+        goals["slo_attainment_min"] = min(ours["slo_attainment_ttft"], ours["slo_attainment_tbt"])
+        goals["slo_attainment_goal"] = 0.99
+        others = {k: v for k, v in p.items() if k not in ("heteroscale", "oracle")}
+        goals["fewer_gpu_hours_than"] = sorted(k for k, v in others.items() if ours["gpu_hours"] < v["gpu_hours"])
+        goals["more_gpu_hours_than"] = sorted(k for k, v in others.items() if ours["gpu_hours"] >= v["gpu_hours"])
+    if ours and "hpa_gpu_util" in p:
+        goals["avg_gpu_util_points_above_hpa"] = round(100 * (ours["avg_gpu_util"] - p["hpa_gpu_util"]["avg_gpu_util"]), 2)
+        goals["avg_gpu_util_points_goal"] = 26.6
+    return goals
+
+
+def write_plots(summary: dict, results: dict[str, PolicyResult], out_dir) -> list[str]:
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    for name, res in results.items():
+        ts = sorted(res.per_tick)
+        axes[0].plot([t / 3600 for t in ts], [res.per_tick[t][0] for t in ts], label=name)
+        axes[1].plot([t / 3600 for t in ts], [res.per_tick[t][1] / max(res.per_tick[t][0], 1e-9) for t in ts],
+                     label=name)
+    axes[0].set_ylabel("allocated GPUs")
+    axes[1].set_ylabel("avg GPU util")
+    axes[1].set_xlabel("hours")
+    axes[0].legend(fontsize="small", ncol=4)
+    fig.tight_layout()
+    timeline = out / "instances_and_util.png"
+    fig.savefig(timeline, dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, s in summary["policies"].items():
+        attainment = min(s["slo_attainment_ttft"], s["slo_attainment_tbt"])
+        ax.scatter(s["gpu_hours"], attainment)
+        ax.annotate(name, (s["gpu_hours"], attainment), fontsize="small")
+    ax.set_xlabel("GPU-hours")
+    ax.set_ylabel("SLO attainment (min of TTFT, TBT)")
+    fig.tight_layout()
+    tradeoff = out / "gpu_hours_vs_slo.png"
+    fig.savefig(tradeoff, dpi=90)
+    plt.close(fig)
+    return [str(timeline), str(tradeoff)]
