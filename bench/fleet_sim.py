@@ -4,7 +4,8 @@ driven over a synthetic fleet, against baselines. Pure Python; no Ray, no clock 
 Fluid model, per service and tick (`tick_s`, default 30 s, the policy period):
 - arrivals follow the service's `RateShape`; requests have the service's mean input/output lengths;
 - a decode instance serves at most `cap_decode` tokens/s: the highest rate whose decode step stays within the
-  TBT SLO (`perf_model.saturation_decode_tps`, a stress-test proxy); beyond it the excess misses the TBT SLO;
+  TBT SLO (`perf_model.saturation_decode_tps`, a stress-test proxy); past it every request misses the TBT SLO
+  (continuous batching slows them all; checked against the per-request simulation);
 - prefill is an M/M/1-like server per pool: utilization rho = demand / (instances x cap_prefill), TTFT
   sojourn ~ Exp with mean t_prefill / (1 - rho) (+ KV transfer), so P(TTFT <= SLO) = 1 - exp(-(1-rho) SLO / t);
 - instances take `startup_s` to become Ready and hold their GPUs meanwhile; withdrawn (soft scale-in)
@@ -41,7 +42,7 @@ from placement.scheduler import DeploymentGroup, Placement, ScaleRequest, Servic
 from placement.topology import NodeInfo, build_tree
 
 PREFILL_CHUNK_TOKENS = 8192  # tokens one prefill pass batches (chunked prefill), for prefill capacity
-place_nothing = Placement()
+_NO_PLACEMENT = Placement()
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,12 @@ class Capacity:
 class Tick:
     """What one service saw in one tick (inputs to attainment, utilization and the policy)."""
 
-    decode_tps: float
+    decode_tps: float  # output tokens/s served
     ttft_p90_s: float
     tbt_s: float
     attainment_ttft: float
     attainment_tbt: float
-    demand_tokens: float  # output tokens requested in the tick
-    served_tokens: float
+    demand_tps: float  # output tokens/s requested
 
 
 def _step(cap: Capacity, context: int, batch: int) -> float:
@@ -129,7 +129,7 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
     """Fluid latency and throughput of one service for one tick at `rps` with these Ready instance counts."""
     demand_tps = rps * svc.mean_output
     if rps <= 0:
-        return Tick(0.0, cap.prefill_time_s, 0.0, 1.0, 1.0, 0.0, 0.0)
+        return Tick(0.0, cap.prefill_time_s, 0.0, 1.0, 1.0, 0.0)
     decode_capacity = ready_decode * cap.cap_decode_tps
     served = min(demand_tps, decode_capacity)
     # Past capacity, continuous batching slows every request (per-request simulation: 3.7 % met the TBT SLO at
@@ -150,14 +150,12 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
         tbt = max(tbt, svc.tbt_slo_s * demand_tps / max(decode_capacity, 1e-9))
     rho = rps * svc.mean_input / (ready_prefill * cap.cap_prefill_tps) if ready_prefill else math.inf
     if rho < 1:
-        mean_ttft = cap.prefill_time_s / (1 - rho) + cap.kv_transfer_s
         budget = max(svc.ttft_slo_s - cap.kv_transfer_s, 0.0)
         attainment_ttft = 1 - math.exp(-(1 - rho) * budget / cap.prefill_time_s)
         ttft_p90 = cap.prefill_time_s / (1 - rho) * math.log(10) + cap.kv_transfer_s
     else:
-        mean_ttft, attainment_ttft, ttft_p90 = math.inf, 0.0, svc.ttft_slo_s * 10
-    del mean_ttft
-    return Tick(served, ttft_p90, tbt, attainment_ttft, attainment_tbt, demand_tps, served)
+        attainment_ttft, ttft_p90 = 0.0, svc.ttft_slo_s * 10
+    return Tick(served, ttft_p90, tbt, attainment_ttft, attainment_tbt, demand_tps)
 
 
 def oracle_counts(svc: SimService, cap: Capacity, rps: float) -> tuple[int, int]:
@@ -266,8 +264,8 @@ def _account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, r
     result.requests += requests
     result.met_ttft += tick.attainment_ttft * requests
     result.met_tbt += tick.attainment_tbt * requests
-    result.demand_tokens += tick.demand_tokens * tick_s
-    result.served_tokens += tick.served_tokens * tick_s
+    result.demand_tokens += tick.demand_tps * tick_s
+    result.served_tokens += tick.decode_tps * tick_s
     if t is not None:
         row = result.per_tick.setdefault(t, [0.0, 0.0, 0.0])
         row[0] += gpus_p + gpus_d
@@ -328,7 +326,7 @@ def run_heteroscale(scenario: Scenario, record: bool = False) -> PolicyResult:
             elif dp <= 0 and dd <= 0 and (dp or dd):
                 _release(run, -dp, -dd)
         # The paper's cycle rebuilds the topology view from cluster state; only cycles that place need it.
-        plan = place(_tree_with_allocations(scenario.nodes, runs, tps), requests) if requests else place_nothing
+        plan = place(_tree_with_allocations(scenario.nodes, runs, tps), requests) if requests else _NO_PLACEMENT
         for action in plan.actions:
             run = runs[action.service]
             group = run.groups.get(action.group)

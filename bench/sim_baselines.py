@@ -12,7 +12,6 @@ from bench.fleet_sim import (
     PolicyResult,
     Scenario,
     ServiceRun,
-    SimService,
     Tick,
     _account,
     _peak_counts,
@@ -58,11 +57,6 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     return result
 
 
-def _utilizations(svc: SimService, cap: Capacity, tick: Tick, run: ServiceRun, rps: float) -> tuple[float, float]:
-    util_p, _, util_d, _ = _role_utils(svc, cap, tick, run, rps)
-    return util_p, util_d
-
-
 def _hpa(target_util: float = 0.6, tolerance: float = 0.1, down_window_s: float = 300.0):
     """Kubernetes HPA on GPU utilization, one per pool: desired = ceil(current x util / target) outside a 10 %
     tolerance; scale-up at once, scale-down to the highest desire of the last 5 minutes (stabilization)."""
@@ -70,7 +64,7 @@ def _hpa(target_util: float = 0.6, tolerance: float = 0.1, down_window_s: float 
     def desire(svc, cap, mem, last, run, t):
         if last is None:
             return run.ready_prefill, run.ready_decode
-        util_p, util_d = _utilizations(svc, cap, last, run, svc.shape.rate(t))
+        util_p, _, util_d, _ = _role_utils(svc, cap, last, run, svc.shape.rate(t))
         out = []
         for role, current, util in (("p", run.ready_prefill, util_p), ("d", run.ready_decode, util_d)):
             ratio = util / target_util
@@ -120,13 +114,13 @@ def _periodic(scenario: Scenario, window_s: float = 3600.0):
     return desire
 
 
-def _sla_planner():
+def _sla_planner(scenario: Scenario):
     """Dynamo-style SLA planner: predict the next interval's load as the last one, size prefill and decode
     separately from profiled throughput at the TTFT/ITL targets, scaled by correction factors (observed /
     expected latency of the last interval)."""
 
     def desire(svc, cap, mem, last, run, t):
-        rps = svc.shape.rate(max(t - scenario_tick(mem), 0.0))
+        rps = svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
         p, d = oracle_counts(svc, cap, rps)
         if last is not None and run.ready_prefill and run.ready_decode:
             expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
@@ -135,9 +129,6 @@ def _sla_planner():
             p = max(1, math.ceil(p * ttft_correction - 1e-9))
             d = max(1, math.ceil(d * itl_correction - 1e-9))
         return p, d
-
-    def scenario_tick(mem):
-        return mem.setdefault("tick_s", 30.0)
 
     return desire
 
@@ -155,4 +146,4 @@ def run_periodic(scenario: Scenario) -> PolicyResult:
 
 
 def run_sla_planner(scenario: Scenario) -> PolicyResult:
-    return run_reactive(scenario, _sla_planner())
+    return run_reactive(scenario, _sla_planner(scenario))

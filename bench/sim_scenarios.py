@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from bench.fleet_sim import Scenario, SimService
-from bench.traces import RateShape
+from bench.traces import RateShape, read_trace
 from placement.topology import NodeInfo
 
 
@@ -70,16 +70,9 @@ class TraceRate:
         return max(self.per_bin)
 
 
-def _read_any_trace(path):
-    from bench import traces
-
-    text = str(path)
-    if text.endswith(".jsonl"):
-        return traces.read_jsonl(path)
-    with open(path) as handle:
-        header = handle.readline()
-    convert = traces.from_azure_csv if "ContextTokens" in header else traces.from_burstgpt_csv
-    return convert(path, skip_bad=True)[0]
+def _mean_sizes(rows) -> tuple[int, int]:
+    return (round(sum(r.input_length for r in rows) / len(rows)),
+            round(sum(r.output_length for r in rows) / len(rows)))
 
 
 def load_scenario(path) -> Scenario:
@@ -102,18 +95,15 @@ def load_scenario(path) -> Scenario:
         if sizes_from:
             from bench.traces import truncate
 
-            rows = truncate(_read_any_trace(base / sizes_from["path"]), sizes_from.get("max_input", 4096),
+            rows = truncate(read_trace(base / sizes_from["path"])[0], sizes_from.get("max_input", 4096),
                             sizes_from.get("max_output", 1024))
-            svc["mean_input"] = round(sum(r.input_length for r in rows) / len(rows))
-            svc["mean_output"] = round(sum(r.output_length for r in rows) / len(rows))
+            svc["mean_input"], svc["mean_output"] = _mean_sizes(rows)
         services = generate_services(**{**svc, "mean_rps": tuple(svc["mean_rps"]),
                                         "peak_to_trough": tuple(svc["peak_to_trough"])})
         for extra in data["services"].get("from_traces", []):  # services replaying a trace file's arrivals
-            rows = _read_any_trace(base / extra["path"])
+            rows = read_trace(base / extra["path"])[0]
             shape = TraceRate.from_trace(rows, extra.get("bin_s", 60.0), extra.get("time_scale", 1.0))
-            services += (SimService(extra["name"], shape,
-                                    round(sum(r.input_length for r in rows) / len(rows)),
-                                    round(sum(r.output_length for r in rows) / len(rows)),
+            services += (SimService(extra["name"], shape, *_mean_sizes(rows),
                                     extra.get("ttft_slo_s", 2.0), extra.get("tbt_slo_s", 0.05),
                                     extra.get("model", "llama-8b"), extra.get("prefill_gpu", "L20"),
                                     extra.get("decode_gpu", "H20"), extra.get("priority", 0),

@@ -143,6 +143,20 @@ def from_burstgpt_csv(path: str | Path, skip_bad: bool = False) -> tuple[list[Tr
     return _convert(path, ("Timestamp", "Request tokens", "Response tokens"), parse, skip_bad)
 
 
+def read_trace(path: str | Path, skip_bad: bool = False) -> tuple[list[TraceRequest], ConvertReport]:
+    """Any supported trace file: `.jsonl` (internal format), or an Azure / BurstGPT CSV told apart by header."""
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"trace file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        rows = read_jsonl(path)
+        return rows, ConvertReport(rows=len(rows))
+    with open(path) as handle:
+        header = handle.readline()
+    convert = from_azure_csv if "ContextTokens" in header else from_burstgpt_csv
+    return convert(path, skip_bad=skip_bad)
+
+
 # ---- transformations -------------------------------------------------------------------------------------------
 
 

@@ -92,16 +92,9 @@ def cmd_validate(args) -> int:
 
 
 def _load_trace(path: str, skip_bad: bool):
-    from bench import traces
+    from bench.traces import read_trace
 
-    if not Path(path).is_file():
-        raise traces.TraceError(f"trace file {path!r} does not exist")
-    if path.endswith(".jsonl"):
-        return traces.read_jsonl(path)
-    with open(path) as handle:
-        header = handle.readline()
-    convert = traces.from_azure_csv if "ContextTokens" in header else traces.from_burstgpt_csv
-    rows, report = convert(path, skip_bad=skip_bad)
+    rows, report = read_trace(path, skip_bad=skip_bad)
     if report.skipped:
         print(f"skipped {report.skipped} bad rows of {path}, e.g. {report.first_errors[0]}", file=sys.stderr)
     return rows

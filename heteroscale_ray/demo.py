@@ -56,17 +56,11 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
             request.add_header("Authorization", f"Bearer {service.api_key()}")
         routed = json.loads(urllib.request.urlopen(request, timeout=10).read())["routed"]
         progress("what each deployment group served:")
-        for row in svc.placements(service):
-            group, role = row["deployment_group"], row["role"]
-            labels = row["labels"]
-            from ray import serve
-
-            from serving.deployment_groups import Role, deployment_name
-
-            stats = serve.get_deployment_handle(deployment_name(service.name, group, Role(role)),
-                                                service.name).engine_stats.remote().result(timeout_s=30)
+        for group, role, handle in svc.engine_handles(service):
+            labels = handle.placement.remote().result(timeout_s=30)["labels"]
+            stats = handle.engine_stats.remote().result(timeout_s=30)
             progress(
-                f"  {group} {role:<7} on {labels.get('heteroscale.io/node')} "
+                f"  {group} {role.value:<7} on {labels.get('heteroscale.io/node')} "
                 f"({labels.get('heteroscale.io/gpu-type')}, S1={labels.get('heteroscale.io/s1')}): "
                 f"requests routed={routed.get(group, 0)}, prompt tokens computed={stats['total_prompt_computed_tokens']}, "
                 f"prompt tokens via NIXL={stats['total_prompt_external_tokens']}, "

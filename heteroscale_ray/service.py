@@ -121,18 +121,21 @@ def wait_running(app_name: str, *, timeout_s: float, progress: Callable[[str], N
         time.sleep(2.0)
 
 
-def placements(service: ServiceSpec) -> list[dict]:
-    """Where every engine replica runs (node labels), per deployment group and role."""
+def engine_handles(service: ServiceSpec):
+    """(group, role, deployment handle) of every engine deployment of the service."""
     from ray import serve
 
     from serving.deployment_groups import Role, deployment_name
 
-    rows = []
     for group in service.deployment_groups:
         for role in Role:
-            handle = serve.get_deployment_handle(deployment_name(service.name, group.name, role), service.name)
-            rows.append(handle.placement.remote().result(timeout_s=30))
-    return rows
+            yield group.name, role, serve.get_deployment_handle(deployment_name(service.name, group.name, role),
+                                                                service.name)
+
+
+def placements(service: ServiceSpec) -> list[dict]:
+    """Where every engine replica runs (node labels), per deployment group and role."""
+    return [handle.placement.remote().result(timeout_s=30) for _, _, handle in engine_handles(service)]
 
 
 def undeploy(service_name: str, address: str | None = None) -> None:
