@@ -31,7 +31,7 @@ test-fast: install
 	@$(PY) -m pytest -q tests -m "not e2e"
 
 bench: install
-	@$(PY) bench/router_overhead.py
+	@$(PY) bench/scripts/router_overhead.py
 
 clean-cluster:
 	@$(VENV)/bin/heteroscale down

@@ -6,7 +6,7 @@ Pure: no Ray, no clock, no environment.
 
 from __future__ import annotations
 
-from autoscaler.model import Role
+from common.vocab import Role
 
 BOTH = frozenset({Role.PREFILL, Role.DECODE})
 

@@ -12,10 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping
 
-
-class Role(str, Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
+from common.vocab import Role
 
 
 class Action(str, Enum):

@@ -1,7 +1,9 @@
 """The HeteroScale policy: one pure decision function that scales prefill and decode together.
 
 `decide(state, observation, now_s, config) -> (Decision, state)`. Pure: no Ray, vLLM, HTTP, clock or
-environment; equal inputs give equal outputs. The live controller and the fleet simulator both call it.
+environment; equal inputs give equal outputs. The shared control cycle (`autoscaler.cycle`) calls it for the
+live controller and the fleet simulator alike. (The simulator's baselines are not policies of this kind: they
+size each pool directly, see `bench/sim/baselines.py`.)
 
 Per service, in order:
 1. a soft scale-in in progress is resolved first: restore at once if SLOs degrade (or load returns), terminate
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Protocol
 
 from autoscaler.model import (
     Action,
@@ -37,13 +38,6 @@ from autoscaler.model import (
 )
 
 SECONDS_PER_DAY = 86_400.0
-
-
-class Policy(Protocol):
-    """Anything that decides like HeteroScale; the simulator's baselines implement the same protocol."""
-
-    def decide(self, state: PolicyState, observation: Observation, now_s: float, config: FleetConfig
-               ) -> tuple[Decision, PolicyState]: ...
 
 
 def _elapsed(now_s: float, since_s: float | None) -> float:

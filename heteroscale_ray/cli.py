@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from heteroscale_ray.config import ConfigError, load_cluster_spec, load_service_spec
+from common.config import ConfigError, load_cluster_spec, load_service_spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_CLUSTER = str(EXAMPLES / "cluster-local.yaml")
@@ -25,12 +25,14 @@ def cmd_up(args) -> int:
 
     if _address(args):
         from heteroscale_ray import service
+        from placement.ray_adapter import live_nodes
 
         service.connect(_address(args))
-        facts = service.node_facts()
-        print(f"using existing cluster at {_address(args)} ({len(facts)} nodes); nothing started")
-        for f in facts:
-            print(f"  gpu_type={f.gpu_type} s1={f.s1} s2={f.s2} gpus={f.num_gpus_total:g}")
+        nodes = live_nodes()
+        print(f"using existing cluster at {_address(args)} ({len(nodes)} labelled accelerator nodes); "
+              "nothing started")
+        for n in nodes:
+            print(f"  gpu_type={n.gpu_type} s1={n.s1} s2={n.s2} gpus={n.total_gpus} free={n.free_gpus}")
         return 0
     local_cluster.up(load_cluster_spec(args.cluster))
     return 0
@@ -82,7 +84,7 @@ def cmd_model(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from heteroscale_ray.config import check_service_fits_cluster
+    from common.config import check_service_fits_cluster
 
     cluster = load_cluster_spec(args.cluster)
     spec = load_service_spec(args.service)
@@ -92,7 +94,7 @@ def cmd_validate(args) -> int:
 
 
 def _load_trace(path: str, skip_bad: bool):
-    from bench.traces import read_trace
+    from bench.load.traces import read_trace
 
     rows, report = read_trace(path, skip_bad=skip_bad)
     if report.skipped:
@@ -101,7 +103,7 @@ def _load_trace(path: str, skip_bad: bool):
 
 
 def cmd_trace(args) -> int:
-    from bench import traces
+    from bench.load import traces
 
     rows = _load_trace(args.input, args.skip_bad)
     if args.synth_duration_s:
@@ -126,9 +128,11 @@ def cmd_bench(args) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from bench import loadgen, plots
-    from bench.traces import truncate
-    from heteroscale_ray.tiny_model import ensure_tiny_model
+    from bench.load import loadgen
+
+    from bench.load import plots
+    from bench.load.traces import truncate
+    from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
 
     cfg = loadgen.LoadConfig(
         url=args.url.rstrip("/"), model=args.model, api_key=args.api_key or os.environ.get("HETEROSCALE_API_KEY"),
@@ -144,7 +148,8 @@ def cmd_bench(args) -> int:
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(ensure_tiny_model()))
     with tqdm(total=len(planned), desc="building prompts", unit="req", disable=args.quiet) as bar:
-        prompts = loadgen.build_prompts([req for req, _ in planned], tokenizer, lambda i, n: bar.update(1))
+        prompts = loadgen.build_prompts([req for req, _ in planned], tokenizer, make_prompt,
+                                        lambda i, n: bar.update(1))
     print(f"replaying {len(planned)} requests open-loop against {cfg.url} "
           f"(last arrival at {planned[-1][1].scheduled_s:.1f}s)", file=sys.stderr)
     interrupted = False
@@ -163,15 +168,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sim(args) -> int:
-    from bench import fleet_sim, sim_run
-    from bench.sim_scenarios import load_scenario
+    from bench.sim import run as sim_run
+    from bench.sim import study
+    from bench.sim.scenarios import load_scenario
 
     scenario = load_scenario(args.scenario)
     if args.metric_study:
-        rows = fleet_sim.metric_study(scenario.services[0])
+        rows = study.metric_study(scenario.services[0])
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        fleet_sim.plot_metric_study(rows, out / "metric_study.png")
+        study.plot_metric_study(rows, out / "metric_study.png")
         (out / "metric_study.json").write_text(json.dumps({"service": scenario.services[0].name, "rows": rows},
                                                           indent=2))
         print(json.dumps(rows[:: max(1, len(rows) // 6)], indent=1))

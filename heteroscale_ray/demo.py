@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 from heteroscale_ray import local_cluster, service as svc
-from heteroscale_ray.config import ClusterSpec, ServiceSpec, check_service_fits_cluster
+from common.config import ClusterSpec, ServiceSpec, check_service_fits_cluster
 
 NUM_REQUESTS = 12
 MAX_TOKENS = 32

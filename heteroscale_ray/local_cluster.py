@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from heteroscale_ray.config import ClusterSpec, Node
+from common.config import ClusterSpec, Node
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Callable
 
-from heteroscale_ray.config import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, ServiceSpec
+from common.config import ServiceSpec
 from heteroscale_ray.tiny_model import ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -56,23 +56,6 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-def node_facts():
-    """NodeFacts of every alive node, from Ray's node table."""
-    import ray
-
-    from serving.deployment_groups import NodeFacts
-
-    facts = []
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        labels = node.get("Labels") or {}
-        gpus = [v for k, v in node["Resources"].items() if k.startswith("GPU_")]
-        facts.append(NodeFacts(labels.get(LABEL_GPU_TYPE), labels.get(LABEL_S1), labels.get(LABEL_S2),
-                               max(gpus) if gpus else 0.0))
-    return facts
-
-
 def model_path(service: ServiceSpec) -> str:
     return str(ensure_tiny_model()) if service.model.source == "tiny" else service.model.source
 
@@ -85,7 +68,9 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     connect(address)
     path = model_path(service)
     build_app = import_build_app()
-    app = build_app(service, path, node_facts())
+    from placement.ray_adapter import live_nodes
+
+    app = build_app(service, path, live_nodes())
     serve.start(http_options={"host": service.ingress.host, "port": service.ingress.port},
                 proxy_location="HeadOnly")
     progress(f"deploying {service.name}: {len(service.deployment_groups)} deployment group(s), model {path}")
@@ -125,7 +110,8 @@ def engine_handles(service: ServiceSpec):
     """(group, role, deployment handle) of every engine deployment of the service."""
     from ray import serve
 
-    from serving.deployment_groups import Role, deployment_name
+    from common.vocab import Role
+    from serving.deployment_groups import deployment_name
 
     for group in service.deployment_groups:
         for role in Role:

@@ -17,13 +17,10 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Mapping
 
-from heteroscale_ray.config import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, gpu_resource
+from common.vocab import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, NodeInfo, Role, domain_label, gpu_resource, label_selector
 from placement.scheduler import ActionKind, PlacementAction, ServiceShape
-from placement.topology import NodeInfo, Scope
 
 logger = logging.getLogger(__name__)
-
-_SCOPE_LABEL = {Scope.S1: LABEL_S1, Scope.S2: LABEL_S2}
 
 
 def nodes_from_ray(ray_nodes: Iterable[Mapping], available: Mapping[str, Mapping[str, float]]) -> list[NodeInfo]:
@@ -47,6 +44,8 @@ def nodes_from_ray(ray_nodes: Iterable[Mapping], available: Mapping[str, Mapping
 
 
 def live_nodes() -> list[NodeInfo]:
+    """The accelerator nodes of the connected Ray cluster with their free GPUs: the one reader of Ray's node
+    table (the deploy path, `heteroscale up` and the controller all use it)."""
     import ray
     from ray._private import state  # per-node availability has no public API in 2.60
 
@@ -57,15 +56,12 @@ def probe_bundles(action: PlacementAction, service: ServiceShape) -> tuple[list[
     """Bundles and per-bundle label selectors for the instances an action adds."""
     if action.kind not in (ActionKind.GROW, ActionKind.CREATE):
         raise ValueError(f"only GROW/CREATE actions add instances to probe, got {action.kind.value}")
-    scope_selector = {}
-    if action.scope in _SCOPE_LABEL:
-        scope_selector[_SCOPE_LABEL[action.scope]] = action.domain
     bundles, selectors = [], []
     for gpu_type, count, gpus in ((action.prefill_gpu_type, action.num_prefill, service.gpus_per_prefill),
                                   (action.decode_gpu_type, action.num_decode, service.gpus_per_decode)):
         for _ in range(count):
             bundles.append({gpu_resource(gpu_type): float(gpus)})
-            selectors.append({LABEL_GPU_TYPE: gpu_type, **scope_selector})
+            selectors.append(label_selector(action.scope, action.domain, gpu_type))
     return bundles, selectors
 
 
@@ -76,8 +72,8 @@ def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.
 
     bundles, selectors = probe_bundles(action, service)
     kwargs = {}
-    if action.scope in _SCOPE_LABEL:
-        kwargs["topology_strategy"] = {_SCOPE_LABEL[action.scope]: "STRICT_PACK"}
+    if domain_label(action.scope) is not None:
+        kwargs["topology_strategy"] = {domain_label(action.scope): "STRICT_PACK"}
     pg = placement_group(bundles, bundle_label_selector=selectors,
                          name=f"heteroscale-probe-{action.service}-{action.group}", **kwargs)
     ready = pg.wait(timeout_s)
@@ -102,9 +98,8 @@ def realize(action: PlacementAction, service: ServiceShape, scale: Callable[[Pla
 
 def selectors_for(action: PlacementAction) -> dict[str, dict[str, str]]:
     """The label selector each role's replicas of this DG are pinned with (domain + the role's GPU type)."""
-    scope = {_SCOPE_LABEL[action.scope]: action.domain} if action.scope in _SCOPE_LABEL else {}
-    return {"prefill": {LABEL_GPU_TYPE: action.prefill_gpu_type, **scope},
-            "decode": {LABEL_GPU_TYPE: action.decode_gpu_type, **scope}}
+    return {Role.PREFILL.value: label_selector(action.scope, action.domain, action.prefill_gpu_type),
+            Role.DECODE.value: label_selector(action.scope, action.domain, action.decode_gpu_type)}
 
 
 def request_target_shape(bundles: list[dict], selectors: list[dict], enabled: bool) -> bool:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable
 
-from placement.topology import CLUSTER_DOMAIN, Domain, Scope, Tier, TopologyTree
+from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, Scope
+from placement.topology import Domain, Tier, TopologyTree
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,6 @@ class ServiceShape:
         if self.moe is not None and self.affinity != Scope.S2:
             raise ValueError(f"service {self.name}: a disaggregated-MoE service needs affinity 's2' (ATTN+FFN share "
                              f"an S1, the P/D pair an S2), got {self.affinity!r}")
-
-
-@dataclass(frozen=True)
-class DeploymentGroup:
-    name: str
-    service: str
-    scope: str
-    domain: str
-    prefill_gpu_type: str
-    decode_gpu_type: str
-    num_prefill: int
-    num_decode: int
 
 
 @dataclass(frozen=True)

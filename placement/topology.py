@@ -1,6 +1,6 @@
 """Topology tree (cluster -> S2 -> S1 -> node) and RDMA-subgroup tiers, built from node facts.
 
-Pure: no Ray (the Ray adapter turns `ray.nodes()` into `NodeInfo`s), no clock, no environment.
+Pure: no Ray (the Ray adapter turns `ray.nodes()` into `common.vocab.NodeInfo`s), no clock, no environment.
 
 Tiers (paper §5.4), from least to most precious:
 - LOW:    an S2 whose GPUs are all one type (S2-homogeneous);
@@ -16,37 +16,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterable
 
+from common.vocab import CLUSTER_DOMAIN, NodeInfo, Scope
+
 
 class Tier(IntEnum):
     LOW = 0
     MEDIUM = 1
     HIGH = 2
-
-
-class Scope:
-    """Domain scopes (plain strings, as in the service spec's `affinity`)."""
-
-    S1 = "s1"
-    S2 = "s2"
-    CLUSTER = "cluster"
-
-
-CLUSTER_DOMAIN = "*"
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    node_id: str
-    gpu_type: str
-    total_gpus: int
-    free_gpus: int
-    s1: str
-    s2: str
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.free_gpus <= self.total_gpus:
-            raise ValueError(f"node {self.node_id}: free_gpus ({self.free_gpus}) must be in [0, total_gpus "
-                             f"({self.total_gpus})]")
 
 
 @dataclass

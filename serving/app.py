@@ -5,6 +5,7 @@ to the group's domain and GPU types, and one OpenAI ingress in front. Imports vL
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Iterable
 
 from ray import serve
@@ -13,8 +14,9 @@ from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
-from heteroscale_ray.config import ServiceSpec
-from serving.deployment_groups import NodeFacts, RolePlan, plan_group
+from common.config import ServiceSpec
+from common.vocab import NodeInfo
+from serving.deployment_groups import RolePlan, plan_group
 from serving.engines import DecodeServer, PrefillServer
 from serving.ingress import PDIngressDeployment
 
@@ -50,11 +52,12 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
     )
 
 
-def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeFacts]) -> Application:
+def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeInfo]) -> Application:
     nodes = list(nodes)
-    decode_apps = {}
+    decode_apps, resolved = {}, []
     for index, group in enumerate(service.deployment_groups):
         prefill_plan, decode_plan = plan_group(service, group, index, nodes, model_path)
+        resolved.append(replace(group, prefill_gpu_type=prefill_plan.gpu_type, decode_gpu_type=decode_plan.gpu_type))
         prefill_cfg = llm_config_for(service, prefill_plan, model_path)
         decode_cfg = llm_config_for(service, decode_plan, model_path)
         prefill_app = build_llm_deployment(
@@ -80,6 +83,7 @@ def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeFacts])
     )
     return ingress.bind(
         groups=decode_apps,
+        deployment_groups=tuple(resolved),
         model_card=card,
         request_timeout_s=service.ingress.request_timeout_s,
         stream_idle_timeout_s=service.ingress.stream_idle_timeout_s,

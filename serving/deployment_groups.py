@@ -10,56 +10,28 @@ deployments.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any, Iterable, Mapping
 
-from heteroscale_ray.config import (
-    LABEL_GPU_TYPE,
-    LABEL_S1,
-    LABEL_S2,
-    DeploymentGroupSpec,
-    RoleSpec,
-    ServiceSpec,
-    gpu_resource,
-)
-
-
-class Role(str, Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
+from common.config import RoleSpec, ServiceSpec
+from common.vocab import DeploymentGroup, NodeInfo, Role, Scope, gpu_resource, label_selector
 
 
 class PlacementError(ValueError):
     """A deployment group cannot be pinned: the message names the group, domain and what is missing."""
 
 
-@dataclass(frozen=True)
-class NodeFacts:
-    """What placement needs to know of one node (from Ray's node table or a cluster spec)."""
-
-    gpu_type: str | None
-    s1: str | None
-    s2: str | None
-    num_gpus_total: float = 0.0
-
-
-def domain_label(affinity: str) -> str | None:
-    """Node label key that defines a DG's domain for this affinity (None for cluster scope)."""
-    return {"s1": LABEL_S1, "s2": LABEL_S2, "cluster": None}[affinity]
-
-
-def nodes_in_domain(nodes: Iterable[NodeFacts], affinity: str, domain: str) -> list[NodeFacts]:
-    if affinity == "cluster":
+def nodes_in_domain(nodes: Iterable[NodeInfo], affinity: str, domain: str) -> list[NodeInfo]:
+    if affinity == Scope.CLUSTER:
         return list(nodes)
-    return [n for n in nodes if getattr(n, affinity) == domain]
+    return [n for n in nodes if n.domain(affinity) == domain]
 
 
-def resolve_gpu_type(nodes: Iterable[NodeFacts], affinity: str, domain: str, role: Role, spec: RoleSpec,
+def resolve_gpu_type(nodes: Iterable[NodeInfo], affinity: str, domain: str, role: Role, spec: RoleSpec,
                      group: str) -> str:
     """First GPU type of the role's preference list that some node of the domain has enough of."""
     here = nodes_in_domain(nodes, affinity, domain)
     for gpu_type in spec.gpu_types:
-        if any(n.gpu_type == gpu_type and n.num_gpus_total >= spec.gpus_per_replica for n in here):
+        if any(n.gpu_type == gpu_type and n.total_gpus >= spec.gpus_per_replica for n in here):
             return gpu_type
     have = sorted({n.gpu_type for n in here if n.gpu_type})
     raise PlacementError(
@@ -87,14 +59,6 @@ class RolePlan:
 
 def deployment_name(service: str, group: str, role: Role) -> str:
     return f"{service}:{group}:{role.value}"
-
-
-def label_selector(affinity: str, domain: str, gpu_type: str) -> dict[str, str]:
-    selector = {LABEL_GPU_TYPE: gpu_type}
-    key = domain_label(affinity)
-    if key is not None:
-        selector[key] = domain
-    return selector
 
 
 def engine_kwargs(service: ServiceSpec, model_path: str) -> dict[str, Any]:
@@ -133,7 +97,7 @@ def role_env(service: ServiceSpec, role_spec: RoleSpec) -> dict[str, str]:
     return env
 
 
-def plan_group(service: ServiceSpec, group: DeploymentGroupSpec, index: int, nodes: Iterable[NodeFacts],
+def plan_group(service: ServiceSpec, group: DeploymentGroup, index: int, nodes: Iterable[NodeInfo],
                model_path: str) -> tuple[RolePlan, RolePlan]:
     """Per-role plans for one DG. `index` spaces NIXL side-channel ports so co-located DGs never collide."""
     nodes = list(nodes)
@@ -146,7 +110,7 @@ def plan_group(service: ServiceSpec, group: DeploymentGroupSpec, index: int, nod
                 group=group.name,
                 role=role,
                 deployment_name=deployment_name(service.name, group.name, role),
-                num_replicas=group.prefill_replicas if role is Role.PREFILL else group.decode_replicas,
+                num_replicas=group.count(role),
                 gpu_type=gpu_type,
                 bundle={"CPU": spec.num_cpus_per_replica, gpu_resource(gpu_type): float(spec.gpus_per_replica)},
                 label_selector=label_selector(service.affinity, group.domain, gpu_type),
@@ -163,34 +127,34 @@ def plan_group(service: ServiceSpec, group: DeploymentGroupSpec, index: int, nod
 # ---- editing the set of DGs (what the controller will do at run time) -----------------------------------------
 
 
-def add_deployment_group(groups: tuple[DeploymentGroupSpec, ...], group: DeploymentGroupSpec
-                         ) -> tuple[DeploymentGroupSpec, ...]:
+def add_deployment_group(groups: tuple[DeploymentGroup, ...], group: DeploymentGroup
+                         ) -> tuple[DeploymentGroup, ...]:
     if any(g.name == group.name for g in groups):
         raise ValueError(f"deployment group {group.name!r} already exists")
     return (*groups, group)
 
 
-def remove_deployment_group(groups: tuple[DeploymentGroupSpec, ...], name: str) -> tuple[DeploymentGroupSpec, ...]:
+def remove_deployment_group(groups: tuple[DeploymentGroup, ...], name: str) -> tuple[DeploymentGroup, ...]:
     if not any(g.name == name for g in groups):
         raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
     return tuple(g for g in groups if g.name != name)
 
 
-def set_role_replicas(groups: tuple[DeploymentGroupSpec, ...], name: str, role: Role, num_replicas: int
-                      ) -> tuple[DeploymentGroupSpec, ...]:
+def set_role_replicas(groups: tuple[DeploymentGroup, ...], name: str, role: Role, num_replicas: int
+                      ) -> tuple[DeploymentGroup, ...]:
     if num_replicas < 0:
         raise ValueError(f"num_replicas ({num_replicas}) for {role.value} of {name!r} must be >= 0")
-    field = "prefill_replicas" if role is Role.PREFILL else "decode_replicas"
+    field = "num_prefill" if role is Role.PREFILL else "num_decode"
     out, found = [], False
     for g in groups:
         if g.name == name:
             found = True
-            g = g.model_copy(update={field: num_replicas})
+            g = replace(g, **{field: num_replicas})
         out.append(g)
     if not found:
         raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
     return tuple(out)
 
 
-def with_groups(service: ServiceSpec, groups: tuple[DeploymentGroupSpec, ...]) -> ServiceSpec:
+def with_groups(service: ServiceSpec, groups: tuple[DeploymentGroup, ...]) -> ServiceSpec:
     return replace(service, deployment_groups=groups)

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Sequence
 
 from fastapi import HTTPException, Request, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +32,8 @@ from ray.llm._internal.serve.core.ingress.utils import (
 from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from common.vocab import DeploymentGroup
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,8 @@ class PDIngress(OpenAiIngress):
     """One model, several deployment groups (each a decode deployment that drives its own prefill)."""
 
     def __init__(self, groups: dict[str, DeploymentHandle], model_card: dict, *, request_timeout_s: float,
-                 stream_idle_timeout_s: float, api_key: str | None = None):
+                 stream_idle_timeout_s: float, api_key: str | None = None,
+                 deployment_groups: Sequence[DeploymentGroup] = ()):
         from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
         if not groups:
@@ -109,6 +112,10 @@ class PDIngress(OpenAiIngress):
         card = ModelCard.model_validate(model_card)
         super().__init__(llm_deployments={card.id: next(iter(groups.values()))}, model_cards={card.id: card})
         self._groups = {name: handle.options(stream=True) for name, handle in groups.items()}
+        unknown = sorted({g.name for g in deployment_groups} - set(groups))
+        if unknown:
+            raise ValueError(f"deployment groups {unknown} have no decode handle (have {sorted(groups)})")
+        self._group_info = {g.name: g for g in deployment_groups}
         self._inflight = {name: 0 for name in groups}
         self._routed = {name: 0 for name in groups}
         self._withdrawn: set[str] = set()
@@ -137,7 +144,10 @@ class PDIngress(OpenAiIngress):
         return sorted(self._withdrawn)
 
     async def routing_stats(self) -> dict:
-        return {"inflight": dict(self._inflight), "routed": dict(self._routed), "withdrawn": sorted(self._withdrawn)}
+        return {"inflight": dict(self._inflight), "routed": dict(self._routed), "withdrawn": sorted(self._withdrawn),
+                "groups": {name: {"domain": g.domain, "prefill_gpu_type": g.prefill_gpu_type,
+                                  "decode_gpu_type": g.decode_gpu_type}
+                           for name, g in sorted(self._group_info.items())}}
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         await self._get_model_id(body.model)  # 404 for an unknown model

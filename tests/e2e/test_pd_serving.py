@@ -18,7 +18,7 @@ from openai import APIStatusError, OpenAI
 
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
-from heteroscale_ray.config import parse_cluster_spec, parse_service_spec
+from common.config import parse_cluster_spec, parse_service_spec
 from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
 from tests.conftest import EXAMPLES
 
@@ -207,7 +207,7 @@ def test_models_endpoint_and_engine_stats_published(client, service):
 def test_load_generator_replays_a_scaled_trace(service, tmp_path):
     """`heteroscale bench` against the live P/D endpoint: a short synthetic trace (sizes from fixed rows),
     replayed open-loop; the summary must be consistent with what was asked."""
-    from bench import traces
+    from bench.load import traces
     from heteroscale_ray import cli
 
     sizes = [traces.TraceRequest(0, n, o) for n, o in ((30, 8), (200, 16), (800, 24), (120, 12))]

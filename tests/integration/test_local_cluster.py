@@ -7,8 +7,10 @@ import pytest
 
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
-from heteroscale_ray.config import DeploymentGroupSpec, load_service_spec, parse_cluster_spec
+from common.config import load_service_spec, parse_cluster_spec
 from serving.deployment_groups import PlacementError, plan_group
+from common.vocab import DeploymentGroup
+from placement.ray_adapter import live_nodes
 from tests.conftest import EXAMPLES
 
 TEMP_DIR = "/tmp/hsray-int"
@@ -60,10 +62,10 @@ def test_dg_roles_land_in_their_domain_on_their_gpu_type(cluster):
             return ray.get_runtime_context().get_node_labels()
 
     service = load_service_spec(EXAMPLES / "service-local.yaml")
-    facts = svc.node_facts()
+    facts = live_nodes()
     apps = {}
-    for index, group in enumerate([DeploymentGroupSpec(name="g-a", domain="s1-a"),
-                                   DeploymentGroupSpec(name="g-b", domain="s1-b")]):
+    for index, group in enumerate([DeploymentGroup("g-a", "tiny-chat", "s1", "s1-a", None, None, 1, 1),
+                                   DeploymentGroup("g-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1)]):
         for plan in plan_group(service, group, index, facts, "/unused"):
             apps[(group.name, plan.role.value)] = (plan, Stub.options(
                 name=plan.deployment_name.replace(":", "-"),
@@ -90,7 +92,7 @@ def test_unplaceable_group_is_refused_before_deploying(cluster):
     roles = service.roles.model_copy(update={"decode": big})
     service = type(service)(**{**service.__dict__, "roles": roles})
     with pytest.raises(PlacementError, match=">= 3 GPUs"):
-        plan_group(service, DeploymentGroupSpec(name="g", domain="s1-a"), 0, svc.node_facts(), "/unused")
+        plan_group(service, DeploymentGroup("g", "tiny-chat", "s1", "s1-a", None, None, 1, 1), 0, live_nodes(), "/unused")
 
 
 def test_down_stops_only_our_processes(cluster):

@@ -7,10 +7,11 @@ import pytest
 
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
-from heteroscale_ray.config import parse_cluster_spec
+from common.config import parse_cluster_spec
 from placement.ray_adapter import live_nodes, probe, probe_bundles, request_target_shape
 from placement.scheduler import ActionKind, PlacementAction, ScaleRequest, ServiceShape, place
-from placement.topology import Scope, Tier, build_tree
+from common.vocab import Scope
+from placement.topology import Tier, build_tree
 
 TEMP_DIR = "/tmp/hsray-pl"
 SPEC = parse_cluster_spec({

@@ -4,20 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from autoscaler.cycle import cycle
 from autoscaler.model import PolicyState
-from autoscaler.policy import decide
-from bench.fleet_sim import (
-    Capacity,
-    Scenario,
-    SimService,
-    evaluate,
-    oracle_counts,
-    policy_config,
-    run_heteroscale,
-)
-from bench.sim_run import POLICIES
-from bench.traces import RateShape
-from placement.topology import NodeInfo
+from bench.load.traces import RateShape
+from bench.sim.model import Capacity, Scenario, SimService, evaluate, oracle_counts
+from bench.sim.run import POLICIES
+from bench.sim.world import CycleRecord, cycle_config, run_heteroscale
+from common.vocab import NodeInfo
 
 
 def small_scenario() -> Scenario:
@@ -67,19 +60,20 @@ def test_oracle_counts_meet_the_slos():
             assert evaluate(svc, cap, rps, p - 1, d).attainment_ttft < 0.99  # and it is the fewest
 
 
-def test_parity_simulator_driver_and_direct_decide_calls():
-    """The simulator calls the unchanged decide(): replaying its recorded observations through decide()
-    directly gives the same decision at every tick."""
+def test_replaying_recorded_cycles_gives_the_same_actions():
+    """The simulator acts only through the shared cycle: replaying the observations and cluster views it
+    recorded through cycle() directly gives the same actions at every tick (and the run did act)."""
     scenario = small_scenario()
-    recorded = run_heteroscale(scenario, record=True).decisions
-    from autoscaler.model import FleetConfig
-
-    fleet = FleetConfig(services={s.name: policy_config(s, Capacity.of(s)) for s in scenario.services})
-    state = PolicyState()
+    recorded: list[CycleRecord] = []
+    run_heteroscale(scenario, record=recorded)
+    config, state = cycle_config(scenario), PolicyState()
     assert len(recorded) == 240
-    for now_s, observation, decision in recorded:
-        direct, state = decide(state, observation, now_s, fleet)
-        assert direct == decision
+    kinds = set()
+    for rec in recorded:
+        result, state = cycle(state, rec.observation, rec.view, rec.now_s, config)
+        assert result.actions == rec.actions, rec.now_s
+        kinds |= {a.kind.value for a in rec.actions}
+    assert {"create", "scale", "withdraw"} <= kinds
 
 
 def test_sim_command_writes_the_summary_shape(tmp_path):
@@ -103,14 +97,14 @@ def test_sim_command_writes_the_summary_shape(tmp_path):
     assert {"gpu_hours_vs_oracle", "avg_gpu_util_points_above_hpa"} <= set(summary["goals"])
     assert all(Path(f).stat().st_size > 5000 for f in summary["plots"])
     with pytest.raises(ValueError, match=r"unknown policies \['nope'\]"):
-        from bench.sim_run import simulate
-        from bench.sim_scenarios import load_scenario
+        from bench.sim.run import simulate
+        from bench.sim.scenarios import load_scenario
 
         simulate(load_scenario(ROOT / "bench" / "scenarios" / "small.yaml"), ["nope"])
 
 
 def test_metric_study_reproduces_the_papers_observations():
-    from bench.fleet_sim import metric_study
+    from bench.sim.study import metric_study
 
     rows = metric_study(small_scenario().services[0], points=12)
     loads = [r["rps"] for r in rows]
@@ -126,9 +120,9 @@ def test_metric_study_reproduces_the_papers_observations():
 
 
 def test_trace_driven_scenario(tmp_path):
-    from bench.sim_run import simulate
-    from bench.sim_scenarios import TraceRate, load_scenario
-    from bench.traces import TraceRequest
+    from bench.sim.run import simulate
+    from bench.sim.scenarios import TraceRate, load_scenario
+    from bench.load.traces import TraceRequest
     from tests.conftest import ROOT
 
     rate = TraceRate.from_trace([TraceRequest(ms, 10, 5) for ms in (0, 100, 200, 61_000)], bin_s=60)
@@ -146,8 +140,6 @@ def test_trace_driven_scenario(tmp_path):
 
 
 def test_70b_service_with_tensor_parallel_roles():
-    from bench.fleet_sim import run_heteroscale
-
     svc70 = SimService("big", RateShape(mean_rps=4, peak_to_trough=2, day_s=3600), 1000, 200, ttft_slo_s=3.0,
                        tbt_slo_s=0.1, model="llama-70b", prefill_gpu="H20", decode_gpu="H20", tp_prefill=4,
                        tp_decode=2)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from bench.fleet_sim import Capacity, SimService
-from bench.request_sim import compare_with_fluid, simulate_requests
-from bench.traces import RateShape
+from bench.sim.model import Capacity, SimService
+from bench.sim.request_sim import compare_with_fluid, simulate_requests
+from bench.load.traces import RateShape
 
 SIZES = [(200, 50), (800, 120), (1500, 200), (400, 80)]
 SVC = SimService("s", RateShape(mean_rps=10, peak_to_trough=1.0), 725, 112, ttft_slo_s=2.0, tbt_slo_s=0.05)

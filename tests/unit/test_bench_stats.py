@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from bench.plots import read_series, write_plots
-from bench.stats import RequestResult, percentile, summarize
+from bench.load.plots import read_series, write_plots
+from bench.load.stats import RequestResult, percentile, summarize
 
 
 def test_percentile_matches_linear_interpolation():

@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from heteroscale_ray.config import (
+from common.config import (
     ConfigError,
     check_service_fits_cluster,
     load_cluster_spec,

@@ -1,24 +1,22 @@
 import pytest
 
-from heteroscale_ray.config import DeploymentGroupSpec, load_service_spec
+from common.config import load_service_spec
 from serving.deployment_groups import (
-    NodeFacts,
     PlacementError,
-    Role,
     add_deployment_group,
     plan_group,
     remove_deployment_group,
     resolve_gpu_type,
     set_role_replicas,
 )
+from common.vocab import DeploymentGroup, NodeInfo, Role
 from tests.conftest import EXAMPLES
 
 SERVICE = load_service_spec(EXAMPLES / "service-local.yaml")
 NODES = [
-    NodeFacts("L20", "s1-a", "s2-0", 2),
-    NodeFacts("H20", "s1-a", "s2-0", 2),
-    NodeFacts("H20", "s1-b", "s2-0", 2),  # s1-b has no L20: prefill must fall back to H20
-    NodeFacts(None, None, None, 0),  # the head
+    NodeInfo("n1", "L20", 2, 2, "s1-a", "s2-0"),
+    NodeInfo("n2", "H20", 2, 2, "s1-a", "s2-0"),
+    NodeInfo("n3", "H20", 2, 2, "s1-b", "s2-0"),  # s1-b has no L20: prefill must fall back to H20
 ]
 
 
@@ -60,7 +58,7 @@ def test_gpu_options_come_from_config_not_code():
 
 
 def test_nixl_port_ranges_never_collide_across_groups_and_roles():
-    groups = (SERVICE.deployment_groups[0], DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+    groups = (SERVICE.deployment_groups[0], DeploymentGroup("dg-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1))
     bases = []
     for i, g in enumerate(groups):
         bases += [p.nixl_port_base for p in plan_group(SERVICE, g, i, NODES, "/m")]
@@ -70,19 +68,19 @@ def test_nixl_port_ranges_never_collide_across_groups_and_roles():
 
 def test_cluster_affinity_has_no_domain_label():
     service = type(SERVICE)(**{**SERVICE.__dict__, "affinity": "cluster"})
-    prefill, _ = plan_group(service, DeploymentGroupSpec(name="x", domain="anything"), 0, NODES, "/m")
+    prefill, _ = plan_group(service, DeploymentGroup("x", "tiny-chat", "s1", "anything", None, None, 1, 1), 0, NODES, "/m")
     assert prefill.label_selector == {"heteroscale.io/gpu-type": "L20"}
 
 
 def test_add_remove_and_set_replicas():
     groups = SERVICE.deployment_groups
-    more = add_deployment_group(groups, DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+    more = add_deployment_group(groups, DeploymentGroup("dg-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1))
     assert [g.name for g in more] == ["dg-a", "dg-b"]
     with pytest.raises(ValueError, match="already exists"):
-        add_deployment_group(more, DeploymentGroupSpec(name="dg-b", domain="s1-b"))
+        add_deployment_group(more, DeploymentGroup("dg-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1))
     scaled = set_role_replicas(more, "dg-b", Role.DECODE, 3)
-    assert scaled[1].decode_replicas == 3 and scaled[1].prefill_replicas == 1
-    assert more[1].decode_replicas == 1  # inputs are never mutated
+    assert scaled[1].num_decode == 3 and scaled[1].num_prefill == 1
+    assert more[1].num_decode == 1  # inputs are never mutated
     with pytest.raises(ValueError, match=r"num_replicas \(-1\)"):
         set_role_replicas(more, "dg-b", Role.DECODE, -1)
     with pytest.raises(KeyError, match="'dg-z' does not exist"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.perf_model import (
+from bench.sim.perf_model import (
     GPUS,
     MODELS,
     Instance,

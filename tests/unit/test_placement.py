@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import (
     ActionKind,
-    DeploymentGroup,
     MoeShape,
     ScaleRequest,
     SchedulerConfig,
@@ -17,7 +17,7 @@ from placement.scheduler import (
     Why,
     place,
 )
-from placement.topology import NodeInfo, Scope, Tier, build_tree
+from placement.topology import Tier, build_tree
 
 
 def nodes(s2, s1, gpu, count, gpus=8, free=None):

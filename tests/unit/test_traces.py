@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import traces
-from bench.traces import RateShape, TraceError, TraceRequest
+from bench.load import traces
+from bench.load.traces import RateShape, TraceError, TraceRequest
 
 AZURE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "azure_llm_2023_conv.csv"
 

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import httpx
 
-from bench.stats import RequestResult, summarize
-from bench.traces import TraceRequest
+from bench.load.stats import RequestResult, summarize
+from bench.load.traces import TraceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ class LoadConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
 
 
-def build_prompts(trace: Sequence[TraceRequest], tokenizer, progress: Callable[[int, int], None] | None = None
-                  ) -> list[str]:
-    """A distinct prompt of exactly `input_length` tokens per request (distinct: no accidental prefix hits)."""
-    from heteroscale_ray.tiny_model import make_prompt
+def build_prompts(trace: Sequence[TraceRequest], tokenizer, make_prompt: Callable[..., str],
+                  progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """A distinct prompt of exactly `input_length` tokens per request (distinct: no accidental prefix hits).
 
+    `make_prompt(tokenizer, num_tokens, seed=...)` builds one (e.g. `heteroscale_ray.tiny_model.make_prompt`)."""
     prompts = []
     for i, req in enumerate(trace):
         prompts.append(make_prompt(tokenizer, req.input_length, seed=100_000 + i))

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import write_result  # noqa: E402
 from heteroscale_ray import local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402
-from heteroscale_ray.config import parse_cluster_spec, parse_service_spec  # noqa: E402
+from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402
 
 TEMP_DIR = "/tmp/hsray-bench"
 PORT = 8021
@@ -138,10 +138,11 @@ def _deploy_ray_anchor(spec, address) -> str:
 
     svc.import_build_app()
     from serving.app import llm_config_for
+    from placement.ray_adapter import live_nodes
     from serving.deployment_groups import plan_group
 
     path = svc.model_path(spec)
-    prefill_plan, decode_plan = plan_group(spec, spec.deployment_groups[0], 0, svc.node_facts(), path)
+    prefill_plan, decode_plan = plan_group(spec, spec.deployment_groups[0], 0, live_nodes(), path)
     app = build_pd_openai_app({
         "prefill_config": llm_config_for(spec, prefill_plan, path),
         "decode_config": llm_config_for(spec, decode_plan, path),

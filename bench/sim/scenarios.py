@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from bench.fleet_sim import Scenario, SimService
-from bench.traces import RateShape, read_trace
-from placement.topology import NodeInfo
+from bench.sim.model import Scenario, SimService
+from bench.load.traces import RateShape, read_trace
+from common.vocab import NodeInfo
 
 
 def generate_nodes(s2: int, s1_per_s2: int, nodes_per_s1: int, gpus_per_node: int, types: Sequence[str],
@@ -93,7 +93,7 @@ def load_scenario(path) -> Scenario:
         nodes = generate_nodes(**topo)
         sizes_from = svc.pop("sizes_from", None)  # {path, max_input, max_output}: mean sizes of a real trace
         if sizes_from:
-            from bench.traces import truncate
+            from bench.load.traces import truncate
 
             rows = truncate(read_trace(base / sizes_from["path"])[0], sizes_from.get("max_input", 4096),
                             sizes_from.get("max_output", 1024))

@@ -22,14 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import loadgen  # noqa: E402
+from bench.load import loadgen  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
-from bench.stats import summarize  # noqa: E402
-from bench.traces import TraceRequest  # noqa: E402
-from heteroscale_ray.tiny_model import ensure_tiny_model  # noqa: E402
+from bench.load.stats import summarize  # noqa: E402
+from bench.load.traces import TraceRequest  # noqa: E402
+from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt  # noqa: E402
 
 
 def run_vllm_bench(url: str, model: str, tokenizer: str, n: int, input_len: int, output_len: int, rate: float,
@@ -59,7 +59,7 @@ def run_ours(url: str, tokenizer_path: str, n: int, input_len: int, output_len: 
         t += 0.0 if rate == float("inf") else rng.expovariate(rate)
     cfg = loadgen.LoadConfig(url=url)
     planned = loadgen.plan(cfg, trace)
-    prompts = loadgen.build_prompts(trace, AutoTokenizer.from_pretrained(tokenizer_path))
+    prompts = loadgen.build_prompts(trace, AutoTokenizer.from_pretrained(tokenizer_path), make_prompt)
     asyncio.run(loadgen.replay(cfg, planned, prompts))
     return summarize([r for _, r in planned], cfg.ttft_slo_ms, cfg.tbt_slo_ms)
 

@@ -1,7 +1,8 @@
 """User-facing configuration: the local cluster spec and the service spec, validated once, frozen afterwards.
 
 YAML is parsed with pydantic (extra keys are rejected, every error names its field path) and converted into
-frozen dataclasses that the rest of the code uses. Must not import Ray or vLLM.
+frozen dataclasses that the rest of the code uses (deployment groups become `common.vocab.DeploymentGroup`).
+Part of the shared leaf: imports only `common.vocab`, never Ray, vLLM or another package of the project.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Node label keys. A deployment group is pinned to a domain by these labels.
-LABEL_GPU_TYPE = "heteroscale.io/gpu-type"
-LABEL_S1 = "heteroscale.io/s1"
-LABEL_S2 = "heteroscale.io/s2"
-LABEL_ROLE_HINT = "heteroscale.io/node"  # the node's name from the spec, for humans and `heteroscale status`
+from common.vocab import LABEL_GPU_TYPE, LABEL_NODE, LABEL_S1, LABEL_S2, DeploymentGroup, gpu_resource
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 _GPU_TYPE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
@@ -27,11 +24,6 @@ _GPU_TYPE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the field and the bad value."""
-
-
-def gpu_resource(gpu_type: str) -> str:
-    """Ray custom resource that stands in for one accelerator of `gpu_type` (e.g. `GPU_H20`)."""
-    return f"GPU_{gpu_type}"
 
 
 class _Strict(BaseModel):
@@ -113,7 +105,7 @@ class Node:
     object_store_memory_mb: int
 
     def labels(self) -> dict[str, str]:
-        return {LABEL_GPU_TYPE: self.gpu_type, LABEL_S1: self.s1, LABEL_S2: self.s2, LABEL_ROLE_HINT: self.name}
+        return {LABEL_GPU_TYPE: self.gpu_type, LABEL_S1: self.s1, LABEL_S2: self.s2, LABEL_NODE: self.name}
 
     def resources(self) -> dict[str, float]:
         return {gpu_resource(self.gpu_type): float(self.num_gpus)}
@@ -180,6 +172,8 @@ class RolesSpec(_Strict):
 
 
 class DeploymentGroupSpec(_Strict):
+    """YAML form of a deployment group; `parse_service_spec` turns it into a `DeploymentGroup`."""
+
     name: str
     domain: str = Field(description="network domain the group lives in: an S1 or S2 name, per `affinity`")
     prefill_replicas: int = Field(1, ge=0)
@@ -241,7 +235,7 @@ class ServiceSpec:
     engine: EngineSpec
     roles: RolesSpec
     affinity: str
-    deployment_groups: tuple[DeploymentGroupSpec, ...]
+    deployment_groups: tuple[DeploymentGroup, ...]  # GPU types unresolved (None) until deploy
     ingress: IngressSpec
     source_path: str | None = field(default=None, compare=False)
 
@@ -305,7 +299,9 @@ def parse_service_spec(data: dict, source: str = "<dict>") -> ServiceSpec:
         engine=model.engine,
         roles=model.roles,
         affinity=model.affinity,
-        deployment_groups=tuple(model.deployment_groups),
+        deployment_groups=tuple(DeploymentGroup(g.name, model.name, model.affinity, g.domain, None, None,
+                                                g.prefill_replicas, g.decode_replicas)
+                                for g in model.deployment_groups),
         ingress=model.ingress,
         source_path=None if source == "<dict>" else source,
     )

@@ -16,9 +16,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from bench.fleet_sim import PREFILL_CHUNK_TOKENS, Capacity, SimService, evaluate
-from bench.perf_model import GPUS, MODELS, kv_transfer_time_s
-from bench.stats import percentile
+from bench.sim.model import PREFILL_CHUNK_TOKENS, Capacity, SimService, evaluate
+from bench.sim.perf_model import GPUS, MODELS, kv_transfer_time_s
+from bench.load.stats import percentile
 
 
 @dataclass
@@ -135,7 +135,7 @@ def compare_with_fluid(svc: SimService, sizes: Sequence[tuple[int, int]], loads:
                        duration_s: float = 600.0, seed: int = 0) -> list[dict]:
     """Fluid vs per-request results for one service at fractions of its peak load, on the instances the oracle
     would use at the peak. The fluid model sees the sizes' means; the per-request run draws each request."""
-    from bench.fleet_sim import oracle_counts
+    from bench.sim.model import oracle_counts
 
     mean_in = round(sum(s[0] for s in sizes) / len(sizes))
     mean_out = round(sum(s[1] for s in sizes) / len(sizes))

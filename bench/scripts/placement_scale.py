@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import write_result  # noqa: E402
 from placement.scheduler import ScaleRequest, ServiceShape, place  # noqa: E402
-from placement.topology import NodeInfo, Scope, build_tree  # noqa: E402
+from common.vocab import NodeInfo, Scope  # noqa: E402
+from placement.topology import build_tree  # noqa: E402
 
 REPEATS = 15
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bench.fleet_sim import PolicyResult, Scenario, run_heteroscale, run_oracle, run_static_peak
-from bench.sim_baselines import run_hpa_gpu_util, run_periodic, run_serve_queue, run_sla_planner
+from bench.sim.baselines import (
+    run_hpa_gpu_util,
+    run_oracle,
+    run_periodic,
+    run_serve_queue,
+    run_sla_planner,
+    run_static_peak,
+)
+from bench.sim.model import PolicyResult, Scenario
+from bench.sim.world import run_heteroscale
 
 POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "serve_queue": run_serve_queue,
             "periodic": run_periodic, "sla_planner": run_sla_planner, "static_peak": run_static_peak,

@@ -2,7 +2,7 @@
 
 Runs the generated tiny model in vLLM-CPU on one core (`VLLM_CPU_OMP_THREADS_BIND=0`, prefix caching off),
 measures prefill passes (prompts of 100/400/1,600 tokens, one token out) and decode steps (batches of 1/4/16,
-64 extra tokens), fits the CPU constants of `bench.perf_model` — effective FLOP/s and per-pass overhead from
+64 extra tokens), fits the CPU constants of `bench.sim.perf_model` — effective FLOP/s and per-pass overhead from
 the prefill points, decode-step and per-sequence overheads from the decode points (least squares each),
 effective memory bandwidth left at a nominal value — and reports each
 measurement beside the model's prediction and their relative error. Writes bench/results/calibrate_cpu.json.
@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 PREFILL_LENGTHS = (100, 400, 1600)
@@ -57,7 +57,7 @@ def measure() -> dict:
 
 
 def fit_and_compare(measured: dict) -> dict:
-    from bench.perf_model import MODELS, GpuSpec, Instance, relative_error
+    from bench.sim.perf_model import MODELS, GpuSpec, Instance, relative_error
 
     model = MODELS["tiny-llama"]
     cpu = GpuSpec("CPU-1core", bf16_tflops=1.0, mem_bw_tbps=0.02, mem_gb=2.0, relative_cost=0.0,

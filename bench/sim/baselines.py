@@ -1,25 +1,50 @@
-"""Baseline autoscaling policies for the fleet simulator (reactive, per pool), after the peers users run today:
-Kubernetes HPA on GPU utilization, Ray Serve's default ongoing-requests policy, a periodic schedule and a
-Dynamo-style SLA planner. Pure Python; no clock.
+"""Baselines and references for the fleet simulator. They are not `autoscaler.policy.decide` policies and do not
+run the control cycle: each sets (P, D) per service and tick directly, with no topology or placement, as the
+peers users run today size their pools. Reactive, per pool: Kubernetes HPA on GPU utilization, Ray Serve's
+default ongoing-requests policy, a periodic schedule and a Dynamo-style SLA planner. References: static_peak
+(sized once for the peak) and oracle (the fewest instances that meet the SLOs at every tick, no start-up).
+Pure Python; no clock.
 """
 
 from __future__ import annotations
 
 import math
 
-from bench.fleet_sim import (
+from bench.sim.model import (
     Capacity,
+    Instances,
     PolicyResult,
     Scenario,
-    ServiceRun,
     Tick,
-    _account,
-    _peak_counts,
-    _release,
-    _role_utils,
+    account,
     evaluate,
     oracle_counts,
+    peak_counts,
+    role_utils,
 )
+
+
+def run_counts_policy(scenario: Scenario, counts_at) -> PolicyResult:
+    """A baseline that sets (P, D) per service and tick directly (no startup, no placement limits)."""
+    caps = {s.name: Capacity.of(s) for s in scenario.services}
+    result, t = PolicyResult(), 0.0
+    while t < scenario.duration_s:
+        for svc in scenario.services:
+            cap, rps = caps[svc.name], svc.shape.rate(t)
+            p, d = counts_at(svc, cap, t)
+            tick = evaluate(svc, cap, rps, p, d)
+            account(result, svc, cap, tick, rps, (p, d), (p, d), scenario.tick_s, t)
+        t += scenario.tick_s
+    return result
+
+
+def run_oracle(scenario: Scenario) -> PolicyResult:
+    return run_counts_policy(scenario, lambda svc, cap, t: oracle_counts(svc, cap, svc.shape.rate(t)))
+
+
+def run_static_peak(scenario: Scenario) -> PolicyResult:
+    peaks = peak_counts(scenario, {s.name: Capacity.of(s) for s in scenario.services})
+    return run_counts_policy(scenario, lambda svc, cap, t: peaks[svc.name])
 
 
 def run_reactive(scenario: Scenario, desire) -> PolicyResult:
@@ -28,8 +53,8 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     maxReplicas). Baselines are not limited by the topology (that can only flatter them); `mem` is the
     baseline's own state (delays, windows)."""
     caps = {s.name: Capacity.of(s) for s in scenario.services}
-    max_counts = {name: (2 * p, 2 * d) for name, (p, d) in _peak_counts(scenario, caps).items()}
-    runs = {s.name: ServiceRun(ready_prefill=1, ready_decode=1) for s in scenario.services}
+    max_counts = {name: (2 * p, 2 * d) for name, (p, d) in peak_counts(scenario, caps).items()}
+    runs = {s.name: Instances(ready_prefill=1, ready_decode=1) for s in scenario.services}
     mems: dict[str, dict] = {s.name: {} for s in scenario.services}
     last: dict[str, Tick | None] = {s.name: None for s in scenario.services}
     result, t = PolicyResult(), 0.0
@@ -43,16 +68,14 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
             want = (min(max(1, want[0]), bound[0]), min(max(1, want[1]), bound[1]))
             if want != have:
                 result.num_scale_actions += 1
-            add = (max(0, want[0] - have[0]), max(0, want[1] - have[1]))
-            if add != (0, 0):
-                run.pending.append((t + scenario.startup_s, *add))
-            _release(run, max(0, have[0] - want[0]), max(0, have[1] - want[1]))
+            run.resize(want, t, scenario.startup_s)
             if want[0] != math.ceil(want[1] * cap.ratio - 1e-9):
                 result.ratio_violations += 1
             rps = svc.shape.rate(t)
             tick = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
             last[svc.name] = tick
-            _account(result, svc, cap, tick, rps, run, run.allocated(), scenario.tick_s, t)
+            account(result, svc, cap, tick, rps, (run.ready_prefill, run.ready_decode), run.allocated(),
+                    scenario.tick_s, t)
         t += scenario.tick_s
     return result
 
@@ -64,7 +87,7 @@ def _hpa(target_util: float = 0.6, tolerance: float = 0.1, down_window_s: float 
     def desire(svc, cap, mem, last, run, t):
         if last is None:
             return run.ready_prefill, run.ready_decode
-        util_p, _, util_d, _ = _role_utils(svc, cap, last, run, svc.shape.rate(t))
+        util_p, _, util_d, _ = role_utils(svc, cap, last, svc.shape.rate(t), run.ready_prefill, run.ready_decode)
         out = []
         for role, current, util in (("p", run.ready_prefill, util_p), ("d", run.ready_decode, util_d)):
             ratio = util / target_util

@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet_sim import SimService  # noqa: E402
-from bench.request_sim import compare_with_fluid  # noqa: E402
+from bench.sim.model import SimService  # noqa: E402
+from bench.sim.request_sim import compare_with_fluid  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
-from bench.traces import RateShape, from_azure_csv, truncate  # noqa: E402
+from bench.load.traces import RateShape, from_azure_csv, truncate  # noqa: E402
 
 AZURE = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
 

@@ -1,0 +1,240 @@
+"""The control cycle shared by every world: observe -> decide -> place -> actions, as one pure function.
+
+`cycle(state, observation, view, now_s, config) -> (CycleResult, state)`. Pure: no Ray, vLLM, clock,
+environment or I/O (a unit test reads this module's imports). The world that calls it (the fleet simulator, the
+live Ray controller) reads the observation and the cluster view and applies the actions; `autoscaler.port`
+holds that contract and the one driver loop.
+
+Per service, from the policy's absolute targets and what the service's deployment groups (DGs) hold:
+- more of both roles (or of one) -> one scale-out request to `place()`: grow DGs or create new ones;
+- fewer -> terminate: first the replicas the DGs already hold withdrawn (chosen by `place()` when they were
+  withdrawn), the rest through a `place()` scale-in request (most precious RDMA tier first);
+- one role up and the other down (a schedule changed the ratio) -> both requests in the same `place()` call;
+- the policy's withdraw counts (soft scale-in) differ from what the DGs hold withdrawn -> a restore (all back)
+  or a `place()` scale-in request over the DGs' routable replicas that says which DGs withdraw how many.
+Every action is a DG's whole desired state (targets and withdrawn counts), never a delta, so re-applying it
+changes nothing; each carries the policy's reason and, where `place()` chose, the scheduler's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Mapping, Sequence
+
+from autoscaler.model import Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
+from autoscaler.policy import decide
+from common.vocab import DeploymentGroup, NodeInfo
+from placement.scheduler import (
+    ActionKind as PlaceKind,
+    Placement,
+    PlacementAction,
+    ScaleRequest,
+    SchedulerConfig,
+    ServiceShape,
+    Unplaced,
+    Why,
+    place,
+)
+from placement.topology import build_tree
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """One DG as the world sees it: its targets (in `group`) and its replicas' observed states per role."""
+
+    group: DeploymentGroup
+    prefill: RoleCounts = RoleCounts()
+    decode: RoleCounts = RoleCounts()
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The accelerator nodes (free GPUs: what no DG holds) and each service's DGs."""
+
+    nodes: tuple[NodeInfo, ...]
+    groups: Mapping[str, tuple[GroupState, ...]] = field(default_factory=dict)  # service -> its DGs
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    fleet: FleetConfig
+    shapes: Mapping[str, ServiceShape]  # per service: GPU types, affinity, GPUs per instance (for place())
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.fleet.services) - set(self.shapes))
+        if missing:
+            raise ValueError(f"services {missing} have a policy but no placement shape")
+
+
+class GroupActionKind(str, Enum):
+    CREATE = "create"  # a new DG (domain, GPU types, counts in `group`); `placement` is the batch to probe
+    SCALE = "scale"  # an existing DG's replica targets change (grow, terminate, shrink)
+    WITHDRAW = "withdraw"  # only the DG's withdrawn counts change (soft scale-in starts, or a restore)
+    REMOVE = "remove"  # the DG is emptied: delete its deployments
+
+
+@dataclass(frozen=True)
+class GroupAction:
+    """A DG's desired state after this cycle. `group` holds the absolute targets; `withdrawn_*` how many of them
+    stay out of routing."""
+
+    kind: GroupActionKind
+    group: DeploymentGroup
+    withdrawn_prefill: int = 0
+    withdrawn_decode: int = 0
+    reason: Reason = Reason.PROPORTIONAL  # the policy's reason for the service's change
+    why: Why | None = None  # the scheduler's reason, where place() chose the DG
+    placement: PlacementAction | None = None  # the added batch (GROW/CREATE) for an all-or-nothing probe
+    advisory: bool = False  # the service is in advisory mode: log and export, never apply
+
+    @property
+    def service(self) -> str:
+        return self.group.service
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    decision: Decision
+    actions: tuple[GroupAction, ...] = ()
+    unplaced: tuple[Unplaced, ...] = ()  # what place() could not place or remove this cycle
+
+
+@dataclass
+class _Group:
+    """Mutable working copy of one DG during a cycle."""
+
+    base: GroupState
+    num_prefill: int
+    num_decode: int
+    withdrawn_prefill: int
+    withdrawn_decode: int
+    why: Why | None = None
+    placement: PlacementAction | None = None
+
+    @classmethod
+    def of(cls, gs: GroupState) -> _Group:
+        return cls(gs, gs.group.num_prefill, gs.group.num_decode, gs.prefill.withdrawn, gs.decode.withdrawn)
+
+    def routable(self) -> DeploymentGroup:
+        return replace(self.base.group, num_prefill=self.num_prefill - self.withdrawn_prefill,
+                       num_decode=self.num_decode - self.withdrawn_decode)
+
+    def current(self) -> DeploymentGroup:
+        return replace(self.base.group, num_prefill=self.num_prefill, num_decode=self.num_decode)
+
+
+def _totals(groups: Sequence[_Group]) -> tuple[int, int, int, int]:
+    return (sum(g.num_prefill for g in groups), sum(g.num_decode for g in groups),
+            sum(g.withdrawn_prefill for g in groups), sum(g.withdrawn_decode for g in groups))
+
+
+def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) -> tuple[int, int]:
+    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn; returns what is left to terminate."""
+    for g in groups:
+        take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
+        g.num_prefill, g.withdrawn_prefill = g.num_prefill - take_p, g.withdrawn_prefill - take_p
+        g.num_decode, g.withdrawn_decode = g.num_decode - take_d, g.withdrawn_decode - take_d
+        prefill, decode = prefill - take_p, decode - take_d
+    return prefill, decode
+
+
+def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[int, int], groups: list[_Group]
+                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
+    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty."""
+    have_p, have_d, _, _ = _totals(groups)
+    dp, dd = target[0] - have_p, target[1] - have_d
+    out, terminate, withdrawing = [], [], []
+    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
+    if left_p or left_d:
+        terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups)))
+    if dp > 0 or dd > 0:
+        out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups)))
+    _, _, held_p, held_d = _totals(groups)
+    if (held_p, held_d) != withdraw:
+        if withdraw[0] < held_p or withdraw[1] < held_d:  # restore (all), then withdraw afresh if still asked
+            for g in groups:
+                g.withdrawn_prefill = g.withdrawn_decode = 0
+            held_p = held_d = 0
+        more_p, more_d = withdraw[0] - held_p, withdraw[1] - held_d
+        if more_p or more_d:
+            routable = tuple(g.routable() for g in groups if g.routable().num_prefill or g.routable().num_decode)
+            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable))
+    return out, terminate, withdrawing
+
+
+def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s: float, config: CycleConfig
+          ) -> tuple[CycleResult, PolicyState]:
+    """One control cycle for every service of the fleet (see module docstring). Pure and deterministic."""
+    decision, new_state = decide(state, observation, now_s, config.fleet)
+    working: dict[str, dict[str, _Group]] = {}
+    scale_out: list[ScaleRequest] = []
+    scale_in: list[ScaleRequest] = []
+    withdraw_requests: list[ScaleRequest] = []
+    for name in sorted(config.fleet.services):
+        dec = decision.services[name]
+        groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
+        working[name] = {g.base.name: g for g in groups}
+        out, terminate, withdrawing = _plan_service(config.shapes[name], (dec.target_prefill, dec.target_decode),
+                                                    (dec.withdraw_prefill, dec.withdraw_decode), groups)
+        scale_out += out
+        scale_in += terminate
+        withdraw_requests += withdrawing
+
+    placement, withdrawal = Placement(), Placement()
+    if scale_out or scale_in or withdraw_requests:
+        tree = build_tree(view.nodes)  # scale-in reads only tiers, so one tree serves both calls
+        if scale_out or scale_in:
+            placement = place(tree, scale_in + scale_out, config.scheduler)
+        if withdraw_requests:  # which DGs withdraw: the same scale-in rule, over the routable replicas only
+            withdrawal = place(tree, withdraw_requests, config.scheduler)
+
+    created: dict[str, _Group] = {}
+    for act in placement.actions:
+        groups = working[act.service]
+        if act.kind is PlaceKind.CREATE:
+            group = DeploymentGroup(act.group, act.service, act.scope, act.domain, act.prefill_gpu_type,
+                                    act.decode_gpu_type, act.num_prefill, act.num_decode)
+            created[act.group] = groups[act.group] = _Group(GroupState(group), act.num_prefill, act.num_decode,
+                                                            0, 0, act.why, act)
+            continue
+        g = groups[act.group]
+        sign = 1 if act.kind is PlaceKind.GROW else -1
+        g.num_prefill += sign * act.num_prefill
+        g.num_decode += sign * act.num_decode
+        g.withdrawn_prefill = min(g.withdrawn_prefill, g.num_prefill)
+        g.withdrawn_decode = min(g.withdrawn_decode, g.num_decode)
+        g.why, g.placement = act.why, act if act.kind is PlaceKind.GROW else g.placement
+    for act in withdrawal.actions:
+        g = working[act.service][act.group]
+        g.withdrawn_prefill += act.num_prefill
+        g.withdrawn_decode += act.num_decode
+        g.why = act.why
+
+    actions = []
+    for name in sorted(working):
+        dec = decision.services[name]
+        for group_name in sorted(working[name]):
+            g = working[name][group_name]
+            before = g.base
+            if g.num_prefill == 0 and g.num_decode == 0:
+                kind = None if group_name in created else GroupActionKind.REMOVE
+            elif group_name in created:
+                kind = GroupActionKind.CREATE
+            elif (g.num_prefill, g.num_decode) != (before.group.num_prefill, before.group.num_decode):
+                kind = GroupActionKind.SCALE
+            elif (g.withdrawn_prefill, g.withdrawn_decode) != (before.prefill.withdrawn, before.decode.withdrawn):
+                kind = GroupActionKind.WITHDRAW
+            else:
+                kind = None
+            if kind is None:
+                continue
+            actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
+                                       g.why, g.placement, dec.advisory))
+    unplaced = placement.unplaced + withdrawal.unplaced
+    return CycleResult(decision, tuple(actions), unplaced), new_state

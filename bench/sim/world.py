@@ -1,0 +1,188 @@
+"""The simulated world our control cycle drives: the first implementation of `autoscaler.port.World`.
+
+Per deployment group (DG) it keeps Ready, starting and withdrawn instances; `observe()` reports last tick's
+fluid signals, `cluster_view()` the fleet's nodes with free GPUs (total minus what DGs hold, charged to the
+DG's domain nodes of the right type, fullest first; the paper's scheduler rebuilds this view each cycle) and
+the DGs, and `apply()` makes the cycle's actions real: added instances become Ready after `startup_s`,
+terminated ones go at once (starting ones first, they serve nothing yet). `run_heteroscale` is "advance the
+world, call the shared step, account". Pure Python; simulated time only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from autoscaler.cycle import ClusterView, CycleConfig, GroupAction, GroupActionKind, GroupState
+from autoscaler.model import Action, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
+from autoscaler.port import step
+from bench.sim.model import Capacity, Instances, PolicyResult, Scenario, SimService, Tick, account, evaluate
+from common.vocab import DeploymentGroup, NodeInfo
+from placement.scheduler import ServiceShape
+
+
+@dataclass
+class SimGroup(Instances):
+    """One DG's instances. Its targets = Ready + starting; withdrawn ones are Ready, out of routing."""
+
+    group: DeploymentGroup | None = None
+    withdrawn_prefill: int = 0
+    withdrawn_decode: int = 0
+
+    def routable(self) -> tuple[int, int]:
+        return max(0, self.ready_prefill - self.withdrawn_prefill), max(0, self.ready_decode - self.withdrawn_decode)
+
+    def state(self) -> GroupState:
+        pending_p, pending_d = self.pending_counts()
+        return GroupState(self.group,
+                          RoleCounts(self.ready_prefill - self.withdrawn_prefill, pending_p, self.withdrawn_prefill),
+                          RoleCounts(self.ready_decode - self.withdrawn_decode, pending_d, self.withdrawn_decode))
+
+
+def policy_config(svc: SimService, cap: Capacity) -> PolicyConfig:
+    return PolicyConfig(target_decode_tps_per_instance=0.9 * cap.cap_decode_tps, prefill_per_decode=cap.ratio,
+                        max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
+                        ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=cap.prefill.tp,
+                        gpus_per_decode=cap.decode.tp, scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0,
+                        soft_scale_in_window_s=120.0, staleness_limit_s=90.0)
+
+
+def service_shape(svc: SimService) -> ServiceShape:
+    return ServiceShape(svc.name, (svc.prefill_gpu,), (svc.decode_gpu,), affinity=svc.affinity,
+                        priority=svc.priority, gpus_per_prefill=svc.tp_prefill, gpus_per_decode=svc.tp_decode)
+
+
+def cycle_config(scenario: Scenario) -> CycleConfig:
+    fleet = FleetConfig(services={s.name: policy_config(s, Capacity.of(s)) for s in scenario.services})
+    return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
+
+
+class SimWorld:
+    """The fleet of a scenario under our control cycle (implements `autoscaler.port.World`)."""
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        self.services = {s.name: s for s in scenario.services}
+        self.caps = {s.name: Capacity.of(s) for s in scenario.services}
+        self.groups: dict[str, dict[str, SimGroup]] = {s.name: {} for s in scenario.services}
+        self.last_ticks: dict[str, Tick] = {}
+        self._tp = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
+        self._nodes: tuple[NodeInfo, ...] | None = None  # free GPUs; recomputed only after DGs change
+
+    # ---- the port ------------------------------------------------------------------------------------------------
+
+    def observe(self, now_s: float) -> Observation:
+        services = {}
+        for name in self.services:
+            tick = self.last_ticks.get(name)
+            states = [g.state() for g in self.groups[name].values()]
+            services[name] = ServiceObservation(
+                decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
+                ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
+                tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
+                prefill=_sum_counts(s.prefill for s in states), decode=_sum_counts(s.decode for s in states))
+        return Observation(services=services)
+
+    def cluster_view(self, now_s: float) -> ClusterView:
+        if self._nodes is None:
+            self._nodes = nodes_with_allocations(self.scenario.nodes, self.groups, self._tp)
+        return ClusterView(nodes=self._nodes,
+                           groups={name: tuple(g.state() for _, g in sorted(groups.items()))
+                                   for name, groups in self.groups.items()})
+
+    def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
+        if actions:
+            self._nodes = None
+        for action in actions:
+            groups = self.groups[action.service]
+            name = action.group.name
+            if action.kind is GroupActionKind.REMOVE:
+                groups.pop(name, None)
+                continue
+            g = groups.get(name)
+            if g is None:
+                g = groups[name] = SimGroup(group=action.group)
+            g.resize((action.group.num_prefill, action.group.num_decode), now_s, self.scenario.startup_s)
+            g.group = action.group
+            g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
+
+    # ---- the world's own time --------------------------------------------------------------------------------------
+
+    def advance(self, now_s: float) -> None:
+        for groups in self.groups.values():
+            for g in groups.values():
+                g.promote(now_s)
+
+    def serve(self, now_s: float, result: PolicyResult) -> None:
+        """One tick of traffic at every service; accounts it into `result`."""
+        for name, svc in self.services.items():
+            cap, rps = self.caps[name], svc.shape.rate(now_s)
+            groups = self.groups[name].values()
+            routable = [g.routable() for g in groups]
+            tick = evaluate(svc, cap, rps, sum(r[0] for r in routable), sum(r[1] for r in routable))
+            self.last_ticks[name] = tick
+            ready = (sum(g.ready_prefill for g in groups), sum(g.ready_decode for g in groups))
+            allocated = [g.allocated() for g in groups]
+            account(result, svc, cap, tick, rps, ready, (sum(a[0] for a in allocated), sum(a[1] for a in allocated)),
+                    self.scenario.tick_s, now_s)
+
+
+def _sum_counts(counts) -> RoleCounts:
+    counts = list(counts)
+    return RoleCounts(sum(c.ready for c in counts), sum(c.pending for c in counts), sum(c.withdrawn for c in counts))
+
+
+def nodes_with_allocations(nodes: Sequence[NodeInfo], groups: dict[str, dict[str, SimGroup]],
+                           tps: dict[str, tuple[int, int]]) -> tuple[NodeInfo, ...]:
+    """Free GPUs per node = total - what DGs hold, charged to the DG's domain nodes of the right type in order."""
+    free = {n.node_id: n.total_gpus for n in nodes}
+    by_domain: dict[tuple[str, str], list[NodeInfo]] = {}
+    for node in nodes:
+        by_domain.setdefault(("s1", node.s1), []).append(node)
+        by_domain.setdefault(("s2", node.s2), []).append(node)
+        by_domain.setdefault(("cluster", "*"), []).append(node)
+    for name, service_groups in groups.items():
+        tp = tps.get(name, (1, 1))
+        for sim_group in service_groups.values():
+            g = sim_group.group
+            for gpu_type, count in ((g.prefill_gpu_type, g.num_prefill * tp[0]),
+                                    (g.decode_gpu_type, g.num_decode * tp[1])):
+                for node in by_domain.get((g.scope, g.domain), []):
+                    if count == 0:
+                        break
+                    if node.gpu_type == gpu_type:
+                        take = min(count, free[node.node_id])
+                        free[node.node_id] -= take
+                        count -= take
+    return tuple(NodeInfo(n.node_id, n.gpu_type, n.total_gpus, free[n.node_id], n.s1, n.s2) for n in nodes)
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    """What one control period saw and did (for the parity replay and tests)."""
+
+    now_s: float
+    observation: Observation
+    view: ClusterView
+    actions: tuple[GroupAction, ...]
+
+
+def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None) -> PolicyResult:
+    """Ours: every tick the shared control cycle (decide + place) against the simulated world."""
+    world, config = SimWorld(scenario), cycle_config(scenario)
+    result, state = PolicyResult(), PolicyState()
+    t = 0.0
+    while t < scenario.duration_s:
+        world.advance(t)
+        cycle_result, state, observation, view = step(world, state, t, config)
+        if record is not None:
+            record.append(CycleRecord(t, observation, view, cycle_result.actions))
+        for name, dec in cycle_result.decision.services.items():
+            if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
+                result.num_scale_actions += 1
+            if dec.target_prefill != config.fleet.services[name].pair_for_decode(dec.target_decode)[0]:
+                result.ratio_violations += 1
+        result.unplaced += len(cycle_result.unplaced)
+        world.serve(t, result)
+        t += scenario.tick_s
+    return result
