@@ -205,6 +205,61 @@ class IngressSpec(_Strict):
     api_key: str | None = Field(None, description="API key given directly (prefer api_key_env)")
 
 
+class ScheduleWindowSpec(_Strict):
+    start_s: float = Field(ge=0, le=86_400, description="window start, seconds after midnight (UTC)")
+    end_s: float = Field(gt=0, le=86_400)
+    total_instances: int = Field(ge=2, description="prefill + decode instances in the window")
+    prefill_per_decode: float = Field(gt=0)
+
+
+class AutoscalingSpec(_Strict):
+    """The service's controller. Units in the names; defaults suit the local CPU cluster (seconds-scale loops)."""
+
+    enabled: bool = Field(True, description="start the controller with the service (`heteroscale deploy`)")
+    advisory: bool = Field(False, description="run the whole loop, log and export decisions, actuate nothing")
+    mode: Literal["metrics", "periodic", "metrics_with_schedule_floor"] = "metrics"
+    schedule: list[ScheduleWindowSpec] = Field(default_factory=list)
+    control_period_s: float = Field(5.0, gt=0, le=600, description="one observe -> decide -> act tick")
+    target_decode_tps_per_instance: float = Field(
+        gt=0, description="decode tokens/s one decode replica should carry (from a stress test at the SLOs)")
+    prefill_per_decode: float = Field(1.0, gt=0, description="P:D ratio that meets the SLOs (stress test)")
+    ttft_slo_s: float | None = Field(None, gt=0, description="TTFT SLO as users see it (at the ingress)")
+    tbt_slo_s: float | None = Field(None, gt=0, description="time-between-tokens SLO")
+    slo_quantile: float = Field(0.9, gt=0, lt=1, description="the percentile the SLOs are stated at")
+    min_prefill: int = Field(1, ge=1)
+    max_prefill: int = Field(8, ge=1)
+    min_decode: int = Field(1, ge=1)
+    max_decode: int = Field(8, ge=1)
+    hysteresis_band: float = Field(0.1, ge=0, lt=1)
+    scale_out_cooldown_s: float = Field(15.0, ge=0)
+    scale_in_cooldown_s: float = Field(60.0, ge=0)
+    latency_cooldown_s: float = Field(30.0, ge=0)
+    max_step_fraction: float = Field(0.5, gt=0)
+    soft_scale_in_window_s: float = Field(30.0, ge=0, description="observe SLOs this long before terminating")
+    signal_window_s: float = Field(20.0, gt=0, description="look-back of rates and percentiles")
+    staleness_limit_s: float = Field(15.0, gt=0, description="older signals count as missing: hold")
+    report_interval_s: float = Field(1.0, gt=0, le=60, description="replicas and ingress report this often")
+    ready_ratio_tolerance_instances: int = Field(1, ge=0)
+    ready_ratio_tolerance_fraction: float = Field(0.2, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, gt=0, description="drain time of a terminated replica; None = the ingress request timeout + 10 s")
+    decision_log: str | None = Field(None, description="JSONL path on the controller's node; None = none")
+    probe_timeout_s: float = Field(10.0, gt=0, description="all-or-nothing probe of a new batch")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.max_prefill < self.min_prefill:
+            raise ValueError(f"max_prefill ({self.max_prefill}) must be >= min_prefill ({self.min_prefill})")
+        if self.max_decode < self.min_decode:
+            raise ValueError(f"max_decode ({self.max_decode}) must be >= min_decode ({self.min_decode})")
+        if self.mode != "metrics" and not self.schedule:
+            raise ValueError(f"mode {self.mode!r} needs a non-empty schedule")
+        if self.staleness_limit_s < self.report_interval_s:
+            raise ValueError(f"staleness_limit_s ({self.staleness_limit_s}) must be >= report_interval_s "
+                             f"({self.report_interval_s}), or every signal is stale")
+        return self
+
+
 class ServiceSpecModel(_Strict):
     name: str
     model: ModelSpec = ModelSpec()
@@ -213,6 +268,7 @@ class ServiceSpecModel(_Strict):
     affinity: Literal["s1", "s2", "cluster"] = "s1"
     deployment_groups: list[DeploymentGroupSpec] = Field(min_length=1)
     ingress: IngressSpec = IngressSpec()
+    autoscaling: AutoscalingSpec | None = Field(None, description="the controller; None = fixed replica counts")
 
     @field_validator("name")
     @classmethod
@@ -225,6 +281,11 @@ class ServiceSpecModel(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"deployment group names must be unique; repeated: {dupes}")
+        drain = self.autoscaling.graceful_shutdown_timeout_s if self.autoscaling else None
+        if drain is not None and drain < self.ingress.request_timeout_s:
+            raise ValueError(f"autoscaling.graceful_shutdown_timeout_s ({drain}) must be >= "
+                             f"ingress.request_timeout_s ({self.ingress.request_timeout_s}): a terminated replica "
+                             "must be able to finish every request it holds")
         return self
 
 
@@ -237,7 +298,14 @@ class ServiceSpec:
     affinity: str
     deployment_groups: tuple[DeploymentGroup, ...]  # GPU types unresolved (None) until deploy
     ingress: IngressSpec
+    autoscaling: AutoscalingSpec | None = None
     source_path: str | None = field(default=None, compare=False)
+
+    def drain_timeout_s(self) -> float:
+        """How long Serve lets a terminated replica finish what it holds: longer than any request may take."""
+        if self.autoscaling and self.autoscaling.graceful_shutdown_timeout_s is not None:
+            return self.autoscaling.graceful_shutdown_timeout_s
+        return self.ingress.request_timeout_s + self.ingress.stream_idle_timeout_s + 10.0
 
     def api_key(self) -> str | None:
         if self.ingress.api_key:
@@ -303,6 +371,7 @@ def parse_service_spec(data: dict, source: str = "<dict>") -> ServiceSpec:
                                                 g.prefill_replicas, g.decode_replicas)
                                 for g in model.deployment_groups),
         ingress=model.ingress,
+        autoscaling=model.autoscaling,
         source_path=None if source == "<dict>" else source,
     )
 

@@ -20,6 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from common import histogram
+
 try:  # The logger base class is vLLM's; the counters work without vLLM (unit tests).
     from vllm.v1.metrics.loggers import StatLoggerBase as _Base
 except ImportError:  # pragma: no cover - vLLM absent
@@ -53,11 +55,10 @@ class StatsSnapshot:
     total_finished_requests: int
 
     def as_metrics(self) -> dict[str, float]:
-        """Numeric dict for Serve's `record_autoscaling_stats` (NaN replaced by 0 where a number is required)."""
-        out = {}
-        for key, value in self.__dict__.items():
-            out[key] = 0.0 if isinstance(value, float) and math.isnan(value) else float(value)
-        return out
+        """The numbers as floats; a latency with no sample in the window is left out (missing stays missing,
+        never 0, which would read as perfect latency)."""
+        return {key: float(value) for key, value in self.__dict__.items()
+                if not (isinstance(value, float) and math.isnan(value))}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -88,6 +89,8 @@ class EngineStats:
         self._tbt: deque[tuple[float, float]] = deque(maxlen=_SAMPLES)
         self._points: deque[tuple[float, int, int, int]] = deque(maxlen=_RATE_POINTS)
         self._points.append((clock(), 0, 0, 0))
+        self._ttft_hist = histogram.empty()  # cumulative, since the engine started (common.histogram buckets)
+        self._tbt_hist = histogram.empty()
 
     def record_iteration(self, *, generation_tokens: int, prompt_total: int, prompt_computed: int,
                          prompt_local_hit: int, prompt_external: int, ttfts_s: list[float],
@@ -102,6 +105,8 @@ class EngineStats:
             self.finished_requests += finished
             self._ttft.extend((now, v) for v in ttfts_s)
             self._tbt.extend((now, v) for v in tbts_s)
+            histogram.add(self._ttft_hist, ttfts_s)
+            histogram.add(self._tbt_hist, tbts_s)
             point = (now, self.generation_tokens, self.prompt_computed, self.prompt_external)
             if now - self._points[-1][0] < 0.25 and len(self._points) > 1:
                 self._points[-1] = point  # coalesce: at most ~4 points a second
@@ -111,6 +116,11 @@ class EngineStats:
     def record_scheduler(self, *, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
         with self._lock:
             self.num_running, self.num_waiting, self.kv_cache_usage = num_running, num_waiting, kv_cache_usage
+
+    def histograms(self) -> dict[str, list[int]]:
+        """Cumulative TTFT and TBT bucket counts (for merging across replicas and differencing over time)."""
+        with self._lock:
+            return {"ttft": list(self._ttft_hist), "tbt": list(self._tbt_hist)}
 
     def snapshot(self, window_s: float = 30.0) -> StatsSnapshot:
         if window_s <= 0:

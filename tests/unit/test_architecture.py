@@ -17,14 +17,15 @@ PACKAGES = ("heteroscale_ray", "common", "serving", "autoscaler", "placement", "
 ALLOWED = {
     "heteroscale_ray": {"common", "serving", "autoscaler", "placement", "bench"},
     "serving": {"common"},
-    "autoscaler": {"common", "placement"},
+    "autoscaler": {"common", "placement", "serving"},  # the controller deploys DGs through serving.app
     "placement": {"common"},
     "bench": {"common", "autoscaler", "placement"},
     "common": set(),
 }
 # The pure cores: no Ray, vLLM, HTTP, clock, randomness, environment or I/O, and only pure cores below them.
-PURE = {"common.vocab", "autoscaler.model", "autoscaler.policy", "autoscaler.gating", "autoscaler.cycle",
-        "autoscaler.port", "placement.topology", "placement.scheduler"}
+PURE = {"common.vocab", "common.histogram", "autoscaler.model", "autoscaler.policy", "autoscaler.gating",
+        "autoscaler.cycle", "autoscaler.port", "autoscaler.signals", "autoscaler.membership", "placement.topology",
+        "placement.scheduler"}
 IMPURE_ROOTS = {"ray", "vllm", "time", "datetime", "os", "sys", "random", "socket", "subprocess", "threading",
                 "asyncio", "httpx", "aiohttp", "requests", "urllib", "pathlib", "io", "logging", "uuid"}
 

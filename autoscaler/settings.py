@@ -1,0 +1,68 @@
+"""The service spec's `autoscaling` section as the policy's frozen config and the controller's settings.
+
+Validated once: pydantic checks each field (`common.config.AutoscalingSpec`), then `PolicyConfig` checks the
+rules between fields; either error names the field and the value, prefixed with `autoscaling.`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autoscaler.model import LatencyTier, Mode, PolicyConfig, ScheduleWindow
+from common.config import AutoscalingSpec, ConfigError, ServiceSpec
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """What the controller needs besides the policy: loop period, signal windows, gating, drain, log."""
+
+    service: str
+    control_period_s: float
+    signal_window_s: float
+    staleness_limit_s: float
+    report_interval_s: float
+    slo_quantile: float
+    ready_ratio_tolerance_instances: int
+    ready_ratio_tolerance_fraction: float
+    graceful_shutdown_timeout_s: float
+    probe_timeout_s: float
+    decision_log: str | None
+    advisory: bool
+
+
+def policy_config(spec: ServiceSpec) -> PolicyConfig:
+    a = _section(spec)
+    try:
+        return PolicyConfig(
+            target_decode_tps_per_instance=a.target_decode_tps_per_instance,
+            prefill_per_decode=a.prefill_per_decode,
+            min_prefill=a.min_prefill, max_prefill=a.max_prefill, min_decode=a.min_decode, max_decode=a.max_decode,
+            hysteresis_band=a.hysteresis_band, scale_out_cooldown_s=a.scale_out_cooldown_s,
+            scale_in_cooldown_s=a.scale_in_cooldown_s, max_step_fraction=a.max_step_fraction,
+            tbt_slo_s=a.tbt_slo_s, ttft_slo_s=a.ttft_slo_s,
+            latency_tiers=(LatencyTier(1.1, 0.10), LatencyTier(1.5, 0.20)),
+            latency_cooldown_s=a.latency_cooldown_s, soft_scale_in_window_s=a.soft_scale_in_window_s,
+            staleness_limit_s=a.staleness_limit_s, mode=Mode(a.mode),
+            schedule=tuple(ScheduleWindow(w.start_s, w.end_s, w.total_instances, w.prefill_per_decode)
+                           for w in a.schedule),
+            advisory=a.advisory,
+            gpus_per_prefill=spec.roles.prefill.gpus_per_replica, gpus_per_decode=spec.roles.decode.gpus_per_replica)
+    except ValueError as err:
+        raise ConfigError(f"{spec.source_path or spec.name}: autoscaling: {err}") from None
+
+
+def controller_settings(spec: ServiceSpec) -> ControllerSettings:
+    a = _section(spec)
+    return ControllerSettings(
+        service=spec.name, control_period_s=a.control_period_s, signal_window_s=a.signal_window_s,
+        staleness_limit_s=a.staleness_limit_s, report_interval_s=a.report_interval_s, slo_quantile=a.slo_quantile,
+        ready_ratio_tolerance_instances=a.ready_ratio_tolerance_instances,
+        ready_ratio_tolerance_fraction=a.ready_ratio_tolerance_fraction,
+        graceful_shutdown_timeout_s=spec.drain_timeout_s(), probe_timeout_s=a.probe_timeout_s,
+        decision_log=a.decision_log, advisory=a.advisory)
+
+
+def _section(spec: ServiceSpec) -> AutoscalingSpec:
+    if spec.autoscaling is None:
+        raise ConfigError(f"{spec.source_path or spec.name}: the service has no `autoscaling` section")
+    return spec.autoscaling
