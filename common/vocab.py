@@ -111,3 +111,22 @@ class DeploymentGroup:
         if gpu_type is None:
             raise ValueError(f"deployment group {self.name!r}: the {role.value} GPU type is not resolved yet")
         return label_selector(self.scope, self.domain, gpu_type)
+
+
+# ---- names of what a service deploys (the controller, the router and the CLI find each other by these) -----------
+
+INGRESS_DEPLOYMENT = "ingress"
+CONTROLLER_NAMESPACE = "heteroscale"
+
+
+def group_app_name(service: str, group: str) -> str:
+    """Each DG is its own Serve application, so adding or removing one never redeploys another."""
+    return f"{service}--{group}"
+
+
+def deployment_name(service: str, group: str, role: Role) -> str:
+    return f"{service}:{group}:{role.value}"
+
+
+def controller_name(service: str) -> str:
+    return f"heteroscale-controller-{service}"

@@ -70,10 +70,34 @@ def cmd_undeploy(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from heteroscale_ray import demo
+def cmd_status(args) -> int:
+    from heteroscale_ray import local_cluster, service
 
-    return demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args))
+    spec = load_service_spec(args.service)
+    address = _address(args)
+    if address is None:
+        state = local_cluster.read_state()
+        if state is None or not local_cluster.is_running():
+            print("no cluster: run `heteroscale up` first or set RAY_ADDRESS", file=sys.stderr)
+            return 2
+        address = state.address
+    report = service.status(spec, address)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(service.format_status(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if args.quick:
+        from heteroscale_ray import demo
+
+        return demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args))
+    from heteroscale_ray import autoscale_demo
+
+    return autoscale_demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args),
+                              runs_dir=args.runs_dir)
 
 
 def cmd_model(args) -> int:
@@ -213,10 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop the local cluster started by `up` (and nothing else)")
     add("deploy", cmd_deploy, "deploy the P/D service and wait until it is RUNNING", service=True, address=True)
     add("undeploy", cmd_undeploy, "delete the P/D service", service=True, address=True)
-    add("demo", cmd_demo, "up + deploy + a burst of requests + report + down", cluster=True, service=True,
-        address=True)
+    add("demo", cmd_demo, "up + deploy with the controller + a load that scales out and in + report + down",
+        cluster=True, service=True, address=True)
+    sub.choices["demo"].add_argument("--quick", action="store_true",
+                                     help="instead: a burst of requests through fixed replicas (~3 min)")
+    sub.choices["demo"].add_argument("--runs-dir", default="runs", help="where runs/demo-<UTC>/ goes")
     add("model", cmd_model, "generate (or find) the tiny test model and print its path")
     add("validate", cmd_validate, "validate a cluster spec and a service spec together", cluster=True, service=True)
+    add("status", cmd_status, "the service's DGs, replicas per role, targets and the controller's last decisions",
+        service=True, address=True)
+    sub.choices["status"].add_argument("--json", action="store_true", help="machine-readable output")
 
     def add_trace_options(p):
         p.add_argument("--skip-bad", action="store_true", help="skip and count bad CSV rows instead of failing")

@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from common.config import ServiceSpec
+from common.vocab import Role, controller_name, deployment_name, group_app_name
 from heteroscale_ray.tiny_model import ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,15 @@ def connect(address: str | None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def import_build_app():
-    """Import `serving.app.build_app` (vLLM via ray.llm) without letting ray.llm take over driver logging.
+def import_serving_app():
+    """Import `serving.app` (vLLM via ray.llm) without letting ray.llm take over driver logging.
 
     On import ray.llm puts a JSON handler at INFO on the root logger, and its builders log every deployment's
     full options at INFO on handlers of their own; the CLI's console should show our progress lines only.
     """
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    from serving.app import build_app
+    from serving import app
 
     root.setLevel(level)
     for handler in root.handlers[:]:
@@ -46,7 +47,7 @@ def import_build_app():
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("ray.serve.ray.llm"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return build_app
+    return app
 
 
 def disconnect() -> None:
@@ -62,23 +63,45 @@ def model_path(service: ServiceSpec) -> str:
 
 def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float = 600.0,
            progress: Callable[[str], None] = print) -> str:
-    """Deploy (or update) the service and wait until RUNNING. Returns the base URL of the ingress."""
+    """Deploy the service (each deployment group its own Serve application, the ingress in front), wait until
+    every application is RUNNING, then start the service's controller when its `autoscaling` section enables
+    one. Returns the base URL of the ingress."""
     from ray import serve
+
+    from placement.ray_adapter import live_nodes
 
     connect(address)
     path = model_path(service)
-    build_app = import_build_app()
-    from placement.ray_adapter import live_nodes
-
-    app = build_app(service, path, live_nodes())
+    app = import_serving_app()
+    nodes = live_nodes()
+    groups = [app.build_group_app(service, group, slot, path, nodes)
+              for slot, group in enumerate(service.deployment_groups)]
     serve.start(http_options={"host": service.ingress.host, "port": service.ingress.port},
                 proxy_location="HeadOnly")
-    progress(f"deploying {service.name}: {len(service.deployment_groups)} deployment group(s), model {path}")
-    serve.run(app, name=service.name, route_prefix="/", blocking=False)
-    wait_running(service.name, timeout_s=timeout_s, progress=progress)
+    progress(f"deploying {service.name}: {len(groups)} deployment group(s), model {path}")
+    for built in groups:
+        app.run_group_app(service, built)
+    serve.run(app.build_ingress_app(service, groups), name=service.name, route_prefix="/", blocking=False)
+    for name in [g.app_name for g in groups] + [service.name]:
+        wait_running(name, timeout_s=timeout_s, progress=progress)
+    if service.autoscaling is not None and service.autoscaling.enabled:
+        from autoscaler import controller
+
+        controller.start(service, path, [(g.group, g.slot) for g in groups])
+        mode = "advisory" if service.autoscaling.advisory else "active"
+        progress(f"controller {controller_name(service.name)} started ({mode}, every "
+                 f"{service.autoscaling.control_period_s:g}s)")
     url = f"http://{service.ingress.host}:{service.ingress.port}"
     progress(f"{service.name} is RUNNING at {url}/v1")
     return url
+
+
+def group_apps(service_name: str) -> list[str]:
+    """The Serve applications of the service's deployment groups (those deployed and those the controller added)."""
+    from ray import serve
+
+    prefix = group_app_name(service_name, "")
+    return sorted(name for name in serve.status().applications if name.startswith(prefix))
 
 
 def wait_running(app_name: str, *, timeout_s: float, progress: Callable[[str], None] = print) -> None:
@@ -107,16 +130,14 @@ def wait_running(app_name: str, *, timeout_s: float, progress: Callable[[str], N
 
 
 def engine_handles(service: ServiceSpec):
-    """(group, role, deployment handle) of every engine deployment of the service."""
+    """(group, role, deployment handle) of every engine deployment of the service, controller-added DGs included."""
     from ray import serve
 
-    from common.vocab import Role
-    from serving.deployment_groups import deployment_name
-
-    for group in service.deployment_groups:
+    prefix = group_app_name(service.name, "")
+    for app_name in group_apps(service.name):
+        group = app_name[len(prefix):]
         for role in Role:
-            yield group.name, role, serve.get_deployment_handle(deployment_name(service.name, group.name, role),
-                                                                service.name)
+            yield group, role, serve.get_deployment_handle(deployment_name(service.name, group, role), app_name)
 
 
 def placements(service: ServiceSpec) -> list[dict]:
@@ -124,8 +145,68 @@ def placements(service: ServiceSpec) -> list[dict]:
     return [handle.placement.remote().result(timeout_s=30) for _, _, handle in engine_handles(service)]
 
 
-def undeploy(service_name: str, address: str | None = None) -> None:
+def undeploy(service_name: str, address: str | None = None) -> list[str]:
+    """Stop the controller (forgetting its state), then delete the ingress and every DG application."""
     from ray import serve
 
+    from autoscaler import controller
+
     connect(address)
-    serve.delete(service_name)
+    controller.stop(service_name)
+    apps = [a for a in [service_name, *group_apps(service_name)] if a in serve.status().applications]
+    for name in apps:
+        serve.delete(name)
+    return apps
+
+
+def status(service: ServiceSpec, address: str | None = None) -> dict:
+    """What `heteroscale status` shows: Serve's view of every DG application plus the controller's own."""
+    import ray
+    from ray import serve
+
+    from autoscaler import controller
+
+    connect(address)
+    apps = serve.status().applications
+    report: dict = {"service": service.name, "ingress": str(getattr(apps.get(service.name), "status", "NOT_DEPLOYED")),
+                    "applications": {}, "controller": None}
+    for name in group_apps(service.name):
+        report["applications"][name] = {dep: {"status": str(d.status), "replicas": dict(d.replica_states)}
+                                        for dep, d in apps[name].deployments.items()}
+    try:
+        report["controller"] = ray.get(controller.find(service.name).status.remote(), timeout=30)
+    except ValueError:
+        report["controller"] = None  # fixed replica counts, or not deployed
+    return report
+
+
+def format_status(report: dict) -> str:
+    lines = [f"service {report['service']}: ingress {report['ingress']}"]
+    ctl = report.get("controller")
+    if ctl is None:
+        lines.append("  no controller (fixed replica counts)")
+        for app, deps in report["applications"].items():
+            for dep, d in deps.items():
+                lines.append(f"  {dep}: {d['status']} {d['replicas']}")
+        return "\n".join(lines)
+    mode = "advisory" if ctl["advisory"] else "active"
+    lines.append(f"  controller: {mode}, {ctl['ticks']} ticks, every {ctl['control_period_s']:g}s, "
+                 f"targets P={ctl['target_prefill']} D={ctl['target_decode']}"
+                 + (f", soft scale-in since {ctl['soft_scale_in']['started_s']:.0f}" if ctl["soft_scale_in"] else "")
+                 + (f", errors {ctl['errors']}" if ctl["errors"] else ""))
+    lines.append(f"  {'group':<20} {'domain':<8} {'types (P/D)':<12} {'prefill r/w/p':<14} {'decode r/w/p':<14} target")
+    for g in ctl["groups"]:
+        p, d = g["prefill"], g["decode"]
+        lines.append(f"  {g['name']:<20} {g['domain']:<8} {g['prefill_gpu_type']}/{g['decode_gpu_type']:<8} "
+                     f"{p['ready']}/{p['withdrawn']}/{p['pending']:<10} {d['ready']}/{d['withdrawn']}/{d['pending']:<10} "
+                     f"{g['target_prefill']}P {g['target_decode']}D")
+    lines.append("  last decisions:")
+    for e in ctl["last_decisions"][-5:]:
+        acts = ", ".join(f"{a['kind']} {a['group']} -> {a['num_prefill']}P/{a['num_decode']}D"
+                         + (f" (withdrawn {a['withdrawn_prefill']}P/{a['withdrawn_decode']}D)"
+                            if a["withdrawn_prefill"] or a["withdrawn_decode"] else "") for a in e["actions"])
+        tps = e["observation"]["decode_tps"]
+        lines.append(f"    t={e['t']:.0f} {e['action']} ({e['reason']}) decode_tps="
+                     f"{'missing' if tps is None else f'{tps:.0f}'} -> P={e['target_prefill']} D={e['target_decode']}"
+                     + (f": {acts}" if acts else ""))
+    return "\n".join(lines)

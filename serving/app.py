@@ -1,45 +1,63 @@
-"""Build the Serve application of a P/D service: per deployment group a prefill and a decode deployment pinned
-to the group's domain and GPU types, and one OpenAI ingress in front. Imports vLLM (through ray.llm).
+"""Build the Serve applications of a P/D service: one application per deployment group (DG) with a prefill and
+a decode deployment pinned to the DG's domain and GPU types, and one ingress application in front.
+
+A DG per application lets the controller add or remove a DG (`serve.run` / `serve.delete` of that application)
+without redeploying, and so restarting, the replicas of any other DG; each DG application has
+`external_scaler_enabled` so the controller sets its replica targets. Imports vLLM (through ray.llm).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 from ray.llm._internal.serve.core.server.builder import build_llm_deployment
+from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig
 
 from common.config import ServiceSpec
-from common.vocab import NodeInfo
+from common.vocab import INGRESS_DEPLOYMENT, DeploymentGroup, NodeInfo, controller_name, group_app_name
 from serving.deployment_groups import RolePlan, plan_group
 from serving.engines import DecodeServer, PrefillServer
-from serving.ingress import PDIngressDeployment
+from serving.ingress import PDIngressDeployment, RoutingEntry
 
 logger = logging.getLogger(__name__)
 
-INGRESS_NAME = "ingress"
+ROUTER_CLASS = "serving.routing:AdmittedReplicaRouter"
+
+
+def _controlled(service: ServiceSpec) -> bool:
+    return service.autoscaling is not None and service.autoscaling.enabled
 
 
 def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLMConfig:
     gpu_key = next(k for k in plan.bundle if k != "CPU")
+    controlled = _controlled(service)
+    interval = service.autoscaling.report_interval_s if service.autoscaling else 1.0
+    deployment_config = {
+        # A fixed count at deploy; the HeteroScale controller changes it through Serve's external scaling. With
+        # num_replicas set, ray.llm drops its default per-deployment autoscaling_config (it would scale P, D apart).
+        "num_replicas": plan.num_replicas,
+        "max_ongoing_requests": plan.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": plan.bundle["CPU"]},
+        # One selector per bundle: the replica and its engine land on a node of the DG's domain and GPU type.
+        "placement_group_bundle_label_selector": [dict(plan.label_selector)],
+        # A terminated replica finishes what it holds (longer than any request may take).
+        "graceful_shutdown_timeout_s": service.drain_timeout_s(),
+    }
+    if controlled:
+        deployment_config["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_router_kwargs={"default_routable": False},
+            request_routing_stats_period_s=interval, request_routing_stats_timeout_s=max(5.0, 5 * interval))
     return LLMConfig(
         model_loading_config={"model_id": service.model.id, "model_source": model_path},
         engine_kwargs=dict(plan.engine_kwargs),
         placement_group_config={"bundle_per_worker": {gpu_key: plan.bundle[gpu_key]}},
-        deployment_config={
-            # A fixed count (config now, the HeteroScale controller later): with num_replicas set, ray.llm drops
-            # its default per-deployment autoscaling_config, which would scale P and D apart.
-            "num_replicas": plan.num_replicas,
-            "max_ongoing_requests": plan.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": plan.bundle["CPU"]},
-            # One selector per bundle: the replica and its engine land on a node of the DG's domain and GPU type.
-            "placement_group_bundle_label_selector": [dict(plan.label_selector)],
-        },
+        deployment_config=deployment_config,
         runtime_env={"env_vars": dict(plan.env)},
         experimental_configs={
             **({"stream_batching_interval_ms": service.engine.stream_batching_interval_ms}
@@ -47,45 +65,66 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
             "NIXL_SIDE_CHANNEL_PORT_BASE": plan.nixl_port_base,
             "heteroscale_role": plan.role.value,
             "heteroscale_group": plan.group,
+            "heteroscale_controller": controller_name(service.name) if controlled else None,
+            "heteroscale_report_interval_s": interval,
         },
         log_engine_metrics=True,
     )
 
 
-def build_app(service: ServiceSpec, model_path: str, nodes: Iterable[NodeInfo]) -> Application:
-    nodes = list(nodes)
-    decode_apps, resolved = {}, []
-    for index, group in enumerate(service.deployment_groups):
-        prefill_plan, decode_plan = plan_group(service, group, index, nodes, model_path)
-        resolved.append(replace(group, prefill_gpu_type=prefill_plan.gpu_type, decode_gpu_type=decode_plan.gpu_type))
-        prefill_cfg = llm_config_for(service, prefill_plan, model_path)
-        decode_cfg = llm_config_for(service, decode_plan, model_path)
-        prefill_app = build_llm_deployment(
-            prefill_cfg,
-            deployment_cls=PrefillServer,
-            override_serve_options={"name": prefill_plan.deployment_name},
-        )
-        decode_apps[group.name] = build_llm_deployment(
-            decode_cfg,
-            deployment_cls=DecodeServer,
-            bind_kwargs={"prefill_server": prefill_app},
-            override_serve_options={"name": decode_plan.deployment_name},
-        )
-        logger.info("DG %s in %s: prefill %dx %s, decode %dx %s", group.name, group.domain,
-                    prefill_plan.num_replicas, prefill_plan.gpu_type, decode_plan.num_replicas, decode_plan.gpu_type)
-    card = to_model_metadata(service.model.id, decode_cfg).model_dump()
-    ingress = serve.deployment(
-        PDIngressDeployment,
-        name=INGRESS_NAME,
-        num_replicas=1,
-        max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
-    )
+@dataclass(frozen=True)
+class GroupApp:
+    """One DG's application, ready for `serve.run(app, name=app_name, route_prefix=None, ...)`."""
+
+    app: Application
+    app_name: str
+    group: DeploymentGroup  # GPU types resolved
+    slot: int
+    decode_deployment: str
+    decode_config: LLMConfig
+
+
+def build_group_app(service: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str,
+                    nodes: Iterable[NodeInfo]) -> GroupApp:
+    prefill_plan, decode_plan = plan_group(service, group, slot, list(nodes), model_path)
+    prefill_app = build_llm_deployment(llm_config_for(service, prefill_plan, model_path),
+                                       deployment_cls=PrefillServer,
+                                       override_serve_options={"name": prefill_plan.deployment_name})
+    decode_cfg = llm_config_for(service, decode_plan, model_path)
+    decode_app = build_llm_deployment(decode_cfg, deployment_cls=DecodeServer,
+                                      bind_kwargs={"prefill_server": prefill_app},
+                                      override_serve_options={"name": decode_plan.deployment_name})
+    resolved = replace(group, prefill_gpu_type=prefill_plan.gpu_type, decode_gpu_type=decode_plan.gpu_type)
+    logger.info("DG %s in %s (slot %d): prefill %dx %s, decode %dx %s", group.name, group.domain, slot,
+                prefill_plan.num_replicas, prefill_plan.gpu_type, decode_plan.num_replicas, decode_plan.gpu_type)
+    return GroupApp(decode_app, group_app_name(service.name, group.name), resolved, slot,
+                    decode_plan.deployment_name, decode_cfg)
+
+
+def run_group_app(service: ServiceSpec, built: GroupApp) -> None:
+    """Deploy one DG's application without waiting for it (the caller watches its status)."""
+    from ray.serve.api import _run  # serve.run always waits for RUNNING
+
+    _run(built.app, _blocking=False, name=built.app_name, route_prefix=None,
+         external_scaler_enabled=_controlled(service))
+
+
+def build_ingress_app(service: ServiceSpec, groups: Iterable[GroupApp]) -> Application:
+    groups = list(groups)
+    if not groups:
+        raise ValueError(f"service {service.name!r} needs at least one deployment group")
+    card = to_model_metadata(service.model.id, groups[0].decode_config).model_dump()
+    table = {g.group.name: RoutingEntry(g.app_name, g.decode_deployment, g.group.num_decode, g.group)
+             for g in groups}
+    ingress = serve.deployment(PDIngressDeployment, name=INGRESS_DEPLOYMENT, num_replicas=1,
+                               max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    interval = service.autoscaling.report_interval_s if service.autoscaling else 1.0
     return ingress.bind(
-        groups=decode_apps,
-        deployment_groups=tuple(resolved),
+        groups=table,
         model_card=card,
         request_timeout_s=service.ingress.request_timeout_s,
         stream_idle_timeout_s=service.ingress.stream_idle_timeout_s,
         api_key=service.api_key(),
+        controller=controller_name(service.name) if _controlled(service) else None,
+        report_interval_s=interval,
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 from common.config import RoleSpec, ServiceSpec
-from common.vocab import DeploymentGroup, NodeInfo, Role, Scope, gpu_resource, label_selector
+from common.vocab import DeploymentGroup, NodeInfo, Role, Scope, deployment_name, gpu_resource, label_selector
 
 
 class PlacementError(ValueError):
@@ -57,10 +57,6 @@ class RolePlan:
     max_ongoing_requests: int
 
 
-def deployment_name(service: str, group: str, role: Role) -> str:
-    return f"{service}:{group}:{role.value}"
-
-
 def engine_kwargs(service: ServiceSpec, model_path: str) -> dict[str, Any]:
     """vLLM engine kwargs shared by both roles (NIXL connector, device-specific options from config)."""
     eng = service.engine
@@ -97,9 +93,12 @@ def role_env(service: ServiceSpec, role_spec: RoleSpec) -> dict[str, str]:
     return env
 
 
-def plan_group(service: ServiceSpec, group: DeploymentGroup, index: int, nodes: Iterable[NodeInfo],
+def plan_group(service: ServiceSpec, group: DeploymentGroup, slot: int, nodes: Iterable[NodeInfo],
                model_path: str) -> tuple[RolePlan, RolePlan]:
-    """Per-role plans for one DG. `index` spaces NIXL side-channel ports so co-located DGs never collide."""
+    """Per-role plans for one DG. `slot` is the DG's own (stable for its life, unique among live DGs) and spaces
+    NIXL side-channel ports so co-located DGs never collide."""
+    if slot < 0:
+        raise ValueError(f"slot ({slot}) of deployment group {group.name!r} must be >= 0")
     nodes = list(nodes)
     plans = []
     for offset, role in enumerate((Role.PREFILL, Role.DECODE)):
@@ -117,7 +116,7 @@ def plan_group(service: ServiceSpec, group: DeploymentGroup, index: int, nodes: 
                 engine_kwargs=engine_kwargs(service, model_path),
                 env=role_env(service, spec),
                 # 100 ports per (DG, role): Serve adds the replica rank x TP size to the base.
-                nixl_port_base=service.engine.nixl_side_channel_port_base + 200 * index + 100 * offset,
+                nixl_port_base=service.engine.nixl_side_channel_port_base + 200 * slot + 100 * offset,
                 max_ongoing_requests=spec.max_ongoing_requests,
             )
         )

@@ -1,13 +1,16 @@
-"""Prefill and decode engine servers: Ray Serve LLM's P/D servers plus per-replica stats and placement facts.
+"""Prefill and decode engine servers: Ray Serve LLM's P/D servers plus per-replica stats, reports and placement.
 
 `PrefillServer`/`DecodeServer` subclass `PDPrefillServer`/`PDDecodeServer` (decode orchestrates: it sends the
 prompt to its own DG's prefill deployment with `max_tokens=1`, receives the NIXL `kv_transfer_params`, then
 decodes locally with the KV pulled over NIXL). What we add:
 
-- `record_autoscaling_stats()`: decode tokens/s, KV-miss prefill tokens/s, TTFT/TBT percentiles, running and
-  waiting requests, KV-cache usage (from `serving.engine_stats`), for Serve's autoscaling context;
+- a report to the service's controller every `report_interval_s` (when the service has one): cumulative
+  generated and locally computed prompt tokens, TTFT/TBT histograms, running/waiting, KV usage, keyed by the
+  replica id. Ray 2.60 collects `record_autoscaling_stats()` only with an `autoscaling_config`, which external
+  scaling forbids, so the replica pushes. The answer says whether this replica is routable (soft scale-in,
+  ready-ratio gating), and `record_routing_stats()` hands that to the request routers (`serving.routing`);
 - the same numbers as Prometheus gauges (`ray.util.metrics`, exported by Ray as `ray_heteroscale_engine_*`,
-  tagged by role and deployment group);
+  tagged by role and deployment group; a latency with no sample in the window is not set);
 - `engine_stats()` and `placement()` for the ingress, tests and `heteroscale status`;
 - `DecodeServer.local_completions()`: a completion on this decode engine alone (no remote prefill), which
   diagnostics and the KV-transfer proof use to hand the engine explicit `kv_transfer_params`.
@@ -26,6 +29,7 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PDDecodeServer, PDPrefillServer
 from ray.util import metrics as ray_metrics
 
+from common.vocab import CONTROLLER_NAMESPACE
 from serving.engine_stats import ENGINE_STATS
 
 logger = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ _GAUGES = (
 
 
 class _StatsMixin:
-    """Shared by both roles. `_role` and `_group` come from the deployment's `llm_config.experimental_configs`."""
+    """Shared by both roles. Role, group and controller come from the deployment's `experimental_configs`."""
 
     _role = "unknown"
     _group = "unknown"
@@ -48,6 +52,13 @@ class _StatsMixin:
         extra = self._llm_config.experimental_configs
         self._role = str(extra.get("heteroscale_role", self._role))
         self._group = str(extra.get("heteroscale_group", self._group))
+        self._controller_name = extra.get("heteroscale_controller")  # None: fixed replica counts, always routable
+        self._report_interval_s = float(extra.get("heteroscale_report_interval_s", 1.0))
+        self._routable = self._controller_name is None
+        self._controller = None
+        from ray import serve
+
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._gauges = {
             name: ray_metrics.Gauge(f"heteroscale_engine_{name}", description=f"engine {name} (window "
                                     f"{STATS_WINDOW_S:.0f}s)", tag_keys=("role", "deployment_group"))
@@ -56,7 +67,9 @@ class _StatsMixin:
         tags = {"role": self._role, "deployment_group": self._group}
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
-        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+        loop = asyncio.get_running_loop()
+        self._publisher = loop.create_task(self._publish_loop())
+        self._reporter = loop.create_task(self._report_loop()) if self._controller_name else None
 
     async def _publish_loop(self) -> None:
         while True:
@@ -68,14 +81,42 @@ class _StatsMixin:
 
     def _publish(self, values: dict[str, float]) -> None:
         for name, gauge in self._gauges.items():
-            gauge.set(values[name])
+            if name in values:  # a latency without a sample stays unset, never 0
+                gauge.set(values[name])
 
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        return ENGINE_STATS.snapshot(STATS_WINDOW_S).as_metrics()
+    def _report(self) -> dict[str, Any]:
+        snap = ENGINE_STATS.snapshot(STATS_WINDOW_S)
+        hists = ENGINE_STATS.histograms()
+        return {"replica_id": self._replica_id, "group": self._group, "role": self._role,
+                "generation_tokens": snap.total_generation_tokens,
+                "prompt_computed_tokens": snap.total_prompt_computed_tokens,
+                "num_running": int(snap.num_running), "num_waiting": int(snap.num_waiting),
+                "kv_cache_usage": snap.kv_cache_usage, "tbt_hist": hists["tbt"], "ttft_hist": hists["ttft"]}
+
+    async def _report_loop(self) -> None:
+        """Push this replica's counters to the controller; its answer says whether we are routable. While the
+        controller cannot be reached the last answer stands (a restarting controller must not flip routing)."""
+        while True:
+            try:
+                if self._controller is None:
+                    self._controller = await asyncio.to_thread(ray.get_actor, self._controller_name,
+                                                               CONTROLLER_NAMESPACE)
+                answer = await asyncio.wait_for(self._controller.report_replica.remote(self._report()),
+                                                timeout=max(5.0, 5 * self._report_interval_s))
+                self._routable = bool(answer.get("routable", self._routable))
+            except Exception as exc:  # the controller may be starting, restarting or gone: keep serving
+                self._controller = None
+                logger.debug("report to %s failed: %s", self._controller_name, exc)
+            await asyncio.sleep(self._report_interval_s)
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve for the request routers of callers (`serving.routing.AdmittedReplicaRouter`)."""
+        return {"routable": self._routable}
 
     async def engine_stats(self, window_s: float = STATS_WINDOW_S) -> dict[str, Any]:
         snap = ENGINE_STATS.snapshot(window_s)
-        return {"role": self._role, "deployment_group": self._group, **snap.__dict__}
+        return {"role": self._role, "deployment_group": self._group, "replica_id": self._replica_id,
+                "routable": self._routable, **snap.__dict__}
 
     async def placement(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()

@@ -1,10 +1,16 @@
 """OpenAI-compatible ingress that balances requests across deployment groups.
 
 Builds on Ray Serve LLM's `OpenAiIngress` (request models, validation-error handling, SSE framing) and adds:
-choice of deployment group per request (least in-flight among the groups admitted to routing, round-robin on
-ties), a withdraw/restore switch per group for soft scale-in, configurable timeouts (whole request, or first
-token plus idle gap when streaming), an optional API key, `GET /health`, `GET /metrics` (Prometheus text) and
-`GET /v1/heteroscale/stats` (what each group served). Each DG's decode deployment drives its own DG's prefill.
+choice of deployment group (DG) per request, weighted by each DG's routable decode replicas (least in-flight
+per weight; round-robin on ties; a DG of weight 0 gets nothing new), a withdraw/restore switch per DG,
+configurable timeouts (whole request, or first token plus idle gap when streaming), an optional API key,
+`GET /health`, `GET /metrics` (Prometheus text) and `GET /v1/heteroscale/stats` (what each DG served). Each
+DG's decode deployment (its own Serve application) drives its own DG's prefill.
+
+With a controller, the ingress reports every `report_interval_s`: per-DG TTFT histograms as clients see them
+(request arrival to first streamed chunk: queueing, remote prefill and the KV pull included) and in-flight
+counts; the answer is the routing table (DGs, their applications and weights), so DGs the controller adds or
+removes are discovered at run time. While the controller cannot be reached the last table stands.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import AsyncGenerator, Sequence
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Mapping
 
 from fastapi import HTTPException, Request, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,7 +41,8 @@ from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from common.vocab import DeploymentGroup
+from common import histogram
+from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,20 @@ _INFLIGHT = Gauge("heteroscale_ingress_inflight", "requests in flight per deploy
                   registry=_REGISTRY)
 _ROUTED = Counter("heteroscale_ingress_routed", "requests routed per deployment group", ("deployment_group",),
                   registry=_REGISTRY)
+_TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first streamed chunk, per deployment "
+                  "group", ("deployment_group",), registry=_REGISTRY,
+                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 120))
+
+
+@dataclass(frozen=True)
+class RoutingEntry:
+    """Where one DG's requests go: its Serve application and decode deployment, and its routing weight (the
+    number of routable decode replicas; 0 = no new requests)."""
+
+    app_name: str
+    decode_deployment: str
+    weight: float
+    group: DeploymentGroup | None = None
 
 _OPEN_PATHS = ("/health", "/metrics")
 _API_KEY: dict[str, str | None] = {"value": None}  # set by the replica's __init__; read by the middleware
@@ -102,37 +125,92 @@ async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> Asyn
 class PDIngress(OpenAiIngress):
     """One model, several deployment groups (each a decode deployment that drives its own prefill)."""
 
-    def __init__(self, groups: dict[str, DeploymentHandle], model_card: dict, *, request_timeout_s: float,
-                 stream_idle_timeout_s: float, api_key: str | None = None,
-                 deployment_groups: Sequence[DeploymentGroup] = ()):
+    def __init__(self, groups: Mapping[str, RoutingEntry], model_card: dict, *, request_timeout_s: float,
+                 stream_idle_timeout_s: float, api_key: str | None = None, controller: str | None = None,
+                 report_interval_s: float = 1.0, handles: Mapping[str, DeploymentHandle] | None = None):
         from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
         if not groups:
             raise ValueError("PDIngress needs at least one deployment group")
         card = ModelCard.model_validate(model_card)
-        super().__init__(llm_deployments={card.id: next(iter(groups.values()))}, model_cards={card.id: card})
-        self._groups = {name: handle.options(stream=True) for name, handle in groups.items()}
-        unknown = sorted({g.name for g in deployment_groups} - set(groups))
-        if unknown:
-            raise ValueError(f"deployment groups {unknown} have no decode handle (have {sorted(groups)})")
-        self._group_info = {g.name: g for g in deployment_groups}
-        self._inflight = {name: 0 for name in groups}
-        self._routed = {name: 0 for name in groups}
+        self._given_handles = dict(handles or {})  # tests inject handles; otherwise looked up by name
+        self._entries: dict[str, RoutingEntry] = {}
+        self._groups: dict[str, Any] = {}
+        self._inflight: dict[str, int] = {}
+        self._routed: dict[str, int] = {}
+        self._ttft_hist: dict[str, list[int]] = {}
+        self._set_table(dict(groups))
+        super().__init__(llm_deployments={card.id: next(iter(self._groups.values()))}, model_cards={card.id: card})
         self._withdrawn: set[str] = set()
         self._tiebreak = itertools.count()
         self._request_timeout_s = request_timeout_s
         self._stream_idle_timeout_s = stream_idle_timeout_s
         _API_KEY["value"] = api_key
+        self._controller_name = controller
+        self._report_interval_s = report_interval_s
+        self._ingress_id = uuid.uuid4().hex
+        self._reporter = None
+        self._ensure_reporter()
+
+    def _ensure_reporter(self) -> None:
+        """Start the report loop once an event loop runs (the constructor may run outside one)."""
+        if self._controller_name is None or self._reporter is not None:
+            return
+        try:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+        except RuntimeError:
+            pass
+
+    def _handle(self, name: str, entry: RoutingEntry):
+        if name in self._given_handles:
+            return self._given_handles[name].options(stream=True)
+        from ray import serve
+
+        return serve.get_deployment_handle(entry.decode_deployment, entry.app_name).options(stream=True)
+
+    def _set_table(self, table: dict[str, RoutingEntry]) -> None:
+        """Adopt a routing table: new DGs get handles, removed ones leave routing (their in-flight finish)."""
+        for name, entry in table.items():
+            old = self._entries.get(name)
+            if old is None or (old.app_name, old.decode_deployment) != (entry.app_name, entry.decode_deployment):
+                self._groups[name] = self._handle(name, entry)
+            self._inflight.setdefault(name, 0)
+            self._routed.setdefault(name, 0)
+            self._ttft_hist.setdefault(name, histogram.empty())
+        for name in set(self._entries) - set(table):
+            self._groups.pop(name, None)
+        self._entries = table
+
+    async def _report_loop(self) -> None:
+        import ray
+
+        controller = None
+        while True:
+            try:
+                if controller is None:
+                    controller = await asyncio.to_thread(ray.get_actor, self._controller_name, CONTROLLER_NAMESPACE)
+                answer = await asyncio.wait_for(controller.report_ingress.remote({
+                    "ingress_id": self._ingress_id, "inflight": dict(self._inflight),
+                    "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}),
+                    timeout=max(5.0, 5 * self._report_interval_s))
+                table = answer.get("groups")
+                if table:
+                    self._set_table({name: RoutingEntry(**entry) for name, entry in table.items()})
+            except Exception as exc:  # the controller may be starting, restarting or gone: keep routing
+                controller = None
+                logger.debug("report to %s failed: %s", self._controller_name, exc)
+            await asyncio.sleep(self._report_interval_s)
 
     # ---- routing across deployment groups ---------------------------------------------------------------------
 
     def _pick_group(self) -> str:
-        admitted = [g for g in self._groups if g not in self._withdrawn]
+        admitted = [g for g in self._groups if g not in self._withdrawn and self._entries[g].weight > 0]
         if not admitted:
             raise OpenAIHTTPException(status_code=503, message="no deployment group is admitted to routing",
                                       type="ServiceUnavailable")
-        low = min(self._inflight[g] for g in admitted)
-        candidates = [g for g in admitted if self._inflight[g] == low]
+        load = {g: (self._inflight[g] + 1) / self._entries[g].weight for g in admitted}
+        low = min(load.values())
+        candidates = [g for g in admitted if load[g] == low]
         return candidates[next(self._tiebreak) % len(candidates)]
 
     async def set_withdrawn(self, groups: list[str]) -> list[str]:
@@ -145,12 +223,15 @@ class PDIngress(OpenAiIngress):
 
     async def routing_stats(self) -> dict:
         return {"inflight": dict(self._inflight), "routed": dict(self._routed), "withdrawn": sorted(self._withdrawn),
-                "groups": {name: {"domain": g.domain, "prefill_gpu_type": g.prefill_gpu_type,
-                                  "decode_gpu_type": g.decode_gpu_type}
-                           for name, g in sorted(self._group_info.items())}}
+                "groups": {name: {"app": e.app_name, "weight": e.weight,
+                                  "domain": e.group.domain if e.group else None,
+                                  "prefill_gpu_type": e.group.prefill_gpu_type if e.group else None,
+                                  "decode_gpu_type": e.group.decode_gpu_type if e.group else None}
+                           for name, e in sorted(self._entries.items())}}
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
         await self._get_model_id(body.model)  # 404 for an unknown model
+        self._ensure_reporter()
         group = self._pick_group()
         handle = self._groups[group]
         if isinstance(body, ChatCompletionRequest):
@@ -160,8 +241,14 @@ class PDIngress(OpenAiIngress):
         self._routed[group] += 1
         _INFLIGHT.labels(group).inc()
         _ROUTED.labels(group).inc()
+        start, first = time.monotonic(), bool(getattr(body, "stream", False))
         try:
             async for response in getattr(handle, call_method).remote(body, info):
+                if first:  # streaming: the first chunk is the first token the client sees
+                    first = False
+                    ttft = time.monotonic() - start
+                    histogram.add(self._ttft_hist[group], [ttft])
+                    _TTFT.labels(group).observe(ttft)
                 yield response
         finally:
             self._inflight[group] -= 1
@@ -196,6 +283,10 @@ class PDIngress(OpenAiIngress):
             raise
 
     # ---- operational endpoints --------------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (also starts the report loop before the first request)."""
+        self._ensure_reporter()
 
     async def health(self) -> Response:
         admitted = [g for g in self._groups if g not in self._withdrawn]

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_io import write_result  # noqa: E402
+from common.vocab import group_app_name  # noqa: E402
 from heteroscale_ray import local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402
 from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402
@@ -92,8 +93,8 @@ def _handle_paths(spec, prompts: Prompts, n: int, max_tokens: int) -> dict:
     from ray.llm._internal.serve.engines.vllm.kv_transfer.base import base_prefill_kv_transfer_params
 
     group = spec.deployment_groups[0].name
-    prefill = serve.get_deployment_handle(f"{spec.name}:{group}:prefill", spec.name)
-    decode = serve.get_deployment_handle(f"{spec.name}:{group}:decode", spec.name)
+    prefill = serve.get_deployment_handle(f"{spec.name}:{group}:prefill", group_app_name(spec.name, group))
+    decode = serve.get_deployment_handle(f"{spec.name}:{group}:decode", group_app_name(spec.name, group))
     model = spec.model.id
     res = {"handle_pd": [], "single_engine": [], "phase_prefill_rpc": [], "phase_pull_and_first_token": []}
     for i in range(n + 2):
@@ -119,7 +120,7 @@ def _handle_paths(spec, prompts: Prompts, n: int, max_tokens: int) -> dict:
             res["single_engine"].append(t_single)
             res["phase_prefill_rpc"].append(t_prefill)
             res["phase_pull_and_first_token"].append(t_pull)
-    engine = {role: serve.get_deployment_handle(f"{spec.name}:{group}:{role}", spec.name)
+    engine = {role: serve.get_deployment_handle(f"{spec.name}:{group}:{role}", group_app_name(spec.name, group))
               .engine_stats.remote(window_s=600).result() for role in ("prefill", "decode")}
     out = {k: _summary(v) for k, v in res.items()}
     out["engine_prefill_ttft_p50_ms"] = round(engine["prefill"]["ttft_p50_s"] * 1000, 2)
@@ -136,7 +137,7 @@ def _deploy_ray_anchor(spec, address) -> str:
     from ray import serve
     from ray.serve.llm import build_pd_openai_app
 
-    svc.import_build_app()
+    svc.import_serving_app()
     from serving.app import llm_config_for
     from placement.ray_adapter import live_nodes
     from serving.deployment_groups import plan_group
@@ -184,7 +185,7 @@ def main() -> int:
         results["router_http_pd"] = _summary(_http_latencies(url, spec.model.id, prompts, args.requests,
                                                              args.max_tokens))
         results.update(_handle_paths(spec, prompts, args.requests, args.max_tokens))
-        serve.delete(spec.name)
+        svc.undeploy(spec.name)
 
         print("measuring Ray Serve LLM build_pd_openai_app (anchor)", file=sys.stderr)
         url = _deploy_ray_anchor(spec, state.address)
@@ -199,7 +200,7 @@ def main() -> int:
             url = _deploy_ours(off, state.address)
             results["nixl_fix_off_http_pd"] = _summary(_http_latencies(
                 url, spec.model.id, prompts, args.fix_off_requests, args.max_tokens, warmup=1, timeout_s=300))
-            serve.delete(off.name)
+            svc.undeploy(off.name)
     finally:
         svc.disconnect()
         local_cluster.down(temp_dir=TEMP_DIR, progress=lambda m: print(m, file=sys.stderr))

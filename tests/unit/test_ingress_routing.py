@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from serving.ingress import PDIngress, _with_idle_timeout
+from serving.ingress import PDIngress, RoutingEntry, _with_idle_timeout
 
 CARD = {"id": "m", "object": "model", "owned_by": "me", "permission": [], "metadata": {}}
 
@@ -35,8 +35,11 @@ class Body:
         self.prompt = prompt
 
 
-def make_ingress(groups, gate):
-    return PDIngress({g: FakeHandle(g, gate) for g in groups}, CARD, request_timeout_s=5, stream_idle_timeout_s=5)
+def make_ingress(groups, gate, weights=None):
+    weights = weights or {}
+    table = {g: RoutingEntry(f"app-{g}", f"{g}:decode", weights.get(g, 1)) for g in groups}
+    return PDIngress(table, CARD, request_timeout_s=5, stream_idle_timeout_s=5,
+                     handles={g: FakeHandle(g, gate) for g in groups})
 
 
 async def _collect(ingress, prompt):
@@ -109,5 +112,33 @@ def test_idle_stream_ends_with_an_error_event():
 
         chunks = [c async for c in _with_idle_timeout(slow(), 0.05)]
         assert chunks[0] == "data: 1\n\n" and "idle timeout" in chunks[1] and len(chunks) == 2
+
+    asyncio.run(main())
+
+
+def test_groups_are_weighted_by_routable_decode_replicas_and_weight_zero_gets_nothing():
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a", "b", "c"], gate, weights={"a": 3, "b": 1, "c": 0})
+        tasks = [asyncio.create_task(_collect(ingress, i)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        assert ingress._inflight == {"a": 6, "b": 2, "c": 0}  # 3:1, and a DG with no routable decode: none
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_a_new_routing_table_adds_and_removes_groups_at_run_time():
+    async def main():
+        gate = asyncio.Event()
+        gate.set()
+        ingress = make_ingress(["a"], gate)
+        ingress._given_handles["b"] = FakeHandle("b", gate)
+        ingress._set_table({"b": RoutingEntry("app-b", "b:decode", 1)})
+        results = [await _collect(ingress, i) for i in range(3)]
+        assert all(r[0].startswith("b:") for r in results) and set(ingress._groups) == {"b"}
+        stats = await ingress.routing_stats()
+        assert stats["groups"]["b"]["app"] == "app-b" and stats["routed"]["a"] == 0
 
     asyncio.run(main())

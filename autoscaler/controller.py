@@ -1,0 +1,319 @@
+"""The HeteroScale controller: one named, detached Ray actor per service that scales both pools together.
+
+Every `control_period_s`: `autoscaler.port.step(RayWorld, ...)` (observe -> the shared pure cycle -> apply),
+in a worker thread so that reports keep arriving on the actor's event loop. Errors are caught at the loop
+boundary, logged with context and counted by stage; a failed tick never kills the actor. After each tick the
+policy state and the DG records are saved in Ray's internal KV, so a restarted actor (Ray restarts it) resumes
+where it was: the same targets, cooldowns and soft scale-in in progress, and no burst of actions (actions are
+absolute and level-triggered; with no fresh signals yet the policy holds). Decisions go to an in-memory log
+(`decisions()`), optionally a JSONL file, and Prometheus metrics with bounded labels (`ray_heteroscale_controller_*`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import pickle
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoscaler.cycle import CycleConfig, CycleResult
+from autoscaler.model import FleetConfig, Observation, PolicyState
+from autoscaler.port import step
+from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
+from autoscaler.settings import controller_settings, policy_config
+from autoscaler.signals import IngressReport, ReplicaReport
+from common.config import ServiceSpec
+from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup, Role, controller_name
+
+logger = logging.getLogger(__name__)
+
+MAX_DECISIONS = 1000
+
+
+@dataclass
+class Persisted:
+    policy: PolicyState = field(default_factory=PolicyState)
+    records: dict[str, GroupRecord] = field(default_factory=dict)
+    ticks: int = 0
+
+
+def _kv_key(service: str) -> bytes:
+    return f"heteroscale/{service}/controller-state".encode()
+
+
+def _signal(sig) -> float | None:
+    v = sig.value
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(v, 6)
+
+
+def decision_entry(now_s: float, service: str, observation: Observation, result: CycleResult, note: str = ""
+                   ) -> dict[str, Any]:
+    """One decision-log row: time, observation summary, targets, actions and the reason."""
+    obs = observation.services[service]
+    dec = result.decision.services[service]
+    return {
+        "t": round(now_s, 3), "service": service,
+        "observation": {"decode_tps": _signal(obs.decode_tps), "prefill_kv_miss_tps": _signal(obs.prefill_kv_miss_tps),
+                        "ttft_s": _signal(obs.ttft_s), "tbt_s": _signal(obs.tbt_s),
+                        "prefill": asdict(obs.prefill), "decode": asdict(obs.decode), "note": note},
+        "action": dec.action.value, "reason": dec.reason.value,
+        "target_prefill": dec.target_prefill, "target_decode": dec.target_decode,
+        "withdraw_prefill": dec.withdraw_prefill, "withdraw_decode": dec.withdraw_decode,
+        "advisory": dec.advisory,
+        "diagnostics": {k: v for k, v in asdict(dec.diagnostics).items() if v not in (None, "", False)},
+        "actions": [{"kind": a.kind.value, "group": a.group.name, "domain": a.group.domain,
+                     "num_prefill": a.group.num_prefill, "num_decode": a.group.num_decode,
+                     "withdrawn_prefill": a.withdrawn_prefill, "withdrawn_decode": a.withdrawn_decode,
+                     "reason": a.reason.value, "why": a.why.value if a.why else None} for a in result.actions],
+        "unplaced": [{"num_prefill": u.num_prefill, "num_decode": u.num_decode, "why": u.why.value,
+                      "detail": u.detail} for u in result.unplaced],
+    }
+
+
+class HeteroScaleController:
+    """The actor class (wrapped with `ray.remote` by `start()`)."""
+
+    def __init__(self, spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]],
+                 clock=time.time, serve=None, kv=None, metrics=None, autostart: bool = True):
+        self.spec = spec
+        self.settings = controller_settings(spec)
+        self.config = self.cycle_config(spec)
+        self._clock = clock
+        self._kv = kv if kv is not None else RayKV()
+        saved = self._load()
+        records = saved.records if saved else {g.name: GroupRecord(g, slot) for g, slot in groups}
+        self.state = saved.policy if saved else PolicyState()
+        self.ticks = saved.ticks if saved else 0
+        self.resumed = saved is not None
+        self.world = RayWorld(spec, self.settings, model_path, records, serve=serve, advisory=self.settings.advisory)
+        self.errors: Counter[str] = Counter()
+        self.decisions: deque[dict] = deque(maxlen=MAX_DECISIONS)
+        # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
+        self.recorded: deque[tuple] = deque(maxlen=MAX_DECISIONS)
+        self._tick_lock = threading.Lock()
+        self._metrics = metrics if metrics is not None else _Metrics(spec.name)
+        self._stop = threading.Event()
+        # The loop runs in a thread started here, so a controller that Ray restarts resumes by itself.
+        self._thread = threading.Thread(target=self._run, name="heteroscale-control-loop", daemon=True)
+        if autostart:
+            self._thread.start()
+        logger.info("controller for %s %s (%d DGs)", spec.name, "resumed" if self.resumed else "started",
+                    len(records))
+
+    @staticmethod
+    def cycle_config(spec: ServiceSpec) -> CycleConfig:
+        return CycleConfig(FleetConfig(services={spec.name: policy_config(spec)}), {spec.name: service_shape(spec)})
+
+    # ---- loop ----------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        period = self.settings.control_period_s
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.tick()
+            self._stop.wait(max(0.0, period - (time.monotonic() - started)))
+
+    async def ping(self) -> dict:
+        return {"service": self.spec.name, "ticks": self.ticks, "resumed": self.resumed}
+
+    def tick(self) -> dict | None:
+        """One control period; never raises (errors are counted by stage)."""
+        with self._tick_lock:
+            now = self._clock()
+            stage = "step"
+            try:
+                result, self.state, observation, view = step(self.world, self.state, now, self.config)
+                self.recorded.append((now, observation, view, result.actions))
+            except Exception as exc:
+                self._fail("step", exc)
+                return None
+            try:
+                stage = "log"
+                note = self.world.last_signals.note if self.world.last_signals else ""
+                entry = decision_entry(now, self.spec.name, observation, result, note)
+                entry["tick"] = self.ticks
+                entry["groups"] = self.world.group_summary()
+                entry["target_decode_tps_per_instance"] = self.config.fleet.services[self.spec.name] \
+                    .target_decode_tps_per_instance
+                self.decisions.append(entry)
+                self._write_log(entry)
+                self._metrics.export(entry, self.errors)
+                stage = "persist"
+                self.ticks += 1
+                self._save()
+            except Exception as exc:
+                self._fail(stage, exc)
+            return entry
+
+    def _fail(self, stage: str, exc: Exception) -> None:
+        self.errors[stage] += 1
+        logger.exception("controller tick failed at %s (%d errors there so far): %s", stage, self.errors[stage], exc)
+        self._metrics.error(stage)
+
+    # ---- reports from replicas and the ingress ----------------------------------------------------------------
+
+    async def report_replica(self, payload: dict) -> dict:
+        try:
+            role = Role(payload["role"])
+            report = ReplicaReport(str(payload["replica_id"]), str(payload["group"]), role, self._clock(),
+                                   int(payload["generation_tokens"]), int(payload["prompt_computed_tokens"]),
+                                   int(payload.get("num_running", 0)), int(payload.get("num_waiting", 0)),
+                                   float(payload.get("kv_cache_usage", 0.0)), tuple(payload.get("tbt_hist", ())),
+                                   tuple(payload.get("ttft_hist", ())))
+        except (KeyError, ValueError, TypeError) as exc:
+            self.errors["bad_report"] += 1
+            raise ValueError(f"bad replica report ({exc}): {sorted(payload)}") from None
+        with self.world.lock:
+            self.world.store.add_replica(report)
+        return {"routable": self.world.routable(report.group, role, report.replica_id)}
+
+    async def report_ingress(self, payload: dict) -> dict:
+        report = IngressReport(str(payload["ingress_id"]), self._clock(),
+                               {g: tuple(c) for g, c in (payload.get("ttft_hist") or {}).items()},
+                               dict(payload.get("inflight") or {}))
+        with self.world.lock:
+            self.world.store.add_ingress(report)
+        return {"groups": self.world.routing_table()}
+
+    # ---- inspection ----------------------------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        groups = self.world.group_summary()
+        svc = self.state.services.get(self.spec.name)
+        return {"service": self.spec.name, "advisory": self.settings.advisory, "ticks": self.ticks,
+                "resumed": self.resumed, "control_period_s": self.settings.control_period_s,
+                "target_prefill": svc.target_prefill if svc else None,
+                "target_decode": svc.target_decode if svc else None,
+                "soft_scale_in": asdict(svc.soft) if svc and svc.soft else None,
+                "groups": groups, "errors": dict(self.errors), "probe_failures": self.world.probe_failures,
+                "last_decisions": list(self.decisions)[-10:]}
+
+    async def decision_log(self, since_tick: int = 0) -> list[dict]:
+        return [d for d in self.decisions if d.get("tick", 0) >= since_tick]
+
+    async def recorded_cycles(self) -> bytes:
+        """What the recent ticks observed and did, pickled: (now_s, Observation, ClusterView, actions) each."""
+        return pickle.dumps(list(self.recorded))
+
+    async def tick_now(self) -> dict | None:
+        """One extra tick now (tests, `heteroscale status --tick`)."""
+        return await asyncio.to_thread(self.tick)
+
+    # ---- persistence and the decision log file ---------------------------------------------------------------
+
+    def _load(self) -> Persisted | None:
+        raw = self._kv.get(_kv_key(self.spec.name))
+        if not raw:
+            return None
+        try:
+            return pickle.loads(raw)
+        except Exception as exc:  # an incompatible older state: start afresh, loudly
+            logger.error("ignoring unreadable saved controller state for %s: %s", self.spec.name, exc)
+            return None
+
+    def _save(self) -> None:
+        with self.world.lock:
+            blob = pickle.dumps(Persisted(self.state, dict(self.world.records), self.ticks))
+        self._kv.put(_kv_key(self.spec.name), blob)
+
+    def _write_log(self, entry: dict) -> None:
+        if self.settings.decision_log:
+            path = Path(self.settings.decision_log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+class RayKV:
+    """Ray's internal KV (in the GCS: survives the controller actor, not the cluster)."""
+
+    def get(self, key: bytes) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key, namespace=CONTROLLER_NAMESPACE)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=CONTROLLER_NAMESPACE)
+
+    def delete(self, key: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(key, namespace=CONTROLLER_NAMESPACE)
+
+
+class _Metrics:
+    """Prometheus metrics of the controller (labels: service, role, state, action, reason, stage: bounded)."""
+
+    def __init__(self, service: str):
+        from ray.util import metrics
+
+        self.service = service
+        self.replicas = metrics.Gauge("heteroscale_controller_replicas", "replicas per role and state",
+                                      tag_keys=("service", "role", "state"))
+        self.decode_tps = metrics.Gauge("heteroscale_controller_decode_tokens_per_second",
+                                        "observed decode tokens/s (unset when missing)", tag_keys=("service",))
+        self.target_tps = metrics.Gauge("heteroscale_controller_target_decode_tokens_per_second",
+                                        "target decode tokens/s of the current decode target", tag_keys=("service",))
+        self.decisions = metrics.Counter("heteroscale_controller_decisions_total", "decisions by action and reason",
+                                         tag_keys=("service", "action", "reason"))
+        self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
+                                      tag_keys=("service", "stage"))
+        self.target_per_instance: float | None = None
+
+    def export(self, entry: dict, errors) -> None:
+        tags = {"service": self.service}
+        for role in ("prefill", "decode"):
+            counts = entry["observation"][role]
+            for state in ("ready", "pending", "withdrawn"):
+                self.replicas.set(counts[state], tags={**tags, "role": role, "state": state})
+            self.replicas.set(entry[f"target_{role}"], tags={**tags, "role": role, "state": "target"})
+        if entry["observation"]["decode_tps"] is not None:
+            self.decode_tps.set(entry["observation"]["decode_tps"], tags=tags)
+        self.decisions.inc(1, tags={**tags, "action": entry["action"], "reason": entry["reason"]})
+
+    def error(self, stage: str) -> None:
+        self.errors.inc(1, tags={"service": self.service, "stage": stage})
+
+
+def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]]):
+    """Create (or find) the service's detached controller actor and start its loop. Returns the handle."""
+    import ray
+
+    name = controller_name(spec.name)
+    try:
+        handle = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+    except ValueError:
+        actor = ray.remote(HeteroScaleController).options(
+            name=name, namespace=CONTROLLER_NAMESPACE, lifetime="detached", max_restarts=-1, max_concurrency=64,
+            num_cpus=0, get_if_exists=True)
+        handle = actor.remote(spec, model_path, groups)
+    ray.get(handle.ping.remote())
+    return handle
+
+
+def find(service: str):
+    import ray
+
+    return ray.get_actor(controller_name(service), namespace=CONTROLLER_NAMESPACE)
+
+
+def stop(service: str) -> bool:
+    """Kill the controller for good and forget its saved state. Returns whether one was running."""
+    import ray
+
+    try:
+        ray.kill(find(service), no_restart=True)
+        found = True
+    except ValueError:
+        found = False
+    RayKV().delete(_kv_key(service))
+    return found

@@ -1,0 +1,321 @@
+"""The live world of the control cycle: a P/D service on Ray Serve (the second `autoscaler.port.World`).
+
+- observe: each DG application's replicas from Serve's instance details (RUNNING ids, targets), the pushed
+  reports in a `SignalStore` (autoscaler.signals) and per-replica membership (autoscaler.membership);
+- cluster_view: the accelerator nodes from Ray's node table (`placement.ray_adapter.live_nodes`, free GPUs)
+  minus what DG replicas that are not placed yet will take, and each DG's targets and replica states;
+- apply: replica targets through Serve's external scaling (`update_deployment_replicas` on the Serve
+  controller, the call behind the REST scale endpoint: no dashboard, HTTP or token needed from inside the
+  cluster); a new DG is probed all-or-nothing in its domain (`placement.ray_adapter.realize`), then deployed as
+  its own application by a one-shot Ray task (so the controller never imports vLLM); growing a DG probes the
+  added batch too; an emptied DG's application is deleted; withdrawn counts change membership at once.
+Every apply is level-triggered: targets equal to Serve's are not sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupState
+from autoscaler.membership import GroupMembers, update_members
+from autoscaler.model import Observation, RoleCounts, ServiceObservation
+from autoscaler.settings import ControllerSettings
+from autoscaler.signals import ServiceSignals, SignalStore
+from common.config import ServiceSpec
+from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
+from placement.scheduler import ServiceShape
+
+logger = logging.getLogger(__name__)
+
+_HOLDING = {"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"}  # replica states holding GPUs
+
+
+@dataclass
+class GroupRecord:
+    """What the controller keeps per DG (persisted): targets, its NIXL port slot, withdrawn counts, members."""
+
+    group: DeploymentGroup
+    slot: int
+    withdrawn: dict[Role, int] = field(default_factory=dict)
+    members: GroupMembers = GroupMembers()
+
+
+@dataclass(frozen=True)
+class RoleState:
+    target: int
+    running: frozenset[str]
+    holding: int  # replicas that hold their resources (placed)
+
+
+def service_shape(spec: ServiceSpec) -> ServiceShape:
+    return ServiceShape(spec.name, tuple(spec.roles.prefill.gpu_types), tuple(spec.roles.decode.gpu_types),
+                        affinity=spec.affinity, gpus_per_prefill=spec.roles.prefill.gpus_per_replica,
+                        gpus_per_decode=spec.roles.decode.gpus_per_replica)
+
+
+class LiveServe:
+    """The Serve calls the live world makes (an adapter; tests use a fake with the same methods)."""
+
+    def details(self) -> dict:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().get_serve_details()
+
+    def set_target(self, app: str, deployment: str, num_replicas: int) -> None:
+        import ray
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app),
+                                                             num_replicas))
+
+    def delete_app(self, app: str) -> None:
+        from ray import serve
+
+        serve.delete(app, _blocking=False)
+
+    def deploy_group(self, spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> None:
+        """Build and deploy the DG's application in a one-shot worker (vLLM is imported there, not here)."""
+        import ray
+
+        task = ray.remote(num_cpus=0, max_calls=1)(_deploy_group)
+        ray.get(task.remote(spec, group, slot, model_path))
+
+    def nodes(self) -> list[NodeInfo]:
+        from placement.ray_adapter import live_nodes
+
+        return live_nodes()
+
+    def realize(self, action, shape: ServiceShape, scale: Callable, timeout_s: float) -> bool:
+        from placement.ray_adapter import realize
+
+        return realize(action, shape, scale, timeout_s=timeout_s)
+
+
+def _deploy_group(spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> DeploymentGroup:
+    from placement.ray_adapter import live_nodes
+    from serving.app import build_group_app, run_group_app
+
+    built = build_group_app(spec, group, slot, model_path, live_nodes())
+    run_group_app(spec, built)
+    return built.group
+
+
+def role_states(details: dict, service: str, group: str) -> dict[Role, RoleState] | None:
+    """Targets and replicas of one DG's deployments from Serve's instance details (None: no such app)."""
+    app = (details.get("applications") or {}).get(group_app_name(service, group))
+    if app is None:
+        return None
+    out = {}
+    for role in Role:
+        dep = (app.get("deployments") or {}).get(deployment_name(service, group, role)) or {}
+        replicas = dep.get("replicas") or []
+        state = lambda r: str(r.get("state", "")).split(".")[-1]  # noqa: E731 (enum or its name)
+        out[role] = RoleState(int(dep.get("target_num_replicas", 0) or 0),
+                              frozenset(r["replica_id"] for r in replicas if state(r) == "RUNNING"),
+                              sum(1 for r in replicas if state(r) in _HOLDING))
+    return out
+
+
+class RayWorld:
+    """One service's live world. Thread-safe: reports arrive on the actor's event loop, ticks run in a thread."""
+
+    def __init__(self, spec: ServiceSpec, settings: ControllerSettings, model_path: str,
+                 records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False):
+        self.spec, self.settings, self.model_path = spec, settings, model_path
+        self.shape = service_shape(spec)
+        self.serve = serve or LiveServe()
+        self.advisory = advisory
+        self.records: dict[str, GroupRecord] = dict(records)
+        self.store = SignalStore(keep_s=max(3 * settings.signal_window_s, 60.0))
+        self.lock = threading.Lock()
+        self.states: dict[str, dict[Role, RoleState]] = {}
+        self.last_signals: ServiceSignals | None = None
+        self.probe_failures = 0
+
+    # ---- reports (called from the controller's event loop) -------------------------------------------------------
+
+    def routable(self, group: str, role: Role, replica_id: str) -> bool:
+        with self.lock:
+            record = self.records.get(group)
+            if record is None or self.advisory:
+                return True  # not a DG we manage (or nothing is actuated): never block it
+            return record.members.routable(role, replica_id)
+
+    def routing_table(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            table = {}
+            for name, r in sorted(self.records.items()):
+                live = self.states.get(name, {}).get(Role.DECODE)
+                running = live.running if live else frozenset()
+                weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
+                table[name] = {"app_name": group_app_name(self.spec.name, name),
+                               "decode_deployment": deployment_name(self.spec.name, name, Role.DECODE),
+                               "weight": float(weight), "group": r.group}
+            return table
+
+    # ---- the port ------------------------------------------------------------------------------------------------
+
+    def observe(self, now_s: float) -> Observation:
+        details = self.serve.details()
+        with self.lock:
+            self.states = {}
+            for name, record in self.records.items():
+                states = role_states(details, self.spec.name, name)
+                if states is not None:
+                    self.states[name] = states
+                    self._update_members(record, states)
+            running = {role: [i for s in self.states.values() for i in s[role].running] for role in Role}
+            sig = self.store.signals(running, now_s, self.settings.signal_window_s, self.settings.staleness_limit_s,
+                                     self.settings.slo_quantile)
+            self.last_signals = sig
+            counts = {role: self._counts(role) for role in Role}
+        return Observation(services={self.spec.name: ServiceObservation(
+            decode_tps=sig.decode_tps, prefill_kv_miss_tps=sig.prefill_kv_miss_tps, ttft_s=sig.ttft_s,
+            tbt_s=sig.tbt_s, prefill=counts[Role.PREFILL], decode=counts[Role.DECODE])})
+
+    def cluster_view(self, now_s: float) -> ClusterView:
+        nodes = {n.node_id: n for n in self.serve.nodes()}
+        with self.lock:
+            groups = []
+            for name, record in sorted(self.records.items()):
+                states = self.states.get(name)
+                if states is None:  # the DG's app is gone or not visible yet: it holds its targets
+                    groups.append(GroupState(record.group, RoleCounts(pending=record.group.num_prefill),
+                                             RoleCounts(pending=record.group.num_decode)))
+                    continue
+                for role in Role:  # replicas not placed yet will take GPUs that Ray still shows free
+                    unplaced = max(0, record.group.count(role) - states[role].holding)
+                    gpus = getattr(self.spec.roles, role.value).gpus_per_replica
+                    _reserve(nodes, record.group, role, unplaced * gpus)
+                groups.append(GroupState(record.group, *self._group_counts(name)))
+        return ClusterView(tuple(nodes[k] for k in sorted(nodes)), {self.spec.name: tuple(groups)})
+
+    def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
+        for action in actions:
+            name = action.group.name
+            try:
+                if action.kind is GroupActionKind.CREATE:
+                    self._create(action)
+                elif action.kind is GroupActionKind.REMOVE:
+                    self.serve.delete_app(group_app_name(self.spec.name, name))
+                    with self.lock:
+                        self.records.pop(name, None)
+                else:
+                    self._scale(action)
+            except Exception:
+                logger.exception("applying %s to %s failed", action.kind.value, name)
+                raise
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+
+    def _create(self, action: GroupAction) -> None:
+        with self.lock:
+            used = {r.slot for r in self.records.values()}
+        slot = min(set(range(len(used) + 1)) - used)
+
+        def deploy(_placement) -> None:
+            self.serve.deploy_group(self.spec, action.group, slot, self.model_path)
+
+        if not self.serve.realize(action.placement, self.shape, deploy, self.settings.probe_timeout_s):
+            self.probe_failures += 1
+            logger.warning("new DG %s in %s does not fit (probe); the next cycle re-plans", action.group.name,
+                           action.group.domain)
+            return
+        with self.lock:
+            self.records[action.group.name] = GroupRecord(action.group, slot)
+
+    def _scale(self, action: GroupAction) -> None:
+        name = action.group.name
+        with self.lock:
+            record = self.records.get(name)
+        if record is None:
+            raise KeyError(f"no deployment group {name!r} to scale (have {sorted(self.records)})")
+        targets = {role: action.group.count(role) for role in Role}
+        changed = [role for role in Role if targets[role] != record.group.count(role)]
+
+        def set_targets(_placement=None) -> None:
+            app = group_app_name(self.spec.name, name)
+            for role in changed:
+                self.serve.set_target(app, deployment_name(self.spec.name, name, role), targets[role])
+
+        grows = any(targets[r] > record.group.count(r) for r in Role)
+        if changed:
+            if grows and action.placement is not None:
+                if not self.serve.realize(action.placement, self.shape, set_targets, self.settings.probe_timeout_s):
+                    self.probe_failures += 1
+                    logger.warning("growing DG %s does not fit (probe); the next cycle re-plans", name)
+                    return
+            else:
+                set_targets()
+        with self.lock:
+            record.group = action.group
+            record.withdrawn = {Role.PREFILL: action.withdrawn_prefill, Role.DECODE: action.withdrawn_decode}
+            states = self.states.get(name)
+            if states is not None:
+                self._update_members(record, states)
+
+    def _update_members(self, record: GroupRecord, states: dict[Role, RoleState]) -> None:
+        """Membership from live replicas; while Serve still runs more replicas than the target (stopping some),
+        that many stay withdrawn, so a lowered target never reopens routing to a replica about to stop."""
+        want = {role: max(record.withdrawn.get(role, 0), len(states[role].running) - record.group.count(role))
+                for role in Role}
+        load = {}
+        for role in Role:
+            for rid in states[role].running:
+                latest = self.store.latest(rid)
+                load[rid] = latest.num_running if latest else 0
+        record.members = update_members(record.members, {r: states[r].running for r in Role}, want, load,
+                                        self._ratio(), self.settings.ready_ratio_tolerance_instances,
+                                        self.settings.ready_ratio_tolerance_fraction)
+
+    def group_summary(self) -> list[dict]:
+        """Every DG: domain, GPU types, slot, targets and ready/withdrawn/pending per role (status, decision log)."""
+        from dataclasses import asdict
+
+        with self.lock:
+            out = []
+            for name, record in sorted(self.records.items()):
+                counts = self._group_counts(name)
+                out.append({"name": name, "domain": record.group.domain, "slot": record.slot,
+                            "prefill_gpu_type": record.group.prefill_gpu_type,
+                            "decode_gpu_type": record.group.decode_gpu_type,
+                            "target_prefill": record.group.num_prefill, "target_decode": record.group.num_decode,
+                            "prefill": asdict(counts[0]), "decode": asdict(counts[1])})
+            return out
+
+    def _ratio(self) -> float:
+        return self.spec.autoscaling.prefill_per_decode if self.spec.autoscaling else 1.0
+
+    def _group_counts(self, name: str) -> tuple[RoleCounts, RoleCounts]:
+        record, states = self.records[name], self.states.get(name)
+        out = []
+        for role in Role:
+            running = states[role].running if states else frozenset()
+            withdrawn = sum(1 for i in running if i in record.members.withdrawn.get(role, frozenset()))
+            ready = len(running) - withdrawn if self.advisory else \
+                sum(1 for i in running if record.members.routable(role, i))
+            out.append(RoleCounts(ready=ready, pending=max(0, record.group.count(role) - ready - withdrawn),
+                                  withdrawn=withdrawn))
+        return out[0], out[1]
+
+    def _counts(self, role: Role) -> RoleCounts:
+        parts = [self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records]
+        return RoleCounts(sum(p.ready for p in parts), sum(p.pending for p in parts), sum(p.withdrawn for p in parts))
+
+
+def _reserve(nodes: dict[str, NodeInfo], group: DeploymentGroup, role: Role, gpus: int) -> None:
+    """Take `gpus` free GPUs of the role's type in the DG's domain (fullest node first) out of the view."""
+    gpu_type = group.gpu_type(role)
+    for node_id in sorted(nodes, key=lambda k: (nodes[k].free_gpus, k)):
+        if gpus <= 0:
+            return
+        n = nodes[node_id]
+        if n.gpu_type == gpu_type and n.domain(group.scope) == group.domain and n.free_gpus:
+            take = min(gpus, n.free_gpus)
+            nodes[node_id] = replace(n, free_gpus=n.free_gpus - take)
+            gpus -= take

@@ -1,0 +1,207 @@
+"""The live coordinated autoscaler with real vLLM engines, real NIXL and real HTTP on the local labelled cluster.
+
+One cluster (one GPU of each type per S1 domain, so a DG holds 1 prefill + 1 decode and a second DG must open
+in the other S1), one service with its controller, streaming load from the official openai client:
+- a load step scales decode and prefill out together within a bounded number of control periods, and the
+  second replica pair opens a new DG in s1-b (probe, then its own Serve application);
+- the controller actor killed mid-run is restarted by Ray, resumes its state and takes no spurious action;
+- load drops: a replica pair is withdrawn; load returns during the observation window: restored at once (no
+  cold start); load drops again: withdrawn, observed, terminated, the emptied DG removed;
+- the controller's recorded observations and views replayed through the simulator's driver give the same
+  actions; across every transition no request fails;
+- advisory mode (a second deploy): decisions fill the log, replica counts never change.
+At most four engines are alive at once.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import pytest
+import ray
+import yaml
+from openai import OpenAI
+
+from autoscaler import controller
+from bench.sim.replay import replay
+from common.config import parse_cluster_spec, parse_service_spec
+from heteroscale_ray import local_cluster
+from heteroscale_ray import service as svc
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.e2e
+
+TEMP_DIR = "/tmp/hsray-e2e-autoscale"
+PORT = 8013
+PERIOD_S = 2.0
+AUTOSCALING = {"control_period_s": PERIOD_S, "target_decode_tps_per_instance": 40, "prefill_per_decode": 1.0,
+               "ttft_slo_s": 20.0, "tbt_slo_s": 2.0, "min_prefill": 1, "max_prefill": 2, "min_decode": 1,
+               "max_decode": 2, "scale_out_cooldown_s": 0, "scale_in_cooldown_s": 10, "latency_cooldown_s": 10,
+               "soft_scale_in_window_s": 16, "signal_window_s": 6, "staleness_limit_s": 5, "report_interval_s": 1}
+
+
+def service_spec(name: str = "tiny-chat", **overrides):
+    data = yaml.safe_load((EXAMPLES / "service-local.yaml").read_text())
+    data["name"] = name
+    data["ingress"].update(port=PORT, api_key=None, api_key_env=None, request_timeout_s=60)
+    data["autoscaling"] = {**data.get("autoscaling", {}), **AUTOSCALING, **overrides}
+    return parse_service_spec(data)
+
+
+class Load:
+    """`workers` threads streaming chat completions back to back; every failure is kept."""
+
+    def __init__(self, spec, workers: int, pause_s: float = 0.0):
+        self.pause_s = pause_s
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+        self.model, self.stop, self.ok, self.failures = spec.model.id, threading.Event(), 0, []
+        self.threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(workers)]
+
+    def _loop(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set() and n < 2000:  # bounded by count and by the test's stop
+            n += 1
+            try:
+                stream = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": f"worker {i} request {n}: tell more"}],
+                    max_tokens=48, temperature=0, stream=True, extra_body={"ignore_eos": True})
+                chunks = sum(1 for c in stream if c.choices)
+                assert chunks > 0, "empty stream"
+                self.ok += 1
+            except Exception as exc:  # counted, never hidden
+                self.failures.append(repr(exc)[:300])
+            self.stop.wait(self.pause_s)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=180)
+
+
+def status(spec) -> dict:
+    return ray.get(controller.find(spec.name).status.remote(), timeout=60)
+
+
+def decisions(spec, since_tick: int = 0) -> list[dict]:
+    return ray.get(controller.find(spec.name).decision_log.remote(since_tick), timeout=60)
+
+
+def wait_for(what: str, predicate, timeout_s: float, spec) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            st = status(spec)
+        except Exception:  # restarting
+            time.sleep(1)
+            continue
+        if predicate(st):
+            return st
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last status: "
+                         f"{ {k: st.get(k) for k in ('target_prefill', 'target_decode', 'groups', 'errors')} }")
+
+
+def ready(st: dict, role: str) -> int:
+    return sum(g[role]["ready"] for g in st["groups"])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    data = yaml.safe_load((EXAMPLES / "cluster-local.yaml").read_text())
+    data["head"].update(gcs_port=6395, dashboard_port=8279)
+    state = local_cluster.up(parse_cluster_spec(data), temp_dir=TEMP_DIR)
+    try:
+        yield state
+    finally:
+        svc.disconnect()
+        local_cluster.down(temp_dir=TEMP_DIR)
+
+
+@pytest.fixture(scope="module")
+def service(cluster):
+    spec = service_spec()
+    svc.deploy(spec, cluster.address, timeout_s=600)
+    try:
+        yield spec
+    finally:
+        svc.undeploy(spec.name, cluster.address)
+
+
+def test_load_step_scales_out_a_second_group_then_withdraws_restores_and_terminates(service):
+    spec = service
+    first_tick = status(spec)["ticks"]
+    with Load(spec, workers=4) as heavy:
+        st = wait_for("targets 2P/2D", lambda s: (s["target_prefill"], s["target_decode"]) == (2, 2), 120, spec)
+        log = decisions(spec, first_tick)
+        out = next(d for d in log if d["action"] == "scale_out")
+        busy = next(d for d in log if (d["observation"]["decode_tps"] or 0) > AUTOSCALING[
+            "target_decode_tps_per_instance"] * 1.1)
+        assert out["tick"] - busy["tick"] <= 3, "scale-out must follow the load within a few periods"
+        assert (out["target_prefill"], out["target_decode"]) == (2, 2)  # both pools together, at the ratio
+        assert [a["kind"] for a in out["actions"]] == ["create"] and out["actions"][0]["domain"] == "s1-b"
+        st = wait_for("the new DG serving", lambda s: len(s["groups"]) == 2 and ready(s, "decode") == 2 and
+                      ready(s, "prefill") == 2, 300, spec)
+        time.sleep(6)  # both DGs take traffic
+        parity_records = pickle.loads(ray.get(controller.find(spec.name).recorded_cycles.remote()))
+
+        # the controller killed mid-run: Ray restarts it, it resumes its state and acts on nothing spurious
+        before = status(spec)
+        ray.kill(controller.find(spec.name), no_restart=False)
+        after = wait_for("the controller back", lambda s: s["resumed"] and s["ticks"] > before["ticks"] + 2, 90, spec)
+        assert (after["target_prefill"], after["target_decode"]) == (2, 2) and len(after["groups"]) == 2
+        resumed_log = decisions(spec, before["ticks"])
+        assert all(not d["actions"] for d in resumed_log), [d["action"] for d in resumed_log]
+    assert heavy.failures == [] and heavy.ok > 0
+
+    # load drops: withdraw one pair (the DG stays up, out of routing) ...
+    st = wait_for("a soft scale-in", lambda s: s["soft_scale_in"] is not None, 90, spec)
+    assert sum(g["decode"]["withdrawn"] + g["prefill"]["withdrawn"] for g in st["groups"]) == 2
+    # ... load returns while observing: restored at once, no replica started
+    with Load(spec, workers=4) as again:
+        st = wait_for("a restore", lambda s: s["soft_scale_in"] is None and
+                      sum(g["decode"]["withdrawn"] for g in s["groups"]) == 0, 60, spec)
+        restore = [d for d in decisions(spec, first_tick) if d["action"] == "restore"]
+        assert restore and restore[-1]["reason"] == "soft_scale_in_slo_degraded"
+        assert ready(st, "decode") == 2 and len(st["groups"]) == 2
+        time.sleep(4)
+    assert again.failures == []
+
+    # load drops for good: withdraw, observe, terminate, remove the emptied DG, with light load still flowing
+    with Load(spec, workers=1, pause_s=3.0) as light:  # well under one decode replica's target
+        wait_for("back to one DG", lambda s: len(s["groups"]) == 1 and (s["target_prefill"], s["target_decode"])
+                 == (1, 1), 180, spec)
+        time.sleep(4)
+    assert light.failures == [] and light.ok > 0
+    actions = [d["action"] for d in decisions(spec, first_tick) if d["action"] != "hold"]
+    assert "scale_in" in actions and "terminate_withdrawn" in actions
+    assert len(svc.group_apps(spec.name)) == 1
+
+    # parity: what the live controller observed, replayed through the simulator's driver, gives its actions
+    replayed = replay(parity_records, controller.HeteroScaleController.cycle_config(spec))
+    assert [a for _, a in replayed] == [a for _, _, _, a in parity_records]
+    assert any(a for _, _, _, a in parity_records)
+
+
+def test_advisory_mode_logs_decisions_and_actuates_nothing(cluster, service):
+    svc.undeploy(service.name, cluster.address)
+    spec = service_spec(name="tiny-advise", advisory=True)
+    svc.deploy(spec, cluster.address, timeout_s=600)
+    try:
+        first = status(spec)["ticks"]
+        with Load(spec, workers=4) as load:
+            time.sleep(30)
+        log = decisions(spec, first)
+        assert any(d["action"] == "scale_out" and d["advisory"] for d in log), [d["action"] for d in log]
+        st = status(spec)
+        assert len(st["groups"]) == 1 and ready(st, "decode") == 1 and ready(st, "prefill") == 1
+        assert len(svc.group_apps(spec.name)) == 1
+        assert load.failures == []
+    finally:
+        svc.undeploy(spec.name, cluster.address)

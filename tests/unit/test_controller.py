@@ -1,0 +1,266 @@
+"""The controller's logic (autoscaler.controller + autoscaler.ray_world) against a fake Serve, KV and clock: no Ray.
+
+The fake Serve runs replicas at once when a target rises (their ids appear RUNNING) and stops the newest first
+when it falls (Serve's own order), so the tests see what the controller sends, which replicas it withdraws,
+what it answers to reports, how it routes, and what it does after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+
+from autoscaler.controller import HeteroScaleController
+from common import histogram
+from common.config import parse_service_spec
+from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
+from tests.conftest import EXAMPLES
+
+SERVICE = "tiny-chat"
+NODES = [NodeInfo(f"{s1}-{t}", t, 1, 1, s1, "s2-0") for s1 in ("s1-a", "s1-b") for t in ("L20", "H20")]
+
+
+def spec(**autoscaling):
+    data = yaml.safe_load((EXAMPLES / "service-local.yaml").read_text())
+    data["autoscaling"] = {"target_decode_tps_per_instance": 100, "prefill_per_decode": 1.0, "ttft_slo_s": 2.0,
+                           "tbt_slo_s": 0.2, "max_prefill": 2, "max_decode": 2, "scale_out_cooldown_s": 0,
+                           "scale_in_cooldown_s": 0, "soft_scale_in_window_s": 30, "control_period_s": 5,
+                           "signal_window_s": 10, "staleness_limit_s": 5, **autoscaling}
+    return parse_service_spec(data, "svc.yaml")
+
+
+class FakeServe:
+    def __init__(self):
+        self.apps: dict[str, dict[str, list[str]]] = {}  # app -> deployment -> replica ids (oldest first)
+        self.calls: list[tuple] = []
+        self.fits = True
+        self._next = 0
+
+    def _ids(self, n):
+        self._next += n
+        return [f"r{i}" for i in range(self._next - n, self._next)]
+
+    def details(self):
+        return {"applications": {app: {"deployments": {
+            dep: {"target_num_replicas": len(ids), "replicas": [{"replica_id": i, "state": "RUNNING"} for i in ids]}
+            for dep, ids in deps.items()}} for app, deps in self.apps.items()}}
+
+    def set_target(self, app, deployment, n):
+        self.calls.append(("set_target", app, deployment, n))
+        ids = self.apps[app][deployment]
+        self.apps[app][deployment] = ids[:n] + self._ids(max(0, n - len(ids)))  # stops the newest first
+
+    def delete_app(self, app):
+        self.calls.append(("delete", app))
+        self.apps.pop(app)
+
+    def deploy_group(self, spec, group, slot, model_path):
+        self.calls.append(("deploy", group.name, slot))
+        self.apps[group_app_name(SERVICE, group.name)] = {
+            deployment_name(SERVICE, group.name, r): self._ids(group.count(r)) for r in Role}
+
+    def nodes(self):  # free = total - what the fake's replicas hold, per domain and type
+        used = {}
+        for app, deps in self.apps.items():
+            domain = "s1-a" if app.endswith("dg-a") else "s1-b"
+            for dep, ids in deps.items():
+                gpu = "L20" if dep.endswith("prefill") else "H20"
+                used[(domain, gpu)] = used.get((domain, gpu), 0) + len(ids)
+        return [NodeInfo(n.node_id, n.gpu_type, 1, max(0, 1 - used.get((n.s1, n.gpu_type), 0)), n.s1, n.s2)
+                for n in NODES]
+
+    def realize(self, action, shape, scale, timeout_s):
+        self.calls.append(("probe", action.group, action.num_prefill, action.num_decode))
+        if self.fits:
+            scale(action)
+        return self.fits
+
+
+class FakeKV(dict):
+    def get(self, key):
+        return super().get(key)
+
+    def put(self, key, value):
+        self[key] = value
+
+
+class NoMetrics:
+    def export(self, entry, errors):
+        pass
+
+    def error(self, stage):
+        pass
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+DG_A = DeploymentGroup("dg-a", SERVICE, "s1", "s1-a", "L20", "H20", 1, 1)
+
+
+class Harness:
+    def __init__(self, serve=None, kv=None, **autoscaling):
+        self.serve, self.kv, self.clock = serve or FakeServe(), kv if kv is not None else FakeKV(), Clock()
+        if serve is None:
+            self.serve.deploy_group(None, DG_A, 0, "/m")
+            self.serve.calls.clear()
+        self.spec = spec(**autoscaling)
+        self.ctl = HeteroScaleController(self.spec, "/m", [(DG_A, 0)], clock=self.clock, serve=self.serve,
+                                         kv=self.kv, metrics=NoMetrics(), autostart=False)
+        self.tokens: dict[str, int] = {}
+        self.ttft = histogram.empty()
+
+    def replicas(self, role):
+        return [(app.split("--")[1], rid) for app, deps in self.serve.apps.items() for dep, ids in deps.items()
+                if dep.endswith(role.value) for rid in ids]
+
+    def report(self, decode_tps_each: float, dt: float = 1.0, ttft_s: float = 0.1) -> dict:
+        """Every replica and the ingress report once, `dt` seconds after the last time."""
+        self.clock.t += dt
+        answers = {}
+        for role in Role:
+            for group, rid in self.replicas(role):
+                self.tokens[rid] = self.tokens.get(rid, 0) + int(decode_tps_each * dt)
+                answers[rid] = asyncio.run(self.ctl.report_replica({
+                    "replica_id": rid, "group": group, "role": role.value,
+                    "generation_tokens": self.tokens[rid] if role is Role.DECODE else 0,
+                    "prompt_computed_tokens": self.tokens[rid] if role is Role.PREFILL else 0,
+                    "tbt_hist": histogram.empty()}))["routable"]
+        histogram.add(self.ttft, [ttft_s] * 5)
+        self.table = asyncio.run(self.ctl.report_ingress({"ingress_id": "i", "ttft_hist": {"dg-a": list(self.ttft)}}))
+        return answers
+
+    def run(self, seconds: float, decode_tps_each: float, ttft_s: float = 0.1) -> list[dict]:
+        entries = []
+        for _ in range(int(seconds // 5)):
+            for _ in range(5):
+                self.report(decode_tps_each, ttft_s=ttft_s)
+            entries.append(self.ctl.tick())
+        return entries
+
+
+def test_load_scales_both_pools_out_together_and_opens_a_second_group_when_the_first_domain_is_full():
+    h = Harness()
+    entries = h.run(10, decode_tps_each=180)  # 180 tokens/s on one decode replica at 100 each -> D = 2, P = 2
+    acted = [e for e in entries if e["actions"]]
+    assert acted and acted[0]["action"] == "scale_out" and acted[0]["reason"] == "proportional"
+    # s1-a has one L20 and one H20 (both taken): the new batch opens dg in s1-b, probed first, then deployed
+    assert ("deploy", "tiny-chat-s1-b", 1) in h.serve.calls
+    assert any(c[0] == "probe" and c[2:] == (1, 1) for c in h.serve.calls)
+    assert group_app_name(SERVICE, "tiny-chat-s1-b") in h.serve.apps
+    status = asyncio.run(h.ctl.status())
+    assert (status["target_prefill"], status["target_decode"]) == (2, 2)
+    assert {g["name"]: g["slot"] for g in status["groups"]} == {"dg-a": 0, "tiny-chat-s1-b": 1}
+    # the next tick admits the new replicas (gating keeps the ratio), and the ingress learns the new DG
+    h.run(5, decode_tps_each=90)
+    assert all(h.report(90).values())
+    assert {n: e["weight"] for n, e in h.table["groups"].items()} == {"dg-a": 1.0, "tiny-chat-s1-b": 1.0}
+
+
+def test_a_failed_probe_deploys_nothing_and_the_next_cycle_tries_again():
+    h = Harness()
+    h.serve.fits = False
+    h.run(10, decode_tps_each=180)
+    assert not any(c[0] == "deploy" for c in h.serve.calls) and h.ctl.world.probe_failures >= 1
+    assert set(h.serve.apps) == {group_app_name(SERVICE, "dg-a")}
+    h.serve.fits = True
+    h.run(5, decode_tps_each=180)
+    assert any(c[0] == "deploy" for c in h.serve.calls)
+
+
+def two_groups() -> Harness:
+    h = Harness()
+    h.run(10, decode_tps_each=180)
+    h.run(10, decode_tps_each=90)
+    assert len(h.serve.apps) == 2
+    return h
+
+
+def test_load_drop_withdraws_observes_then_terminates_and_removes_the_emptied_group():
+    h = two_groups()
+    entries = h.run(10, decode_tps_each=20)  # 40 tokens/s in all (10 s window): D = 1, P = 1
+    assert entries[-1]["action"] == "scale_in"
+    withdrawn = [rid for rid, ok in h.report(20).items() if not ok]
+    assert len(withdrawn) == 2  # one prefill and one decode replica, both in the same (emptied) DG
+    assert not h.serve.calls or all(c[0] != "set_target" for c in h.serve.calls[-2:])  # still running
+    table = h.table["groups"]
+    assert sorted(e["weight"] for e in table.values()) == [0.0, 1.0]  # no new requests to the withdrawn DG
+    entries = h.run(30, decode_tps_each=20)
+    assert [e["action"] for e in entries if e["action"] != "hold"] == ["terminate_withdrawn"]
+    assert ("delete", group_app_name(SERVICE, "tiny-chat-s1-b")) in h.serve.calls or \
+        ("delete", group_app_name(SERVICE, "dg-a")) in h.serve.calls
+    assert len(h.serve.apps) == 1 and all(h.report(20).values())
+
+
+def test_slo_degradation_while_observing_restores_at_once():
+    h = two_groups()
+    h.run(10, decode_tps_each=20)
+    assert sum(not ok for ok in h.report(20).values()) == 2
+    entries = h.run(5, decode_tps_each=20, ttft_s=8.0)  # TTFT 4x its SLO
+    assert entries[-1]["action"] == "restore" and entries[-1]["reason"] == "soft_scale_in_slo_degraded"
+    assert all(h.report(20).values()) and len(h.serve.apps) == 2  # nothing was stopped
+
+
+def test_a_restarted_controller_resumes_its_state_and_takes_no_spurious_action():
+    h = two_groups()
+    h.run(10, decode_tps_each=20)  # a soft scale-in is in progress
+    calls_before = list(h.serve.calls)
+    again = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
+                                  metrics=NoMetrics(), autostart=False)
+    assert again.resumed and set(again.world.records) == set(h.ctl.world.records)
+    entry = again.tick()  # no reports yet since the restart: hold, never scale in
+    assert entry["action"] == "hold" and entry["reason"] == "no_data" and h.serve.calls == calls_before
+    status = asyncio.run(again.status())
+    assert status["soft_scale_in"] is not None
+
+
+def test_missing_signals_hold_and_advisory_actuates_nothing():
+    h = Harness()
+    entry = h.ctl.tick()  # no report at all
+    assert entry["action"] == "hold" and entry["reason"] == "no_data" and "no fresh report" in \
+        entry["observation"]["note"]
+    advisory = Harness(advisory=True)
+    entries = advisory.run(10, decode_tps_each=180)
+    assert any(e["action"] == "scale_out" and e["advisory"] for e in entries)
+    assert advisory.serve.calls == [] and len(advisory.serve.apps) == 1
+    assert all(advisory.report(180).values())
+
+
+def test_a_failing_world_is_counted_and_the_next_tick_runs():
+    h = Harness()
+
+    def broken():
+        raise ConnectionError("serve controller unreachable")
+
+    h.serve.details = broken
+    assert h.ctl.tick() is None and h.ctl.errors["step"] == 1
+    h.serve.details = FakeServe.details.__get__(h.serve)
+    h.report(50)
+    assert h.ctl.tick() is not None
+
+
+def test_bad_reports_are_refused_with_the_field():
+    h = Harness()
+    with pytest.raises(ValueError, match="bad replica report"):
+        asyncio.run(h.ctl.report_replica({"replica_id": "x", "role": "nope"}))
+
+
+def test_what_the_controller_recorded_replays_through_the_simulators_driver_to_the_same_actions():
+    import pickle
+
+    from bench.sim.replay import replay
+
+    h = two_groups()
+    h.run(40, decode_tps_each=20)  # withdraw, observe, terminate, remove
+    records = pickle.loads(asyncio.run(h.ctl.recorded_cycles()))
+    replayed = replay(records, h.ctl.config)
+    assert [actions for _, actions in replayed] == [actions for _, _, _, actions in records]
+    kinds = {a.kind.value for _, _, _, actions in records for a in actions}
+    assert {"create", "withdraw", "remove"} <= kinds
