@@ -136,6 +136,7 @@ class RayWorld:
         self.states: dict[str, dict[Role, RoleState]] = {}
         self.last_signals: ServiceSignals | None = None
         self.probe_failures = 0
+        self.observed = False  # Serve's replicas seen at least once
 
     # ---- reports (called from the controller's event loop) -------------------------------------------------------
 
@@ -146,8 +147,12 @@ class RayWorld:
                 return True  # not a DG we manage (or nothing is actuated): never block it
             return record.members.routable(role, replica_id)
 
-    def routing_table(self) -> dict[str, dict[str, Any]]:
+    def routing_table(self) -> dict[str, dict[str, Any]] | None:
+        """The ingress's DG table with weights = routable decode replicas; None until this world has seen Serve's
+        replicas once (a restarted controller must not announce weight 0 for DGs it has not looked at yet)."""
         with self.lock:
+            if not self.observed:
+                return None
             table = {}
             for name, r in sorted(self.records.items()):
                 live = self.states.get(name, {}).get(Role.DECODE)
@@ -173,6 +178,7 @@ class RayWorld:
             sig = self.store.signals(running, now_s, self.settings.signal_window_s, self.settings.staleness_limit_s,
                                      self.settings.slo_quantile)
             self.last_signals = sig
+            self.observed = True
             counts = {role: self._counts(role) for role in Role}
         return Observation(services={self.spec.name: ServiceObservation(
             decode_tps=sig.decode_tps, prefill_kv_miss_tps=sig.prefill_kv_miss_tps, ttft_s=sig.ttft_s,

@@ -215,6 +215,8 @@ def test_a_restarted_controller_resumes_its_state_and_takes_no_spurious_action()
     again = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
                                   metrics=NoMetrics(), autostart=False)
     assert again.resumed and set(again.world.records) == set(h.ctl.world.records)
+    # before its first look at Serve it announces no routing table (never weight 0 for DGs it has not seen)
+    assert asyncio.run(again.report_ingress({"ingress_id": "i", "ttft_hist": {}}))["groups"] is None
     entry = again.tick()  # no reports yet since the restart: hold, never scale in
     assert entry["action"] == "hold" and entry["reason"] == "no_data" and h.serve.calls == calls_before
     status = asyncio.run(again.status())
