@@ -103,7 +103,7 @@ def summarize(results, decisions: list[dict], ttft_slo_s: float, tbt_slo_s: floa
     failed = sum(1 for r in results if r.status not in ("ok", "not_sent"))
     max_groups = max((len(d.get("groups", [])) for d in decisions), default=0)
     return {
-        "slo_attainment_ttft": load["slo"]["ttft_attainment"], "slo_attainment_tbt": load["slo"]["tbt_attainment"],
+        "slo_attainment_ttft": load["slo"]["attainment_ttft"], "slo_attainment_tbt": load["slo"]["attainment_tbt"],
         "instance_seconds": {k: round(v, 1) for k, v in instance_s.items()},
         "num_scale_out": count("scale_out"), "num_scale_in": count("scale_in"), "num_restore": count("restore"),
         "num_terminate": count("terminate_withdrawn"), "max_deployment_groups": max_groups,

@@ -45,17 +45,27 @@ def cmd_down(args) -> int:
     return 0
 
 
-def cmd_deploy(args) -> int:
-    from heteroscale_ray import local_cluster, service
+def _cluster_address(args) -> str | None:
+    """--address / RAY_ADDRESS, else the running local cluster's; None (with a message) when there is none."""
+    from heteroscale_ray import local_cluster
 
-    spec = load_service_spec(args.service)
     address = _address(args)
     if address is None:
         state = local_cluster.read_state()
         if state is None or not local_cluster.is_running():
             print("no cluster: run `heteroscale up` first or set RAY_ADDRESS", file=sys.stderr)
-            return 2
+            return None
         address = state.address
+    return address
+
+
+def cmd_deploy(args) -> int:
+    from heteroscale_ray import service
+
+    spec = load_service_spec(args.service)
+    address = _cluster_address(args)
+    if address is None:
+        return 2
     service.deploy(spec, address)
     return 0
 
@@ -71,16 +81,12 @@ def cmd_undeploy(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from heteroscale_ray import local_cluster, service
+    from heteroscale_ray import service
 
     spec = load_service_spec(args.service)
-    address = _address(args)
+    address = _cluster_address(args)
     if address is None:
-        state = local_cluster.read_state()
-        if state is None or not local_cluster.is_running():
-            print("no cluster: run `heteroscale up` first or set RAY_ADDRESS", file=sys.stderr)
-            return 2
-        address = state.address
+        return 2
     report = service.status(spec, address)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
@@ -34,7 +34,10 @@ def _controlled(service: ServiceSpec) -> bool:
     return service.autoscaling is not None and service.autoscaling.enabled
 
 
-def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLMConfig:
+def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str,
+                   serve_autoscaling: Mapping[str, Any] | None = None) -> LLMConfig:
+    """`serve_autoscaling`: instead of a fixed count, Ray Serve's own per-deployment `autoscaling_config`
+    (the baseline of bench/scripts/live_vs_serve_autoscaling.py; not with a HeteroScale controller)."""
     gpu_key = next(k for k in plan.bundle if k != "CPU")
     controlled = _controlled(service)
     interval = service.autoscaling.report_interval_s if service.autoscaling else 1.0
@@ -49,6 +52,12 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str) -> LLM
         # A terminated replica finishes what it holds (longer than any request may take).
         "graceful_shutdown_timeout_s": service.drain_timeout_s(),
     }
+    if serve_autoscaling is not None:
+        if controlled:
+            raise ValueError(f"service {service.name!r}: Serve's autoscaling_config and the HeteroScale controller "
+                             "exclude each other (external scaling forbids an autoscaling_config)")
+        deployment_config.pop("num_replicas")
+        deployment_config["autoscaling_config"] = dict(serve_autoscaling)
     if controlled:
         deployment_config["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS, request_router_kwargs={"default_routable": False},
@@ -85,12 +94,12 @@ class GroupApp:
 
 
 def build_group_app(service: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str,
-                    nodes: Iterable[NodeInfo]) -> GroupApp:
+                    nodes: Iterable[NodeInfo], serve_autoscaling: Mapping[str, Any] | None = None) -> GroupApp:
     prefill_plan, decode_plan = plan_group(service, group, slot, list(nodes), model_path)
-    prefill_app = build_llm_deployment(llm_config_for(service, prefill_plan, model_path),
+    prefill_app = build_llm_deployment(llm_config_for(service, prefill_plan, model_path, serve_autoscaling),
                                        deployment_cls=PrefillServer,
                                        override_serve_options={"name": prefill_plan.deployment_name})
-    decode_cfg = llm_config_for(service, decode_plan, model_path)
+    decode_cfg = llm_config_for(service, decode_plan, model_path, serve_autoscaling)
     decode_app = build_llm_deployment(decode_cfg, deployment_cls=DecodeServer,
                                       bind_kwargs={"prefill_server": prefill_app},
                                       override_serve_options={"name": decode_plan.deployment_name})

@@ -1,0 +1,39 @@
+"""The autoscaling demo's report (summary.json fields, timeline.png) from a synthetic decision log and results."""
+
+from __future__ import annotations
+
+from bench.load.stats import RequestResult
+from heteroscale_ray.autoscale_demo import PHASES, demo_trace, plot_timeline, summarize
+
+
+def entry(t, action, p, d, groups, tps):
+    counts = lambda n: {"ready": n, "pending": 0, "withdrawn": 0}  # noqa: E731
+    return {"t": t, "tick": int(t), "action": action, "reason": "proportional", "advisory": False,
+            "target_prefill": p, "target_decode": d, "target_decode_tps_per_instance": 100.0,
+            "observation": {"decode_tps": tps, "ttft_s": 0.5, "tbt_s": None, "prefill": counts(p),
+                            "decode": counts(d)},
+            "groups": [{"name": f"g{i}", "prefill": counts(1), "decode": counts(1)} for i in range(groups)]}
+
+
+def test_summary_counts_actions_instance_seconds_and_failures(tmp_path):
+    decisions = [entry(0, "hold", 1, 1, 1, 50.0), entry(10, "scale_out", 2, 2, 2, 250.0),
+                 entry(20, "scale_in", 2, 2, 2, 20.0), entry(30, "restore", 2, 2, 2, 200.0),
+                 entry(40, "terminate_withdrawn", 1, 1, 1, None), entry(50, "hold", 1, 1, 1, 10.0)]
+    results = [RequestResult(i, float(i), sent_s=float(i), status="ok", ttft_s=0.2, itls_s=[0.01], e2e_s=1.0,
+                             output_tokens=8) for i in range(5)]
+    results.append(RequestResult(5, 5.0, sent_s=5.0, status="http_5xx"))
+    s = summarize(results, decisions, ttft_slo_s=1.0, tbt_slo_s=0.2)
+    assert (s["num_scale_out"], s["num_scale_in"], s["num_restore"], s["num_terminate"]) == (1, 1, 1, 1)
+    assert s["instance_seconds"] == {"prefill": 10 + 20 * 3 + 10, "decode": 10 + 20 * 3 + 10}
+    assert s["failed_requests"] == 1 and s["requests_sent"] == 6 and s["max_deployment_groups"] == 2
+    assert s["slo_attainment_ttft"] == round(5 / 6, 4)
+    plot_timeline(results, decisions, tmp_path / "timeline.png", 1.0, 0.2, load_start_s=-5.0)
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_demo_trace_follows_its_phases_and_is_seeded():
+    rows = demo_trace()
+    assert rows == demo_trace() and len(rows) > 100
+    first_phase = [r for r in rows if r.timestamp_ms < PHASES[0][0] * 1000]
+    heavy = [r for r in rows if PHASES[0][0] * 1000 <= r.timestamp_ms < (PHASES[0][0] + PHASES[1][0]) * 1000]
+    assert len(heavy) / PHASES[1][0] > 3 * len(first_phase) / PHASES[0][0]
