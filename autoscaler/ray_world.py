@@ -167,6 +167,8 @@ class RayWorld:
 
     def observe(self, now_s: float) -> Observation:
         details = self.serve.details()
+        if not self.advisory:
+            self._reconcile(details)
         with self.lock:
             self.states = {}
             for name, record in self.records.items():
@@ -219,6 +221,19 @@ class RayWorld:
 
     # ---- helpers -------------------------------------------------------------------------------------------------
 
+    def _reconcile(self, details: dict) -> None:
+        """Level-triggered: a Serve target that drifted from the DG's (someone else scaled it) is set back."""
+        with self.lock:
+            records = list(self.records.items())
+        for name, record in records:
+            states = role_states(details, self.spec.name, name)
+            for role in Role if states else ():
+                if states[role].target != record.group.count(role):
+                    logger.warning("%s %s target is %d in Serve, %d here: setting it back", name, role.value,
+                                   states[role].target, record.group.count(role))
+                    self.serve.set_target(group_app_name(self.spec.name, name),
+                                          deployment_name(self.spec.name, name, role), record.group.count(role))
+
     def _create(self, action: GroupAction) -> None:
         with self.lock:
             used = {r.slot for r in self.records.values()}
@@ -242,7 +257,10 @@ class RayWorld:
         if record is None:
             raise KeyError(f"no deployment group {name!r} to scale (have {sorted(self.records)})")
         targets = {role: action.group.count(role) for role in Role}
-        changed = [role for role in Role if targets[role] != record.group.count(role)]
+        with self.lock:
+            states = self.states.get(name)
+        serve_targets = {r: states[r].target if states else record.group.count(r) for r in Role}
+        changed = [role for role in Role if targets[role] != serve_targets[role]]  # level-triggered
 
         def set_targets(_placement=None) -> None:
             app = group_app_name(self.spec.name, name)

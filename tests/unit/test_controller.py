@@ -266,3 +266,17 @@ def test_what_the_controller_recorded_replays_through_the_simulators_driver_to_t
     assert [actions for _, actions in replayed] == [actions for _, _, _, actions in records]
     kinds = {a.kind.value for _, _, _, actions in records for a in actions}
     assert {"create", "withdraw", "remove"} <= kinds
+
+
+def test_a_target_changed_behind_the_controllers_back_is_set_back():
+    h = Harness()
+    app, dep = group_app_name(SERVICE, "dg-a"), deployment_name(SERVICE, "dg-a", Role.DECODE)
+    h.serve.set_target(app, dep, 2)  # someone scales decode by hand
+    h.serve.calls.clear()
+    h.report(20)
+    h.ctl.tick()
+    assert ("set_target", app, dep, 1) in h.serve.calls and len(h.serve.apps[app][dep]) == 1
+    h.serve.calls.clear()
+    h.report(20)
+    h.ctl.tick()
+    assert not any(c[0] == "set_target" for c in h.serve.calls)  # nothing to do when Serve agrees
