@@ -38,6 +38,8 @@ def import_serving_app():
     """
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    # vLLM's import-time notes about Triton on a CPU-only box would reach the console through ray.llm's handler.
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     from serving import app
 
     root.setLevel(level)
