@@ -80,13 +80,15 @@ def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyCo
 
 def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
               diag: Diagnostics) -> tuple[ServiceDecision, ServiceState]:
-    """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0)."""
+    """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0). A role that
+    grows in the same step (a schedule raised the ratio) grows now; only the shrinking roles are withdrawn."""
     if cfg.soft_scale_in_window_s == 0:
         new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s)
         return _decision(Action.SCALE_IN, reason, new, cfg, diag), new
-    soft = SoftScaleIn(now_s, st.target_prefill, st.target_decode, pair[0], pair[1])
-    new = replace(st, soft=soft)
-    withdraw = (st.target_prefill - pair[0], st.target_decode - pair[1])
+    keep = (max(st.target_prefill, pair[0]), max(st.target_decode, pair[1]))
+    soft = SoftScaleIn(now_s, keep[0], keep[1], pair[0], pair[1])
+    new = replace(st, target_prefill=keep[0], target_decode=keep[1], soft=soft)
+    withdraw = (keep[0] - pair[0], keep[1] - pair[1])
     return _decision(Action.SCALE_IN, reason, new, cfg, diag, withdraw), new
 
 
@@ -102,7 +104,8 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
-    load_back = tps is not None and tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)
+    load_back = cfg.mode is not Mode.PERIODIC and tps is not None and \
+        tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)  # schedule alone: no
     if (breach is not None and breach > first_tier) or load_back:
         new = replace(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
                       last_scale_in_s=now_s)
@@ -157,7 +160,11 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:
             desired, reason = current, Reason.WITHIN_BAND
         else:
-            desired = cfg.pair_for_decode(math.ceil(raw - 1e-9))
+            unclamped = math.ceil(raw - 1e-9)
+            desired = cfg.pair_for_decode(unclamped)
+            if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
+                reason = Reason.WITHIN_BAND  # outside the band, but it rounds to the current size
+                diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
     if schedule is not None and cfg.mode is Mode.METRICS_WITH_SCHEDULE_FLOOR:
         # The schedule is a floor: it lifts the metrics' answer, and without data it may only lift the size.
         floor_base = current if desired is None else desired
@@ -169,10 +176,11 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     if step is not None:
         latency_reason, pair = step
         wanted = desired or current
-        if pair[1] > wanted[1]:
+        if pair == current:  # at the max bound: nothing to add, and latency still forbids a scale-in
+            if wanted[1] <= current[1]:
+                return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
+        elif pair[1] > wanted[1]:
             return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True)
-        if pair == current and wanted == current:
-            return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
 
     if desired is None:
         note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else ""
@@ -219,9 +227,15 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
             continue
         previous = (st.soft.from_prefill, st.soft.from_decode) if st.soft else (st.target_prefill, st.target_decode)
         action = Action.HOLD if grant == previous else (Action.SCALE_OUT if grant[1] > previous[1] else Action.SCALE_IN)
-        states[name] = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
+        soft, withdraw = None, (0, 0)
+        if st.soft is not None and grant[0] >= st.soft.to_prefill and grant[1] >= st.soft.to_decode:
+            # The cut is terminated at once; the soft scale-in below it goes on from the granted size.
+            soft = replace(st.soft, from_prefill=grant[0], from_decode=grant[1])
+            withdraw = (grant[0] - soft.to_prefill, grant[1] - soft.to_decode)
+        states[name] = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=soft)
         decisions[name] = ServiceDecision(
             action=action, reason=Reason.BUDGET_LIMITED, target_prefill=grant[0], target_decode=grant[1],
+            withdraw_prefill=withdraw[0], withdraw_decode=withdraw[1],
             advisory=cfg.advisory, diagnostics=replace(dec.diagnostics, budget_gpus=budget,
                                                        note=f"wanted {dec.target_prefill}P/{dec.target_decode}D"))
 

@@ -239,3 +239,43 @@ def test_invariants_over_random_observation_sequences(sequence, budget):
 def test_every_reason_is_covered_by_a_test():
     covered = {row[3][1] for row in SCENARIOS} | {Reason.SCHEDULE, Reason.BUDGET_LIMITED}
     assert covered == set(Reason)
+
+
+# ---- known bugs (issue 12), each a failing test first ---------------------------------------------------------
+
+
+def test_a_schedule_that_raises_the_ratio_grows_prefill_now_and_withdraws_only_decode():
+    windows = (ScheduleWindow(0, 43_200, 8, 1 / 3), ScheduleWindow(43_200, 86_400, 8, 1.0))
+    cfg = replace(CFG, mode=Mode.PERIODIC, schedule=windows)
+    at = lambda t: ServiceObservation(decode_tps=Signal(600.0, t))  # noqa: E731
+    dec, st = decide_service(cfg, state(2, 6), at(50_000.0), 50_000.0)  # second window: 4P + 4D
+    assert dec.withdraw_prefill >= 0 and dec.withdraw_decode >= 0
+    assert (dec.action, dec.target_prefill, dec.target_decode) == (Action.SCALE_IN, 4, 6)
+    assert (dec.withdraw_prefill, dec.withdraw_decode) == (0, 2)
+    later = 50_000.0 + cfg.soft_scale_in_window_s + 1
+    done, _ = decide_service(cfg, st, at(later), later)
+    assert (done.action, done.target_prefill, done.target_decode) == (Action.TERMINATE_WITHDRAWN, 4, 4)
+
+
+def test_a_budget_cut_keeps_a_soft_scale_in_in_progress():
+    cfg = replace(CFG, gpus_per_prefill=1, gpus_per_decode=1)
+    fleet = FleetConfig(services={"a": cfg}, gpu_budget=6)
+    st0 = PolicyState(services={"a": state(2, 6, soft=SOFT)})  # withdrawing towards 1P/3D
+    decision, st = decide(st0, Observation(services={"a": obs(300)}), NOW, fleet)
+    dec = decision.services["a"]
+    assert dec.reason is Reason.BUDGET_LIMITED and dec.target_prefill + dec.target_decode <= 6
+    assert st.services["a"].soft is not None  # the soft scale-in goes on
+    assert (dec.withdraw_prefill, dec.withdraw_decode) == (dec.target_prefill - 1, dec.target_decode - 3)
+
+
+def test_a_size_that_rounds_to_the_current_one_is_not_reported_at_bound():
+    dec, _ = decide_service(CFG, state(2, 6), obs(520), NOW)  # 5.2 instances: outside the band, rounds to 6
+    assert (dec.action, dec.reason) == (Action.HOLD, Reason.WITHIN_BAND)
+    assert "round to the current" in dec.diagnostics.note
+
+
+def test_a_latency_step_at_the_bound_changes_nothing_and_keeps_the_cooldown():
+    st0 = state(10, 30, out=NOW - 1000)
+    dec, st = decide_service(CFG, st0, obs(300, tbt=0.08), NOW)  # wants to scale in, latency says no, at max
+    assert (dec.action, dec.reason, dec.target_prefill, dec.target_decode) == (Action.HOLD, Reason.AT_BOUND, 10, 30)
+    assert st.last_scale_out_s == NOW - 1000 and st.last_latency_step_s is None
