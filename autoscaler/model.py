@@ -162,6 +162,26 @@ class PolicyConfig:
         p = min(max(math.ceil(d * ratio - 1e-9), self.min_prefill), self.max_prefill)
         return p, d
 
+    def pair_for_demand(self, decode_demand: float, prefill_per_decode: float | None = None) -> tuple[int, int]:
+        """Size from continuous demand, rounding once: x = decode tokens/s / target per decode instance,
+        D = ceil(x), P = ceil(x x ratio), each clamped. x is first held inside (min_decode - 1, max_decode] so
+        that P stays in the ratio band of the clamped D (`ratio_holds`). Sizing P from the rounded D instead
+        turned 0.22 decode instances into 9 prefill instances at P:D 8.9."""
+        ratio = self.prefill_per_decode if prefill_per_decode is None else prefill_per_decode
+        x = min(max(decode_demand, self.min_decode - 1), self.max_decode)
+        d = min(max(math.ceil(x - 1e-9), self.min_decode), self.max_decode)
+        p = min(max(math.ceil(x * ratio - 1e-9), self.min_prefill), self.max_prefill)
+        return p, d
+
+    def ratio_holds(self, num_prefill: int, num_decode: int, prefill_per_decode: float | None = None) -> bool:
+        """What "the ratio always holds" means with sizing from demand: ceil((D-1)·r) <= P <= ceil(D·r), both
+        ends clamped to the prefill bounds."""
+        ratio = self.prefill_per_decode if prefill_per_decode is None else prefill_per_decode
+        clamp = lambda v: min(max(v, self.min_prefill), self.max_prefill)  # noqa: E731
+        lo = clamp(math.ceil((num_decode - 1) * ratio - 1e-9))
+        hi = clamp(math.ceil(num_decode * ratio - 1e-9))
+        return lo <= num_prefill <= hi
+
     def gpus(self, num_prefill: int, num_decode: int) -> int:
         return num_prefill * self.gpus_per_prefill + num_decode * self.gpus_per_decode
 

@@ -9,7 +9,8 @@ Per service, in order:
 1. a soft scale-in in progress is resolved first: restore at once if SLOs degrade (or load returns), terminate
    the withdrawn instances once the observation window passed with fresh data, else keep observing;
 2. the latency safety net (tiered TBT/TTFT thresholds) adds a fixed +x % of both pools, overriding a hold;
-3. proportional control on decode TPS: D = ceil(tps / target), P = ceil(D x ratio), hysteresis band, separate
+3. proportional control on decode TPS from demand x = tps / target: D = ceil(x), P = ceil(x x ratio) (rounded
+   once, `PolicyConfig.pair_for_demand`), hysteresis band, separate
    cooldowns, dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
 4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
 5. a fleet GPU budget, if set, is shared by priority and never exceeded.
@@ -156,12 +157,12 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         raw = tps / cfg.target_decode_tps_per_instance
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         if tps == 0:
-            desired, reason, dampen = cfg.pair_for_decode(cfg.min_decode), Reason.ZERO_TRAFFIC, False
+            desired, reason, dampen = cfg.pair_for_demand(0.0), Reason.ZERO_TRAFFIC, False
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:
             desired, reason = current, Reason.WITHIN_BAND
         else:
             unclamped = math.ceil(raw - 1e-9)
-            desired = cfg.pair_for_decode(unclamped)
+            desired = cfg.pair_for_demand(raw)
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
                 reason = Reason.WITHIN_BAND  # outside the band, but it rounds to the current size
                 diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")

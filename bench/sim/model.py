@@ -70,7 +70,8 @@ class Capacity:
     prefill_time_s: float
     kv_transfer_s: float
     decode_compute_fraction: float
-    ratio: float  # prefill instances per decode instance that balances the two pools (offline "stress test")
+    ratio: float  # prefill instances per decode instance at which both pools saturate together
+    prefill_rho_max: float  # highest prefill utilization with P(TTFT <= SLO) >= 0.99 (<= 0: TTFT SLO unreachable)
     steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
 
     @classmethod
@@ -88,9 +89,18 @@ class Capacity:
         batch = max(1, round(cap_d * dec.decode_step_time_s([context])[0]))
         _, compute_fraction = dec.decode_step_time_s([context] * batch)
         ratio = (svc.mean_input / cap_p) / (svc.mean_output / cap_d)
-        return cls(dec, pre, cap_d, cap_p, pre.prefill_time_s([svc.mean_input])[0],
-                   kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu], tp=svc.tp_prefill),
-                   compute_fraction, ratio)
+        prefill_time = pre.prefill_time_s([svc.mean_input])[0]
+        kv_s = kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu], tp=svc.tp_prefill)
+        budget = max(svc.ttft_slo_s - kv_s, 1e-9)
+        rho_max = 1 - prefill_time * math.log(100) / budget  # M/M/1 sojourn: P(TTFT <= SLO) >= 0.99
+        return cls(dec, pre, cap_d, cap_p, prefill_time, kv_s, compute_fraction, ratio, rho_max)
+
+    def slo_ratio(self, svc: SimService, decode_tps_per_instance: float) -> float:
+        """Prefill instances per decode instance that meet the TTFT SLO when each decode instance carries
+        `decode_tps_per_instance` (the stress test's answer, paper Algorithm 1): prefill may run only at
+        `prefill_rho_max` of its saturation rate, not at 100 %."""
+        rps_per_decode = decode_tps_per_instance / svc.mean_output
+        return rps_per_decode * svc.mean_input / (self.cap_prefill_tps * max(self.prefill_rho_max, 0.05))
 
 
 @dataclass
@@ -150,8 +160,7 @@ def oracle_counts(svc: SimService, cap: Capacity, rps: float) -> tuple[int, int]
     if rps <= 0:
         return 1, 1
     d = max(1, math.ceil(rps * svc.mean_output / cap.cap_decode_tps - 1e-9))
-    budget = max(svc.ttft_slo_s - cap.kv_transfer_s, 1e-9)
-    rho_max = 1 - cap.prefill_time_s * math.log(100) / budget  # P(TTFT <= SLO) >= 0.99
+    rho_max = cap.prefill_rho_max
     if rho_max <= 0:
         return 10**6, d  # unreachable SLO: report it as huge rather than pretend
     p = max(1, math.ceil(rps * svc.mean_input / (cap.cap_prefill_tps * rho_max) - 1e-9))

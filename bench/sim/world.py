@@ -40,7 +40,8 @@ class SimGroup(Instances):
 
 
 def policy_config(svc: SimService, cap: Capacity) -> PolicyConfig:
-    return PolicyConfig(target_decode_tps_per_instance=0.9 * cap.cap_decode_tps, prefill_per_decode=cap.ratio,
+    target = 0.9 * cap.cap_decode_tps
+    return PolicyConfig(target_decode_tps_per_instance=target, prefill_per_decode=cap.slo_ratio(svc, target),
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
                         ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=cap.prefill.tp,
                         gpus_per_decode=cap.decode.tp, scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0,
@@ -180,7 +181,7 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None)
         for name, dec in cycle_result.decision.services.items():
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
-            if dec.target_prefill != config.fleet.services[name].pair_for_decode(dec.target_decode)[0]:
+            if not config.fleet.services[name].ratio_holds(dec.target_prefill, dec.target_decode):
                 result.ratio_violations += 1
         result.unplaced += len(cycle_result.unplaced)
         world.serve(t, result)

@@ -225,7 +225,7 @@ def test_invariants_over_random_observation_sequences(sequence, budget):
             assert 0 <= dec.withdraw_prefill <= dec.target_prefill and 0 <= dec.withdraw_decode <= dec.target_decode
             assert cfg.min_decode <= dec.target_decode <= cfg.max_decode
             assert cfg.min_prefill <= dec.target_prefill <= cfg.max_prefill
-            assert dec.target_prefill == cfg.pair_for_decode(dec.target_decode)[0]  # ratio rule
+            assert cfg.ratio_holds(dec.target_prefill, dec.target_decode)  # ceil((D-1)r) <= P <= ceil(Dr)
             total += cfg.gpus(dec.target_prefill, dec.target_decode)
             before = policy_state.services.get(name)
             fresh = tps is not None and not math.isnan(tps) and age <= cfg.staleness_limit_s
@@ -279,3 +279,24 @@ def test_a_latency_step_at_the_bound_changes_nothing_and_keeps_the_cooldown():
     dec, st = decide_service(CFG, st0, obs(300, tbt=0.08), NOW)  # wants to scale in, latency says no, at max
     assert (dec.action, dec.reason, dec.target_prefill, dec.target_decode) == (Action.HOLD, Reason.AT_BOUND, 10, 30)
     assert st.last_scale_out_s == NOW - 1000 and st.last_latency_step_s is None
+
+
+def test_sizing_from_demand_rounds_once():
+    cfg = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=8.9, max_prefill=100, max_decode=100)
+    assert cfg.pair_for_demand(0.22) == (2, 1)  # not ceil(ceil(0.22) x 8.9) = 9
+    dec, _ = decide_service(cfg, state(9, 1), obs(22.0), NOW)
+    assert (dec.action, dec.target_prefill, dec.target_decode) == (Action.SCALE_IN, 9, 1)
+    assert (dec.withdraw_prefill, dec.withdraw_decode) == (7, 0)
+    zero, _ = decide_service(cfg, state(9, 1), obs(0.0), NOW)
+    assert (zero.reason, zero.withdraw_prefill) == (Reason.ZERO_TRAFFIC, 8)  # zero traffic: P to its minimum
+
+
+@given(st.floats(0, 500, allow_nan=False), st.floats(0.05, 12), st.integers(1, 4), st.integers(1, 3))
+@settings(max_examples=300, deadline=None)
+def test_the_ratio_band_holds_for_any_demand(x, ratio, min_d, min_p):
+    cfg = PolicyConfig(target_decode_tps_per_instance=1.0, prefill_per_decode=ratio, min_decode=min_d,
+                       min_prefill=min_p, max_decode=200, max_prefill=max(min_p, math.ceil(200 * ratio)))
+    p, d = cfg.pair_for_demand(x)
+    assert cfg.min_decode <= d <= cfg.max_decode and cfg.min_prefill <= p <= cfg.max_prefill
+    assert cfg.ratio_holds(p, d)
+    assert d == max(min_d, min(200, math.ceil(x - 1e-9)))
