@@ -126,8 +126,7 @@ class HeteroScaleController:
     def tick(self) -> dict | None:
         """One control period; never raises (errors are counted by stage)."""
         with self._tick_lock:
-            now = self._clock()
-            stage = "step"
+            now, entry = self._clock(), None
             try:
                 result, self.state, observation, view = step(self.world, self.state, now, self.config)
                 self.recorded.append((now, observation, view, result.actions))
@@ -267,7 +266,6 @@ class _Metrics:
                                          tag_keys=("service", "action", "reason"))
         self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
                                       tag_keys=("service", "stage"))
-        self.target_per_instance: float | None = None
 
     def export(self, entry: dict, errors) -> None:
         tags = {"service": self.service}
@@ -278,6 +276,8 @@ class _Metrics:
             self.replicas.set(entry[f"target_{role}"], tags={**tags, "role": role, "state": "target"})
         if entry["observation"]["decode_tps"] is not None:
             self.decode_tps.set(entry["observation"]["decode_tps"], tags=tags)
+        if entry.get("target_decode_tps_per_instance") is not None:
+            self.target_tps.set(entry["target_decode"] * entry["target_decode_tps_per_instance"], tags=tags)
         self.decisions.inc(1, tags={**tags, "action": entry["action"], "reason": entry["reason"]})
 
     def error(self, stage: str) -> None:

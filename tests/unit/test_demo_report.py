@@ -37,3 +37,23 @@ def test_demo_trace_follows_its_phases_and_is_seeded():
     first_phase = [r for r in rows if r.timestamp_ms < PHASES[0][0] * 1000]
     heavy = [r for r in rows if PHASES[0][0] * 1000 <= r.timestamp_ms < (PHASES[0][0] + PHASES[1][0]) * 1000]
     assert len(heavy) / PHASES[1][0] > 3 * len(first_phase) / PHASES[0][0]
+
+
+def test_status_text_shows_groups_replicas_targets_and_decisions():
+    from heteroscale_ray.service import format_status
+
+    counts = lambda r, w, p: {"ready": r, "withdrawn": w, "pending": p}  # noqa: E731
+    report = {"service": "tiny-chat", "ingress": "RUNNING", "applications": {}, "controller": {
+        "advisory": False, "ticks": 12, "control_period_s": 5.0, "target_prefill": 2, "target_decode": 2,
+        "soft_scale_in": None, "errors": {},
+        "groups": [{"name": "dg-a", "domain": "s1-a", "prefill_gpu_type": "L20", "decode_gpu_type": "H20",
+                    "target_prefill": 1, "target_decode": 1, "prefill": counts(1, 0, 0), "decode": counts(0, 1, 0)}],
+        "last_decisions": [{"t": 100.0, "action": "scale_in", "reason": "proportional", "target_prefill": 1,
+                            "target_decode": 1, "observation": {"decode_tps": 42.0},
+                            "actions": [{"kind": "withdraw", "group": "dg-a", "num_prefill": 1, "num_decode": 1,
+                                         "withdrawn_prefill": 0, "withdrawn_decode": 1}]}]}}
+    text = format_status(report)
+    assert "dg-a" in text and "s1-a" in text and "L20/H20" in text and "targets P=2 D=2" in text
+    assert "scale_in (proportional) decode_tps=42" in text and "withdrawn 0P/1D" in text
+    report["controller"] = None
+    assert "no controller" in format_status(report)
