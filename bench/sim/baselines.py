@@ -18,6 +18,7 @@ from bench.sim.model import (
     Tick,
     account,
     evaluate,
+    fit_to_fleet,
     oracle_counts,
     peak_counts,
     role_utils,
@@ -25,13 +26,16 @@ from bench.sim.model import (
 
 
 def run_counts_policy(scenario: Scenario, counts_at) -> PolicyResult:
-    """A baseline that sets (P, D) per service and tick directly (no startup, no placement limits)."""
+    """A baseline that sets (P, D) per service and tick directly (no startup, no placement; bounded by the
+    fleet's GPUs)."""
     caps = {s.name: Capacity.of(s) for s in scenario.services}
     result, t = PolicyResult(), 0.0
     while t < scenario.duration_s:
+        counts, cut = fit_to_fleet(scenario, {s.name: counts_at(s, caps[s.name], t) for s in scenario.services})
+        result.unplaced += cut
         for svc in scenario.services:
             cap, rps = caps[svc.name], svc.shape.rate(t)
-            p, d = counts_at(svc, cap, t)
+            p, d = counts[svc.name]
             tick = evaluate(svc, cap, rps, p, d)
             account(result, svc, cap, tick, rps, (p, d), (p, d), scenario.tick_s, t)
         t += scenario.tick_s
@@ -50,8 +54,8 @@ def run_static_peak(scenario: Scenario) -> PolicyResult:
 def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     """A per-service reactive baseline: `desire(svc, cap, mem, last_tick, run, t) -> (P, D)` every tick, new
     instances Ready after `startup_s`, removals at once, each role bounded by 2x its peak need (a user's
-    maxReplicas). Baselines are not limited by the topology (that can only flatter them); `mem` is the
-    baseline's own state (delays, windows)."""
+    maxReplicas), and all services together by the fleet's GPUs (`fit_to_fleet`). Baselines are not limited
+    by the topology (that can only flatter them); `mem` is the baseline's own state (delays, windows)."""
     caps = {s.name: Capacity.of(s) for s in scenario.services}
     max_counts = {name: (2 * p, 2 * d) for name, (p, d) in peak_counts(scenario, caps).items()}
     runs = {s.name: Instances(ready_prefill=1, ready_decode=1) for s in scenario.services}
@@ -59,13 +63,18 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     last: dict[str, Tick | None] = {s.name: None for s in scenario.services}
     result, t = PolicyResult(), 0.0
     while t < scenario.duration_s:
+        wants = {}
         for svc in scenario.services:
-            run, cap = runs[svc.name], caps[svc.name]
+            run = runs[svc.name]
             run.promote(t)
-            have = run.allocated()
-            want = desire(svc, cap, mems[svc.name], last[svc.name], run, t)
+            want = desire(svc, caps[svc.name], mems[svc.name], last[svc.name], run, t)
             bound = max_counts[svc.name]  # like a user's maxReplicas: 2x what the peak needs
-            want = (min(max(1, want[0]), bound[0]), min(max(1, want[1]), bound[1]))
+            wants[svc.name] = (min(max(1, want[0]), bound[0]), min(max(1, want[1]), bound[1]))
+        wants, cut = fit_to_fleet(scenario, wants)
+        result.unplaced += cut
+        for svc in scenario.services:
+            run, cap, want = runs[svc.name], caps[svc.name], wants[svc.name]
+            have = run.allocated()
             if want != have:
                 result.num_scale_actions += 1
             run.resize(want, t, scenario.startup_s)

@@ -30,6 +30,10 @@ from bench.sim.perf_model import GPUS, MODELS, Instance, kv_transfer_time_s, nvm
 from common.vocab import NodeInfo
 
 PREFILL_CHUNK_TOKENS = 8192  # tokens one prefill pass batches (chunked prefill), for prefill capacity
+# A service whose TTFT SLO no prefill pool can meet for 99 % of requests (one prompt's prefill + KV transfer
+# leaves too little of the SLO) is sized at this prefill utilization: close to its best attainable attainment
+# (the rho -> 0 limit), at a finite, comparable size; it is reported as infeasible.
+INFEASIBLE_PREFILL_RHO = 0.2
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Capacity:
     decode_compute_fraction: float
     ratio: float  # prefill instances per decode instance at which both pools saturate together
     prefill_rho_max: float  # highest prefill utilization with P(TTFT <= SLO) >= 0.99 (<= 0: TTFT SLO unreachable)
+    ttft_budget_s: float  # the TTFT SLO less the KV transfer
     steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
 
     @classmethod
@@ -93,14 +98,27 @@ class Capacity:
         kv_s = kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu], tp=svc.tp_prefill)
         budget = max(svc.ttft_slo_s - kv_s, 1e-9)
         rho_max = 1 - prefill_time * math.log(100) / budget  # M/M/1 sojourn: P(TTFT <= SLO) >= 0.99
-        return cls(dec, pre, cap_d, cap_p, prefill_time, kv_s, compute_fraction, ratio, rho_max)
+        return cls(dec, pre, cap_d, cap_p, prefill_time, kv_s, compute_fraction, ratio, rho_max, budget)
+
+    @property
+    def feasible(self) -> bool:
+        return self.prefill_rho_max > 0
+
+    @property
+    def operating_rho(self) -> float:
+        """The prefill utilization the oracle and the SLO-feasible ratio size for."""
+        return self.prefill_rho_max if self.feasible else INFEASIBLE_PREFILL_RHO
+
+    def best_ttft_attainment(self) -> float:
+        """TTFT attainment of an idle prefill pool (the limit as utilization -> 0)."""
+        return 1 - math.exp(-self.ttft_budget_s / self.prefill_time_s)
 
     def slo_ratio(self, svc: SimService, decode_tps_per_instance: float) -> float:
         """Prefill instances per decode instance that meet the TTFT SLO when each decode instance carries
         `decode_tps_per_instance` (the stress test's answer, paper Algorithm 1): prefill may run only at
         `prefill_rho_max` of its saturation rate, not at 100 %."""
         rps_per_decode = decode_tps_per_instance / svc.mean_output
-        return rps_per_decode * svc.mean_input / (self.cap_prefill_tps * max(self.prefill_rho_max, 0.05))
+        return rps_per_decode * svc.mean_input / (self.cap_prefill_tps * self.operating_rho)
 
 
 @dataclass
@@ -156,14 +174,12 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
 
 
 def oracle_counts(svc: SimService, cap: Capacity, rps: float) -> tuple[int, int]:
-    """The fewest (P, D) that meet both SLOs for >= 99 % of requests at this load (perfect foresight)."""
+    """The fewest (P, D) that meet both SLOs for >= 99 % of requests at this load (perfect foresight); for an
+    infeasible TTFT SLO, the size at `INFEASIBLE_PREFILL_RHO`."""
     if rps <= 0:
         return 1, 1
     d = max(1, math.ceil(rps * svc.mean_output / cap.cap_decode_tps - 1e-9))
-    rho_max = cap.prefill_rho_max
-    if rho_max <= 0:
-        return 10**6, d  # unreachable SLO: report it as huge rather than pretend
-    p = max(1, math.ceil(rps * svc.mean_input / (cap.cap_prefill_tps * rho_max) - 1e-9))
+    p = max(1, math.ceil(rps * svc.mean_input / (cap.cap_prefill_tps * cap.operating_rho) - 1e-9))
     return p, d
 
 
@@ -229,6 +245,7 @@ class PolicyResult:
         return {
             "gpu_hours": round(self.gpu_hours, 3),
             "gpu_hours_by_role": {k: round(v, 3) for k, v in self.gpu_hours_by_role.items()},
+            "peak_allocated_gpus": round(max((row[0] for row in self.per_tick.values()), default=0.0)),
             "h100_equivalent_cost_hours": round(self.cost_hours, 3),
             "avg_gpu_util": round(self.util_weighted / hours, 4),
             "avg_sm_activity": round(self.sm_weighted / hours, 4),
@@ -285,6 +302,32 @@ def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rp
         row[0] += gpus_p + gpus_d
         row[1] += util_d * ready_gpus_d + util_p * ready_gpus_p
         row[2] += requests
+
+
+def fit_to_fleet(scenario: Scenario, wants: dict[str, tuple[int, int]]) -> tuple[dict[str, tuple[int, int]], int]:
+    """Bound per-service (P, D) wishes by the fleet's GPUs: while they exceed it, the lowest-priority services
+    shrink (both pools by the same fraction, never below one instance each). Returns the fitted counts and how
+    many services were cut. Baselines place nothing, so this is their only capacity limit (ours also has
+    the topology's)."""
+    fleet = sum(n.total_gpus for n in scenario.nodes)
+    tp = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
+    gpus = lambda name, pd: pd[0] * tp[name][0] + pd[1] * tp[name][1]  # noqa: E731
+    excess = sum(gpus(n, pd) for n, pd in wants.items()) - fleet
+    if excess <= 0:
+        return wants, 0
+    fitted, cut = dict(wants), 0
+    for svc in sorted(scenario.services, key=lambda s: (s.priority, s.name)):
+        if excess <= 0:
+            break
+        p, d = fitted[svc.name]
+        have = gpus(svc.name, (p, d))
+        keep = max(have - excess, gpus(svc.name, (1, 1)))
+        if keep < have:
+            f = keep / have
+            fitted[svc.name] = (max(1, math.floor(p * f)), max(1, math.floor(d * f)))
+            excess -= have - gpus(svc.name, fitted[svc.name])
+            cut += 1
+    return fitted, cut
 
 
 def peak_counts(scenario: Scenario, caps: dict[str, Capacity]) -> dict[str, tuple[int, int]]:

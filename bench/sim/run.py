@@ -12,7 +12,7 @@ from bench.sim.baselines import (
     run_sla_planner,
     run_static_peak,
 )
-from bench.sim.model import PolicyResult, Scenario
+from bench.sim.model import Capacity, PolicyResult, Scenario
 from bench.sim.world import run_heteroscale
 
 POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "serve_queue": run_serve_queue,
@@ -36,9 +36,22 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None) -> tupl
                "fleet": {"gpus": sum(n.total_gpus for n in scenario.nodes), "services": len(scenario.services),
                          "duration_s": scenario.duration_s, "tick_s": scenario.tick_s,
                          "startup_s": scenario.startup_s},
-               "policies": {name: r.summary() for name, r in results.items()}}
+               "policies": {name: r.summary() for name, r in results.items()},
+               "infeasible_services": infeasible_services(scenario)}
     summary["goals"] = _goals(summary["policies"])
     return summary, results
+
+
+def infeasible_services(scenario: Scenario) -> list[dict]:
+    """Services whose TTFT SLO no number of instances meets for 99 % of requests, with the best attainable."""
+    out = []
+    for svc in scenario.services:
+        cap = Capacity.of(svc)
+        if not cap.feasible:
+            out.append({"service": svc.name, "ttft_slo_s": svc.ttft_slo_s,
+                        "prefill_time_s": round(cap.prefill_time_s, 4), "kv_transfer_s": round(cap.kv_transfer_s, 4),
+                        "best_attainable_ttft_attainment": round(cap.best_ttft_attainment(), 4)})
+    return out
 
 
 def _goals(p: dict) -> dict:

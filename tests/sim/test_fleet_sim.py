@@ -152,3 +152,23 @@ def test_70b_service_with_tensor_parallel_roles():
     assert s["unplaced_requests"] == 0 and s["ratio_violations"] == 0 and s["gpu_hours"] > 0
     # every instance holds its TP degree of GPUs: 4 per prefill, 2 per decode
     assert all(row[0] % 2 == 0 and row[0] >= 6 for t, row in result.per_tick.items() if t >= 150)
+
+
+def test_an_infeasible_slo_is_reported_and_no_policy_allocates_beyond_the_fleet():
+    from bench.sim.run import simulate
+
+    nodes = tuple(NodeInfo(f"n{i}", "H20" if i % 2 else "L20", 8, 8, f"s1-{i // 2}", "s2-0") for i in range(4))
+    hot = SimService("hot", RateShape(mean_rps=400, peak_to_trough=2, day_s=3600), 600, 300, ttft_slo_s=2.0,
+                     tbt_slo_s=0.05, priority=1)  # wants far more than 32 GPUs at its peak
+    impossible = SimService("impossible", RateShape(mean_rps=2, peak_to_trough=2, day_s=3600), 4000, 100,
+                            ttft_slo_s=0.05, tbt_slo_s=0.05)  # one prompt's prefill alone is longer than the SLO
+    assert not Capacity.of(impossible).feasible and Capacity.of(hot).feasible
+    scenario = Scenario("bounded", nodes, (hot, impossible), duration_s=3600, tick_s=30, startup_s=120)
+    summary, results = simulate(scenario, list(POLICIES))
+    (bad,) = summary["infeasible_services"]
+    assert bad["service"] == "impossible" and 0 < bad["best_attainable_ttft_attainment"] < 0.99
+    for name, p in summary["policies"].items():
+        assert p["peak_allocated_gpus"] <= 32, name  # the fleet has 32 GPUs
+        assert 0 < p["gpu_hours"] <= 32 * 1.0 + 1e-6, name
+    assert summary["policies"]["oracle"]["unplaced_requests"] > 0  # the bound was hit, and counted
+    assert 0 < summary["goals"]["gpu_hours_vs_oracle"] < 10
