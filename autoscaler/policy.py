@@ -173,7 +173,8 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             desired, reason, dampen = schedule, Reason.SCHEDULE, False
 
     # --- latency safety net: scale out only, overrides a hold or a scale-in ----------------------------------------
-    step = _latency_step(cfg, st, breach, now_s)
+    starting = obs is not None and (obs.prefill.pending > 0 or obs.decode.pending > 0)
+    step = None if starting else _latency_step(cfg, st, breach, now_s)  # capacity on its way: wait for it
     if step is not None:
         latency_reason, pair = step
         wanted = desired or current

@@ -300,3 +300,11 @@ def test_the_ratio_band_holds_for_any_demand(x, ratio, min_d, min_p):
     assert cfg.min_decode <= d <= cfg.max_decode and cfg.min_prefill <= p <= cfg.max_prefill
     assert cfg.ratio_holds(p, d)
     assert d == max(min_d, min(200, math.ceil(x - 1e-9)))
+
+
+def test_the_latency_safety_net_waits_while_added_instances_are_still_starting():
+    starting = replace(obs(600, tbt=0.08), decode=RoleCounts(ready=6, pending=2))
+    dec, _ = decide_service(CFG, state(), starting, NOW)
+    assert (dec.action, dec.reason) == (Action.HOLD, Reason.WITHIN_BAND)
+    started = replace(obs(600, tbt=0.08), decode=RoleCounts(ready=8))
+    assert decide_service(CFG, state(), started, NOW)[0].reason is Reason.LATENCY_SEVERE
