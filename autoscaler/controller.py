@@ -285,17 +285,28 @@ class _Metrics:
 
 
 def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]]):
-    """Create (or find) the service's detached controller actor and start its loop. Returns the handle."""
+    """Start the service's detached controller actor (its loop starts with it). A controller already running
+    for the service (a re-deploy) is replaced so the new spec takes effect; its saved state is kept, so the
+    new one resumes where the old one was. Returns the handle."""
     import ray
 
     name = controller_name(spec.name)
     try:
-        handle = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+        old = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+        ray.kill(old, no_restart=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the name is free once the old actor is dead
+            try:
+                ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+                time.sleep(0.2)
+            except ValueError:
+                break
     except ValueError:
-        actor = ray.remote(HeteroScaleController).options(
-            name=name, namespace=CONTROLLER_NAMESPACE, lifetime="detached", max_restarts=-1, max_concurrency=64,
-            num_cpus=0, get_if_exists=True)
-        handle = actor.remote(spec, model_path, groups)
+        pass
+    actor = ray.remote(HeteroScaleController).options(
+        name=name, namespace=CONTROLLER_NAMESPACE, lifetime="detached", max_restarts=-1, max_concurrency=64,
+        num_cpus=0)
+    handle = actor.remote(spec, model_path, groups)
     ray.get(handle.ping.remote())
     return handle
 
