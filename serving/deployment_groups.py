@@ -2,14 +2,12 @@
 
 Pure functions only (no Ray, no vLLM): they turn a `ServiceSpec` and the cluster's node facts into per-DG,
 per-role engine settings (GPU type picked from the role's preference list, label selectors, placement bundles,
-engine kwargs and env), and edit the set of DGs (`add_deployment_group`, `remove_deployment_group`,
-`set_role_replicas`) the way the controller will at run time. `serving.app` turns the result into Serve
-deployments.
+engine kwargs and env). `serving.app` turns the result into Serve deployments.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from common.config import RoleSpec, ServiceSpec
@@ -121,39 +119,3 @@ def plan_group(service: ServiceSpec, group: DeploymentGroup, slot: int, nodes: I
             )
         )
     return plans[0], plans[1]
-
-
-# ---- editing the set of DGs (what the controller will do at run time) -----------------------------------------
-
-
-def add_deployment_group(groups: tuple[DeploymentGroup, ...], group: DeploymentGroup
-                         ) -> tuple[DeploymentGroup, ...]:
-    if any(g.name == group.name for g in groups):
-        raise ValueError(f"deployment group {group.name!r} already exists")
-    return (*groups, group)
-
-
-def remove_deployment_group(groups: tuple[DeploymentGroup, ...], name: str) -> tuple[DeploymentGroup, ...]:
-    if not any(g.name == name for g in groups):
-        raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
-    return tuple(g for g in groups if g.name != name)
-
-
-def set_role_replicas(groups: tuple[DeploymentGroup, ...], name: str, role: Role, num_replicas: int
-                      ) -> tuple[DeploymentGroup, ...]:
-    if num_replicas < 0:
-        raise ValueError(f"num_replicas ({num_replicas}) for {role.value} of {name!r} must be >= 0")
-    field = "num_prefill" if role is Role.PREFILL else "num_decode"
-    out, found = [], False
-    for g in groups:
-        if g.name == name:
-            found = True
-            g = replace(g, **{field: num_replicas})
-        out.append(g)
-    if not found:
-        raise KeyError(f"deployment group {name!r} does not exist (have {[g.name for g in groups]})")
-    return tuple(out)
-
-
-def with_groups(service: ServiceSpec, groups: tuple[DeploymentGroup, ...]) -> ServiceSpec:
-    return replace(service, deployment_groups=groups)

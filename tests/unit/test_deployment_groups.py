@@ -3,11 +3,8 @@ import pytest
 from common.config import load_service_spec
 from serving.deployment_groups import (
     PlacementError,
-    add_deployment_group,
     plan_group,
-    remove_deployment_group,
     resolve_gpu_type,
-    set_role_replicas,
 )
 from common.vocab import DeploymentGroup, NodeInfo, Role
 from tests.conftest import EXAMPLES
@@ -70,21 +67,3 @@ def test_cluster_affinity_has_no_domain_label():
     service = type(SERVICE)(**{**SERVICE.__dict__, "affinity": "cluster"})
     prefill, _ = plan_group(service, DeploymentGroup("x", "tiny-chat", "s1", "anything", None, None, 1, 1), 0, NODES, "/m")
     assert prefill.label_selector == {"heteroscale.io/gpu-type": "L20"}
-
-
-def test_add_remove_and_set_replicas():
-    groups = SERVICE.deployment_groups
-    more = add_deployment_group(groups, DeploymentGroup("dg-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1))
-    assert [g.name for g in more] == ["dg-a", "dg-b"]
-    with pytest.raises(ValueError, match="already exists"):
-        add_deployment_group(more, DeploymentGroup("dg-b", "tiny-chat", "s1", "s1-b", None, None, 1, 1))
-    scaled = set_role_replicas(more, "dg-b", Role.DECODE, 3)
-    assert scaled[1].num_decode == 3 and scaled[1].num_prefill == 1
-    assert more[1].num_decode == 1  # inputs are never mutated
-    with pytest.raises(ValueError, match=r"num_replicas \(-1\)"):
-        set_role_replicas(more, "dg-b", Role.DECODE, -1)
-    with pytest.raises(KeyError, match="'dg-z' does not exist"):
-        set_role_replicas(more, "dg-z", Role.DECODE, 1)
-    assert [g.name for g in remove_deployment_group(more, "dg-a")] == ["dg-b"]
-    with pytest.raises(KeyError, match="does not exist"):
-        remove_deployment_group(more, "dg-z")
