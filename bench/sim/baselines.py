@@ -146,13 +146,13 @@ def _periodic(scenario: Scenario, window_s: float = 3600.0):
     return desire
 
 
-def _sla_planner(scenario: Scenario):
-    """Dynamo-style SLA planner: predict the next interval's load as the last one, size prefill and decode
-    separately from profiled throughput at the TTFT/ITL targets, scaled by correction factors (observed /
-    expected latency of the last interval)."""
+def _sla_planner(scenario: Scenario, headroom: float = 1.0):
+    """Dynamo-style SLA planner: predict the next interval's load as the last one (times `headroom`), size
+    prefill and decode separately from profiled throughput at the TTFT/ITL targets, scaled by correction
+    factors (observed / expected latency of the last interval)."""
 
     def desire(svc, cap, mem, last, run, t):
-        rps = svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
+        rps = headroom * svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
         p, d = oracle_counts(svc, cap, rps)
         if last is not None and run.ready_prefill and run.ready_decode:
             expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
@@ -163,6 +163,33 @@ def _sla_planner(scenario: Scenario):
         return p, d
 
     return desire
+
+
+# The one knob each baseline's operators tune, and the values a sweep tries (defaults first).
+SWEEPS = {
+    "hpa_gpu_util": ("target_util", (0.6, 0.3, 0.4, 0.5, 0.7), lambda sc, v: _hpa(target_util=v)),
+    "serve_queue": ("target_ongoing", (2.0, 0.5, 1.0, 4.0), lambda sc, v: _serve_queue(target_ongoing=v)),
+    "periodic": ("window_s", (3600.0, 900.0, 1800.0), lambda sc, v: _periodic(sc, window_s=v)),
+    "sla_planner": ("headroom", (1.0, 1.1, 1.25), lambda sc, v: _sla_planner(sc, headroom=v)),
+}
+
+
+def run_tuned(scenario: Scenario, name: str, attainment_goal: float) -> tuple[PolicyResult, dict]:
+    """The baseline at the sweep value with the fewest GPU-hours among those whose TTFT and TBT attainment both
+    reach `attainment_goal` (equal attainment); if none does, the one with the best attainment. Returns the
+    result and {knob, value, met_goal, tried}."""
+    knob, values, make = SWEEPS[name]
+    runs = [(v, run_reactive(scenario, make(scenario, v))) for v in values]
+
+    def attainment(res: PolicyResult) -> float:
+        s = res.summary()
+        return min(s["slo_attainment_ttft"], s["slo_attainment_tbt"])
+
+    meeting = [(v, r) for v, r in runs if attainment(r) >= attainment_goal]
+    value, best = min(meeting, key=lambda vr: vr[1].gpu_hours) if meeting else max(runs, key=lambda vr: attainment(vr[1]))
+    return best, {"knob": knob, "value": value, "met_goal": bool(meeting), "attainment_goal": attainment_goal,
+                  "tried": {str(v): {"gpu_hours": round(r.gpu_hours, 1), "attainment": attainment(r)}
+                            for v, r in runs}}
 
 
 def run_hpa_gpu_util(scenario: Scenario) -> PolicyResult:

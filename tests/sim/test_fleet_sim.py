@@ -172,3 +172,21 @@ def test_an_infeasible_slo_is_reported_and_no_policy_allocates_beyond_the_fleet(
         assert 0 < p["gpu_hours"] <= 32 * 1.0 + 1e-6, name
     assert summary["policies"]["oracle"]["unplaced_requests"] > 0  # the bound was hit, and counted
     assert 0 < summary["goals"]["gpu_hours_vs_oracle"] < 10
+
+
+def test_baselines_tuned_to_our_attainment_are_compared_at_equal_attainment():
+    from bench.sim.run import simulate
+
+    summary, _ = simulate(small_scenario(), ["heteroscale", "hpa_gpu_util", "serve_queue", "periodic"],
+                          tune_baselines=True)
+    p, tuning = summary["policies"], summary["tuning"]
+    assert set(tuning) == {"hpa_gpu_util_tuned", "serve_queue_tuned", "periodic_tuned"}
+    goal = min(p["heteroscale"]["slo_attainment_ttft"], p["heteroscale"]["slo_attainment_tbt"])
+    for name, t in tuning.items():
+        assert t["attainment_goal"] == goal and len(t["tried"]) >= 3
+        tuned = p[name]
+        if t["met_goal"]:
+            assert min(tuned["slo_attainment_ttft"], tuned["slo_attainment_tbt"]) >= goal
+            cheapest = min(v["gpu_hours"] for v in t["tried"].values() if v["attainment"] >= goal)
+            assert abs(tuned["gpu_hours"] - cheapest) < 0.1
+    assert "avg_gpu_util_points_above_hpa_tuned" in summary["goals"]
