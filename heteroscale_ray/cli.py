@@ -197,6 +197,51 @@ def cmd_bench(args) -> int:
     return 130 if interrupted else 0
 
 
+def cmd_profile(args) -> int:
+    import asyncio
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from bench.load import loadgen, profile
+    from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
+
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if not rates or min(rates) <= 0:
+        print(f"error: --rates ({args.rates!r}) must be positive numbers", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(ensure_tiny_model()))
+    steps = []
+    for i, rate in enumerate(sorted(rates)):
+        cfg = loadgen.LoadConfig(url=args.url.rstrip("/"), model=args.model, api_key=args.api_key or
+                                 os.environ.get("HETEROSCALE_API_KEY"), request_timeout_s=args.request_timeout_s,
+                                 drain_timeout_s=args.request_timeout_s, ttft_slo_ms=1000 * args.ttft_slo_s,
+                                 tbt_slo_ms=1000 * args.tbt_slo_s)
+        planned = loadgen.plan(cfg, profile.constant_trace(rate, args.step_s, args.input_tokens, args.output_tokens,
+                                                           seed=i))
+        prompts = loadgen.build_prompts([r for r, _ in planned], tokenizer, make_prompt)
+        print(f"step {i + 1}/{len(rates)}: {rate:g} req/s for {args.step_s:g}s ({len(planned)} requests)",
+              file=sys.stderr)
+        asyncio.run(loadgen.replay(cfg, planned, prompts))
+        step = profile.Step.of(rate, [res for _, res in planned])
+        print(f"  decode {step.decode_tps:.0f} tok/s, prefill {step.prefill_tps:.0f} tok/s, TTFT p90 "
+              f"{step.ttft_p90_s}, TBT p90 {step.tbt_p90_s}, failed {step.failed}", file=sys.stderr)
+        steps.append(step)
+    result = profile.analyze(steps, args.num_prefill, args.num_decode, args.ttft_slo_s, args.tbt_slo_s,
+                             args.input_tokens, args.output_tokens, headroom=args.headroom)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(result, indent=2))
+    profile.plot(result, out / "profile.png")
+    (out / "autoscaling.yaml").write_text(yaml.safe_dump({"autoscaling": result["autoscaling"]}, sort_keys=False))
+    print(yaml.safe_dump({"autoscaling": result["autoscaling"]}, sort_keys=False), end="")
+    for role in ("decode", "prefill"):
+        if not result[f"{role}_limit_reached"]:
+            print(f"note: the highest step still met the {role} SLO; its capacity is a lower bound (step higher)",
+                  file=sys.stderr)
+    return 0
+
+
 def cmd_sim(args) -> int:
     from bench.sim import run as sim_run
     from bench.sim import study
@@ -293,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--seed", type=int, default=0)
     add_trace_options(trace)
     trace.set_defaults(func=cmd_trace)
+
+    prof = sub.add_parser("profile", help="stress-test a P/D endpoint at stepped rates; print its autoscaling section")
+    prof.add_argument("--url", required=True, help="base URL of the service (fixed replica counts while profiling)")
+    prof.add_argument("--rates", default="0.5,1,2,3,4", help="comma-separated request rates (req/s), one step each")
+    prof.add_argument("--step-s", type=float, default=30.0, help="seconds per step")
+    prof.add_argument("--input-tokens", type=int, default=200)
+    prof.add_argument("--output-tokens", type=int, default=96)
+    prof.add_argument("--num-prefill", type=int, default=1, help="prefill replicas serving during the test")
+    prof.add_argument("--num-decode", type=int, default=1, help="decode replicas serving during the test")
+    prof.add_argument("--ttft-slo-s", type=float, default=2.0)
+    prof.add_argument("--tbt-slo-s", type=float, default=0.2)
+    prof.add_argument("--headroom", type=float, default=0.9, help="target = headroom x the measured capacity")
+    prof.add_argument("--request-timeout-s", type=float, default=120.0)
+    prof.add_argument("--model", default=None)
+    prof.add_argument("--tokenizer", default=None)
+    prof.add_argument("--api-key", default=None)
+    prof.add_argument("--out", required=True, help="folder for profile.json, profile.png, autoscaling.yaml")
+    prof.set_defaults(func=cmd_profile)
 
     sim = sub.add_parser("sim", help="fleet simulator: the same decide()/place() against baselines")
     sim.add_argument("--scenario", required=True, help="scenario YAML (bench/scenarios/*.yaml)")

@@ -1,0 +1,114 @@
+"""Policy curation by stress test (paper Algorithm 1, first half): step a live P/D endpoint through rising
+request rates, find the highest decode tokens/s per decode instance that keeps TBT within its SLO and the
+highest prompt tokens/s per prefill instance that keeps TTFT within its SLO, and derive the `autoscaling`
+section: the P:D ratio that meets both SLOs and the per-instance decode target with headroom.
+
+`analyze()` is pure (steps in, numbers out); `heteroscale profile` runs the steps with the open-loop load
+generator against the endpoint (loopback in tests) and writes `profile.json`, `profile.png` and the YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from bench.load.stats import RequestResult, percentile
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one rate step measured (the endpoint ran `num_prefill` and `num_decode` replicas)."""
+
+    rate_rps: float
+    duration_s: float
+    requests: int
+    failed: int
+    decode_tps: float  # output tokens/s served
+    prefill_tps: float  # prompt tokens/s served
+    ttft_p90_s: float | None
+    tbt_p90_s: float | None
+
+    @classmethod
+    def of(cls, rate_rps: float, results: Sequence[RequestResult]) -> Step:
+        sent = [r for r in results if r.sent_s is not None]
+        ok = [r for r in sent if r.ok]
+        ends = [r.sent_s + r.e2e_s for r in ok if r.e2e_s is not None]
+        span = max(ends) - min(r.sent_s for r in sent) if ok and ends else 0.0
+        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+        tbts = [r.tbt_p90_s() for r in ok if r.tbt_p90_s() is not None]
+        return cls(rate_rps, round(span, 3), len(sent), len(sent) - len(ok),
+                   sum(r.output_tokens for r in ok) / span if span else 0.0,
+                   sum(r.input_tokens for r in ok) / span if span else 0.0,
+                   percentile(ttfts, 0.9) if ttfts else None, percentile(tbts, 0.9) if tbts else None)
+
+
+def analyze(steps: Sequence[Step], num_prefill: int, num_decode: int, ttft_slo_s: float, tbt_slo_s: float,
+            mean_input: float, mean_output: float, headroom: float = 0.9) -> dict:
+    """Per-instance capacities within the SLOs and the resulting `autoscaling` values.
+
+    A step meets an SLO when no request failed and its p90 is within the SLO. Capacity per instance = what
+    the highest step meeting that role's SLO served / the role's replicas. If even the highest step met it,
+    the capacity is a lower bound (`*_limit_reached: false`): step higher for a tighter number."""
+    if num_prefill < 1 or num_decode < 1:
+        raise ValueError(f"num_prefill ({num_prefill}) and num_decode ({num_decode}) must be >= 1")
+    if not steps:
+        raise ValueError("no steps to analyze")
+    ordered = sorted(steps, key=lambda s: s.rate_rps)
+    ok_tbt = [s for s in ordered if not s.failed and s.tbt_p90_s is not None and s.tbt_p90_s <= tbt_slo_s]
+    ok_ttft = [s for s in ordered if not s.failed and s.ttft_p90_s is not None and s.ttft_p90_s <= ttft_slo_s]
+    if not ok_tbt or not ok_ttft:
+        raise ValueError(f"even the lowest rate ({ordered[0].rate_rps} req/s) misses "
+                         f"{'the TBT' if not ok_tbt else 'the TTFT'} SLO: step lower or relax the SLO")
+    decode_cap = ok_tbt[-1].decode_tps / num_decode
+    prefill_cap = ok_ttft[-1].prefill_tps / num_prefill
+    target = headroom * decode_cap
+    ratio = (target / mean_output) * mean_input / prefill_cap  # prefill instances per decode instance at target
+    return {
+        "decode_tps_per_instance_within_tbt_slo": round(decode_cap, 2),
+        "prefill_tps_per_instance_within_ttft_slo": round(prefill_cap, 2),
+        "decode_limit_reached": ok_tbt[-1] is not ordered[-1],
+        "prefill_limit_reached": ok_ttft[-1] is not ordered[-1],
+        "autoscaling": {"target_decode_tps_per_instance": round(target, 1),
+                        "prefill_per_decode": round(max(ratio, 0.01), 3),
+                        "ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s},
+        "headroom": headroom, "replicas": {"prefill": num_prefill, "decode": num_decode},
+        "steps": [asdict(s) for s in ordered],
+    }
+
+
+def constant_trace(rate_rps: float, duration_s: float, input_tokens: int, output_tokens: int, seed: int = 0):
+    """Poisson arrivals at a fixed rate with fixed sizes (one stress-test step)."""
+    import random
+
+    from bench.load.traces import TraceRequest
+
+    rng, t, rows = random.Random(seed), 0.0, []
+    while True:
+        t += rng.expovariate(rate_rps)
+        if t >= duration_s:
+            return rows
+        rows.append(TraceRequest(int(t * 1000), input_tokens, output_tokens))
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    x = [s["decode_tps"] / result["replicas"]["decode"] for s in steps]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(x, [s["tbt_p90_s"] or math.nan for s in steps], marker="o")
+    axes[0].axhline(result["autoscaling"]["tbt_slo_s"], color="r", linewidth=0.8)
+    axes[0].set_xlabel("decode tokens/s per decode instance")
+    axes[0].set_ylabel("TBT p90 (s)")
+    px = [s["prefill_tps"] / result["replicas"]["prefill"] for s in steps]
+    axes[1].plot(px, [s["ttft_p90_s"] or math.nan for s in steps], marker="o")
+    axes[1].axhline(result["autoscaling"]["ttft_slo_s"], color="r", linewidth=0.8)
+    axes[1].set_xlabel("prompt tokens/s per prefill instance")
+    axes[1].set_ylabel("TTFT p90 (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
