@@ -163,7 +163,7 @@ def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[
             held_p = held_d = 0
         more_p, more_d = withdraw[0] - held_p, withdraw[1] - held_d
         if more_p or more_d:
-            routable = tuple(g.routable() for g in groups if g.routable().num_prefill or g.routable().num_decode)
+            routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
             withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable))
     return out, terminate, withdrawing
 
