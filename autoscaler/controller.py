@@ -143,7 +143,7 @@ class HeteroScaleController:
                     .target_decode_tps_per_instance
                 self.decisions.append(entry)
                 self._write_log(entry)
-                self._metrics.export(entry, self.errors)
+                self._metrics.export(entry)
                 stage = "persist"
                 self.ticks += 1
                 self._save()
@@ -267,7 +267,7 @@ class _Metrics:
         self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
                                       tag_keys=("service", "stage"))
 
-    def export(self, entry: dict, errors) -> None:
+    def export(self, entry: dict) -> None:
         tags = {"service": self.service}
         for role in ("prefill", "decode"):
             counts = entry["observation"][role]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from common.vocab import Role
 
@@ -220,6 +220,12 @@ class RoleCounts:
     ready: int = 0
     pending: int = 0  # starting, not yet Ready
     withdrawn: int = 0  # running but out of routing (soft scale-in)
+
+    @staticmethod
+    def total(parts: Iterable[RoleCounts]) -> RoleCounts:
+        """The counts of several groups added up (a service's, from its deployment groups')."""
+        parts = list(parts)
+        return RoleCounts(sum(p.ready for p in parts), sum(p.pending for p in parts), sum(p.withdrawn for p in parts))
 
 
 @dataclass(frozen=True)

@@ -328,8 +328,7 @@ class RayWorld:
         return out[0], out[1]
 
     def _counts(self, role: Role) -> RoleCounts:
-        parts = [self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records]
-        return RoleCounts(sum(p.ready for p in parts), sum(p.pending for p in parts), sum(p.withdrawn for p in parts))
+        return RoleCounts.total(self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records)
 
 
 def _reserve(nodes: dict[str, NodeInfo], group: DeploymentGroup, role: Role, gpus: int) -> None:

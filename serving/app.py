@@ -34,13 +34,16 @@ def _controlled(service: ServiceSpec) -> bool:
     return service.autoscaling is not None and service.autoscaling.enabled
 
 
+def _report_interval_s(service: ServiceSpec) -> float:
+    return service.autoscaling.report_interval_s if service.autoscaling else 1.0
+
+
 def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str,
                    serve_autoscaling: Mapping[str, Any] | None = None) -> LLMConfig:
     """`serve_autoscaling`: instead of a fixed count, Ray Serve's own per-deployment `autoscaling_config`
     (the baseline of bench/scripts/live_vs_serve_autoscaling.py; not with a HeteroScale controller)."""
     gpu_key = next(k for k in plan.bundle if k != "CPU")
-    controlled = _controlled(service)
-    interval = service.autoscaling.report_interval_s if service.autoscaling else 1.0
+    controlled, interval = _controlled(service), _report_interval_s(service)
     deployment_config = {
         # A fixed count at deploy; the HeteroScale controller changes it through Serve's external scaling. With
         # num_replicas set, ray.llm drops its default per-deployment autoscaling_config (it would scale P, D apart).
@@ -127,7 +130,6 @@ def build_ingress_app(service: ServiceSpec, groups: Iterable[GroupApp]) -> Appli
              for g in groups}
     ingress = serve.deployment(PDIngressDeployment, name=INGRESS_DEPLOYMENT, num_replicas=1,
                                max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-    interval = service.autoscaling.report_interval_s if service.autoscaling else 1.0
     return ingress.bind(
         groups=table,
         model_card=card,
@@ -135,5 +137,5 @@ def build_ingress_app(service: ServiceSpec, groups: Iterable[GroupApp]) -> Appli
         stream_idle_timeout_s=service.ingress.stream_idle_timeout_s,
         api_key=service.api_key(),
         controller=controller_name(service.name) if _controlled(service) else None,
-        report_interval_s=interval,
+        report_interval_s=_report_interval_s(service),
     )

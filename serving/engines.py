@@ -29,8 +29,8 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PDDecodeServer, PDPrefillServer
 from ray.util import metrics as ray_metrics
 
-from common.vocab import CONTROLLER_NAMESPACE
 from serving.engine_stats import ENGINE_STATS
+from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ class _StatsMixin:
         self._controller_name = extra.get("heteroscale_controller")  # None: fixed replica counts, always routable
         self._report_interval_s = float(extra.get("heteroscale_report_interval_s", 1.0))
         self._routable = self._controller_name is None
-        self._controller = None
         from ray import serve
 
         self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -69,7 +68,9 @@ class _StatsMixin:
             gauge.set_default_tags(tags)
         loop = asyncio.get_running_loop()
         self._publisher = loop.create_task(self._publish_loop())
-        self._reporter = loop.create_task(self._report_loop()) if self._controller_name else None
+        self._reporter = loop.create_task(report_forever(
+            self._controller_name, "report_replica", self._report_interval_s, self._report,
+            self._on_answer)) if self._controller_name else None
 
     async def _publish_loop(self) -> None:
         while True:
@@ -93,21 +94,9 @@ class _StatsMixin:
                 "num_running": int(snap.num_running), "num_waiting": int(snap.num_waiting),
                 "kv_cache_usage": snap.kv_cache_usage, "tbt_hist": hists["tbt"], "ttft_hist": hists["ttft"]}
 
-    async def _report_loop(self) -> None:
-        """Push this replica's counters to the controller; its answer says whether we are routable. While the
-        controller cannot be reached the last answer stands (a restarting controller must not flip routing)."""
-        while True:
-            try:
-                if self._controller is None:
-                    self._controller = await asyncio.to_thread(ray.get_actor, self._controller_name,
-                                                               CONTROLLER_NAMESPACE)
-                answer = await asyncio.wait_for(self._controller.report_replica.remote(self._report()),
-                                                timeout=max(5.0, 5 * self._report_interval_s))
-                self._routable = bool(answer.get("routable", self._routable))
-            except Exception as exc:  # the controller may be starting, restarting or gone: keep serving
-                self._controller = None
-                logger.debug("report to %s failed: %s", self._controller_name, exc)
-            await asyncio.sleep(self._report_interval_s)
+    def _on_answer(self, answer: dict) -> None:
+        """The controller's answer says whether this replica is routable (the last answer stands meanwhile)."""
+        self._routable = bool(answer.get("routable", self._routable))
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request routers of callers (`serving.routing.AdmittedReplicaRouter`)."""

@@ -42,7 +42,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common import histogram
-from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup
+from common.vocab import DeploymentGroup
+from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,9 @@ class PDIngress(OpenAiIngress):
         if self._controller_name is None or self._reporter is not None:
             return
         try:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+            self._reporter = asyncio.get_running_loop().create_task(report_forever(
+                self._controller_name, "report_ingress", self._report_interval_s, self._ingress_report,
+                self._on_answer))
         except RuntimeError:
             pass
 
@@ -181,25 +184,14 @@ class PDIngress(OpenAiIngress):
             self._groups.pop(name, None)
         self._entries = table
 
-    async def _report_loop(self) -> None:
-        import ray
+    def _ingress_report(self) -> dict:
+        return {"ingress_id": self._ingress_id, "inflight": dict(self._inflight),
+                "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}
 
-        controller = None
-        while True:
-            try:
-                if controller is None:
-                    controller = await asyncio.to_thread(ray.get_actor, self._controller_name, CONTROLLER_NAMESPACE)
-                answer = await asyncio.wait_for(controller.report_ingress.remote({
-                    "ingress_id": self._ingress_id, "inflight": dict(self._inflight),
-                    "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}),
-                    timeout=max(5.0, 5 * self._report_interval_s))
-                table = answer.get("groups")
-                if table:
-                    self._set_table({name: RoutingEntry(**entry) for name, entry in table.items()})
-            except Exception as exc:  # the controller may be starting, restarting or gone: keep routing
-                controller = None
-                logger.debug("report to %s failed: %s", self._controller_name, exc)
-            await asyncio.sleep(self._report_interval_s)
+    def _on_answer(self, answer: dict) -> None:
+        table = answer.get("groups")
+        if table:  # None until the controller has looked at Serve: keep the last table
+            self._set_table({name: RoutingEntry(**entry) for name, entry in table.items()})
 
     # ---- routing across deployment groups ---------------------------------------------------------------------
 

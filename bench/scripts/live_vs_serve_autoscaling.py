@@ -33,7 +33,8 @@ from bench.load import loadgen  # noqa: E402
 from bench.load.stats import summarize  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
 from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402
-from common.vocab import Role, deployment_name, group_app_name  # noqa: E402
+from autoscaler.ray_world import role_states  # noqa: E402
+from common.vocab import Role, group_app_name  # noqa: E402
 from heteroscale_ray import autoscale_demo, local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402
 
@@ -88,15 +89,13 @@ class Poller(threading.Thread):
         while not self.stop.wait(self.period_s):
             details = client.get_serve_details()
             holding, target = {r.value: 0 for r in Role}, {r.value: 0 for r in Role}
-            for app_name, app in (details.get("applications") or {}).items():
-                if not app_name.startswith(group_app_name(self.spec.name, "")):
-                    continue
-                group = app_name.split("--", 1)[1]
-                for role in Role:
-                    dep = (app.get("deployments") or {}).get(deployment_name(self.spec.name, group, role)) or {}
-                    holding[role.value] += sum(1 for r in dep.get("replicas") or [] if str(r.get("state", ""))
-                                               .split(".")[-1] in ("STARTING", "RUNNING", "UPDATING", "RECOVERING"))
-                    target[role.value] += int(dep.get("target_num_replicas") or 0)
+            prefix = group_app_name(self.spec.name, "")
+            for app_name in details.get("applications") or {}:
+                states = role_states(details, self.spec.name, app_name[len(prefix):]) \
+                    if app_name.startswith(prefix) else None
+                for role, st in (states or {}).items():  # the controller's own reading of Serve's details
+                    holding[role.value] += st.holding
+                    target[role.value] += st.target
             self.rows.append((time.time(), holding, target))
 
 

@@ -81,7 +81,7 @@ class SimWorld:
                 decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
                 tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
-                prefill=_sum_counts(s.prefill for s in states), decode=_sum_counts(s.decode for s in states))
+                prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states))
         return Observation(services=services)
 
     def cluster_view(self, now_s: float) -> ClusterView:
@@ -126,11 +126,6 @@ class SimWorld:
             allocated = [g.allocated() for g in groups]
             account(result, svc, cap, tick, rps, ready, (sum(a[0] for a in allocated), sum(a[1] for a in allocated)),
                     self.scenario.tick_s, now_s)
-
-
-def _sum_counts(counts) -> RoleCounts:
-    counts = list(counts)
-    return RoleCounts(sum(c.ready for c in counts), sum(c.pending for c in counts), sum(c.withdrawn for c in counts))
 
 
 def nodes_with_allocations(nodes: Sequence[NodeInfo], groups: dict[str, dict[str, SimGroup]],

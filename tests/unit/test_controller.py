@@ -87,7 +87,7 @@ class FakeKV(dict):
 
 
 class NoMetrics:
-    def export(self, entry, errors):
+    def export(self, entry):
         pass
 
     def error(self, stage):
