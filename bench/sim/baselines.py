@@ -58,7 +58,8 @@ def run_reactive(scenario: Scenario, desire) -> PolicyResult:
     by the topology (that can only flatter them); `mem` is the baseline's own state (delays, windows)."""
     caps = {s.name: Capacity.of(s) for s in scenario.services}
     max_counts = {name: (2 * p, 2 * d) for name, (p, d) in peak_counts(scenario, caps).items()}
-    runs = {s.name: Instances(ready_prefill=1, ready_decode=1) for s in scenario.services}
+    runs = {s.name: Instances(*oracle_counts(s, caps[s.name], s.shape.rate(0.0))) for s in scenario.services}
+    # warm at t = 0, like ours: sized for the load at the window's start
     mems: dict[str, dict] = {s.name: {} for s in scenario.services}
     last: dict[str, Tick | None] = {s.name: None for s in scenario.services}
     result, t = PolicyResult(), 0.0
@@ -117,8 +118,8 @@ def _serve_queue(target_ongoing: float = 2.0, upscale_delay_s: float = 30.0, dow
         if last is None:
             return run.ready_prefill, run.ready_decode
         rps = svc.shape.rate(t)
-        ongoing_p = rps * (last.ttft_p90_s / math.log(10))
-        ongoing_d = rps * (last.ttft_p90_s / math.log(10) + svc.mean_output * last.tbt_s)
+        ongoing_p = rps * last.ttft_mean_s
+        ongoing_d = rps * (last.ttft_mean_s + svc.mean_output * last.tbt_s)
         out = []
         for role, current, ongoing in (("p", run.ready_prefill, ongoing_p), ("d", run.ready_decode, ongoing_d)):
             raw = max(1, math.ceil(ongoing / target_ongoing - 1e-9))

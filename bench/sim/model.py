@@ -2,12 +2,16 @@
 and the GPU-hour / utilization / SLO accounting every policy shares. Pure Python; no Ray, no clock.
 
 Fluid model, per service and tick (`tick_s`, default 30 s, the policy period):
-- arrivals follow the service's `RateShape`; requests have the service's mean input/output lengths;
+- arrivals follow the service's `RateShape`; request sizes follow the service's size distribution (`sizes`:
+  input-length quantile bins, `size_bins`), or its mean input/output lengths where it has none;
 - a decode instance serves at most `cap_decode` tokens/s: the highest rate whose decode step stays within the
   TBT SLO (`perf_model.saturation_decode_tps`, a stress-test proxy); past it every request misses the TBT SLO
   (continuous batching slows them all; checked against the per-request simulation);
-- prefill is an M/M/1-like server per pool: utilization rho = demand / (instances x cap_prefill), TTFT
-  sojourn ~ Exp with mean t_prefill / (1 - rho) (+ KV transfer), so P(TTFT <= SLO) = 1 - exp(-(1-rho) SLO / t);
+- prefill is an M/G/c queue per pool (`Capacity`): utilization rho = demand / (instances x cap_prefill); a
+  request waits with probability Erlang-C(c, rho), then an exponential wait (Allen-Cunneen), and its TTFT is
+  that wait + its own prefill pass + its KV transfer, per size bin: a long-prompt tail misses the SLO even at
+  low load, and a big pool runs hotter than a small one at the same attainment (checked against the
+  per-request simulation on two size distributions, bench/scripts/fluid_vs_requests.py);
 - instances take `startup_s` to become Ready and hold their GPUs meanwhile; withdrawn (soft scale-in)
   instances hold GPUs but serve nothing;
 - NVML utilization: a decode instance is busy when it holds at least one request (1 - e^-N, N = mean
@@ -30,10 +34,50 @@ from bench.sim.perf_model import GPUS, MODELS, Instance, kv_transfer_time_s, nvm
 from common.vocab import NodeInfo
 
 PREFILL_CHUNK_TOKENS = 8192  # tokens one prefill pass batches (chunked prefill), for prefill capacity
-# A service whose TTFT SLO no prefill pool can meet for 99 % of requests (one prompt's prefill + KV transfer
-# leaves too little of the SLO) is sized at this prefill utilization: close to its best attainable attainment
-# (the rho -> 0 limit), at a finite, comparable size; it is reported as infeasible.
-INFEASIBLE_PREFILL_RHO = 0.2
+TTFT_GOAL = 0.99  # the share of requests that must meet the TTFT SLO (the attainment every sizing aims at)
+# A service whose TTFT SLO no prefill pool meets for TTFT_GOAL of its requests (some prompts' prefill + KV
+# transfer alone exceed it) is sized for its best attainable attainment less this margin: a finite,
+# comparable size; it is reported as infeasible.
+INFEASIBLE_MARGIN = 0.005
+PREFILL_RHO_CAP = 0.95  # no sizing runs a prefill pool hotter than this (the queue would be unbounded)
+# Input-length quantiles that bound the size bins (`size_bins`): finer in the tail, where 1 % of requests
+# decide a 99 % TTFT goal.
+BIN_QUANTILES = (tuple(i / 20 for i in range(18)) + tuple(0.9 + i / 100 for i in range(10))
+                 + (0.995, 0.998, 1.0))
+
+
+def size_bins(rows) -> tuple[tuple[int, int, float], ...]:
+    """A request-size distribution as (input, output, weight) bins: requests sorted by input length, split at
+    `BIN_QUANTILES`, each bin's mean input and output. `rows`: (input, output) pairs."""
+    ordered = sorted((int(i), int(o)) for i, o in rows)
+    if not ordered:
+        raise ValueError("an empty request-size distribution has no bins")
+    n, bins, start = len(ordered), [], 0
+    for q in BIN_QUANTILES[1:]:
+        end = max(start, min(n, round(q * n)))
+        if end > start:
+            part = ordered[start:end]
+            bins.append((round(sum(r[0] for r in part) / len(part)), max(1, round(sum(r[1] for r in part) / len(part))),
+                         len(part) / n))
+            start = end
+    return tuple(bins)
+
+
+def erlang_c(servers: int, rho: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue at utilization rho (exact recursion up to 64
+    servers, Halfin-Whitt's approximation beyond)."""
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return 1.0
+    if servers <= 64:
+        a, b = servers * rho, 1.0
+        for k in range(1, servers + 1):
+            b = a * b / (k + a * b)
+        return b / (1 - rho * (1 - b))
+    beta = (1 - rho) * math.sqrt(servers)
+    phi = 0.5 * (1 + math.erf(beta / math.sqrt(2)))
+    return 1 / (1 + math.sqrt(2 * math.pi) * beta * phi * math.exp(beta * beta / 2))
 
 
 @dataclass(frozen=True)
@@ -51,6 +95,10 @@ class SimService:
     affinity: str = "s2"
     tp_prefill: int = 1  # tensor-parallel degree per role (GPUs per instance)
     tp_decode: int = 1
+    sizes: tuple[tuple[int, int, float], ...] = ()  # (input, output, weight) bins (`size_bins`); () = the means
+
+    def size_bins(self) -> tuple[tuple[int, int, float], ...]:
+        return self.sizes or ((self.mean_input, self.mean_output, 1.0),)
 
 
 @dataclass(frozen=True)
@@ -65,19 +113,34 @@ class Scenario:
 
 @dataclass
 class Capacity:
-    """Per-instance service rates of one service, from the performance model."""
+    """Per-instance service rates of one service, from the performance model, and its prefill pool's TTFT.
+
+    TTFT of a request = queueing wait + its own prefill pass + its KV transfer. The wait is that of an M/G/c
+    queue over the pool's c prefill instances (Allen-Cunneen: P(wait) = Erlang C at utilization rho, the wait
+    then exponential with mean (1 + cs^2)/2 x tau / (c (1 - rho)), tau the mean per-request service time at
+    full batching, cs^2 its squared coefficient of variation over the request-size distribution); the own
+    pass and transfer are per size bin. So a long-prompt tail lowers attainment even at low load, and a
+    bigger pool runs hotter at the same attainment."""
 
     decode: Instance
     prefill: Instance
     cap_decode_tps: float
-    cap_prefill_tps: float
-    prefill_time_s: float
-    kv_transfer_s: float
+    cap_prefill_tps: float  # prompt tokens/s of one prefill instance at full batching
+    prefill_time_s: float  # mean own prefill pass over the size distribution
+    kv_transfer_s: float  # mean KV transfer
     decode_compute_fraction: float
     ratio: float  # prefill instances per decode instance at which both pools saturate together
-    prefill_rho_max: float  # highest prefill utilization with P(TTFT <= SLO) >= 0.99 (<= 0: TTFT SLO unreachable)
-    ttft_budget_s: float  # the TTFT SLO less the KV transfer
+    bins: tuple[tuple[int, int, float], ...]  # (input, output, weight)
+    own_s: tuple[float, ...]  # per bin: own prefill pass + KV transfer
+    tau_s: float  # mean per-request prefill service time at full batching (= mean input / cap_prefill_tps)
+    cs2: float  # squared coefficient of variation of the per-request service time
+    own_p90_s: float  # p90 of own prefill + transfer over the distribution
+    best_attainment: float  # TTFT attainment of an idle pool: the share of requests whose own time fits
+    ttft_goal: float  # TTFT_GOAL, or best_attainment - INFEASIBLE_MARGIN where that is out of reach
+    ttft_slo_s: float
     steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
+    _ttft: dict[tuple[int, float], tuple[float, float, float]] = field(default_factory=dict)
+    _needed: dict[float, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, svc: SimService) -> Capacity:
@@ -89,36 +152,101 @@ class Capacity:
         if cap_d <= 0:
             raise ValueError(f"service {svc.name}: no decode batch of {svc.model} on {svc.decode_gpu} meets "
                              f"TBT SLO {svc.tbt_slo_s}s")
-        per_pass = max(1, PREFILL_CHUNK_TOKENS // svc.mean_input)
-        cap_p = per_pass * svc.mean_input / pre.prefill_time_s([svc.mean_input] * per_pass)[0]
+        bins = svc.size_bins()
+        own, taus = [], []
+        for n_in, _, _ in bins:
+            per_pass = max(1, PREFILL_CHUNK_TOKENS // n_in)
+            taus.append(pre.prefill_time_s([n_in] * per_pass)[0] / per_pass)
+            own.append(pre.prefill_time_s([n_in])[0]
+                       + kv_transfer_time_s(model, n_in, GPUS[svc.prefill_gpu], tp=svc.tp_prefill))
+        weights = [w for _, _, w in bins]
+        tau = sum(w * t for w, t in zip(weights, taus))
+        cs2 = sum(w * (t - tau) ** 2 for w, t in zip(weights, taus)) / tau ** 2
+        cap_p = sum(w * b[0] for w, b in zip(weights, bins)) / tau
         batch = max(1, round(cap_d * dec.decode_step_time_s([context])[0]))
         _, compute_fraction = dec.decode_step_time_s([context] * batch)
         ratio = (svc.mean_input / cap_p) / (svc.mean_output / cap_d)
-        prefill_time = pre.prefill_time_s([svc.mean_input])[0]
-        kv_s = kv_transfer_time_s(model, svc.mean_input, GPUS[svc.prefill_gpu], tp=svc.tp_prefill)
-        budget = max(svc.ttft_slo_s - kv_s, 1e-9)
-        rho_max = 1 - prefill_time * math.log(100) / budget  # M/M/1 sojourn: P(TTFT <= SLO) >= 0.99
-        return cls(dec, pre, cap_d, cap_p, prefill_time, kv_s, compute_fraction, ratio, rho_max, budget)
+        kv_mean = sum(w * kv_transfer_time_s(model, b[0], GPUS[svc.prefill_gpu], tp=svc.tp_prefill)
+                      for w, b in zip(weights, bins))
+        acc, own_p90 = 0.0, own[-1]
+        for (t, w) in sorted(zip(own, weights)):
+            acc += w
+            if acc >= 0.9 - 1e-9:
+                own_p90 = t
+                break
+        best = sum(w for w, t in zip(weights, own) if t <= svc.ttft_slo_s)
+        goal = TTFT_GOAL if best >= TTFT_GOAL else best - INFEASIBLE_MARGIN
+        return cls(dec, pre, cap_d, cap_p, sum(w * t for w, t in zip(weights, own)) - kv_mean, kv_mean,
+                   compute_fraction, ratio, bins, tuple(own), tau, cs2, own_p90, best, goal, svc.ttft_slo_s)
 
     @property
     def feasible(self) -> bool:
-        return self.prefill_rho_max > 0
-
-    @property
-    def operating_rho(self) -> float:
-        """The prefill utilization the oracle and the SLO-feasible ratio size for."""
-        return self.prefill_rho_max if self.feasible else INFEASIBLE_PREFILL_RHO
+        return self.best_attainment >= TTFT_GOAL
 
     def best_ttft_attainment(self) -> float:
         """TTFT attainment of an idle prefill pool (the limit as utilization -> 0)."""
-        return 1 - math.exp(-self.ttft_budget_s / self.prefill_time_s)
+        return self.best_attainment
 
-    def slo_ratio(self, svc: SimService, decode_tps_per_instance: float) -> float:
-        """Prefill instances per decode instance that meet the TTFT SLO when each decode instance carries
-        `decode_tps_per_instance` (the stress test's answer, paper Algorithm 1): prefill may run only at
-        `prefill_rho_max` of its saturation rate, not at 100 %."""
-        rps_per_decode = decode_tps_per_instance / svc.mean_output
-        return rps_per_decode * svc.mean_input / (self.cap_prefill_tps * self.operating_rho)
+    def ttft(self, rps: float, num_prefill: int) -> tuple[float, float, float]:
+        """(attainment, p90 s, mean s) of TTFT at `rps` on `num_prefill` instances (before decode's first step)."""
+        rho = round(rps * self.tau_s / num_prefill, 4) if num_prefill else math.inf
+        if rho >= 1:
+            return 0.0, self.ttft_slo_s * 10, self.ttft_slo_s * 10
+        key = (num_prefill, rho)
+        hit = self._ttft.get(key)
+        if hit is None:
+            attainment, wait_p, mean_wait = self._attainment(num_prefill, num_prefill, key[1])
+            p90 = self.own_p90_s + (mean_wait * math.log(wait_p / 0.1) if wait_p > 0.1 else 0.0)
+            mean = sum(w * t for (_, _, w), t in zip(self.bins, self.own_s)) + wait_p * mean_wait
+            hit = self._ttft[key] = (attainment, p90, mean)
+        return hit
+
+    def prefill_needed(self, rps: float) -> int:
+        """The fewest prefill instances whose TTFT attainment reaches `ttft_goal` at `rps` (and run below
+        PREFILL_RHO_CAP)."""
+        key = round(rps, 3)
+        hit = self._needed.get(key)
+        if hit is not None:
+            return hit
+        ok = lambda p: rps * self.tau_s / p <= PREFILL_RHO_CAP and self.ttft(rps, p)[0] >= self.ttft_goal  # noqa: E731
+        lo = max(1, math.ceil(rps * self.tau_s - 1e-9))
+        hi = lo
+        while not ok(hi):
+            lo, hi = hi + 1, hi * 2
+        while lo < hi:  # attainment grows with the pool: the first that is ok
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        self._needed[key] = hi
+        return hi
+
+    def slo_ratio(self, svc: SimService, decode_tps_per_instance: float, num_decode: float = 1.0) -> float:
+        """Prefill instances per decode instance that meet the TTFT goal when `num_decode` decode instances
+        each carry `decode_tps_per_instance` (the stress test's answer, paper Algorithm 1): prefill runs only at
+        the utilization its TTFT SLO allows at that pool size, not at saturation."""
+        rps = num_decode * decode_tps_per_instance / svc.mean_output
+        p = self.prefill_needed(rps)
+        lo, hi = 0.0, p  # the fractional pool that just meets it, so small and large services are not rounded
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            whole = max(1, math.ceil(mid - 1e-9))
+            rho = rps * self.tau_s / mid
+            if rho < PREFILL_RHO_CAP and self._attainment(mid, whole, rho)[0] >= self.ttft_goal:
+                hi = mid
+            else:
+                lo = mid
+        return hi / num_decode
+
+    def _attainment(self, pool: float, servers: int, rho: float) -> tuple[float, float, float]:
+        """(attainment, P(wait), mean wait given a wait) of a pool of `pool` instance-equivalents. A request
+        that waited shares its pass with the requests queued behind it (a free instance batches the queue):
+        its own pass grows by the mean queue length's service time."""
+        wait_p = erlang_c(servers, rho)
+        mean_wait = (1 + self.cs2) / 2 * self.tau_s / (pool * (1 - rho))
+        batched = wait_p * rho / (1 - rho) * self.tau_s  # mean queue length (M/M/c) x service time
+        attainment = sum(w * ((1 - wait_p) + wait_p * (1 - math.exp(-(slack - batched) / mean_wait))
+                              if slack > batched else w * (1 - wait_p))
+                         for (_, _, w), t in zip(self.bins, self.own_s) if (slack := self.ttft_slo_s - t) >= 0)
+        return attainment, wait_p, mean_wait
 
 
 @dataclass
@@ -131,6 +259,7 @@ class Tick:
     attainment_ttft: float
     attainment_tbt: float
     demand_tps: float  # output tokens/s requested
+    ttft_mean_s: float  # before the first decode step
 
 
 def _step(cap: Capacity, context: int, batch: int) -> float:
@@ -144,7 +273,7 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
     """Fluid latency and throughput of one service for one tick at `rps` with these Ready instance counts."""
     demand_tps = rps * svc.mean_output
     if rps <= 0:
-        return Tick(0.0, cap.prefill_time_s, 0.0, 1.0, 1.0, 0.0)
+        return Tick(0.0, cap.own_p90_s, 0.0, 1.0, 1.0, 0.0, cap.prefill_time_s + cap.kv_transfer_s)
     decode_capacity = ready_decode * cap.cap_decode_tps
     served = min(demand_tps, decode_capacity)
     # Past capacity, continuous batching slows every request (per-request simulation: 3.7 % met the TBT SLO at
@@ -163,24 +292,17 @@ def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, rea
     tbt = _step(cap, context, lo)
     if demand_tps > decode_capacity:  # overloaded: steps stretch as the backlog joins the batch
         tbt = max(tbt, svc.tbt_slo_s * demand_tps / max(decode_capacity, 1e-9))
-    rho = rps * svc.mean_input / (ready_prefill * cap.cap_prefill_tps) if ready_prefill else math.inf
-    if rho < 1:
-        budget = max(svc.ttft_slo_s - cap.kv_transfer_s, 0.0)
-        attainment_ttft = 1 - math.exp(-(1 - rho) * budget / cap.prefill_time_s)
-        ttft_p90 = cap.prefill_time_s / (1 - rho) * math.log(10) + cap.kv_transfer_s
-    else:
-        attainment_ttft, ttft_p90 = 0.0, svc.ttft_slo_s * 10
-    return Tick(served, ttft_p90, tbt, attainment_ttft, attainment_tbt, demand_tps)
+    attainment_ttft, ttft_p90, ttft_mean = cap.ttft(rps, ready_prefill)
+    return Tick(served, ttft_p90, tbt, attainment_ttft, attainment_tbt, demand_tps, ttft_mean)
 
 
 def oracle_counts(svc: SimService, cap: Capacity, rps: float) -> tuple[int, int]:
     """The fewest (P, D) that meet both SLOs for >= 99 % of requests at this load (perfect foresight); for an
-    infeasible TTFT SLO, the size at `INFEASIBLE_PREFILL_RHO`."""
+    infeasible TTFT SLO, the fewest reaching its best attainable attainment less `INFEASIBLE_MARGIN`."""
     if rps <= 0:
         return 1, 1
     d = max(1, math.ceil(rps * svc.mean_output / cap.cap_decode_tps - 1e-9))
-    p = max(1, math.ceil(rps * svc.mean_input / (cap.cap_prefill_tps * cap.operating_rho) - 1e-9))
-    return p, d
+    return cap.prefill_needed(rps), d
 
 
 @dataclass
@@ -265,7 +387,7 @@ def role_utils(svc: SimService, cap: Capacity, tick: Tick, rps: float, ready_pre
                ) -> tuple[float, float, float, float]:
     """(prefill util, prefill SM activity, decode util, decode SM activity) of Ready instances in a tick."""
     if ready_decode and rps > 0:
-        in_flight = rps / ready_decode * (tick.ttft_p90_s / math.log(10) + svc.mean_output * tick.tbt_s)
+        in_flight = rps / ready_decode * (tick.ttft_mean_s + svc.mean_output * tick.tbt_s)
         util_d, sm_d = nvml_utilization(1 - math.exp(-in_flight), cap.decode_compute_fraction)
     else:
         util_d = sm_d = 0.0

@@ -13,10 +13,10 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
-from bench.sim.model import PREFILL_CHUNK_TOKENS, Capacity, SimService, evaluate
+from bench.sim.model import PREFILL_CHUNK_TOKENS, Capacity, SimService, evaluate, size_bins
 from bench.sim.perf_model import GPUS, MODELS, kv_transfer_time_s
 from bench.load.stats import percentile
 
@@ -131,28 +131,36 @@ def simulate_requests(svc: SimService, cap: Capacity, num_prefill: int, num_deco
     }
 
 
+def with_sizes(svc: SimService, sizes: Sequence[tuple[int, int]]) -> SimService:
+    """The service with this request-size distribution (its bins and means)."""
+
+    return replace(svc, mean_input=round(sum(s[0] for s in sizes) / len(sizes)),
+                   mean_output=round(sum(s[1] for s in sizes) / len(sizes)), sizes=size_bins(sizes))
+
+
 def compare_with_fluid(svc: SimService, sizes: Sequence[tuple[int, int]], loads: Sequence[float] = (0.3, 0.6, 0.9),
                        duration_s: float = 600.0, seed: int = 0) -> list[dict]:
     """Fluid vs per-request results for one service at fractions of its peak load, on the instances the oracle
-    would use at the peak. The fluid model sees the sizes' means; the per-request run draws each request."""
+    would use at the peak. The fluid model sees the sizes' distribution as bins (`size_bins`); the per-request
+    run draws each request."""
     from bench.sim.model import oracle_counts
 
-    mean_in = round(sum(s[0] for s in sizes) / len(sizes))
-    mean_out = round(sum(s[1] for s in sizes) / len(sizes))
-    fluid_svc = SimService(svc.name, svc.shape, mean_in, mean_out, svc.ttft_slo_s, svc.tbt_slo_s, svc.model,
-                           svc.prefill_gpu, svc.decode_gpu, svc.priority, svc.affinity)
-    cap = Capacity.of(fluid_svc)
+    fluid_svc = with_sizes(svc, sizes)
+    means_svc = replace(fluid_svc, sizes=())  # the same means, no distribution: what the tail changes
+    cap, means_cap = Capacity.of(fluid_svc), Capacity.of(means_svc)
     peak = svc.shape.max_rate()
     num_prefill, num_decode = oracle_counts(fluid_svc, cap, peak)
     rows = []
     for fraction in loads:
         rps = peak * fraction
         fluid = evaluate(fluid_svc, cap, rps, num_prefill, num_decode)
+        means_only = evaluate(means_svc, means_cap, rps, num_prefill, num_decode)
         exact = simulate_requests(fluid_svc, cap, num_prefill, num_decode, rps, sizes, duration_s, seed)
         rows.append({
             "load_fraction_of_peak": fraction, "rps": round(rps, 3), "instances": [num_prefill, num_decode],
             "fluid": {"attainment_ttft": round(fluid.attainment_ttft, 4), "attainment_tbt": round(fluid.attainment_tbt, 4),
                       "ttft_p90_s": round(fluid.ttft_p90_s, 4), "tbt_s": round(fluid.tbt_s, 5)},
+            "fluid_means_only_attainment_ttft": round(means_only.attainment_ttft, 4),
             "per_request": {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
                             for k, v in exact.items()},
             "abs_error_attainment_ttft": round(abs(fluid.attainment_ttft - exact["attainment_ttft"]), 4),

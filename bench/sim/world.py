@@ -10,6 +10,7 @@ world, call the shared step, account". Pure Python; simulated time only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -67,6 +68,7 @@ class SimWorld:
         self.caps = {s.name: Capacity.of(s) for s in scenario.services}
         self.groups: dict[str, dict[str, SimGroup]] = {s.name: {} for s in scenario.services}
         self.last_ticks: dict[str, Tick] = {}
+        self._routable: dict[str, tuple[int, int]] = {}  # last tick's routable (prefill, decode) per service
         self._tp = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
         self._nodes: tuple[NodeInfo, ...] | None = None  # free GPUs; recomputed only after DGs change
 
@@ -75,7 +77,9 @@ class SimWorld:
     def observe(self, now_s: float) -> Observation:
         services = {}
         for name in self.services:
-            tick = self.last_ticks.get(name)
+            # With no routable instance of a role nothing completes: no latency or throughput sample exists
+            # (the live world's signals are missing then too), so nothing is reported.
+            tick = self.last_ticks.get(name) if min(self._routable.get(name, (1, 1))) > 0 else None
             states = [g.state() for g in self.groups[name].values()]
             services[name] = ServiceObservation(
                 decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
@@ -107,6 +111,17 @@ class SimWorld:
             g.group = action.group
             g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
 
+    def prime(self, now_s: float) -> None:
+        """Warm start: report each service's demand at `now_s` as served within its SLOs (the load the fleet
+        carried before the simulated window) and make every starting instance Ready at once."""
+        for name, svc in self.services.items():
+            demand = svc.shape.rate(now_s) * svc.mean_output
+            self.last_ticks[name] = Tick(demand, 0.0, 0.0, 1.0, 1.0, demand, 0.0)
+            self._routable[name] = (1, 1)
+            for g in self.groups[name].values():
+                g.pending = [(-math.inf, p, d) for _, p, d in g.pending]
+                g.promote(now_s)
+
     # ---- the world's own time --------------------------------------------------------------------------------------
 
     def advance(self, now_s: float) -> None:
@@ -120,7 +135,8 @@ class SimWorld:
             cap, rps = self.caps[name], svc.shape.rate(now_s)
             groups = self.groups[name].values()
             routable = [g.routable() for g in groups]
-            tick = evaluate(svc, cap, rps, sum(r[0] for r in routable), sum(r[1] for r in routable))
+            self._routable[name] = (sum(r[0] for r in routable), sum(r[1] for r in routable))
+            tick = evaluate(svc, cap, rps, *self._routable[name])
             self.last_ticks[name] = tick
             ready = (sum(g.ready_prefill for g in groups), sum(g.ready_decode for g in groups))
             allocated = [g.allocated() for g in groups]
@@ -163,10 +179,31 @@ class CycleRecord:
     actions: tuple[GroupAction, ...]
 
 
+WARM_UP_CYCLES = 60  # at most; the warm-up ends at the first cycle that changes nothing
+
+
+def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: list[CycleRecord] | None = None
+            ) -> PolicyState:
+    """Size the fleet for the load at t = 0 before the window opens (every policy starts warm): cycles at
+    t < 0 on primed signals, their instances Ready at once."""
+    tick = world.scenario.tick_s
+    for i in range(WARM_UP_CYCLES, 0, -1):
+        world.prime(0.0)
+        result, state, observation, view = step(world, state, -i * tick, config)
+        if record is not None:
+            record.append(CycleRecord(-i * tick, observation, view, result.actions))
+        if not result.actions:
+            break
+    world.prime(0.0)
+    world.last_ticks.clear()
+    return state
+
+
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None) -> PolicyResult:
-    """Ours: every tick the shared control cycle (decide + place) against the simulated world."""
+    """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0."""
     world, config = SimWorld(scenario), cycle_config(scenario)
-    result, state = PolicyResult(), PolicyState()
+    result = PolicyResult()
+    state = warm_up(world, PolicyState(), config, record)
     t = 0.0
     while t < scenario.duration_s:
         world.advance(t)

@@ -39,7 +39,7 @@ def test_tokens_are_conserved_and_policies_are_ordered(results):
     oracle = results["oracle"].gpu_hours
     assert all(oracle <= res.gpu_hours + 1e-9 for res in results.values())
     static = results["static_peak"].summary()
-    assert static["slo_attainment_ttft"] >= max(r.summary()["slo_attainment_ttft"] for r in results.values()) - 1e-9
+    assert static["slo_attainment_ttft"] >= 0.99  # sized for the peak: meets the goal at every tick
     assert static["slo_attainment_tbt"] == 1.0
 
 
@@ -67,7 +67,7 @@ def test_replaying_recorded_cycles_gives_the_same_actions():
     recorded: list[CycleRecord] = []
     run_heteroscale(scenario, record=recorded)
     config, state = cycle_config(scenario), PolicyState()
-    assert len(recorded) == 240
+    assert sum(rec.now_s >= 0 for rec in recorded) == 240  # after the warm-up cycles (t < 0)
     kinds = set()
     for rec in recorded:
         result, state = cycle(state, rec.observation, rec.view, rec.now_s, config)
@@ -160,13 +160,14 @@ def test_an_infeasible_slo_is_reported_and_no_policy_allocates_beyond_the_fleet(
     nodes = tuple(NodeInfo(f"n{i}", "H20" if i % 2 else "L20", 8, 8, f"s1-{i // 2}", "s2-0") for i in range(4))
     hot = SimService("hot", RateShape(mean_rps=400, peak_to_trough=2, day_s=3600), 600, 300, ttft_slo_s=2.0,
                      tbt_slo_s=0.05, priority=1)  # wants far more than 32 GPUs at its peak
-    impossible = SimService("impossible", RateShape(mean_rps=2, peak_to_trough=2, day_s=3600), 4000, 100,
-                            ttft_slo_s=0.05, tbt_slo_s=0.05)  # one prompt's prefill alone is longer than the SLO
+    impossible = SimService("impossible", RateShape(mean_rps=2, peak_to_trough=2, day_s=3600), 1250, 100,
+                            ttft_slo_s=0.5, tbt_slo_s=0.05, sizes=((500, 100, 0.9), (8000, 100, 0.1)))
+    # the long prompts' prefill alone is longer than the TTFT SLO: at most 90 % can meet it
     assert not Capacity.of(impossible).feasible and Capacity.of(hot).feasible
     scenario = Scenario("bounded", nodes, (hot, impossible), duration_s=3600, tick_s=30, startup_s=120)
     summary, results = simulate(scenario, list(POLICIES))
     (bad,) = summary["infeasible_services"]
-    assert bad["service"] == "impossible" and 0 < bad["best_attainable_ttft_attainment"] < 0.99
+    assert bad["service"] == "impossible" and bad["best_attainable_ttft_attainment"] == 0.9
     for name, p in summary["policies"].items():
         assert p["peak_allocated_gpus"] <= 32, name  # the fleet has 32 GPUs
         assert 0 < p["gpu_hours"] <= 32 * 1.0 + 1e-6, name
