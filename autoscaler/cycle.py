@@ -144,12 +144,29 @@ def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) ->
     return prefill, decode
 
 
-def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[int, int], groups: list[_Group]
-                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
-    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty."""
+def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[int, int], groups: list[_Group],
+                  room) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
+    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty.
+
+    Every group holds at least one instance of each role, so a target below the number of groups removes
+    whole groups (those with the fewest routable decode instances first) when the other groups' domains have
+    room for what the target then adds to them (`room(groups, prefill, decode)`); otherwise the groups stay
+    and each role keeps one instance per group (removing one would open it again elsewhere next cycle)."""
+    out, terminate, withdrawing = [], [], []
+    surplus = len(groups) - min(target)
+    if surplus > 0:
+        doomed = sorted(groups, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
+                                               g.base.name))[:surplus]
+        rest = [g for g in groups if g not in doomed]
+        rest_p, rest_d, _, _ = _totals(rest)
+        if room(rest, max(0, target[0] - rest_p), max(0, target[1] - rest_d)):
+            terminate.append(ScaleRequest(shape, -sum(g.num_prefill for g in doomed),
+                                          -sum(g.num_decode for g in doomed), tuple(g.current() for g in doomed)))
+            groups = rest
+        else:
+            target = (max(target[0], len(groups)), max(target[1], len(groups)))
     have_p, have_d, _, _ = _totals(groups)
     dp, dd = target[0] - have_p, target[1] - have_d
-    out, terminate, withdrawing = [], [], []
     left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
     if left_p or left_d:
         terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups)))
@@ -168,6 +185,25 @@ def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[
     return out, terminate, withdrawing
 
 
+def _room(view: ClusterView, shape: ServiceShape, groups: Sequence[_Group], prefill: int, decode: int) -> bool:
+    """Whether the groups' domains have free GPUs for `prefill` and `decode` more instances (whole instances
+    per node, each role on its group's GPU type; a first check, place() decides)."""
+    if prefill == 0 and decode == 0:
+        return True
+    domains = {(g.base.group.scope, g.base.group.domain) for g in groups}
+    types = {g.base.group.prefill_gpu_type for g in groups}, {g.base.group.decode_gpu_type for g in groups}
+    free: dict[str, int] = {}
+    for node in view.nodes:
+        if any(getattr(node, scope, None) == name or scope == "cluster" for scope, name in domains):
+            free[node.gpu_type] = free.get(node.gpu_type, 0) + node.free_gpus
+    need: dict[str, int] = {}
+    for role_types, count, per in ((types[0], prefill, shape.gpus_per_prefill), (types[1], decode, shape.gpus_per_decode)):
+        if count:
+            kind = min(role_types, key=lambda t: -free.get(t, 0))
+            need[kind] = need.get(kind, 0) + count * per
+    return all(free.get(t, 0) >= n for t, n in need.items())
+
+
 def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s: float, config: CycleConfig
           ) -> tuple[CycleResult, PolicyState]:
     """One control cycle for every service of the fleet (see module docstring). Pure and deterministic."""
@@ -181,7 +217,8 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
         out, terminate, withdrawing = _plan_service(config.shapes[name], (dec.target_prefill, dec.target_decode),
-                                                    (dec.withdraw_prefill, dec.withdraw_decode), groups)
+                                                    (dec.withdraw_prefill, dec.withdraw_decode), groups,
+                                                    lambda rest, p, d, s=config.shapes[name]: _room(view, s, rest, p, d))
         scale_out += out
         scale_in += terminate
         withdraw_requests += withdrawing
@@ -237,4 +274,24 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
                                        g.why, g.placement, dec.advisory))
     unplaced = placement.unplaced + withdrawal.unplaced
-    return CycleResult(decision, tuple(actions), unplaced), new_state
+    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, placement.unplaced)
+
+
+def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplaced: Sequence[Unplaced]
+              ) -> PolicyState:
+    """A scale-out that did not (fully) fit leaves the policy at the size that was placed, so the next step
+    starts from the real size: without this the target ran away to the bounds (each latency step added to a
+    size that never existed) while the fleet was full."""
+    short = {u.service for u in unplaced if u.num_prefill > 0 or u.num_decode > 0}
+    if not short:
+        return state
+    services = dict(state.services)
+    for name in short:
+        st = services.get(name)
+        if st is None:
+            continue
+        have_p, have_d, _, _ = _totals(list(working[name].values()))
+        if have_p < st.target_prefill or have_d < st.target_decode:
+            services[name] = replace(st, target_prefill=min(st.target_prefill, max(have_p, 1)),
+                                     target_decode=min(st.target_decode, max(have_d, 1)))
+    return PolicyState(services=services)

@@ -264,8 +264,11 @@ def cmd_sim(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = sim_run.write_plots(summary, results, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({"scenario": summary["scenario"], "wall_s": summary["wall_s"], "goals": summary["goals"]},
-                     indent=2))
+    brief = {"scenario": summary["scenario"], "wall_s": summary["wall_s"], "goals": summary["goals"]}
+    if "curation" in summary:
+        brief["curation"] = {k: summary["curation"][k] for k in ("candidates", "chosen_per_service",
+                                                                 "decode_tps_beats_gpu_util")}
+    print(json.dumps(brief, indent=2))
     return 0
 
 

@@ -82,6 +82,7 @@ class ActionKind(str, Enum):
 class Why(str, Enum):
     LOWEST_TIER = "lowest_tier"  # placed in the least precious tier that satisfies the service
     SPLIT = "split"  # no domain fits the whole batch; placed as several whole sub-batches
+    PAIRED = "paired"  # one role's growth no group could take: a new group, with one of the other role
     SCALE_IN_PRECIOUS_FIRST = "scale_in_precious_first"
     NO_DOMAIN_WITH_TYPES = "no_domain_with_types"  # no domain at the service's scope has both roles' GPU types
     NO_CAPACITY = "no_capacity"  # domains with the types exist, but none has room now
@@ -291,7 +292,14 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
             return
         fits = _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_left, d_left)
         p_try, d_try = p_left, d_left
-        if not fits and cfg.max_batch_splits > 1:
+        if not fits and (p_left == 0) != (d_left == 0):
+            # One role's growth that no group of the service can take: a new group needs both roles, so it
+            # gets one instance of the other too (one over the target; the next cycle gives it back elsewhere).
+            p_try, d_try = max(p_left, 1), max(d_left, 1)
+            fits = [f for f in _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_try, d_try)
+                    if f.group is None]
+            why = Why.PAIRED
+        elif not fits and cfg.max_batch_splits > 1:
             # Largest whole sub-batch of the same shape that some domain can hold (binary search on decode).
             lo, hi, best = 1, d_left - 1, None
             while lo <= hi:
@@ -326,7 +334,7 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
                                        fit.prefill_type, fit.decode_type, p_try, d_try, tuple(fit.alloc), why,
                                        f"tier {fit.domain.tier.name}, fallback rank {fit.fallback_rank}, "
                                        f"{fit.free_after} GPUs left in domain"))
-        p_left, d_left = p_left - p_try, d_left - d_try
+        p_left, d_left = max(0, p_left - p_try), max(0, d_left - d_try)
     if p_left or d_left:
         if not _has_types(tree, svc):
             why, detail = Why.NO_DOMAIN_WITH_TYPES, (

@@ -37,8 +37,9 @@ class Domain:
     by_type: dict[str, list[NodeInfo]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for node in self.nodes:
-            self.by_type.setdefault(node.gpu_type, []).append(node)
+        if not self.by_type:
+            for node in self.nodes:
+                self.by_type.setdefault(node.gpu_type, []).append(node)
 
     def gpu_types(self) -> set[str]:
         return set(self.by_type)
@@ -69,8 +70,28 @@ class TopologyTree:
         return {key: d.tier for key, d in self.domains.items()}
 
 
+_SHAPES: dict[tuple, tuple] = {}  # the last few fleets' domain structure (it changes far less than free GPUs)
+
+
 def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
-    """Group nodes into S1/S2/cluster domains and classify each domain's tier. Raises on inconsistent labels."""
+    """Group nodes into S1/S2/cluster domains and classify each domain's tier. Raises on inconsistent labels.
+    The structure is reused while the nodes' ids, types, sizes and domains stay the same; free GPUs are
+    always read afresh."""
+    nodes = tuple(nodes)
+    key = tuple((n.node_id, n.gpu_type, n.total_gpus, n.s1, n.s2) for n in nodes)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        if len(_SHAPES) >= 4:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        shape = _SHAPES[key] = _shape(nodes)
+    by_id, s1_parent, parts = shape
+    free = {n.node_id: n.free_gpus for n in nodes}
+    domains = {(scope, name): Domain(scope, name, tier, members, free, by_type)
+               for scope, name, tier, members, by_type in parts}
+    return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=free)
+
+
+def _shape(nodes: tuple[NodeInfo, ...]) -> tuple:
     by_id: dict[str, NodeInfo] = {}
     s1_parent: dict[str, str] = {}
     s1_nodes: dict[str, list[NodeInfo]] = {}
@@ -84,7 +105,6 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
             raise ValueError(f"S1 {node.s1!r} is under two S2s ({parent!r}, {node.s2!r}) (node {node.node_id})")
         s1_nodes.setdefault(node.s1, []).append(node)
         s2_nodes.setdefault(node.s2, []).append(node)
-    free = {n.node_id: n.free_gpus for n in by_id.values()}
     hetero_s1 = {s1 for s1, ns in s1_nodes.items() if len({n.gpu_type for n in ns}) > 1}
     s2_tier: dict[str, Tier] = {}
     for s2, ns in s2_nodes.items():
@@ -94,12 +114,13 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
             s2_tier[s2] = Tier.MEDIUM
         else:
             s2_tier[s2] = Tier.LOW
-    domains: dict[tuple[str, str], Domain] = {}
-    for s1, ns in s1_nodes.items():
-        tier = Tier.HIGH if s1 in hetero_s1 else s2_tier[s1_parent[s1]]
-        domains[(Scope.S1, s1)] = Domain(Scope.S1, s1, tier, ns, free)
-    for s2, ns in s2_nodes.items():
-        domains[(Scope.S2, s2)] = Domain(Scope.S2, s2, s2_tier[s2], ns, free)
-    domains[(Scope.CLUSTER, CLUSTER_DOMAIN)] = Domain(Scope.CLUSTER, CLUSTER_DOMAIN, Tier.LOW,
-                                                      list(by_id.values()), free)
-    return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=free)
+    parts = [(Scope.S1, s1, Tier.HIGH if s1 in hetero_s1 else s2_tier[s1_parent[s1]], ns) for s1, ns in s1_nodes.items()]
+    parts += [(Scope.S2, s2, s2_tier[s2], ns) for s2, ns in s2_nodes.items()]
+    parts.append((Scope.CLUSTER, CLUSTER_DOMAIN, Tier.LOW, list(by_id.values())))
+    indexed = []
+    for scope, name, tier, members in parts:
+        by_type: dict[str, list[NodeInfo]] = {}
+        for node in members:
+            by_type.setdefault(node.gpu_type, []).append(node)
+        indexed.append((scope, name, tier, members, by_type))
+    return by_id, s1_parent, indexed

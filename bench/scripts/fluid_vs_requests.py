@@ -12,8 +12,6 @@ instances the oracle picks for the peak, at 30-120 % of that peak. Writes bench/
 
 from __future__ import annotations
 
-import math
-import random
 import sys
 from pathlib import Path
 
@@ -24,14 +22,9 @@ from bench.load.traces import RateShape, from_azure_csv, truncate  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
 from bench.sim.model import SimService  # noqa: E402
 from bench.sim.request_sim import compare_with_fluid  # noqa: E402
+from bench.sim.scenarios import lognormal_sizes  # noqa: E402
 
 AZURE = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
-
-
-def long_prompt_tail(count: int = 20_000, seed: int = 5) -> list[tuple[int, int]]:
-    rng = random.Random(seed)
-    return [(min(12_000, max(64, round(rng.lognormvariate(math.log(1800), 0.9)))),
-             min(400, max(4, round(rng.lognormvariate(math.log(40), 0.8))))) for _ in range(count)]
 
 
 def main() -> int:
@@ -39,7 +32,7 @@ def main() -> int:
     rows, _ = from_azure_csv(path)
     distributions = {
         "azure-conv": ([(r.input_length, r.output_length) for r in truncate(rows, 4096, 1024)], 20.0),
-        "long-prompt-tail": (long_prompt_tail(), 6.0),
+        "long-prompt-tail": (lognormal_sizes(), 6.0),
     }
     out = {"service": "llama-8b, L20 prefill, H20 decode", "slo": {"ttft_s": 2.0, "tbt_s": 0.05},
            "trace": path.name, "distributions": {}}

@@ -26,8 +26,12 @@ running and reporting `bench/sim/run.py`, the metric study `bench/sim/study.py`,
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from dataclasses import dataclass, field
+
+import numpy
 
 from bench.load.traces import RateShape
 from bench.sim.perf_model import GPUS, MODELS, Instance, kv_transfer_time_s, nvml_utilization, saturation_decode_tps
@@ -63,21 +67,18 @@ def size_bins(rows) -> tuple[tuple[int, int, float], ...]:
     return tuple(bins)
 
 
+@functools.lru_cache(maxsize=1 << 20)
 def erlang_c(servers: int, rho: float) -> float:
-    """Probability that an arrival waits in an M/M/c queue at utilization rho (exact recursion up to 64
-    servers, Halfin-Whitt's approximation beyond)."""
+    """Probability that an arrival waits in an M/M/c queue at utilization rho (Erlang B recursion; exact, and
+    monotone in the servers, which the pool searches rely on)."""
     if rho <= 0:
         return 0.0
     if rho >= 1:
         return 1.0
-    if servers <= 64:
-        a, b = servers * rho, 1.0
-        for k in range(1, servers + 1):
-            b = a * b / (k + a * b)
-        return b / (1 - rho * (1 - b))
-    beta = (1 - rho) * math.sqrt(servers)
-    phi = 0.5 * (1 + math.erf(beta / math.sqrt(2)))
-    return 1 / (1 + math.sqrt(2 * math.pi) * beta * phi * math.exp(beta * beta / 2))
+    a, b = servers * rho, 1.0
+    for k in range(1, servers + 1):
+        b = a * b / (k + a * b)
+    return b / (1 - rho * (1 - b))
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,15 @@ class Scenario:
     tick_s: float = 30.0
     startup_s: float = 120.0
 
+    @functools.cached_property
+    def fleet_gpus(self) -> int:
+        return sum(n.total_gpus for n in self.nodes)
+
+    @functools.cached_property
+    def tp(self) -> dict[str, tuple[int, int]]:
+        """GPUs per (prefill, decode) instance of each service."""
+        return {s.name: (s.tp_prefill, s.tp_decode) for s in self.services}
+
 
 @dataclass
 class Capacity:
@@ -141,6 +151,8 @@ class Capacity:
     steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
     _ttft: dict[tuple[int, float], tuple[float, float, float]] = field(default_factory=dict)
     _needed: dict[float, int] = field(default_factory=dict)
+    _last_needed: int = 1
+    ticks: dict[tuple[float, int, int], Tick] = field(default_factory=dict)  # memo of `evaluate`
 
     @classmethod
     def of(cls, svc: SimService) -> Capacity:
@@ -196,8 +208,9 @@ class Capacity:
         hit = self._ttft.get(key)
         if hit is None:
             attainment, wait_p, mean_wait = self._attainment(num_prefill, num_prefill, key[1])
-            p90 = self.own_p90_s + (mean_wait * math.log(wait_p / 0.1) if wait_p > 0.1 else 0.0)
-            mean = sum(w * t for (_, _, w), t in zip(self.bins, self.own_s)) + wait_p * mean_wait
+            batched = self._batched(wait_p, key[1])  # a request that waits also shares a longer pass
+            p90 = self.own_p90_s + (batched + mean_wait * math.log(wait_p / 0.1) if wait_p > 0.1 else 0.0)
+            mean = self.prefill_time_s + self.kv_transfer_s + wait_p * (mean_wait + batched)
             hit = self._ttft[key] = (attainment, p90, mean)
         return hit
 
@@ -210,14 +223,23 @@ class Capacity:
             return hit
         ok = lambda p: rps * self.tau_s / p <= PREFILL_RHO_CAP and self.ttft(rps, p)[0] >= self.ttft_goal  # noqa: E731
         lo = max(1, math.ceil(rps * self.tau_s - 1e-9))
-        hi = lo
-        while not ok(hi):
-            lo, hi = hi + 1, hi * 2
-        while lo < hi:  # attainment grows with the pool: the first that is ok
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
-        self._needed[key] = hi
-        return hi
+        # Attainment grows with the pool: walk from the last answer (load changes little between calls),
+        # galloping up when far off.
+        p = max(lo, self._last_needed)
+        if ok(p):
+            while p > lo and ok(p - 1):
+                p -= 1
+        else:
+            step = 1
+            while not ok(p + step):
+                p, step = p + step, step * 2
+            hi = p + step
+            while p + 1 < hi:  # ok(hi), not ok(p)
+                mid = (p + hi) // 2
+                p, hi = (p, mid) if ok(mid) else (mid, hi)
+            p = hi
+        self._needed[key] = self._last_needed = p
+        return p
 
     def slo_ratio(self, svc: SimService, decode_tps_per_instance: float, num_decode: float = 1.0) -> float:
         """Prefill instances per decode instance that meet the TTFT goal when `num_decode` decode instances
@@ -242,14 +264,25 @@ class Capacity:
         its own pass grows by the mean queue length's service time."""
         wait_p = erlang_c(servers, rho)
         mean_wait = (1 + self.cs2) / 2 * self.tau_s / (pool * (1 - rho))
-        batched = wait_p * rho / (1 - rho) * self.tau_s  # mean queue length (M/M/c) x service time
-        attainment = sum(w * ((1 - wait_p) + wait_p * (1 - math.exp(-(slack - batched) / mean_wait))
-                              if slack > batched else w * (1 - wait_p))
-                         for (_, _, w), t in zip(self.bins, self.own_s) if (slack := self.ttft_slo_s - t) >= 0)
-        return attainment, wait_p, mean_wait
+        batched = self._batched(wait_p, rho)
+        # Bins whose own time fits (slack >= 0, sorted): those with slack <= batched miss whenever they wait,
+        # the others when the wait exceeds slack - batched.
+        slack, weight = self._fits
+        k = bisect.bisect_right(slack, batched)
+        missed = float(weight[:k].sum() + numpy.exp(-(slack[k:] - batched) / mean_wait) @ weight[k:])
+        return self.best_attainment - wait_p * missed, wait_p, mean_wait
+
+    def _batched(self, wait_p: float, rho: float) -> float:
+        """Extra pass time of a request that waited: the mean queue (M/M/c) x per-request service time."""
+        return wait_p * rho / (1 - rho) * self.tau_s
+
+    @functools.cached_property
+    def _fits(self):
+        fits = sorted((self.ttft_slo_s - t, w) for (_, _, w), t in zip(self.bins, self.own_s) if t <= self.ttft_slo_s)
+        return numpy.array([s for s, _ in fits]), numpy.array([w for _, w in fits])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tick:
     """What one service saw in one tick (inputs to attainment, utilization and the policy)."""
 
@@ -270,7 +303,16 @@ def _step(cap: Capacity, context: int, batch: int) -> float:
 
 
 def evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, ready_decode: int) -> Tick:
-    """Fluid latency and throughput of one service for one tick at `rps` with these Ready instance counts."""
+    """Fluid latency and throughput of one service for one tick at `rps` with these Ready instance counts
+    (memoized per Capacity: every policy sees the same rates at the same ticks)."""
+    key = (rps, ready_prefill, ready_decode)
+    hit = cap.ticks.get(key)
+    if hit is None:
+        hit = cap.ticks[key] = _evaluate(svc, cap, rps, ready_prefill, ready_decode)
+    return hit
+
+
+def _evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, ready_decode: int) -> Tick:
     demand_tps = rps * svc.mean_output
     if rps <= 0:
         return Tick(0.0, cap.own_p90_s, 0.0, 1.0, 1.0, 0.0, cap.prefill_time_s + cap.kv_transfer_s)
@@ -361,6 +403,7 @@ class PolicyResult:
     demand_tokens: float = 0.0
     served_tokens: float = 0.0
     per_tick: dict[float, list[float]] = field(default_factory=dict)  # t -> [allocated GPUs, busy GPUs, requests]
+    by_service: dict[str, list[float]] = field(default_factory=dict)  # name -> [GPU-h, requests, met TTFT, met TBT]
 
     def summary(self) -> dict:
         hours = max(self.gpu_hours, 1e-12)
@@ -378,6 +421,8 @@ class PolicyResult:
             "num_scale_actions": self.num_scale_actions,
             "ratio_violations": self.ratio_violations,
             "unplaced_requests": self.unplaced,
+            "worst_service_attainment": round(min((min(r[2], r[3]) / max(r[1], 1e-12) for r in self.by_service.values()),
+                                                  default=1.0), 4),
             "tokens": {"demanded": round(self.demand_tokens), "served": round(self.served_tokens),
                        "dropped": round(self.demand_tokens - self.served_tokens)},
         }
@@ -417,6 +462,11 @@ def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rp
     result.requests += requests
     result.met_ttft += tick.attainment_ttft * requests
     result.met_tbt += tick.attainment_tbt * requests
+    row = result.by_service.setdefault(svc.name, [0.0, 0.0, 0.0, 0.0])
+    row[0] += (gpus_p + gpus_d) * hours
+    row[1] += requests
+    row[2] += tick.attainment_ttft * requests
+    row[3] += tick.attainment_tbt * requests
     result.demand_tokens += tick.demand_tps * tick_s
     result.served_tokens += tick.decode_tps * tick_s
     if t is not None:
@@ -431,10 +481,9 @@ def fit_to_fleet(scenario: Scenario, wants: dict[str, tuple[int, int]]) -> tuple
     shrink (both pools by the same fraction, never below one instance each). Returns the fitted counts and how
     many services were cut. Baselines place nothing, so this is their only capacity limit (ours also has
     the topology's)."""
-    fleet = sum(n.total_gpus for n in scenario.nodes)
-    tp = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
+    tp = scenario.tp
     gpus = lambda name, pd: pd[0] * tp[name][0] + pd[1] * tp[name][1]  # noqa: E731
-    excess = sum(gpus(n, pd) for n, pd in wants.items()) - fleet
+    excess = sum(gpus(n, pd) for n, pd in wants.items()) - scenario.fleet_gpus
     if excess <= 0:
         return wants, 0
     fitted, cut = dict(wants), 0

@@ -14,6 +14,7 @@ from bench.sim.baselines import (
     run_static_peak,
     run_tuned,
 )
+from bench.sim.curation import curate
 from bench.sim.model import Capacity, PolicyResult, Scenario
 from bench.sim.world import run_heteroscale
 
@@ -25,7 +26,8 @@ POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "s
 def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_baselines: bool = False
              ) -> tuple[dict, dict[str, PolicyResult]]:
     """Run the policies; with `tune_baselines`, also each reactive baseline at its best swept setting that
-    reaches our attainment (`<name>_tuned`), so GPU-hours are compared at equal attainment."""
+    reaches our attainment (`<name>_tuned`), so GPU-hours are compared at equal attainment. With ours among
+    the policies, the curation (`bench.sim.curation`, whose values ours uses) is reported too."""
     import time
 
     unknown = sorted(set(policies) - set(POLICIES))
@@ -33,6 +35,8 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
         raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
     start = time.perf_counter()
     results = {}
+    if "heteroscale" in policies:
+        curate(scenario, progress)  # ours uses its values (memoized)
     for name in policies:
         if progress:
             progress(f"simulating {name} on {scenario.name} ...")
@@ -56,6 +60,8 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                "infeasible_services": infeasible_services(scenario)}
     if tuning:
         summary["tuning"] = tuning
+    if "heteroscale" in policies:
+        summary["curation"] = {k: v for k, v in curate(scenario).items() if k != "stress"}
     summary["goals"] = _goals(summary["policies"])
     return summary, results
 

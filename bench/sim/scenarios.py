@@ -33,16 +33,42 @@ def generate_nodes(s2: int, s1_per_s2: int, nodes_per_s1: int, gpus_per_node: in
 def generate_services(count: int, seed: int, mean_rps: tuple[float, float], peak_to_trough: tuple[float, float],
                       mean_input: int, mean_output: int, ttft_slo_s: float, tbt_slo_s: float, day_s: float,
                       model: str = "llama-8b", prefill_gpu: str = "L20", decode_gpu: str = "H20",
-                      affinity: str = "s2", tp_prefill: int = 1, tp_decode: int = 1) -> tuple[SimService, ...]:
+                      affinity: str = "s2", tp_prefill: int = 1, tp_decode: int = 1, prefix: str = "svc",
+                      rps_scale: str = "uniform", sizes: tuple[tuple[int, int, float], ...] = ()
+                      ) -> tuple[SimService, ...]:
+    """`count` services of one class: mean rates drawn uniformly (or log-uniformly, `rps_scale: log`, to mix
+    services from a fraction of one instance to hundreds) from `mean_rps`, diurnal peaks between 10:00 and
+    22:00, priorities 0-3."""
+    import math
+    import random
+
+    if rps_scale not in ("uniform", "log"):
+        raise ValueError(f"rps_scale ({rps_scale!r}) must be 'uniform' or 'log'")
+    if not 0 < mean_rps[0] <= mean_rps[1]:
+        raise ValueError(f"mean_rps ({list(mean_rps)}) must be [low, high] with 0 < low <= high")
+    rng = random.Random(seed)
+    draw = (lambda: rng.uniform(*mean_rps)) if rps_scale == "uniform" else (  # noqa: E731
+        lambda: math.exp(rng.uniform(math.log(mean_rps[0]), math.log(mean_rps[1]))))
+    return tuple(SimService(
+        f"{prefix}-{k:03d}",
+        RateShape(mean_rps=draw(), peak_to_trough=rng.uniform(*peak_to_trough), day_s=day_s,
+                  peak_hour=rng.uniform(10, 22)),
+        mean_input, mean_output, ttft_slo_s, tbt_slo_s, model, prefill_gpu, decode_gpu, rng.randint(0, 3),
+        affinity, tp_prefill, tp_decode, sizes) for k in range(count))
+
+
+def lognormal_sizes(count: int = 20_000, seed: int = 5, input_median: float = 1800, input_sigma: float = 0.9,
+                    input_max: int = 12_000, output_median: float = 40, output_sigma: float = 0.8,
+                    output_max: int = 400) -> list[tuple[int, int]]:
+    """A seeded synthetic request-size distribution: lognormal prompt and output lengths, clipped (default:
+    prompt-heavy with short outputs and a long-prompt tail)."""
+    import math
     import random
 
     rng = random.Random(seed)
-    return tuple(SimService(
-        f"svc-{k:03d}",
-        RateShape(mean_rps=rng.uniform(*mean_rps), peak_to_trough=rng.uniform(*peak_to_trough), day_s=day_s,
-                  peak_hour=rng.uniform(10, 22)),
-        mean_input, mean_output, ttft_slo_s, tbt_slo_s, model, prefill_gpu, decode_gpu, rng.randint(0, 3),
-        affinity, tp_prefill, tp_decode) for k in range(count))
+    return [(min(input_max, max(16, round(rng.lognormvariate(math.log(input_median), input_sigma)))),
+             min(output_max, max(2, round(rng.lognormvariate(math.log(output_median), output_sigma)))))
+            for _ in range(count)]
 
 
 @dataclass(frozen=True)
@@ -70,14 +96,39 @@ class TraceRate:
         return max(self.per_bin)
 
 
-def _mean_sizes(rows) -> tuple[int, int]:
-    return (round(sum(r.input_length for r in rows) / len(rows)),
-            round(sum(r.output_length for r in rows) / len(rows)))
+def _sizes(spec: dict, base) -> list[tuple[int, int]]:
+    """(input, output) rows of a size spec: `sizes_from` {path, max_input, max_output} (a trace file, relative
+    to the scenario) or `sizes_lognormal` {lognormal_sizes arguments}."""
+    if "sizes_from" in spec:
+        from bench.load.traces import truncate
+
+        src = spec["sizes_from"]
+        rows = truncate(read_trace(base / src["path"])[0], src.get("max_input", 4096), src.get("max_output", 1024))
+        return [(r.input_length, r.output_length) for r in rows]
+    return lognormal_sizes(**spec["sizes_lognormal"])
+
+
+def _with_sizes(svc: dict, base) -> dict:
+    """A generator spec with its size spec resolved into means and bins."""
+    from bench.sim.model import size_bins
+
+    svc = dict(svc)
+    spec = {k: svc.pop(k) for k in ("sizes_from", "sizes_lognormal") if k in svc}
+    if len(spec) > 1:
+        raise ValueError("give one of sizes_from and sizes_lognormal, not both")
+    if spec:
+        rows = _sizes(spec, base)
+        svc["mean_input"], svc["mean_output"] = (round(sum(r[0] for r in rows) / len(rows)),
+                                                 round(sum(r[1] for r in rows) / len(rows)))
+        svc["sizes"] = size_bins(rows)
+    return {**svc, "mean_rps": tuple(svc["mean_rps"]), "peak_to_trough": tuple(svc["peak_to_trough"])}
 
 
 def load_scenario(path) -> Scenario:
-    """Scenario YAML: name, duration_s, tick_s, startup_s, topology.generator, services.generator (see
-    bench/scenarios/*.yaml). Unknown keys are errors that name the key."""
+    """Scenario YAML: name, duration_s, tick_s, startup_s, topology.generator, and services as one
+    `generator` and/or a list of `classes` (each a generator with its own `prefix`, model, GPUs, TP, SLOs,
+    `rps_scale` and size distribution), plus `from_traces` (see bench/scenarios/*.yaml). Unknown keys are
+    errors that name the key."""
     from pathlib import Path
 
     import yaml
@@ -89,26 +140,26 @@ def load_scenario(path) -> Scenario:
         raise ValueError(f"{path}: unknown scenario keys {unknown} (allowed: {sorted(allowed)})")
     base = Path(path).parent
     try:
-        topo, svc = data["topology"]["generator"], dict(data["services"]["generator"])
-        nodes = generate_nodes(**topo)
-        sizes_from = svc.pop("sizes_from", None)  # {path, max_input, max_output}: mean sizes of a real trace
-        if sizes_from:
-            from bench.load.traces import truncate
-
-            rows = truncate(read_trace(base / sizes_from["path"])[0], sizes_from.get("max_input", 4096),
-                            sizes_from.get("max_output", 1024))
-            svc["mean_input"], svc["mean_output"] = _mean_sizes(rows)
-        services = generate_services(**{**svc, "mean_rps": tuple(svc["mean_rps"]),
-                                        "peak_to_trough": tuple(svc["peak_to_trough"])})
+        nodes = generate_nodes(**data["topology"]["generator"])
+        specs = ([data["services"]["generator"]] if "generator" in data["services"] else []) + list(
+            data["services"].get("classes", []))
+        services: tuple[SimService, ...] = ()
+        for spec in specs:
+            services += generate_services(**_with_sizes(spec, base))
         for extra in data["services"].get("from_traces", []):  # services replaying a trace file's arrivals
             rows = read_trace(base / extra["path"])[0]
             shape = TraceRate.from_trace(rows, extra.get("bin_s", 60.0), extra.get("time_scale", 1.0))
-            services += (SimService(extra["name"], shape, *_mean_sizes(rows),
+            sized = _with_sizes({"sizes_from": {"path": extra["path"]}, "mean_rps": (1, 1),
+                                 "peak_to_trough": (1, 1)}, base)
+            services += (SimService(extra["name"], shape, sized["mean_input"], sized["mean_output"],
                                     extra.get("ttft_slo_s", 2.0), extra.get("tbt_slo_s", 0.05),
                                     extra.get("model", "llama-8b"), extra.get("prefill_gpu", "L20"),
                                     extra.get("decode_gpu", "H20"), extra.get("priority", 0),
-                                    extra.get("affinity", "s2")),)
+                                    extra.get("affinity", "s2"), sizes=sized["sizes"]),)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path}: bad topology/services generator: {err}") from None
+    names = [s.name for s in services]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: service names repeat; give each class its own prefix")
     return Scenario(data["name"], nodes, services, float(data["duration_s"]), float(data.get("tick_s", 30.0)),
                     float(data.get("startup_s", 120.0)))

@@ -11,12 +11,13 @@ world, call the shared step, account". Pure Python; simulated time only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupAction, GroupActionKind, GroupState
-from autoscaler.model import Action, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
+from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
 from autoscaler.port import step
+from bench.sim.curation import Stress, curate
 from bench.sim.model import Capacity, Instances, PolicyResult, Scenario, SimService, Tick, account, evaluate
 from common.vocab import DeploymentGroup, NodeInfo
 from placement.scheduler import ServiceShape
@@ -40,12 +41,13 @@ class SimGroup(Instances):
                           RoleCounts(self.ready_decode - self.withdrawn_decode, pending_d, self.withdrawn_decode))
 
 
-def policy_config(svc: SimService, cap: Capacity) -> PolicyConfig:
-    target = 0.9 * cap.cap_decode_tps
-    return PolicyConfig(target_decode_tps_per_instance=target, prefill_per_decode=cap.slo_ratio(svc, target),
+def policy_config(svc: SimService, stress: Stress) -> PolicyConfig:
+    """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio."""
+    return PolicyConfig(target_decode_tps_per_instance=stress.target_decode_tps_per_instance,
+                        prefill_per_decode=stress.prefill_per_decode, hysteresis_band=stress.hysteresis_band,
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
-                        ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=cap.prefill.tp,
-                        gpus_per_decode=cap.decode.tp, scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0,
+                        ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=svc.tp_prefill,
+                        gpus_per_decode=svc.tp_decode, scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0,
                         soft_scale_in_window_s=120.0, staleness_limit_s=90.0)
 
 
@@ -55,7 +57,8 @@ def service_shape(svc: SimService) -> ServiceShape:
 
 
 def cycle_config(scenario: Scenario) -> CycleConfig:
-    fleet = FleetConfig(services={s.name: policy_config(s, Capacity.of(s)) for s in scenario.services})
+    stress = curate(scenario)["stress"]  # memoized per scenario
+    fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name]) for s in scenario.services})
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
 
 
@@ -70,7 +73,18 @@ class SimWorld:
         self.last_ticks: dict[str, Tick] = {}
         self._routable: dict[str, tuple[int, int]] = {}  # last tick's routable (prefill, decode) per service
         self._tp = {s.name: (s.tp_prefill, s.tp_decode) for s in scenario.services}
-        self._nodes: tuple[NodeInfo, ...] | None = None  # free GPUs; recomputed only after DGs change
+        # Where each DG's GPUs sit: the DG's domain nodes of the right type, charged in node order as it grows
+        # and released newest first as it shrinks (the paper's scheduler rebuilds this view each cycle).
+        self._free = {n.node_id: n.total_gpus for n in scenario.nodes}
+        self._held: dict[tuple[str, str, int], list[list]] = {}  # (service, DG, role index) -> [[node, GPUs]]
+        self._domain_nodes: dict[tuple[str, str, str], list[str]] = {}  # (scope, domain, type) -> node ids
+        for n in scenario.nodes:
+            for key in (("s1", n.s1), ("s2", n.s2), ("cluster", "*")):
+                self._domain_nodes.setdefault((*key, n.gpu_type), []).append(n.node_id)
+        self._node_list = [replace(n, free_gpus=n.total_gpus) for n in scenario.nodes]
+        self._index = {n.node_id: i for i, n in enumerate(scenario.nodes)}
+        self._changed: set[str] = set()
+        self._nodes: tuple[NodeInfo, ...] = tuple(self._node_list)
 
     # ---- the port ------------------------------------------------------------------------------------------------
 
@@ -89,27 +103,60 @@ class SimWorld:
         return Observation(services=services)
 
     def cluster_view(self, now_s: float) -> ClusterView:
-        if self._nodes is None:
-            self._nodes = nodes_with_allocations(self.scenario.nodes, self.groups, self._tp)
+        if self._changed:
+            for node_id in self._changed:
+                i = self._index[node_id]
+                self._node_list[i] = replace(self._node_list[i], free_gpus=self._free[node_id])
+            self._nodes, self._changed = tuple(self._node_list), set()
         return ClusterView(nodes=self._nodes,
                            groups={name: tuple(g.state() for _, g in sorted(groups.items()))
                                    for name, groups in self.groups.items()})
 
     def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
-        if actions:
-            self._nodes = None
         for action in actions:
             groups = self.groups[action.service]
             name = action.group.name
             if action.kind is GroupActionKind.REMOVE:
                 groups.pop(name, None)
+                self._charge(action.service, action.group, 0, 0)
                 continue
+            self._charge(action.service, action.group, action.group.num_prefill, action.group.num_decode)
             g = groups.get(name)
             if g is None:
                 g = groups[name] = SimGroup(group=action.group)
             g.resize((action.group.num_prefill, action.group.num_decode), now_s, self.scenario.startup_s)
             g.group = action.group
             g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
+
+    def _charge(self, service: str, group: DeploymentGroup, num_prefill: int, num_decode: int) -> None:
+        """Hold exactly the GPUs of (num_prefill, num_decode) instances of this DG on its domain's nodes."""
+        tp = self._tp[service]
+        for role, (gpu_type, want) in enumerate(((group.prefill_gpu_type, num_prefill * tp[0]),
+                                                 (group.decode_gpu_type, num_decode * tp[1]))):
+            held = self._held.setdefault((service, group.name, role), [])
+            have = sum(g for _, g in held)
+            while have > want:  # release newest first
+                node_id, gpus = held[-1]
+                give = min(gpus, have - want)
+                self._free[node_id] += give
+                self._changed.add(node_id)
+                have -= give
+                if give == gpus:
+                    held.pop()
+                else:
+                    held[-1][1] -= give
+            if have < want:
+                for node_id in self._domain_nodes.get((group.scope, group.domain, gpu_type), ()):
+                    take = min(self._free[node_id], want - have)
+                    if take:
+                        self._free[node_id] -= take
+                        self._changed.add(node_id)
+                        held.append([node_id, take])
+                        have += take
+                        if have == want:
+                            break
+            if not held:
+                del self._held[(service, group.name, role)]
 
     def prime(self, now_s: float) -> None:
         """Warm start: report each service's demand at `now_s` as served within its SLOs (the load the fleet
@@ -144,31 +191,6 @@ class SimWorld:
                     self.scenario.tick_s, now_s)
 
 
-def nodes_with_allocations(nodes: Sequence[NodeInfo], groups: dict[str, dict[str, SimGroup]],
-                           tps: dict[str, tuple[int, int]]) -> tuple[NodeInfo, ...]:
-    """Free GPUs per node = total - what DGs hold, charged to the DG's domain nodes of the right type in order."""
-    free = {n.node_id: n.total_gpus for n in nodes}
-    by_domain: dict[tuple[str, str], list[NodeInfo]] = {}
-    for node in nodes:
-        by_domain.setdefault(("s1", node.s1), []).append(node)
-        by_domain.setdefault(("s2", node.s2), []).append(node)
-        by_domain.setdefault(("cluster", "*"), []).append(node)
-    for name, service_groups in groups.items():
-        tp = tps.get(name, (1, 1))
-        for sim_group in service_groups.values():
-            g = sim_group.group
-            for gpu_type, count in ((g.prefill_gpu_type, g.num_prefill * tp[0]),
-                                    (g.decode_gpu_type, g.num_decode * tp[1])):
-                for node in by_domain.get((g.scope, g.domain), []):
-                    if count == 0:
-                        break
-                    if node.gpu_type == gpu_type:
-                        take = min(count, free[node.node_id])
-                        free[node.node_id] -= take
-                        count -= take
-    return tuple(NodeInfo(n.node_id, n.gpu_type, n.total_gpus, free[n.node_id], n.s1, n.s2) for n in nodes)
-
-
 @dataclass(frozen=True)
 class CycleRecord:
     """What one control period saw and did (for the parity replay and tests)."""
@@ -179,7 +201,8 @@ class CycleRecord:
     actions: tuple[GroupAction, ...]
 
 
-WARM_UP_CYCLES = 60  # at most; the warm-up ends at the first cycle that changes nothing
+WARM_UP_CYCLES = 80  # at most; it ends at the first cycle that changes nothing, waits on no cooldown and has no
+# scale-in open (a cold fleet grows by at most max_step_fraction per scale-out cooldown)
 
 
 def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: list[CycleRecord] | None = None
@@ -192,7 +215,8 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
         result, state, observation, view = step(world, state, -i * tick, config)
         if record is not None:
             record.append(CycleRecord(-i * tick, observation, view, result.actions))
-        if not result.actions:
+        settled = all(d.reason is not Reason.COOLDOWN for d in result.decision.services.values())
+        if not result.actions and settled and all(s.soft is None for s in state.services.values()):
             break
     world.prime(0.0)
     world.last_ticks.clear()

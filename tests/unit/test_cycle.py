@@ -202,3 +202,21 @@ def test_when_the_groups_domain_is_full_the_rest_opens_a_new_group_elsewhere():
     held = counts(world)
     assert sum(v[0] for v in held.values()) == 4 and sum(v[1] for v in held.values()) == 7
     assert all(p >= 1 and d >= 1 for p, d, _, _ in held.values())  # every sub-batch is whole
+
+
+def test_a_scale_out_that_does_not_fit_leaves_the_policy_at_the_placed_size():
+    """A full fleet and a latency breach every cycle: each cycle asks one latency step over what exists, and
+    the target never runs away from the placed size (it grew to the policy's bounds before)."""
+    nodes = (NodeInfo("a1", "H20", 4, 4, "s1-a", "s2-0"),)  # 4 GPUs in all
+    world, cfg = FakeWorld([dg("g", "s1-a", 1, 2)], nodes=nodes), config(latency_cooldown_s=0.0)
+    world.tps, world.ttft_s = 200.0, 5.0  # within the band, but TTFT 5x its SLO
+    state = PolicyState()
+    asked = []
+    for i in range(12):
+        result, state, _, _ = step(world, state, 100.0 + 30 * i, cfg)
+        asked += [(u.num_prefill, u.num_decode) for u in result.unplaced]
+        held = counts(world)["g"]
+        st = state.services["svc"]
+        assert (st.target_prefill, st.target_decode) == (held[0], held[1])
+    assert counts(world)["g"][:2] == (1, 2)  # one latency step (+1P +1D) needs 2 GPUs; 1 is free
+    assert asked and set(asked) == {(1, 1)}  # one step over the real size, every cycle

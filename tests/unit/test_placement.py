@@ -126,9 +126,13 @@ def test_unplaceable_reasons():
         ServiceShape("x", ("L20",), ("H20",), affinity="rack")
 
 
-def test_decode_only_growth_needs_an_existing_group():
+def test_decode_only_growth_grows_a_group_or_opens_a_paired_one():
+    """A group needs both roles: decode-only growth that no group of the service can take opens a new group
+    with one prefill beside it (the cycle gives the extra prefill back next time), never a decode-only one."""
     plan = place(fleet(), [ScaleRequest(HOMO, 0, 1)])
-    assert plan.unplaced and not plan.actions
+    assert not plan.unplaced
+    assert [(a.kind, a.num_prefill, a.num_decode, a.why) for a in plan.actions] == [
+        (ActionKind.CREATE, 1, 1, Why.PAIRED)]
     group = DeploymentGroup("homo-h1", "homo", "s1", "h1", "L20", "L20", 1, 2)
     plan = place(fleet(), [ScaleRequest(HOMO, 0, 1, (group,))])
     assert [(a.kind, a.num_prefill, a.num_decode) for a in plan.actions] == [(ActionKind.GROW, 0, 1)]
@@ -194,6 +198,7 @@ def test_no_gpu_over_committed_and_every_group_in_one_domain(data):
     placed = Counter()
     for action in plan.actions:
         placed[action.service] += action.num_prefill + action.num_decode
-    for req in reqs:  # placed + unplaced == requested, per service
+    for req in reqs:  # placed + unplaced == requested, per service (+1 of the other role per paired group)
         left = sum(u.num_prefill + u.num_decode for u in plan.unplaced if u.service == req.service.name)
-        assert placed[req.service.name] + left == req.delta_prefill + req.delta_decode
+        paired = sum(a.why is Why.PAIRED for a in plan.actions if a.service == req.service.name)
+        assert placed[req.service.name] + left == req.delta_prefill + req.delta_decode + paired
