@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 from autoscaler.model import Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
 from autoscaler.policy import decide
-from common.vocab import DeploymentGroup, NodeInfo
+from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import (
     ActionKind as PlaceKind,
     Placement,
@@ -185,17 +185,30 @@ def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[
     return out, terminate, withdrawing
 
 
-def _room(view: ClusterView, shape: ServiceShape, groups: Sequence[_Group], prefill: int, decode: int) -> bool:
-    """Whether the groups' domains have free GPUs for `prefill` and `decode` more instances (whole instances
-    per node, each role on its group's GPU type; a first check, place() decides)."""
+class _FreeIndex:
+    """Free GPUs per (scope, domain, GPU type) of a cluster view, built on first use."""
+
+    def __init__(self, view: ClusterView):
+        self.view, self._free = view, None
+
+    def of(self, scope: str, domain: str, gpu_type: str) -> int:
+        if self._free is None:
+            self._free = {}
+            for n in self.view.nodes:
+                for key in ((Scope.S1, n.s1), (Scope.S2, n.s2), (Scope.CLUSTER, CLUSTER_DOMAIN)):
+                    k = (*key, n.gpu_type)
+                    self._free[k] = self._free.get(k, 0) + n.free_gpus
+        return self._free.get((scope, domain, gpu_type), 0)
+
+
+def _room(index: _FreeIndex, shape: ServiceShape, groups: Sequence[_Group], prefill: int, decode: int) -> bool:
+    """Whether the groups' domains have free GPUs for `prefill` and `decode` more instances (each role on its
+    groups' GPU types; a first check, place() decides)."""
     if prefill == 0 and decode == 0:
         return True
     domains = {(g.base.group.scope, g.base.group.domain) for g in groups}
     types = {g.base.group.prefill_gpu_type for g in groups}, {g.base.group.decode_gpu_type for g in groups}
-    free: dict[str, int] = {}
-    for node in view.nodes:
-        if any(getattr(node, scope, None) == name or scope == "cluster" for scope, name in domains):
-            free[node.gpu_type] = free.get(node.gpu_type, 0) + node.free_gpus
+    free = {t: sum(index.of(scope, name, t) for scope, name in domains) for t in types[0] | types[1]}
     need: dict[str, int] = {}
     for role_types, count, per in ((types[0], prefill, shape.gpus_per_prefill), (types[1], decode, shape.gpus_per_decode)):
         if count:
@@ -212,13 +225,14 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     scale_out: list[ScaleRequest] = []
     scale_in: list[ScaleRequest] = []
     withdraw_requests: list[ScaleRequest] = []
+    index = _FreeIndex(view)
     for name in sorted(config.fleet.services):
         dec = decision.services[name]
         groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
         out, terminate, withdrawing = _plan_service(config.shapes[name], (dec.target_prefill, dec.target_decode),
                                                     (dec.withdraw_prefill, dec.withdraw_decode), groups,
-                                                    lambda rest, p, d, s=config.shapes[name]: _room(view, s, rest, p, d))
+                                                    lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d))
         scale_out += out
         scale_in += terminate
         withdraw_requests += withdrawing

@@ -133,12 +133,16 @@ def load_scenario(path) -> Scenario:
 
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    return scenario_from_dict(yaml.safe_load(Path(path).read_text()), Path(path).parent, path)
+
+
+def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
+    """A scenario from its parsed YAML (`base`: the folder relative paths start from; `path` names it in
+    errors)."""
     allowed = {"name", "duration_s", "tick_s", "startup_s", "topology", "services"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"{path}: unknown scenario keys {unknown} (allowed: {sorted(allowed)})")
-    base = Path(path).parent
     try:
         nodes = generate_nodes(**data["topology"]["generator"])
         specs = ([data["services"]["generator"]] if "generator" in data["services"] else []) + list(
