@@ -153,10 +153,12 @@ def _sla_planner(scenario: Scenario, headroom: float = 1.0):
     factors (observed / expected latency of the last interval)."""
 
     def desire(svc, cap, mem, last, run, t):
-        rps = headroom * svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
-        p, d = oracle_counts(svc, cap, rps)
+        observed = svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
+        p, d = oracle_counts(svc, cap, headroom * observed)
         if last is not None and run.ready_prefill and run.ready_decode:
-            expected = evaluate(svc, cap, rps, run.ready_prefill, run.ready_decode)
+            # what the profile expects at the load that was observed (the headroom is not part of it: an
+            # expectation at the inflated load made every correction shrink the pools again)
+            expected = evaluate(svc, cap, observed, run.ready_prefill, run.ready_decode)
             ttft_correction = min(max(last.ttft_p90_s / max(expected.ttft_p90_s, 1e-9), 0.5), 2.0)
             itl_correction = min(max(last.tbt_s / max(expected.tbt_s, 1e-9), 0.5), 2.0)
             p = max(1, math.ceil(p * ttft_correction - 1e-9))
@@ -168,9 +170,9 @@ def _sla_planner(scenario: Scenario, headroom: float = 1.0):
 
 # The one knob each baseline's operators tune, and the values a sweep tries (defaults first).
 SWEEPS = {
-    "hpa_gpu_util": ("target_util", (0.6, 0.3, 0.4, 0.5, 0.7), lambda sc, v: _hpa(target_util=v)),
+    "hpa_gpu_util": ("target_util", (0.6, 0.3, 0.4, 0.5, 0.7, 0.8, 0.9), lambda sc, v: _hpa(target_util=v)),
     "serve_queue": ("target_ongoing", (2.0, 0.5, 1.0, 4.0), lambda sc, v: _serve_queue(target_ongoing=v)),
-    "periodic": ("window_s", (3600.0, 900.0, 1800.0), lambda sc, v: _periodic(sc, window_s=v)),
+    "periodic": ("window_s", (3600.0, 900.0, 1800.0, 7200.0), lambda sc, v: _periodic(sc, window_s=v)),
     "sla_planner": ("headroom", (1.0, 1.1, 1.25), lambda sc, v: _sla_planner(sc, headroom=v)),
 }
 
