@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # The registry's torchvision/torchaudio/torchcodec do not load beside torch 2.13.0+cpu and break transformers.
 CONFLICTING := torchvision torchaudio torchcodec
 
-.PHONY: install demo test test-fast clean-cluster bench
+.PHONY: install system-deps demo test test-fast clean-cluster bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-install: $(STAMP)
+# System packages the project uses: Debian's prometheus (`heteroscale up --prometheus`, the metrics tests).
+system-deps:
+	@command -v prometheus >/dev/null || test -x /usr/bin/prometheus || { \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian's prometheus (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	    || { echo "error: apt-get install prometheus failed" >&2; exit 1; }; \
+	  else echo "warning: prometheus is not installed and this is not root: run 'sudo apt-get install prometheus'" \
+	    "(needed by heteroscale up --prometheus and its tests)" >&2; fi; }
+
+install: $(STAMP) system-deps
 
 demo: install
 	@$(VENV)/bin/heteroscale demo

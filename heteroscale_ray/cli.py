@@ -34,7 +34,11 @@ def cmd_up(args) -> int:
         for n in nodes:
             print(f"  gpu_type={n.gpu_type} s1={n.s1} s2={n.s2} gpus={n.total_gpus} free={n.free_gpus}")
         return 0
-    local_cluster.up(load_cluster_spec(args.cluster))
+    state = local_cluster.up(load_cluster_spec(args.cluster))
+    if args.prometheus:
+        from heteroscale_ray import prometheus
+
+        prometheus.start(state.temp_dir, [args.ingress_target], port=args.prometheus_port or prometheus.DEFAULT_PORT)
     return 0
 
 
@@ -294,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("undeploy", cmd_undeploy, "delete the P/D service", service=True, address=True)
     add("demo", cmd_demo, "up + deploy with the controller + a load that scales out and in + report + down",
         cluster=True, service=True, address=True)
+    sub.choices["up"].add_argument("--prometheus", action="store_true",
+                                   help="also start a Prometheus server on loopback scraping Ray's nodes and "
+                                        "the ingress (Debian's prometheus, installed by `make install`)")
+    sub.choices["up"].add_argument("--prometheus-port", type=int, default=None, help="default 9390")
+    sub.choices["up"].add_argument("--ingress-target", default="127.0.0.1:8000",
+                                   help="host:port of the ingress /metrics Prometheus scrapes")
     sub.choices["demo"].add_argument("--quick", action="store_true",
                                      help="instead: a burst of requests through fixed replicas (~3 min)")
     sub.choices["demo"].add_argument("--runs-dir", default="runs", help="where runs/demo-<UTC>/ goes")

@@ -10,7 +10,9 @@ decodes locally with the KV pulled over NIXL). What we add:
   scaling forbids, so the replica pushes. The answer says whether this replica is routable (soft scale-in,
   ready-ratio gating), and `record_routing_stats()` hands that to the request routers (`serving.routing`);
 - the same numbers as Prometheus gauges (`ray.util.metrics`, exported by Ray as `ray_heteroscale_engine_*`,
-  tagged by role and deployment group; a latency with no sample in the window is not set);
+  tagged by role and deployment group; a latency with no sample in the window is not set), plus GPU
+  utilization and SM activity from NVML where GPUs exist (`serving.gpu_telemetry`; on CPU engines one log
+  line says it is not available and those gauges stay unset);
 - `engine_stats()` and `placement()` for the ingress, tests and `heteroscale status`;
 - `DecodeServer.local_completions()`: a completion on this decode engine alone (no remote prefill), which
   diagnostics and the KV-transfer proof use to hand the engine explicit `kv_transfer_params`.
@@ -30,6 +32,7 @@ from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PD
 from ray.util import metrics as ray_metrics
 
 from serving.engine_stats import ENGINE_STATS
+from serving.gpu_telemetry import open_sampler
 from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,15 @@ class _StatsMixin:
             for name in _GAUGES
         }
         tags = {"role": self._role, "deployment_group": self._group}
+        self._gpu, why = open_sampler()
+        if self._gpu is None:
+            logger.info("%s replica %s: %s", self._role, self._replica_id, why)
+        else:
+            for name in ("gpu_utilization_ratio", "sm_activity_ratio"):
+                self._gauges[name] = ray_metrics.Gauge(
+                    f"heteroscale_engine_{name}", description=f"NVML {name} of the replica's GPUs (0-1, mean)",
+                    tag_keys=("role", "deployment_group"))
+        self._gpu_sample = None
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
         loop = asyncio.get_running_loop()
@@ -75,7 +87,13 @@ class _StatsMixin:
     async def _publish_loop(self) -> None:
         while True:
             try:
-                self._publish(ENGINE_STATS.snapshot(STATS_WINDOW_S).as_metrics())
+                values = ENGINE_STATS.snapshot(STATS_WINDOW_S).as_metrics()
+                if self._gpu is not None:
+                    self._gpu_sample = self._gpu.sample()
+                    values["gpu_utilization_ratio"] = self._gpu_sample.gpu_utilization
+                    if self._gpu_sample.sm_activity is not None:
+                        values["sm_activity_ratio"] = self._gpu_sample.sm_activity
+                self._publish(values)
             except Exception:  # never let metrics kill a replica
                 logger.exception("publishing engine metrics failed")
             await asyncio.sleep(_PUBLISH_INTERVAL_S)
@@ -92,7 +110,9 @@ class _StatsMixin:
                 "generation_tokens": snap.total_generation_tokens,
                 "prompt_computed_tokens": snap.total_prompt_computed_tokens,
                 "num_running": int(snap.num_running), "num_waiting": int(snap.num_waiting),
-                "kv_cache_usage": snap.kv_cache_usage, "tbt_hist": hists["tbt"], "ttft_hist": hists["ttft"]}
+                "kv_cache_usage": snap.kv_cache_usage, "tbt_hist": hists["tbt"], "ttft_hist": hists["ttft"],
+                "gpu_utilization": self._gpu_sample.gpu_utilization if self._gpu_sample else None,
+                "sm_activity": self._gpu_sample.sm_activity if self._gpu_sample else None}
 
     def _on_answer(self, answer: dict) -> None:
         """The controller's answer says whether this replica is routable (the last answer stands meanwhile)."""

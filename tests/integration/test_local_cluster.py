@@ -95,6 +95,32 @@ def test_unplaceable_group_is_refused_before_deploying(cluster):
         plan_group(service, DeploymentGroup("g", "tiny-chat", "s1", "s1-a", None, None, 1, 1), 0, live_nodes(), "/unused")
 
 
+PROMETHEUS_PORT = 9391
+
+
+def test_prometheus_scrapes_every_ray_node(cluster):
+    """A real Prometheus server (Debian's package, installed by `make install`) on loopback finds every Ray node
+    through Ray's service-discovery file and scrapes its metrics; `down` stops it with the cluster."""
+    import time
+
+    from heteroscale_ray import prometheus
+
+    url = prometheus.start(TEMP_DIR, ["127.0.0.1:1"], port=PROMETHEUS_PORT, progress=lambda *_: None)
+    deadline, up = time.monotonic() + 90, []
+    while time.monotonic() < deadline:  # bounded: a few scrape intervals
+        up = prometheus.query(url, 'up{job="ray"} == 1')
+        nodes = prometheus.query(url, "count by (NodeAddress) (ray_node_mem_total)")
+        ingress = prometheus.query(url, 'up{job="heteroscale-ingress"}')
+        if len(up) >= 1 + len(SPEC.nodes) and nodes and ingress:
+            break
+        time.sleep(2)
+    assert len(up) >= 1 + len(SPEC.nodes), up  # head + every node's metrics agent
+    assert nodes, "no ray_node_mem_total series scraped"
+    assert [s["value"][1] for s in ingress] == ["0"]  # nothing listens there: reported down, not missing
+    with pytest.raises(ValueError, match="parse error"):
+        prometheus.query(url, "sum(")
+
+
 def test_down_stops_only_our_processes(cluster):
     state, bystander = cluster
     svc.disconnect()
@@ -103,3 +129,7 @@ def test_down_stops_only_our_processes(cluster):
     assert not local_cluster.is_running(TEMP_DIR)
     assert local_cluster._our_processes(TEMP_DIR) == []
     assert bystander.poll() is None  # still running
+    import socket
+
+    with socket.socket() as sock:  # Prometheus (started under this temp dir) went with the cluster
+        assert sock.connect_ex(("127.0.0.1", PROMETHEUS_PORT)) != 0
