@@ -98,7 +98,8 @@ class HeteroScaleController:
         # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
         self.recorded: deque[tuple] = deque(maxlen=MAX_DECISIONS)
         self._tick_lock = threading.Lock()
-        self._metrics = metrics if metrics is not None else _Metrics(spec.name)
+        self._metrics = metrics if metrics is not None else _Metrics(
+            spec.name, {"prefill": spec.roles.prefill.gpus_per_replica, "decode": spec.roles.decode.gpus_per_replica})
         self._stop = threading.Event()
         # The loop runs in a thread started here, so a controller that Ray restarts resumes by itself.
         self._thread = threading.Thread(target=self._run, name="heteroscale-control-loop", daemon=True)
@@ -252,12 +253,15 @@ class RayKV:
 class _Metrics:
     """Prometheus metrics of the controller (labels: service, role, state, action, reason, stage: bounded)."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, gpus_per_replica: dict[str, int]):
         from ray.util import metrics
 
-        self.service = service
+        self.service, self.gpus_per_replica = service, gpus_per_replica
         self.replicas = metrics.Gauge("heteroscale_controller_replicas", "replicas per role and state",
                                       tag_keys=("service", "role", "state"))
+        self.gpus = metrics.Gauge("heteroscale_controller_allocated_gpus", "GPUs held per role (ready, starting "
+                                  "and withdrawn replicas x GPUs per replica): integrate for GPU-hours",
+                                  tag_keys=("service", "role"))
         self.decode_tps = metrics.Gauge("heteroscale_controller_decode_tokens_per_second",
                                         "observed decode tokens/s (unset when missing)", tag_keys=("service",))
         self.target_tps = metrics.Gauge("heteroscale_controller_target_decode_tokens_per_second",
@@ -274,6 +278,8 @@ class _Metrics:
             for state in ("ready", "pending", "withdrawn"):
                 self.replicas.set(counts[state], tags={**tags, "role": role, "state": state})
             self.replicas.set(entry[f"target_{role}"], tags={**tags, "role": role, "state": "target"})
+            self.gpus.set(sum(counts[s] for s in ("ready", "pending", "withdrawn")) * self.gpus_per_replica[role],
+                          tags={**tags, "role": role})
         if entry["observation"]["decode_tps"] is not None:
             self.decode_tps.set(entry["observation"]["decode_tps"], tags=tags)
         if entry.get("target_decode_tps_per_instance") is not None:

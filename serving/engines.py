@@ -39,10 +39,15 @@ logger = logging.getLogger(__name__)
 
 STATS_WINDOW_S = 30.0  # look-back of the rates and percentiles a replica publishes
 _PUBLISH_INTERVAL_S = 5.0
-_GAUGES = (
-    "decode_tokens_per_s", "prefill_computed_tokens_per_s", "prompt_external_tokens_per_s",
-    "ttft_p90_s", "tbt_p90_s", "num_running", "num_waiting", "kv_cache_usage",
-)
+# Snapshot field -> exported gauge (`ray_heteroscale_engine_<name>`: Prometheus naming, base units, ratios 0-1).
+_GAUGES = {
+    "decode_tokens_per_s": "decode_tokens_per_second", "prefill_computed_tokens_per_s":
+    "prefill_computed_tokens_per_second", "prompt_external_tokens_per_s": "prompt_external_tokens_per_second",
+    "ttft_p50_s": "ttft_p50_seconds", "ttft_p90_s": "ttft_p90_seconds", "tbt_p50_s": "tbt_p50_seconds",
+    "tbt_p90_s": "tbt_p90_seconds", "num_running": "running_requests", "num_waiting": "waiting_requests",
+    "kv_cache_usage": "kv_cache_usage_ratio", "gpu_utilization": "gpu_utilization_ratio",
+    "sm_activity": "sm_activity_ratio",
+}
 
 
 class _StatsMixin:
@@ -61,21 +66,16 @@ class _StatsMixin:
         from ray import serve
 
         self._replica_id = serve.get_replica_context().replica_id.unique_id
-        self._gauges = {
-            name: ray_metrics.Gauge(f"heteroscale_engine_{name}", description=f"engine {name} (window "
-                                    f"{STATS_WINDOW_S:.0f}s)", tag_keys=("role", "deployment_group"))
-            for name in _GAUGES
-        }
-        tags = {"role": self._role, "deployment_group": self._group}
         self._gpu, why = open_sampler()
         if self._gpu is None:
             logger.info("%s replica %s: %s", self._role, self._replica_id, why)
-        else:
-            for name in ("gpu_utilization_ratio", "sm_activity_ratio"):
-                self._gauges[name] = ray_metrics.Gauge(
-                    f"heteroscale_engine_{name}", description=f"NVML {name} of the replica's GPUs (0-1, mean)",
-                    tag_keys=("role", "deployment_group"))
         self._gpu_sample = None
+        self._gauges = {
+            field: ray_metrics.Gauge(f"heteroscale_engine_{name}", description=f"engine {field} (window "
+                                     f"{STATS_WINDOW_S:.0f}s; GPU ones from NVML)", tag_keys=("role", "deployment_group"))
+            for field, name in _GAUGES.items()
+        }
+        tags = {"role": self._role, "deployment_group": self._group}
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
         loop = asyncio.get_running_loop()
@@ -90,9 +90,9 @@ class _StatsMixin:
                 values = ENGINE_STATS.snapshot(STATS_WINDOW_S).as_metrics()
                 if self._gpu is not None:
                     self._gpu_sample = self._gpu.sample()
-                    values["gpu_utilization_ratio"] = self._gpu_sample.gpu_utilization
+                    values["gpu_utilization"] = self._gpu_sample.gpu_utilization
                     if self._gpu_sample.sm_activity is not None:
-                        values["sm_activity_ratio"] = self._gpu_sample.sm_activity
+                        values["sm_activity"] = self._gpu_sample.sm_activity
                 self._publish(values)
             except Exception:  # never let metrics kill a replica
                 logger.exception("publishing engine metrics failed")

@@ -27,14 +27,15 @@ from openai import OpenAI
 from autoscaler import controller
 from bench.sim.replay import replay
 from common.config import parse_cluster_spec, parse_service_spec
-from heteroscale_ray import local_cluster
+from heteroscale_ray import local_cluster, prometheus
 from heteroscale_ray import service as svc
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.e2e
 
 TEMP_DIR = "/tmp/hsray-e2e-autoscale"
 PORT = 8013
+PROMETHEUS_PORT = 9392  # a real Prometheus scrapes this cluster's Ray nodes and ingress all along
 PERIOD_S = 2.0
 AUTOSCALING = {"control_period_s": PERIOD_S, "target_decode_tps_per_instance": 40, "prefill_per_decode": 1.0,
                "ttft_slo_s": 20.0, "tbt_slo_s": 2.0, "min_prefill": 1, "max_prefill": 2, "min_decode": 1,
@@ -118,6 +119,7 @@ def cluster():
     data["head"].update(gcs_port=6395, dashboard_port=8279)
     state = local_cluster.up(parse_cluster_spec(data), temp_dir=TEMP_DIR)
     try:
+        prometheus.start(TEMP_DIR, [f"127.0.0.1:{PORT}"], port=PROMETHEUS_PORT, progress=lambda *_: None)
         yield state
     finally:
         svc.disconnect()
@@ -187,6 +189,34 @@ def test_load_step_scales_out_a_second_group_then_withdraws_restores_and_termina
     replayed = replay(parity_records, controller.HeteroScaleController.cycle_config(spec))
     assert [a for _, a in replayed] == [a for _, _, _, a in parity_records]
     assert any(a for _, _, _, a in parity_records)
+
+
+def test_every_dashboard_query_runs_against_the_real_prometheus(service):
+    """Every panel query of deploy/grafana/heteroscale.json, against the Prometheus that scraped this run: no
+    query error, and data for every panel except the GPU-only ones (NVML has no GPU on CPU engines)."""
+    import json
+
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "heteroscale.json").read_text())
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+    with Load(service, workers=2) as load:
+        time.sleep(20)  # fresh latency samples in the engines' windows and the ingress histograms
+        empty = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = (target["expr"].replace("$service", service.name).replace("$__rate_interval", "1m")
+                        .replace("$__range_s", "600").replace("$__range", "10m"))
+                result = prometheus.query(url, expr)  # raises with Prometheus's error on a bad query
+                if not result and "GPU clusters only" not in panel["title"]:
+                    empty.append((panel["title"], expr))
+                if "GPU clusters only" in panel["title"]:
+                    assert result == [], "CPU engines must leave GPU gauges unset, not 0"
+    assert load.failures == []
+    assert empty == [], empty
+    # Prometheus naming: base units, _total counters, _seconds histograms, ratios 0-1
+    names = {s["metric"]["__name__"] for s in prometheus.query(url, '{__name__=~"(ray_)?heteroscale_.*"}')}
+    assert "ray_heteroscale_controller_decisions_total" in names and "heteroscale_ingress_ttft_seconds_bucket" in names
+    assert all(n.endswith(("_total", "_seconds", "_bucket", "_count", "_sum", "_ratio", "_per_second",
+                           "_requests", "_replicas", "_gpus", "_inflight", "_created")) for n in names), names
 
 
 def test_advisory_mode_logs_decisions_and_actuates_nothing(cluster, service):
