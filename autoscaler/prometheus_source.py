@@ -1,0 +1,107 @@
+"""The controller's signals from PromQL against a Prometheus server: the alternative to the push path
+(`autoscaler.signals.SignalStore`), chosen with `autoscaling.signal_source: prometheus`.
+
+Per service (the `service` label every engine and ingress series carries):
+- decode tokens/s: the sum of the decode replicas' `ray_heteroscale_engine_decode_tokens_per_second`;
+- KV-miss prefill tokens/s: the sum of the prefill replicas' `…_prefill_computed_tokens_per_second`;
+- TTFT: the quantile of the ingress histogram `heteroscale_ingress_ttft_seconds` over the signal window;
+- TBT: the highest `…_tbt_p90_seconds` of the decode replicas (each replica's own window quantile).
+Each signal is stamped with the time of the newest raw sample behind it (`timestamp()`), not the query time. A
+target that stops answering gets Prometheus's staleness markers (its series vanish: missing signals); samples
+that stop arriving without them (Prometheus stopped scraping, a lagging federation or remote read) are still
+answered for up to five minutes, which the timestamps expose. A Prometheus that does not answer, series that
+are missing, or samples older than the staleness limit give missing or stale signals with a note, and the
+policy holds (never scales in) and says so in the decision log. The HTTP call and the wall clock are
+injectable for tests; `now_s` is the caller's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+from autoscaler.model import Signal
+from autoscaler.signals import ServiceSignals
+
+
+@dataclass(frozen=True)
+class Query:
+    value: str  # PromQL whose single result is the signal
+    freshness: str  # PromQL: the newest sample time (Unix s) of the raw series behind it
+
+
+def service_queries(service: str, quantile: float, window_s: float) -> dict[str, Query]:
+    sel = f'service="{service}"'
+    window = f"{max(int(round(window_s)), 1)}s"
+    engine = "ray_heteroscale_engine_"
+    return {
+        "decode_tps": Query(f'sum({engine}decode_tokens_per_second{{{sel},role="decode"}})',
+                            f'max(timestamp({engine}decode_tokens_per_second{{{sel},role="decode"}}))'),
+        "prefill_kv_miss_tps": Query(f'sum({engine}prefill_computed_tokens_per_second{{{sel},role="prefill"}})',
+                                     f'max(timestamp({engine}prefill_computed_tokens_per_second{{{sel},role="prefill"}}))'),
+        "ttft_s": Query(f"histogram_quantile({quantile}, sum by (le) "
+                        f"(rate(heteroscale_ingress_ttft_seconds_bucket{{{sel}}}[{window}])))",
+                        f"max(timestamp(heteroscale_ingress_ttft_seconds_count{{{sel}}}))"),
+        "tbt_s": Query(f'max({engine}tbt_p90_seconds{{{sel},role="decode"}})',
+                       f'max(timestamp({engine}tbt_p90_seconds{{{sel},role="decode"}}))'),
+    }
+
+
+def http_query(url: str, promql: str, timeout_s: float) -> list[dict]:
+    target = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout_s) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = json.loads(err.read() or b"{}")
+    if body.get("status") != "success":
+        raise ValueError(f"PromQL {promql!r} failed: {body.get('errorType')}: {body.get('error')}")
+    return body["data"]["result"]
+
+
+class PrometheusSource:
+    """`signals()` with the SignalStore's signature, from PromQL."""
+
+    def __init__(self, url: str, service: str, timeout_s: float = 5.0,
+                 fetch: Callable[[str, str, float], list[dict]] = http_query, wall_clock: Callable[[], float] = time.time):
+        self.url, self.service, self.timeout_s = url, service, timeout_s
+        self._fetch, self._wall = fetch, wall_clock
+
+    def _scalar(self, promql: str) -> float | None:
+        result = self._fetch(self.url, promql, self.timeout_s)
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return value if math.isfinite(value) else None
+
+    def signals(self, running, now_s: float, window_s: float, staleness_limit_s: float, quantile: float
+                ) -> ServiceSignals:
+        """`running` is unused (Prometheus sees every replica that exports); the others as SignalStore's."""
+        queries = service_queries(self.service, quantile, window_s)
+        try:
+            values = {name: (self._scalar(q.value), self._scalar(q.freshness)) for name, q in queries.items()}
+        except (OSError, ValueError) as exc:
+            return ServiceSignals(Signal(), Signal(), Signal(), Signal(),
+                                  note=f"prometheus at {self.url} unavailable: {exc}"[:300])
+        wall = self._wall()
+        signals, stale = {}, []
+        for name, (value, sampled) in values.items():
+            if value is None or sampled is None:
+                signals[name] = Signal()
+                continue
+            age = max(0.0, wall - sampled)
+            if age > staleness_limit_s:
+                stale.append(f"{name} {age:.0f}s old")
+            signals[name] = Signal(value, now_s - age)  # stamped with the sample's age on the caller's clock
+        note = f"prometheus samples stale: {', '.join(stale)}" if stale else ""
+        missing = [n for n, s in signals.items() if s.value is None]
+        if missing and not note:
+            note = f"prometheus has no series for {', '.join(missing)}"
+        return ServiceSignals(signals["decode_tps"], signals["prefill_kv_miss_tps"], signals["ttft_s"],
+                              signals["tbt_s"], note=note)

@@ -1,0 +1,105 @@
+"""The controller's PromQL signal source against a real Prometheus server (Debian's package) that scrapes a
+loopback exporter of the same series the engines and the ingress export: values arrive, a dead exporter turns
+stale (not fresh, although Prometheus still answers with its last sample) and the policy holds, naming why; a
+Prometheus that does not answer gives missing signals and a hold too."""
+
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+from autoscaler.model import Action, Observation, PolicyConfig, Reason, ServiceObservation
+from autoscaler.policy import decide_service
+from autoscaler.prometheus_source import PrometheusSource
+from heteroscale_ray import prometheus
+
+PROM_PORT = 9393
+EXPORTER_PORT = 9394
+SERVICE = "tiny-chat"
+STALE_S = 12.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    registry = CollectorRegistry()
+    labels = ("service", "role", "deployment_group")
+    decode = Gauge("ray_heteroscale_engine_decode_tokens_per_second", "", labels, registry=registry)
+    prefill = Gauge("ray_heteroscale_engine_prefill_computed_tokens_per_second", "", labels, registry=registry)
+    tbt = Gauge("ray_heteroscale_engine_tbt_p90_seconds", "", labels, registry=registry)
+    ttft = Histogram("heteroscale_ingress_ttft_seconds", "", ("service", "deployment_group"), registry=registry,
+                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4))
+    for replica, tps in (("dg-a", 300.0), ("dg-b", 150.0)):
+        decode.labels(SERVICE, "decode", replica).set(tps)
+        prefill.labels(SERVICE, "prefill", replica).set(1000.0)
+        tbt.labels(SERVICE, "decode", replica).set(0.02 if replica == "dg-a" else 0.04)
+    decode.labels("other-service", "decode", "dg-a").set(9999.0)  # another service's series stays out
+    server, thread = start_http_server(EXPORTER_PORT, addr="127.0.0.1", registry=registry)
+    temp = tmp_path_factory.mktemp("prom")
+    url = prometheus.start(str(temp), [f"127.0.0.1:{EXPORTER_PORT}"], port=PROM_PORT, progress=lambda *_: None)
+    stop_observing = False
+
+    def observe_ttft():
+        for _ in range(200):
+            ttft.labels(SERVICE, "dg-a").observe(0.3)
+    yield {"url": url, "server": server, "observe_ttft": observe_ttft, "temp": temp}
+    server.shutdown()
+    from heteroscale_ray.local_cluster import down
+
+    down(str(temp), progress=lambda *_: None)  # Prometheus runs under that temp dir
+
+
+def signals(source: PrometheusSource, now_s: float = 1000.0):
+    return source.signals((), now_s, window_s=30.0, staleness_limit_s=STALE_S, quantile=0.9)
+
+
+def test_values_arrive_then_a_dead_exporter_turns_stale_and_the_policy_holds(stack):
+    source = PrometheusSource(stack["url"], SERVICE)
+    deadline, sig = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # bounded: a few scrape intervals
+        stack["observe_ttft"]()
+        sig = signals(source)
+        if sig.decode_tps.value is not None and sig.ttft_s.value is not None:
+            break
+        time.sleep(2)
+    assert sig.decode_tps.fresh(1000.0, STALE_S) == 450.0  # both DGs' decode replicas, not the other service
+    assert sig.prefill_kv_miss_tps.fresh(1000.0, STALE_S) == 2000.0
+    assert sig.tbt_s.fresh(1000.0, STALE_S) == 0.04  # the worst decode replica
+    assert 0.25 < sig.ttft_s.fresh(1000.0, STALE_S) <= 0.5  # p90 of 0.3 s observations, bucket-interpolated
+    assert sig.note == ""
+
+    cfg = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=1.0, max_prefill=8, max_decode=8,
+                       scale_out_cooldown_s=0.0)
+    obs = ServiceObservation(decode_tps=sig.decode_tps, ttft_s=sig.ttft_s, tbt_s=sig.tbt_s)
+    fresh_decision, _ = decide_service(cfg, None, obs, 1000.0)
+    assert fresh_decision.action is Action.SCALE_OUT  # 450 tokens/s on a 100-per-instance target
+
+    # Samples that stopped arriving while Prometheus still answers with them (it stopped scraping, a lagging
+    # federation): seen 60 s later, the real sample timestamps make every signal stale, and the policy holds.
+    late = PrometheusSource(stack["url"], SERVICE, wall_clock=lambda: time.time() + 60)
+    sig = signals(late)
+    assert sig.note.startswith("prometheus samples stale: decode_tps 6"), sig.note
+    assert sig.decode_tps.value == 450.0 and sig.decode_tps.fresh(1000.0, STALE_S) is None  # answered, but old
+    for stale in (sig, None):
+        if stale is None:  # the exporter dies: Prometheus marks its series stale, they vanish
+            stack["server"].shutdown()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and signals(source).decode_tps.value is not None:
+                time.sleep(2)
+            stale = signals(source)
+            assert stale.decode_tps.value is None and stale.note.startswith("prometheus has no series"), stale.note
+        obs = ServiceObservation(decode_tps=stale.decode_tps, ttft_s=stale.ttft_s, tbt_s=stale.tbt_s)
+        decision, _ = decide_service(cfg, None, obs, 1000.0)
+        assert (decision.action, decision.reason) == (Action.HOLD, Reason.NO_DATA)
+
+
+def test_a_prometheus_that_does_not_answer_gives_missing_signals_and_says_so():
+    sig = signals(PrometheusSource("http://127.0.0.1:1", SERVICE, timeout_s=1.0))
+    assert sig.decode_tps.value is None and sig.ttft_s.value is None
+    assert sig.note.startswith("prometheus at http://127.0.0.1:1 unavailable")
+
+
+def test_a_bad_query_is_an_error_not_a_zero(stack):
+    from autoscaler.prometheus_source import http_query
+
+    with pytest.raises(ValueError, match="bad_data"):
+        http_query(stack["url"], "sum(", 5.0)
