@@ -23,6 +23,7 @@ from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupSta
 from autoscaler.membership import GroupMembers, update_members
 from autoscaler.model import Observation, RoleCounts, ServiceObservation
 from autoscaler.settings import ControllerSettings
+from autoscaler.prometheus_source import PrometheusSource
 from autoscaler.signals import ServiceSignals, SignalStore
 from common.config import ServiceSpec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
@@ -132,6 +133,9 @@ class RayWorld:
         self.advisory = advisory
         self.records: dict[str, GroupRecord] = dict(records)
         self.store = SignalStore(keep_s=max(3 * settings.signal_window_s, 60.0))
+        # Where the signals come from: the pushed reports, or PromQL (the reports then still drive membership)
+        self.source = (PrometheusSource(settings.prometheus_url, spec.name) if settings.signal_source == "prometheus"
+                       else None)
         self.lock = threading.Lock()
         self.states: dict[str, dict[Role, RoleState]] = {}
         self.last_signals: ServiceSignals | None = None
@@ -177,8 +181,13 @@ class RayWorld:
                     self.states[name] = states
                     self._update_members(record, states)
             running = {role: [i for s in self.states.values() for i in s[role].running] for role in Role}
-            sig = self.store.signals(running, now_s, self.settings.signal_window_s, self.settings.staleness_limit_s,
-                                     self.settings.slo_quantile)
+            if self.source is None:
+                sig = self.store.signals(running, now_s, self.settings.signal_window_s,
+                                         self.settings.staleness_limit_s, self.settings.slo_quantile)
+        if self.source is not None:  # network I/O: not under the lock the reports take
+            sig = self.source.signals(running, now_s, self.settings.signal_window_s, self.settings.staleness_limit_s,
+                                      self.settings.slo_quantile)
+        with self.lock:
             self.last_signals = sig
             self.observed = True
             counts = {role: self._counts(role) for role in Role}

@@ -28,6 +28,8 @@ class ControllerSettings:
     probe_timeout_s: float
     decision_log: str | None
     advisory: bool
+    signal_source: str = "push"
+    prometheus_url: str | None = None
 
 
 def policy_config(spec: ServiceSpec) -> PolicyConfig:
@@ -59,7 +61,8 @@ def controller_settings(spec: ServiceSpec) -> ControllerSettings:
         ready_ratio_tolerance_instances=a.ready_ratio_tolerance_instances,
         ready_ratio_tolerance_fraction=a.ready_ratio_tolerance_fraction,
         graceful_shutdown_timeout_s=spec.drain_timeout_s(), probe_timeout_s=a.probe_timeout_s,
-        decision_log=a.decision_log, advisory=a.advisory)
+        decision_log=a.decision_log, advisory=a.advisory, signal_source=a.signal_source,
+        prometheus_url=a.prometheus_url)
 
 
 def _section(spec: ServiceSpec) -> AutoscalingSpec:

@@ -245,6 +245,9 @@ class AutoscalingSpec(_Strict):
         None, gt=0, description="drain time of a terminated replica; None = the ingress request timeout + 10 s")
     decision_log: str | None = Field(None, description="JSONL path on the controller's node; None = none")
     probe_timeout_s: float = Field(10.0, gt=0, description="all-or-nothing probe of a new batch")
+    signal_source: Literal["push", "prometheus"] = Field(
+        "push", description="push: replicas and the ingress report to the controller; prometheus: PromQL")
+    prometheus_url: str | None = Field(None, description="the Prometheus server for signal_source: prometheus")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSpec":
@@ -254,6 +257,8 @@ class AutoscalingSpec(_Strict):
             raise ValueError(f"max_decode ({self.max_decode}) must be >= min_decode ({self.min_decode})")
         if self.mode != "metrics" and not self.schedule:
             raise ValueError(f"mode {self.mode!r} needs a non-empty schedule")
+        if self.signal_source == "prometheus" and not self.prometheus_url:
+            raise ValueError("signal_source 'prometheus' needs prometheus_url (e.g. http://127.0.0.1:9390)")
         if self.staleness_limit_s < self.report_interval_s:
             raise ValueError(f"staleness_limit_s ({self.staleness_limit_s}) must be >= report_interval_s "
                              f"({self.report_interval_s}), or every signal is stale")

@@ -75,6 +75,7 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str,
             **({"stream_batching_interval_ms": service.engine.stream_batching_interval_ms}
                if service.engine.stream_batching_interval_ms is not None else {}),
             "NIXL_SIDE_CHANNEL_PORT_BASE": plan.nixl_port_base,
+            "heteroscale_service": service.name,
             "heteroscale_role": plan.role.value,
             "heteroscale_group": plan.group,
             "heteroscale_controller": controller_name(service.name) if controlled else None,
@@ -138,4 +139,5 @@ def build_ingress_app(service: ServiceSpec, groups: Iterable[GroupApp]) -> Appli
         api_key=service.api_key(),
         controller=controller_name(service.name) if _controlled(service) else None,
         report_interval_s=_report_interval_s(service),
+        service=service.name,
     )

@@ -60,6 +60,7 @@ class _StatsMixin:
         extra = self._llm_config.experimental_configs
         self._role = str(extra.get("heteroscale_role", self._role))
         self._group = str(extra.get("heteroscale_group", self._group))
+        self._service = str(extra.get("heteroscale_service", "unknown"))
         self._controller_name = extra.get("heteroscale_controller")  # None: fixed replica counts, always routable
         self._report_interval_s = float(extra.get("heteroscale_report_interval_s", 1.0))
         self._routable = self._controller_name is None
@@ -72,10 +73,11 @@ class _StatsMixin:
         self._gpu_sample = None
         self._gauges = {
             field: ray_metrics.Gauge(f"heteroscale_engine_{name}", description=f"engine {field} (window "
-                                     f"{STATS_WINDOW_S:.0f}s; GPU ones from NVML)", tag_keys=("role", "deployment_group"))
+                                     f"{STATS_WINDOW_S:.0f}s; GPU ones from NVML)",
+                                     tag_keys=("service", "role", "deployment_group"))
             for field, name in _GAUGES.items()
         }
-        tags = {"role": self._role, "deployment_group": self._group}
+        tags = {"service": self._service, "role": self._role, "deployment_group": self._group}
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
         loop = asyncio.get_running_loop()

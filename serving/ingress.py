@@ -53,12 +53,12 @@ _REQUESTS = Counter("heteroscale_ingress_requests", "requests by route and outco
 _LATENCY = Histogram("heteroscale_ingress_latency_seconds", "time to the response head (first chunk when "
                      "streaming)", ("route",), registry=_REGISTRY,
                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-_INFLIGHT = Gauge("heteroscale_ingress_inflight", "requests in flight per deployment group", ("deployment_group",),
-                  registry=_REGISTRY)
-_ROUTED = Counter("heteroscale_ingress_routed", "requests routed per deployment group", ("deployment_group",),
+_INFLIGHT = Gauge("heteroscale_ingress_inflight", "requests in flight per deployment group",
+                  ("service", "deployment_group"), registry=_REGISTRY)
+_ROUTED = Counter("heteroscale_ingress_routed", "requests routed per deployment group", ("service", "deployment_group"),
                   registry=_REGISTRY)
 _TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first streamed chunk, per deployment "
-                  "group", ("deployment_group",), registry=_REGISTRY,
+                  "group", ("service", "deployment_group"), registry=_REGISTRY,
                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 120))
 
 
@@ -128,13 +128,15 @@ class PDIngress(OpenAiIngress):
 
     def __init__(self, groups: Mapping[str, RoutingEntry], model_card: dict, *, request_timeout_s: float,
                  stream_idle_timeout_s: float, api_key: str | None = None, controller: str | None = None,
-                 report_interval_s: float = 1.0, handles: Mapping[str, DeploymentHandle] | None = None):
+                 report_interval_s: float = 1.0, handles: Mapping[str, DeploymentHandle] | None = None,
+                 service: str = "unknown"):
         from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
 
         if not groups:
             raise ValueError("PDIngress needs at least one deployment group")
         card = ModelCard.model_validate(model_card)
         self._given_handles = dict(handles or {})  # tests inject handles; otherwise looked up by name
+        self._service = service  # the `service` label of the per-DG series
         self._entries: dict[str, RoutingEntry] = {}
         self._groups: dict[str, Any] = {}
         self._inflight: dict[str, int] = {}
@@ -231,8 +233,8 @@ class PDIngress(OpenAiIngress):
         info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
         self._inflight[group] += 1
         self._routed[group] += 1
-        _INFLIGHT.labels(group).inc()
-        _ROUTED.labels(group).inc()
+        _INFLIGHT.labels(self._service, group).inc()
+        _ROUTED.labels(self._service, group).inc()
         start, first = time.monotonic(), bool(getattr(body, "stream", False))
         try:
             async for response in getattr(handle, call_method).remote(body, info):
@@ -240,11 +242,11 @@ class PDIngress(OpenAiIngress):
                     first = False
                     ttft = time.monotonic() - start
                     histogram.add(self._ttft_hist[group], [ttft])
-                    _TTFT.labels(group).observe(ttft)
+                    _TTFT.labels(self._service, group).observe(ttft)
                 yield response
         finally:
             self._inflight[group] -= 1
-            _INFLIGHT.labels(group).dec()
+            _INFLIGHT.labels(self._service, group).dec()
 
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
         route = call_method

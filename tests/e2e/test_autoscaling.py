@@ -9,7 +9,9 @@ in the other S1), one service with its controller, streaming load from the offic
   cold start); load drops again: withdrawn, observed, terminated, the emptied DG removed;
 - the controller's recorded observations and views replayed through the simulator's driver give the same
   actions; across every transition no request fails;
-- advisory mode (a second deploy): decisions fill the log, replica counts never change.
+- every Grafana dashboard query runs against the real Prometheus that scraped the run, with data;
+- the controller on the Prometheus signal source (a second deploy) scales out on a load step;
+- advisory mode (a third deploy): decisions fill the log, replica counts never change.
 At most four engines are alive at once.
 """
 
@@ -217,6 +219,25 @@ def test_every_dashboard_query_runs_against_the_real_prometheus(service):
     assert "ray_heteroscale_controller_decisions_total" in names and "heteroscale_ingress_ttft_seconds_bucket" in names
     assert all(n.endswith(("_total", "_seconds", "_bucket", "_count", "_sum", "_ratio", "_per_second",
                            "_requests", "_replicas", "_gpus", "_inflight", "_created")) for n in names), names
+
+
+def test_the_controller_on_the_prometheus_source_scales_out(cluster, service):
+    """`signal_source: prometheus`: the controller reads decode tokens/s, TTFT and TBT through PromQL from the
+    real Prometheus that scrapes the engines and the ingress, and scales both pools out on a load step."""
+    svc.undeploy(service.name, cluster.address)
+    spec = service_spec(name="tiny-prom", signal_source="prometheus", staleness_limit_s=15,
+                        prometheus_url=f"http://127.0.0.1:{PROMETHEUS_PORT}")
+    svc.deploy(spec, cluster.address, timeout_s=600)
+    try:
+        first = status(spec)["ticks"]
+        with Load(spec, workers=4) as load:
+            wait_for("a scale-out on PromQL signals", lambda s: (s["target_prefill"], s["target_decode"]) == (2, 2),
+                     180, spec)
+        out = next(d for d in decisions(spec, first) if d["action"] == "scale_out")
+        assert out["observation"]["decode_tps"] > AUTOSCALING["target_decode_tps_per_instance"] * 1.1
+        assert load.failures == []
+    finally:
+        svc.undeploy(spec.name, cluster.address)
 
 
 def test_advisory_mode_logs_decisions_and_actuates_nothing(cluster, service):

@@ -280,3 +280,36 @@ def test_a_target_changed_behind_the_controllers_back_is_set_back():
     h.report(20)
     h.ctl.tick()
     assert not any(c[0] == "set_target" for c in h.serve.calls)  # nothing to do when Serve agrees
+
+
+def test_the_prometheus_signal_source_drives_the_policy_and_an_unreachable_server_holds():
+    """`signal_source: prometheus`: the controller's signals come from PromQL (here a fake HTTP answer, the
+    queries as sent), reports still drive membership; Prometheus unreachable -> hold, never scale in, and why."""
+    h = Harness(signal_source="prometheus", prometheus_url="http://127.0.0.1:9390")
+    sent = []
+
+    def fetch(url, promql, timeout_s):
+        sent.append(promql)
+        if promql.startswith("max(timestamp("):
+            return [{"value": [0, str(h.clock.t)]}]  # fresh samples (the fake wall clock is the test clock)
+        return [{"value": [0, "180" if "decode_tokens_per_second" in promql else "0.1"]}]
+
+    h.ctl.world.source._fetch, h.ctl.world.source._wall = fetch, h.clock
+    entries = h.run(5, decode_tps_each=0)  # the pushed reports say nothing is decoded; Prometheus says 180
+    assert entries[-1]["action"] == "scale_out" and entries[-1]["observation"]["decode_tps"] == 180.0
+    assert any('service="tiny-chat",role="decode"' in q for q in sent)
+
+    def down(url, promql, timeout_s):
+        raise OSError("connection refused")
+
+    h.ctl.world.source._fetch = down
+    entry = h.run(5, decode_tps_each=0)[-1]
+    assert (entry["action"], entry["reason"]) == ("hold", "no_data")
+    assert entry["observation"]["note"].startswith("prometheus at http://127.0.0.1:9390 unavailable")
+
+
+def test_the_prometheus_source_needs_its_url():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="signal_source 'prometheus' needs prometheus_url"):
+        spec(signal_source="prometheus")
