@@ -11,7 +11,10 @@ Per service, from the policy's absolute targets and what the service's deploymen
   withdrawn), the rest through a `place()` scale-in request (most precious RDMA tier first);
 - one role up and the other down (a schedule changed the ratio) -> both requests in the same `place()` call;
 - the policy's withdraw counts (soft scale-in) differ from what the DGs hold withdrawn -> a restore (all back)
-  or a `place()` scale-in request over the DGs' routable replicas that says which DGs withdraw how many.
+  or a `place()` scale-in request over the DGs' routable replicas that says which DGs withdraw how many;
+- a target below the number of DGs (each DG keeps one instance per role) -> whole DGs removed when the others'
+  domains have room for what the target adds to them, else one instance per DG kept;
+- a scale-out that did not fit -> the policy's state is set back to what was placed (no phantom targets).
 Every action is a DG's whole desired state (targets and withdrawn counts), never a delta, so re-applying it
 changes nothing; each carries the policy's reason and, where `place()` chose, the scheduler's.
 """
