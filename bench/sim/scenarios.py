@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,19 +137,70 @@ def load_scenario(path) -> Scenario:
     return scenario_from_dict(yaml.safe_load(Path(path).read_text()), Path(path).parent, path)
 
 
+MAX_NODES = 200_000  # bounds that keep any scenario file finite in time and memory
+MAX_SERVICES = 10_000
+MAX_TICKS = 1_000_000
+
+
+def _number(data: dict, key: str, path, default=None, minimum: float = 0.0, strict: bool = True,
+            integer: bool = False) -> float:
+    value = data.get(key, default)
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{path}: {key} ({value!r}) must be {kind} {'>' if strict else '>='} {minimum:g}")
+    return value
+
+
 def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
     """A scenario from its parsed YAML (`base`: the folder relative paths start from; `path` names it in
-    errors)."""
+    errors). Any input gives a Scenario or one ValueError that names the field and the value."""
+    from bench.sim.model import Capacity
+    from bench.sim.perf_model import GPUS, MODELS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a scenario is a mapping of name, duration_s, tick_s, startup_s, topology, "
+                         f"services (got {type(data).__name__})")
     allowed = {"name", "duration_s", "tick_s", "startup_s", "topology", "services"}
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(map(str, data)) - allowed)
     if unknown:
         raise ValueError(f"{path}: unknown scenario keys {unknown} (allowed: {sorted(allowed)})")
+    if not isinstance(data.get("name"), str) or not data["name"]:
+        raise ValueError(f"{path}: name ({data.get('name')!r}) must be a non-empty string")
+    duration, tick = _number(data, "duration_s", path), _number(data, "tick_s", path, 30.0)
+    startup = _number(data, "startup_s", path, 120.0, strict=False)
+    if duration / tick > MAX_TICKS:
+        raise ValueError(f"{path}: duration_s / tick_s ({duration:g} / {tick:g}) is over {MAX_TICKS:,} ticks")
     try:
-        nodes = generate_nodes(**data["topology"]["generator"])
+        topo = data["topology"]["generator"]
+        if not isinstance(topo, dict):
+            raise TypeError(f"topology.generator must be a mapping (got {type(topo).__name__})")
+        sizes = [_number(topo, k, f"{path}: topology.generator", integer=True)
+                 for k in ("s2", "s1_per_s2", "nodes_per_s1", "gpus_per_node")]
+        if sizes[0] * sizes[1] * sizes[2] > MAX_NODES:
+            raise ValueError(f"{path}: topology.generator makes {sizes[0] * sizes[1] * sizes[2]:,} nodes "
+                             f"(at most {MAX_NODES:,})")
+        types = topo.get("types")
+        if not isinstance(types, list) or not types or any(t not in GPUS for t in types):
+            raise ValueError(f"{path}: topology.generator.types ({types!r}) must be a list of {sorted(GPUS)}")
+        nodes = generate_nodes(**topo)
+        services_spec = data["services"]
+        if not isinstance(services_spec, dict):
+            raise TypeError(f"services must be a mapping (got {type(services_spec).__name__})")
         specs = ([data["services"]["generator"]] if "generator" in data["services"] else []) + list(
             data["services"].get("classes", []))
         services: tuple[SimService, ...] = ()
         for spec in specs:
+            if not isinstance(spec, dict):
+                raise TypeError(f"a service class must be a mapping (got {type(spec).__name__})")
+            _number(spec, "count", f"{path}: services", minimum=0, strict=False, integer=True)
+            if len(services) + spec["count"] > MAX_SERVICES:
+                raise ValueError(f"{path}: more than {MAX_SERVICES:,} services")
+            for key, known in (("model", MODELS), ("prefill_gpu", GPUS), ("decode_gpu", GPUS)):
+                if key in spec and spec[key] not in known:
+                    raise ValueError(f"{path}: services {key} ({spec[key]!r}) must be one of {sorted(known)}")
             services += generate_services(**_with_sizes(spec, base))
         for extra in data["services"].get("from_traces", []):  # services replaying a trace file's arrivals
             rows = read_trace(base / extra["path"])[0]
@@ -160,10 +212,14 @@ def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
                                     extra.get("model", "llama-8b"), extra.get("prefill_gpu", "L20"),
                                     extra.get("decode_gpu", "H20"), extra.get("priority", 0),
                                     extra.get("affinity", "s2"), sizes=sized["sizes"]),)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: bad topology/services generator: {err}") from None
+        for svc in services:  # each service's capacities exist (its model fits its GPUs, its SLOs are meetable)
+            Capacity.of(svc)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path}: bad topology/services generator: {err!r}") from None
+    except (ValueError, OverflowError, ZeroDivisionError) as err:
+        message = str(err)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     names = [s.name for s in services]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: service names repeat; give each class its own prefix")
-    return Scenario(data["name"], nodes, services, float(data["duration_s"]), float(data.get("tick_s", 30.0)),
-                    float(data.get("startup_s", 120.0)))
+    return Scenario(data["name"], nodes, services, float(duration), float(tick), float(startup))

@@ -69,3 +69,60 @@ def test_paper_fleet_is_the_papers_size_in_use():
     assert peak >= 10_000  # GPUs allocated at the daily peak, by the fewest instances that meet the SLOs
     sizes = sorted(sum(v for v in oracle.by_service[s.name][:1]) for s in sc.services)
     assert sizes[0] < 24 * 2 * 1.5 and sizes[-1] > 100 * 24  # from ~1 instance per role to hundreds
+
+
+def test_an_empty_file_zero_tick_and_other_bad_values_are_named(tmp_path):
+    from bench.sim.scenarios import load_scenario
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="a scenario is a mapping .* \\(got NoneType\\)"):
+        load_scenario(empty)
+    base = {**BASE, "services": {"classes": [CLASS]}}
+    for key, value, match in (("tick_s", 0, r"tick_s \(0\) must be a number > 0"),
+                              ("duration_s", float("nan"), r"duration_s \(nan\)"),
+                              ("duration_s", 10**9, "is over 1,000,000 ticks")):
+        with pytest.raises(ValueError, match=match):
+            scenario_from_dict({**base, key: value}, ROOT)
+    with pytest.raises(ValueError, match=r"types \(\['B200x'\]\)"):
+        scenario_from_dict({**base, "topology": {"generator": {**BASE["topology"]["generator"], "types": ["B200x"]}}},
+                           ROOT)
+    with pytest.raises(ValueError, match="model \\('gpt-9'\\)"):
+        scenario({**CLASS, "model": "gpt-9"})
+
+
+def test_any_scenario_mapping_gives_a_scenario_or_one_named_error():
+    """Property: whatever the YAML holds, loading ends quickly with a Scenario or a ValueError (never another
+    exception, never an endless loop)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from bench.sim.model import Scenario
+
+    junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**7), st.floats(allow_nan=True),
+                     st.text(max_size=6), st.lists(st.integers(-2, 4), max_size=3))
+    number = st.one_of(st.integers(-2, 40), st.floats(-1, 1e4), junk)
+    gen = st.fixed_dictionaries({}, optional={
+        "s2": number, "s1_per_s2": number, "nodes_per_s1": number, "gpus_per_node": number,
+        "types": st.one_of(st.just(["H20", "L20"]), st.lists(st.sampled_from(["H20", "L20", "X"]), max_size=3), junk)})
+    svc = st.fixed_dictionaries({}, optional={
+        "count": number, "seed": number, "mean_rps": st.one_of(st.just([0.5, 5]), st.lists(number, max_size=3), junk),
+        "peak_to_trough": st.one_of(st.just([2, 3]), st.lists(number, max_size=3), junk),
+        "mean_input": number, "mean_output": number, "ttft_slo_s": number, "tbt_slo_s": number, "day_s": number,
+        "model": st.one_of(st.just("llama-8b"), junk), "rps_scale": st.one_of(st.just("log"), junk),
+        "tp_prefill": number, "tp_decode": number, "prefix": st.text(min_size=1, max_size=4)})
+    doc = st.one_of(junk, st.fixed_dictionaries({}, optional={
+        "name": st.one_of(st.just("s"), junk), "duration_s": number, "tick_s": number, "startup_s": number,
+        "topology": st.one_of(st.fixed_dictionaries({"generator": gen}), junk),
+        "services": st.one_of(st.fixed_dictionaries({}, optional={"generator": svc, "classes": st.lists(svc, max_size=2)}),
+                              junk),
+        "extra": junk}))
+
+    @settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+    @given(doc)
+    def check(data):
+        try:
+            assert isinstance(scenario_from_dict(data, ROOT), Scenario)
+        except ValueError:
+            pass
+
+    check()
