@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -77,12 +76,6 @@ def _ready(url: str) -> bool:
 
 def query(url: str, promql: str, timeout_s: float = 10.0) -> list[dict]:
     """An instant PromQL query; the result vector. Raises with Prometheus's own error text."""
-    target = f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-    try:
-        with urllib.request.urlopen(target, timeout=timeout_s) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        body = json.loads(err.read() or b"{}")
-    if body.get("status") != "success":
-        raise ValueError(f"PromQL {promql!r} failed: {body.get('errorType')}: {body.get('error')}")
-    return body["data"]["result"]
+    from autoscaler.prometheus_source import http_query
+
+    return http_query(url, promql, timeout_s)

@@ -100,7 +100,7 @@ def stress_all(scenario: Scenario, headroom: float = DECODE_HEADROOM, band: floa
             for s in scenario.services}
 
 
-def _candidate(metric: str, stress: dict[str, Stress], tick_s: float):
+def _candidate(metric: str, stress: dict[str, Stress]):
     """A coordinated policy on one signal: demand x (decode-instance equivalents) from `metric`, D = ceil(x),
     P = ceil(x x ratio), hysteresis, immediate scale-out, scale-in stabilized over SCALE_IN_WINDOW_S."""
 
@@ -163,7 +163,7 @@ def _curate(scenario: Scenario, progress) -> dict:
     for name, (metric, headroom, band) in CANDIDATES.items():
         if progress:
             progress(f"curation: simulating the {name} candidate on {scenario.name} ...")
-        runs[name] = run_reactive(scenario, _candidate(metric, stress[(headroom, band)], scenario.tick_s))
+        runs[name] = run_reactive(scenario, _candidate(metric, stress[(headroom, band)]))
     services, chosen_counts, ours = {}, {m: 0 for m in CANDIDATES}, {}
     decode_names = [m for m in CANDIDATES if m.startswith("decode_tps@")]
     for svc in scenario.services:

@@ -36,7 +36,6 @@ def stack(tmp_path_factory):
     server, thread = start_http_server(EXPORTER_PORT, addr="127.0.0.1", registry=registry)
     temp = tmp_path_factory.mktemp("prom")
     url = prometheus.start(str(temp), [f"127.0.0.1:{EXPORTER_PORT}"], port=PROM_PORT, progress=lambda *_: None)
-    stop_observing = False
 
     def observe_ttft():
         for _ in range(200):
