@@ -215,7 +215,7 @@ def _room(index: _FreeIndex, shape: ServiceShape, groups: Sequence[_Group], pref
     need: dict[str, int] = {}
     for role_types, count, per in ((types[0], prefill, shape.gpus_per_prefill), (types[1], decode, shape.gpus_per_decode)):
         if count:
-            kind = min(role_types, key=lambda t: -free.get(t, 0))
+            kind = max(role_types, key=lambda t: free.get(t, 0))  # the type with the most room
             need[kind] = need.get(kind, 0) + count * per
     return all(free.get(t, 0) >= n for t, n in need.items())
 
