@@ -29,6 +29,7 @@ from autoscaler.port import step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.settings import controller_settings, policy_config
 from autoscaler.signals import IngressReport, ReplicaReport
+from autoscaler.supply import plan_supply
 from common.config import ServiceSpec
 from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup, Role, controller_name
 
@@ -134,12 +135,22 @@ class HeteroScaleController:
             except Exception as exc:
                 self._fail("step", exc)
                 return None
+            supply = None
+            if self.settings.node_supply and not self.settings.advisory:
+                try:
+                    supply = plan_supply(self.spec.name, view, result, self.world.shape, self.settings.node_supply,
+                                         self.config.scheduler)
+                    self.world.supply(supply)
+                except Exception as exc:
+                    self._fail("supply", exc)
             try:
                 stage = "log"
                 note = self.world.last_signals.note if self.world.last_signals else ""
                 entry = decision_entry(now, self.spec.name, observation, result, note)
                 entry["tick"] = self.ticks
                 entry["groups"] = self.world.group_summary()
+                if supply is not None and (supply.added or supply.unmet):
+                    entry["supply"] = supply.summary()
                 entry["target_decode_tps_per_instance"] = self.config.fleet.services[self.spec.name] \
                     .target_decode_tps_per_instance
                 self.decisions.append(entry)
@@ -333,4 +344,9 @@ def stop(service: str) -> bool:
     except ValueError:
         found = False
     RayKV().delete(_kv_key(service))
+    from placement.ray_adapter import SUPPLY_KV_PREFIX, request_supply
+    from ray.experimental import internal_kv
+
+    if internal_kv._internal_kv_exists((SUPPLY_KV_PREFIX + service).encode()):
+        request_supply(service, [], [])  # withdraw its part of the cluster autoscaler's request
     return found

@@ -22,9 +22,10 @@ from typing import Any, Callable, Mapping, Sequence
 from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupState
 from autoscaler.membership import GroupMembers, update_members
 from autoscaler.model import Observation, RoleCounts, ServiceObservation
-from autoscaler.settings import ControllerSettings
 from autoscaler.prometheus_source import PrometheusSource
+from autoscaler.settings import ControllerSettings
 from autoscaler.signals import ServiceSignals, SignalStore
+from autoscaler.supply import SupplyPlan
 from common.config import ServiceSpec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
 from placement.scheduler import ServiceShape
@@ -96,6 +97,11 @@ class LiveServe:
 
         return realize(action, shape, scale, timeout_s=timeout_s)
 
+    def request_nodes(self, service: str, bundles: list[dict], selectors: list[dict]) -> None:
+        from placement.ray_adapter import request_supply
+
+        request_supply(service, bundles, selectors)
+
 
 def _deploy_group(spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> DeploymentGroup:
     from placement.ray_adapter import live_nodes
@@ -140,7 +146,20 @@ class RayWorld:
         self.states: dict[str, dict[Role, RoleState]] = {}
         self.last_signals: ServiceSignals | None = None
         self.probe_failures = 0
+        self.last_supply: tuple | None = None  # the shape last asked of the cluster autoscaler
         self.observed = False  # Serve's replicas seen at least once
+
+    def supply(self, plan: SupplyPlan) -> bool:
+        """Ask the cluster autoscaler for the plan's shape when it differs from the last request (a request
+        persists until the next one). Returns whether it asked."""
+        shape = (plan.bundles, plan.selectors)
+        if self.advisory or shape == self.last_supply:
+            return False
+        self.serve.request_nodes(self.spec.name, [dict(b) for b in plan.bundles], [dict(s) for s in plan.selectors])
+        self.last_supply = shape
+        if plan.added:
+            logger.info("node supply for %s: %s", self.spec.name, plan.summary())
+        return True
 
     # ---- reports (called from the controller's event loop) -------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autoscaler.model import LatencyTier, Mode, PolicyConfig, ScheduleWindow
+from autoscaler.supply import SupplyNodeType
 from common.config import AutoscalingSpec, ConfigError, ServiceSpec
 
 
@@ -30,6 +31,7 @@ class ControllerSettings:
     advisory: bool
     signal_source: str = "push"
     prometheus_url: str | None = None
+    node_supply: tuple[SupplyNodeType, ...] = ()  # node types the cluster autoscaler can add; () = never ask
 
 
 def policy_config(spec: ServiceSpec) -> PolicyConfig:
@@ -62,7 +64,9 @@ def controller_settings(spec: ServiceSpec) -> ControllerSettings:
         ready_ratio_tolerance_fraction=a.ready_ratio_tolerance_fraction,
         graceful_shutdown_timeout_s=spec.drain_timeout_s(), probe_timeout_s=a.probe_timeout_s,
         decision_log=a.decision_log, advisory=a.advisory, signal_source=a.signal_source,
-        prometheus_url=a.prometheus_url)
+        prometheus_url=a.prometheus_url,
+        node_supply=tuple(SupplyNodeType(t.gpu_type, t.num_gpus, t.s1, t.s2, t.max_nodes)
+                          for t in (a.node_supply.node_types if a.node_supply else ())))
 
 
 def _section(spec: ServiceSpec) -> AutoscalingSpec:

@@ -72,18 +72,35 @@ class NodeSpec(_Strict):
         return value
 
 
+class NodeTypeSpec(NodeSpec):
+    """A node type Ray's cluster autoscaler (v2, its fake multi-node provider here) adds on demand."""
+
+    min_nodes: int = Field(0, ge=0, description="nodes of this type the autoscaler keeps at least")
+    max_nodes: int = Field(ge=1, le=16, description="nodes of this type the autoscaler may run at most")
+
+    @model_validator(mode="after")
+    def _counts(self) -> "NodeTypeSpec":
+        if self.min_nodes > self.max_nodes:
+            raise ValueError(f"min_nodes ({self.min_nodes}) must be <= max_nodes ({self.max_nodes})")
+        return self
+
+
 class ClusterSpecModel(_Strict):
     head: HeadSpec = HeadSpec()
-    nodes: list[NodeSpec] = Field(min_length=1)
+    nodes: list[NodeSpec] = Field(default_factory=list, description="nodes started with the cluster")
+    node_types: list[NodeTypeSpec] = Field(default_factory=list,
+                                           description="nodes the cluster autoscaler adds on demand")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusterSpecModel":
-        names = [n.name for n in self.nodes]
+        if not self.nodes and not self.node_types:
+            raise ValueError("the cluster needs at least one entry in `nodes` or `node_types`")
+        names = [n.name for n in [*self.nodes, *self.node_types]]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"node names must be unique; repeated: {dupes}")
+            raise ValueError(f"node and node type names must be unique; repeated: {dupes}")
         s1_parent: dict[str, str] = {}
-        for node in self.nodes:
+        for node in [*self.nodes, *self.node_types]:
             parent = s1_parent.setdefault(node.s1, node.s2)
             if parent != node.s2:
                 raise ValueError(
@@ -112,12 +129,21 @@ class Node:
 
 
 @dataclass(frozen=True)
+class NodeType(Node):
+    min_nodes: int = 0
+    max_nodes: int = 1
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     head: HeadSpec
     nodes: tuple[Node, ...]
+    node_types: tuple[NodeType, ...] = ()
 
     def total_memory_gb(self) -> float:
-        return self.head.memory_gb + sum(n.memory_gb for n in self.nodes)
+        """Ray memory of the head, the nodes and every node the autoscaler may add."""
+        return (self.head.memory_gb + sum(n.memory_gb for n in self.nodes)
+                + sum(t.memory_gb * t.max_nodes for t in self.node_types))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,6 +238,27 @@ class ScheduleWindowSpec(_Strict):
     prefill_per_decode: float = Field(gt=0)
 
 
+class SupplyNodeTypeSpec(_Strict):
+    """A node type the cluster autoscaler can add, as the controller must know it to ask for it (Ray's autoscaler
+    does not publish node labels): the same GPU type, GPU count and domains as the cluster's node type or
+    KubeRay worker group."""
+
+    gpu_type: str
+    num_gpus: int = Field(ge=1)
+    s1: str
+    s2: str
+    max_nodes: int = Field(ge=1, description="nodes with these labels the cluster may hold at most")
+
+    _gpu = field_validator("gpu_type")(NodeSpec._gpu.__func__)
+    _names = field_validator("s1", "s2")(NodeSpec._names.__func__)
+
+
+class NodeSupplySpec(_Strict):
+    """When a scale-out fits nowhere, ask Ray's cluster autoscaler (v2) for the service's whole target shape."""
+
+    node_types: list[SupplyNodeTypeSpec] = Field(min_length=1)
+
+
 class AutoscalingSpec(_Strict):
     """The service's controller. Units in the names; defaults suit the local CPU cluster (seconds-scale loops)."""
 
@@ -248,6 +295,8 @@ class AutoscalingSpec(_Strict):
     signal_source: Literal["push", "prometheus"] = Field(
         "push", description="push: replicas and the ingress report to the controller; prometheus: PromQL")
     prometheus_url: str | None = Field(None, description="the Prometheus server for signal_source: prometheus")
+    node_supply: NodeSupplySpec | None = Field(
+        None, description="ask the cluster autoscaler for nodes when a scale-out fits nowhere; None = never")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSpec":
@@ -354,7 +403,7 @@ def parse_cluster_spec(data: dict, source: str = "<dict>") -> ClusterSpec:
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
     nodes = tuple(Node(**n.model_dump()) for n in model.nodes)
-    return ClusterSpec(head=model.head, nodes=nodes)
+    return ClusterSpec(head=model.head, nodes=nodes, node_types=tuple(NodeType(**t.model_dump()) for t in model.node_types))
 
 
 def load_cluster_spec(path: str | Path) -> ClusterSpec:
@@ -388,10 +437,11 @@ def load_service_spec(path: str | Path) -> ServiceSpec:
 def check_service_fits_cluster(service: ServiceSpec, cluster: ClusterSpec) -> None:
     """Static check: each DG's domain exists and holds an accepted GPU type for both roles. Raises ConfigError."""
     label = {"s1": "s1", "s2": "s2"}.get(service.affinity)
+    everything = [*cluster.nodes, *cluster.node_types]  # a DG may sit where only the autoscaler adds nodes
     for group in service.deployment_groups:
-        in_domain = [n for n in cluster.nodes if label is None or getattr(n, label) == group.domain]
+        in_domain = [n for n in everything if label is None or getattr(n, label) == group.domain]
         if label is not None and not in_domain:
-            known = sorted({getattr(n, label) for n in cluster.nodes})
+            known = sorted({getattr(n, label) for n in everything})
             raise ConfigError(
                 f"deployment group {group.name!r}: domain {group.domain!r} is not a known {label.upper()} domain "
                 f"(known: {known})"
@@ -404,3 +454,18 @@ def check_service_fits_cluster(service: ServiceSpec, cluster: ClusterSpec) -> No
                     f"deployment group {group.name!r}: domain {group.domain!r} has no node with a {role_name} "
                     f"GPU type {list(role.gpu_types)} (it has {sorted(types_here)})"
                 )
+    supply = service.autoscaling.node_supply if service.autoscaling else None
+    for i, wanted in enumerate(supply.node_types if supply else ()):
+        field_path = f"autoscaling.node_supply.node_types.{i}"
+        match = [t for t in cluster.node_types
+                 if (t.gpu_type, t.num_gpus, t.s1, t.s2) == (wanted.gpu_type, wanted.num_gpus, wanted.s1, wanted.s2)]
+        if not match:
+            have = [f"{t.name}: {t.num_gpus}x {t.gpu_type} in {t.s1}/{t.s2}" for t in cluster.node_types]
+            raise ConfigError(f"{field_path}: no node type of the cluster has {wanted.num_gpus}x {wanted.gpu_type} in "
+                              f"{wanted.s1}/{wanted.s2} (node_types: {have or 'none'})")
+        static = sum(1 for n in cluster.nodes if (n.gpu_type, n.num_gpus, n.s1, n.s2) ==
+                     (wanted.gpu_type, wanted.num_gpus, wanted.s1, wanted.s2))
+        most = static + sum(t.max_nodes for t in match)
+        if wanted.max_nodes > most:
+            raise ConfigError(f"{field_path}: max_nodes ({wanted.max_nodes}) is more than the cluster can hold with "
+                              f"these labels ({most}: {static} started nodes + the node types' max_nodes)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from common.config import ClusterSpec, Node
+from common.config import ClusterSpec, Node, NodeType
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,51 @@ def _wait_for_nodes(address: str, expected: int, timeout_s: float, env: dict[str
         raise RuntimeError(f"only {alive} of {expected} Ray nodes came up within {timeout_s}s: {out.stderr[-2000:]}")
 
 
+# Ray's fake node provider: the head carries this id; the provider numbers the nodes it adds after it.
+FAKE_HEAD_NODE_ID = "f" * 51 + "00000"
+FAKE_PROVIDER_DEFAULTS = Path(__file__).with_name("fake_multi_node_defaults.yaml")
+
+
+def _ensure_fake_provider_defaults() -> None:
+    """Ray's autoscaler reads the fake provider's defaults from a package file that the PyPI wheels lack (it then
+    dies with FileNotFoundError); put the project's copy there when it is missing."""
+    import importlib.util
+
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    target = ray_dir / "autoscaler" / "_private" / "fake_multi_node" / "example.yaml"
+    if not target.exists():
+        shutil.copyfile(FAKE_PROVIDER_DEFAULTS, target)
+
+
+def autoscaling_config(spec: ClusterSpec, gcs_address: str) -> dict:
+    """The cluster config of Ray's autoscaler (v2) with its fake multi-node provider: one node type per spec
+    node type, with the node's labels and resources (the fake GPUs, CPU slots, object store), and one per spec
+    node with exactly one node. Every accelerator node is then the autoscaler's own, as on KubeRay: v2 drops a
+    `request_resources` whole when one bundle fits no node it manages, so a request for a service's whole shape
+    would fail on nodes started beside it. The fake provider cannot set a node's `memory` (it passes resources
+    as custom ones, and Ray refuses `memory` there)."""
+    types = {"ray.head.default": {"resources": {"CPU": spec.head.num_cpus}, "node_config": {}, "max_workers": 0}}
+    for t in [*spec.nodes, *spec.node_types]:
+        count = (t.min_nodes, t.max_nodes) if isinstance(t, NodeType) else (1, 1)
+        types[t.name] = {
+            "resources": {"CPU": t.num_cpus, **t.resources(), "object_store_memory": t.object_store_memory_mb * 1024**2},
+            "labels": t.labels(), "node_config": {}, "min_workers": count[0], "max_workers": count[1]}
+    return {
+        "cluster_name": "heteroscale-local", "max_workers": len(spec.nodes) + sum(t.max_nodes for t in spec.node_types),
+        "upscaling_speed": 1.0, "idle_timeout_minutes": 1.0, "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "launch_multiple": True,
+                     "head_node_id": FAKE_HEAD_NODE_ID, "gcs_address": gcs_address},
+        "available_node_types": types, "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "rsync_exclude": [], "rsync_filter": []}
+
+
 def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> ClusterState:
-    """Start the head and one Ray node per spec node. Idempotent: a running cluster is reused as is."""
+    """Start the head and one Ray node per spec node; with `node_types`, the head also runs Ray's autoscaler
+    (v2, fake multi-node provider) that adds labelled nodes of those types on demand. Idempotent: a running
+    cluster is reused as is."""
     if is_running(temp_dir):
         state = read_state(temp_dir)
         progress(f"local cluster already running at {state.address} ({len(state.nodes)} nodes)")
@@ -172,6 +215,20 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
     head = spec.head
     address = f"127.0.0.1:{head.gcs_port}"
     progress(f"starting Ray head at {address} (dashboard :{head.dashboard_port})")
+    head_env, autoscaling = env, []
+    if spec.node_types:
+        _ensure_fake_provider_defaults()
+        config_path = Path(temp_dir) / "autoscaling-config.json"
+        config_path.write_text(json.dumps(autoscaling_config(spec, address)))
+        autoscaling = [f"--autoscaling-config={config_path}"]
+        head_env = {**env, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "2",
+                    "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
+        for node in spec.nodes:
+            progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2} "
+                     "(started by the autoscaler)")
+        for t in spec.node_types:
+            progress(f"  ~ node type {t.name}: {t.num_gpus}x {t.gpu_type}, S1={t.s1}, S2={t.s2}, "
+                     f"{t.min_nodes}-{t.max_nodes} nodes on demand (Ray autoscaler v2, fake provider)")
     _run(
         [
             _ray_cli(), "start", "--head",
@@ -186,10 +243,11 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
             f"--dashboard-port={head.dashboard_port}",
             "--disable-usage-stats",
             f"--labels={'heteroscale.io/node'}=head",
+            *autoscaling,
         ],
-        env,
+        head_env,
     )
-    for node in spec.nodes:
+    for node in spec.nodes if not spec.node_types else ():  # else the autoscaler starts them (min = max = 1)
         progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}")
         for attempt in (1, 2):  # a port can still be taken between picking and binding: retry once
             agent_http, agent_grpc, runtime_env, metrics = _free_ports(4)
@@ -215,7 +273,7 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
                 if attempt == 2 or "port" not in str(err):
                     raise
                 progress(f"    port clash starting {node.name}; retrying with other ports")
-    _wait_for_nodes(address, 1 + len(spec.nodes), 60, env)
+    _wait_for_nodes(address, 1 + len(spec.nodes) + sum(t.min_nodes for t in spec.node_types), 60, env)
     state = ClusterState(
         address=address,
         dashboard_url=f"http://127.0.0.1:{head.dashboard_port}",

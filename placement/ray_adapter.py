@@ -102,6 +102,37 @@ def selectors_for(action: PlacementAction) -> dict[str, dict[str, str]]:
             Role.DECODE.value: label_selector(action.scope, action.domain, action.decode_gpu_type)}
 
 
+SUPPLY_KV_PREFIX = "heteroscale/supply/"
+
+
+def request_supply(service: str, bundles: list[dict], selectors: list[dict]) -> int:
+    """Ask Ray's cluster autoscaler for `service`'s whole target shape. A request replaces the cluster's previous
+    one, so every service's latest shape is kept in Ray's internal KV and the request is their union; empty
+    bundles withdraw the service's part. Returns how many bundles the cluster-wide request holds."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    if len(bundles) != len(selectors):
+        raise ValueError(f"{len(bundles)} bundles but {len(selectors)} label selectors (one per bundle)")
+    key = (SUPPLY_KV_PREFIX + service).encode()
+    if bundles:
+        internal_kv._internal_kv_put(key, json.dumps([bundles, selectors]).encode(), overwrite=True)
+    else:
+        internal_kv._internal_kv_del(key)
+    all_bundles, all_selectors = [], []
+    for other in sorted(internal_kv._internal_kv_list(SUPPLY_KV_PREFIX.encode())):
+        raw = internal_kv._internal_kv_get(other)
+        if raw:
+            b, s = json.loads(raw)
+            all_bundles += b
+            all_selectors += s
+    request_target_shape(all_bundles, all_selectors, enabled=True)
+    logger.info("node supply: %s asks for %d instances; the cluster-wide request holds %d", service, len(bundles),
+                len(all_bundles))
+    return len(all_bundles)
+
+
 def request_target_shape(bundles: list[dict], selectors: list[dict], enabled: bool) -> bool:
     """Ask Ray's cluster autoscaler (v2) for the whole target shape; a no-op unless `enabled` (config flag).
 

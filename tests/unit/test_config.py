@@ -115,3 +115,31 @@ def test_free_ports_are_distinct():
     for _ in range(50):
         ports = _free_ports(4)
         assert len(set(ports)) == 4
+
+
+SUPPLY = {"node_types": [{"gpu_type": t, "num_gpus": 1, "s1": "s1-b", "s2": "s2-0", "max_nodes": 1} for t in ("L20", "H20")]}
+
+
+def test_node_types_and_the_services_node_supply_are_checked_against_each_other():
+    cluster = load_cluster_spec(EXAMPLES / "cluster-local-supply.yaml")
+    assert [t.max_nodes for t in cluster.node_types] == [1, 1] and cluster.total_memory_gb() <= 24
+    data = copy.deepcopy(SERVICE)
+    data["autoscaling"]["node_supply"] = SUPPLY
+    check_service_fits_cluster(parse_service_spec(data), cluster)
+    data["autoscaling"]["node_supply"]["node_types"][0]["max_nodes"] = 2
+    with pytest.raises(ConfigError, match=r"node_types.0: max_nodes \(2\) is more than the cluster can hold"):
+        check_service_fits_cluster(parse_service_spec(data), cluster)
+    data["autoscaling"]["node_supply"]["node_types"][0]["s1"] = "s1-z"
+    with pytest.raises(ConfigError, match="no node type of the cluster has 1x L20 in s1-z/s2-0"):
+        check_service_fits_cluster(parse_service_spec(data), cluster)
+
+
+@pytest.mark.parametrize("node_types, expected", [
+    ([], "at least one entry in `nodes` or `node_types`"),
+    ([{"name": "t", "gpu_type": "L20", "num_gpus": 1, "s1": "s1-b", "s2": "s2-0", "max_nodes": 1, "min_nodes": 2}],
+     r"min_nodes \(2\) must be <= max_nodes \(1\)"),
+    ([{"name": "t", "gpu_type": "L20", "num_gpus": 1, "s1": "s1-b", "s2": "s2-0"}], "node_types.0.max_nodes"),
+])
+def test_bad_node_types_name_the_field(node_types, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_cluster_spec({"nodes": [], "node_types": node_types})

@@ -27,7 +27,7 @@ def crd_schema() -> dict:
 def cluster_from(raycluster: dict):
     """The cluster spec `heteroscale validate` would check: one node per worker replica, from its Ray labels and
     resources; and every group's labels, node selector and GPU counts consistent."""
-    nodes = []
+    nodes, node_types = [], []
     for group in raycluster["spec"]["workerGroupSpecs"]:
         name, labels, params = group["groupName"], group["labels"], group["rayStartParams"]
         assert "labels" not in params, f"{name}: KubeRay rejects rayStartParams.labels"
@@ -39,10 +39,11 @@ def cluster_from(raycluster: dict):
         limits = container["resources"]["limits"]
         assert int(params["num-gpus"]) == resources[gpu_resource(gpu_type)] == int(limits["nvidia.com/gpu"]), name
         assert group["maxReplicas"] > group["replicas"] >= group["minReplicas"], name  # room to autoscale
-        for i in range(group["replicas"]):
-            nodes.append({"name": f"{name}-{i}", "gpu_type": gpu_type, "num_gpus": resources[gpu_resource(gpu_type)],
-                          "s1": labels[LABEL_S1], "s2": labels[LABEL_S2]})
-    return parse_cluster_spec({"nodes": nodes}, str(MANIFEST))
+        node = {"gpu_type": gpu_type, "num_gpus": resources[gpu_resource(gpu_type)], "s1": labels[LABEL_S1],
+                "s2": labels[LABEL_S2]}
+        nodes += [{"name": f"{name}-{i}", **node} for i in range(group["replicas"])]
+        node_types.append({"name": name, **node, "max_nodes": group["maxReplicas"] - group["replicas"]})
+    return parse_cluster_spec({"nodes": nodes, "node_types": node_types}, str(MANIFEST))
 
 
 def service_from(configmap: dict):
@@ -70,9 +71,22 @@ def test_worker_groups_and_the_service_file_agree_as_heteroscale_validate_checks
     assert {(n.gpu_type, n.s1) for n in cluster.nodes} == {(t, s) for t in ("L20", "H20") for s in ("s1-a", "s1-b")}
     check_service_fits_cluster(service, cluster)  # raises ConfigError naming the group and domain otherwise
     assert DOCS["RayCluster"]["spec"]["enableInTreeAutoscaling"] is True
+    assert DOCS["RayCluster"]["spec"]["autoscalerOptions"]["version"] == "v2"
+    # the controller's node supply names every worker group, with its labels, size and maxReplicas
+    groups = {(g["labels"][LABEL_GPU_TYPE], g["labels"][LABEL_S1]): g for g in DOCS["RayCluster"]["spec"]["workerGroupSpecs"]}
+    supply = service.autoscaling.node_supply.node_types
+    assert {(t.gpu_type, t.s1) for t in supply} == set(groups)
+    assert all(t.max_nodes == groups[(t.gpu_type, t.s1)]["maxReplicas"] for t in supply)
     (job,) = DOCS["Job"]["spec"]["template"]["spec"]["containers"]
     mount = job["volumeMounts"][0]["mountPath"]
     assert job["command"][:2] == ["heteroscale", "deploy"] and job["command"][-1] == f"{mount}/service.yaml"
+
+
+def test_a_node_supply_entry_with_no_worker_group_is_caught():
+    service = yaml.safe_load(DOCS["ConfigMap"]["data"]["service.yaml"])
+    service["autoscaling"]["node_supply"]["node_types"][0]["num_gpus"] = 4  # no worker group has 4 GPUs
+    with pytest.raises(ConfigError, match="node_supply.node_types.0: no node type"):
+        check_service_fits_cluster(parse_service_spec(service), cluster_from(DOCS["RayCluster"]))
 
 
 def test_a_group_in_a_domain_with_no_worker_group_is_caught():
