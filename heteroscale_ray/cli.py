@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from common.config import ConfigError, load_cluster_spec, load_service_spec
+from heteroscale_ray import console
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_CLUSTER = str(EXAMPLES / "cluster-local.yaml")
@@ -100,6 +100,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    print(f"(Ray, vLLM and other library logs go to {console.log_path()}; their errors show here)")
     if args.quick:
         from heteroscale_ray import demo
 
@@ -385,8 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.setup(verbose=args.verbose)
     try:
         return args.func(args)
     except (ConfigError, ValueError) as err:  # TraceError and config validation name the bad value

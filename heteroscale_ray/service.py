@@ -13,6 +13,7 @@ from typing import Callable
 
 from common.config import ServiceSpec
 from common.vocab import Role, controller_name, deployment_name, group_app_name
+from heteroscale_ray import console
 from heteroscale_ray.tiny_model import ensure_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def connect(address: str | None) -> None:
     # ray.llm logs every deployment's full options at INFO (as JSON); keep the console to our progress lines.
     for name in ("ray.llm", "ray.serve"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    console.route_library_logs()
 
 
 def import_serving_app():
@@ -49,6 +51,7 @@ def import_serving_app():
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("ray.serve.ray.llm"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    console.route_library_logs()
     return app
 
 

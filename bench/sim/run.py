@@ -37,10 +37,16 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     results = {}
     if "heteroscale" in policies:
         curate(scenario, progress)  # ours uses its values (memoized)
-    for name in policies:
+    for i, name in enumerate(policies):
         if progress:
-            progress(f"simulating {name} on {scenario.name} ...")
+            progress(f"[{i + 1}/{len(policies)}] simulating {name} on {scenario.name} ...")
+        began = time.perf_counter()
         results[name] = POLICIES[name](scenario)
+        if progress:
+            s = results[name].summary()
+            progress(f"[{i + 1}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment TTFT "
+                     f"{s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
+                     f"({time.perf_counter() - began:.1f} s, {time.perf_counter() - start:.0f} s in all)")
     tuning = {}
     if tune_baselines:
         ours = results.get("heteroscale")
