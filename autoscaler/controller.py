@@ -186,9 +186,14 @@ class HeteroScaleController:
         return {"routable": self.world.routable(report.group, role, report.replica_id)}
 
     async def report_ingress(self, payload: dict) -> dict:
-        report = IngressReport(str(payload["ingress_id"]), self._clock(),
-                               {g: tuple(c) for g, c in (payload.get("ttft_hist") or {}).items()},
-                               dict(payload.get("inflight") or {}))
+        try:
+            report = IngressReport(str(payload["ingress_id"]), self._clock(),
+                                   {str(g): tuple(int(x) for x in c) for g, c in (payload.get("ttft_hist") or {}).items()},
+                                   {str(g): int(n) for g, n in (payload.get("inflight") or {}).items()},
+                                   int(payload.get("admitted", 0)), int(payload.get("shed", 0)))
+        except (KeyError, ValueError, TypeError) as exc:
+            self.errors["bad_report"] += 1
+            raise ValueError(f"bad ingress report ({exc}): {sorted(payload)}") from None
         with self.world.lock:
             self.world.store.add_ingress(report)
         return {"groups": self.world.routing_table()}

@@ -11,6 +11,8 @@ every replica and merged correctly:
 - TBT = the quantile of the decode replicas' merged TBT histograms; TTFT = the quantile of the ingress's merged
   per-DG TTFT histograms (what users see: remote prefill, KV pull and queueing included), never the decode
   engine's local TTFT, and never an average of per-replica percentiles;
+- requests the ingress shed (admission control) are demand too: decode tokens/s is scaled by offered /
+  admitted requests in the window, so a pool capped by its own admission bound still scales out;
 - a signal is missing (never 0) when a replica that Serve says is RUNNING has no fresh report, when a reporter
   has too few reports to difference, or when a histogram has no sample in the window. Reports of replicas Serve
   no longer lists are ignored, so a killed replica is not counted twice.
@@ -52,6 +54,8 @@ class IngressReport:
     received_s: float
     ttft_hist: Mapping[str, tuple[int, ...]]  # DG -> cumulative counts
     inflight: Mapping[str, int] = field(default_factory=dict)
+    admitted: int = 0  # requests routed to a DG (cumulative)
+    shed: int = 0  # requests refused by admission control (cumulative): demand the engines never saw
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class ServiceSignals:
     ttft_s: Signal
     tbt_s: Signal
     ttft_s_by_group: Mapping[str, float] = field(default_factory=dict)
-    note: str = ""  # why a signal is missing
+    shed_fraction: float = 0.0  # of the requests offered in the window, the share admission control refused
+    note: str = ""  # why a signal is missing, or how it was corrected
 
 
 class SignalStore:
@@ -143,12 +148,15 @@ class SignalStore:
         tbt = histogram.quantile(histogram.merge(tbt_counts), quantile) if tbt_counts else None
         ttft_by_group: dict[str, list[int]] = {}
         ingress_fresh = None
+        admitted = shed = 0
         for series in self._ingress.values():
             span = self._window(series, now_s, window_s, staleness_s)
             if span is None:
                 continue
             first, last = span
             ingress_fresh = max(ingress_fresh or 0.0, last.received_s)
+            admitted += max(0, last.admitted - first.admitted)
+            shed += max(0, last.shed - first.shed)
             for group, counts in last.ttft_hist.items():
                 before = first.ttft_hist.get(group, tuple([0] * len(counts)))
                 ttft_by_group[group] = histogram.merge([ttft_by_group.get(group, histogram.empty()),
@@ -158,6 +166,14 @@ class SignalStore:
         ttft = histogram.quantile(histogram.merge(ttft_by_group.values()), quantile) if ttft_by_group else None
         per_group = {g: q for g, c in ttft_by_group.items() if (q := histogram.quantile(c, quantile)) is not None}
 
+        shed_fraction = shed / (admitted + shed) if shed else 0.0
+        if shed and rates[Role.DECODE] is not None:
+            # Shed requests are demand the engines never saw: a capped decode TPS must not read as enough
+            # capacity. Scale it by offered / admitted requests (an admitted request stands for the mean one).
+            rates[Role.DECODE] *= (admitted + shed) / max(admitted, 1)
+            notes.append(f"{shed} of {admitted + shed} requests shed in the window: decode demand x"
+                         f"{(admitted + shed) / max(admitted, 1):.2f}")
+
         def signal(value: float | None, at: float | None) -> Signal:
             return Signal(value, at) if value is not None and at is not None else Signal()
 
@@ -166,4 +182,4 @@ class SignalStore:
             prefill_kv_miss_tps=signal(rates[Role.PREFILL], since[Role.PREFILL]),
             ttft_s=signal(ttft, ingress_fresh),
             tbt_s=signal(tbt, since[Role.DECODE] if rates[Role.DECODE] is not None else None),
-            ttft_s_by_group=per_group, note="; ".join(notes))
+            ttft_s_by_group=per_group, shed_fraction=shed_fraction, note="; ".join(notes))

@@ -229,6 +229,11 @@ class IngressSpec(_Strict):
         "HETEROSCALE_API_KEY", description="env var holding the API key; requests need it when the var is set"
     )
     api_key: str | None = Field(None, description="API key given directly (prefer api_key_env)")
+    max_inflight_per_decode_replica: int | None = Field(
+        64, ge=1, le=100_000, description="admission control: a DG takes at most this many requests in flight per "
+        "routable decode replica; beyond every DG's bound the ingress answers 429 with Retry-After (None = no "
+        "bound). Default = the decode role's default max_ongoing_requests; lower it to what keeps the SLOs")
+    retry_after_s: float = Field(1.0, gt=0, le=3600, description="the Retry-After a shed request is given")
 
 
 class ScheduleWindowSpec(_Strict):

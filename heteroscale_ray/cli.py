@@ -20,6 +20,23 @@ def _address(args) -> str | None:
     return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def _check_endpoint(url: str, api_key: str | None) -> None:
+    """Fail fast, in one line, when the endpoint a load test targets does not answer `GET /v1/models`."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10).raise_for_status()
+    except httpx.HTTPStatusError as err:
+        raise Unreachable(f"{url}: GET /v1/models answered {err.response.status_code}") from None
+    except httpx.HTTPError as err:
+        raise Unreachable(f"cannot reach {url} (GET /v1/models: {type(err).__name__}: {err})") from None
+
+
+class Unreachable(Exception):
+    """An endpoint or cluster the command needs does not answer; the message says which."""
+
+
 def cmd_up(args) -> int:
     from heteroscale_ray import local_cluster
 
@@ -57,7 +74,7 @@ def _cluster_address(args) -> str | None:
     if address is None:
         state = local_cluster.read_state()
         if state is None or not local_cluster.is_running():
-            print("no cluster: run `heteroscale up` first or set RAY_ADDRESS", file=sys.stderr)
+            print("error: no cluster: run `heteroscale up` first or set RAY_ADDRESS / --address", file=sys.stderr)
             return None
         address = state.address
     return address
@@ -78,8 +95,10 @@ def cmd_undeploy(args) -> int:
     from heteroscale_ray import local_cluster, service
 
     spec = load_service_spec(args.service)
-    state = local_cluster.read_state()
-    service.undeploy(spec.name, _address(args) or (state.address if state else None))
+    address = _cluster_address(args)  # never "auto": that would find whichever Ray cluster runs on this machine
+    if address is None:
+        return 2
+    service.undeploy(spec.name, address)
     print(f"deleted {spec.name}")
     return 0
 
@@ -175,6 +194,7 @@ def cmd_bench(args) -> int:
         max_concurrency=args.max_concurrency, request_timeout_s=args.request_timeout_s,
         ttft_slo_ms=args.ttft_slo_ms, tbt_slo_ms=args.tbt_slo_ms)
     trace = _load_trace(args.trace, args.skip_bad)
+    _check_endpoint(args.url, cfg.api_key)
     if args.max_input_tokens or args.max_output_tokens:
         trace = truncate(trace, args.max_input_tokens or 10**9, args.max_output_tokens or 10**9)
     planned = loadgen.plan(cfg, trace)
@@ -211,10 +231,14 @@ def cmd_profile(args) -> int:
     from bench.load import loadgen, profile
     from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
 
-    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        rates = []
     if not rates or min(rates) <= 0:
         print(f"error: --rates ({args.rates!r}) must be positive numbers", file=sys.stderr)
         return 2
+    _check_endpoint(args.url, args.api_key or os.environ.get("HETEROSCALE_API_KEY"))
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(ensure_tiny_model()))
     steps = []
     for i, rate in enumerate(sorted(rates)):
@@ -392,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:  # TraceError and config validation name the bad value
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:
+        print(f"error: {err.filename or err}: no such file or directory", file=sys.stderr)
+        return 2
+    except Unreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except ConnectionError as err:  # Ray: no cluster at that address, GCS gone
+        print(f"error: heteroscale {args.command}: cannot reach the Ray cluster ({_address(args) or 'local'}): "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

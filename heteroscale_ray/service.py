@@ -19,11 +19,26 @@ from heteroscale_ray.tiny_model import ensure_tiny_model
 logger = logging.getLogger(__name__)
 
 
+def _check_gcs(address: str) -> None:
+    """Ray retries an unreachable GCS for minutes; a closed port should be one line at once."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        return  # not host:port (e.g. "auto"): let Ray resolve it
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or err})") from None
+
+
 def connect(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
         return
+    if address:
+        _check_gcs(address)
     ray.init(address=address or "auto", logging_level="WARNING", log_to_driver=False,
              namespace="heteroscale")
     # ray.llm logs every deployment's full options at INFO (as JSON); keep the console to our progress lines.

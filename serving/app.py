@@ -136,6 +136,8 @@ def build_ingress_app(service: ServiceSpec, groups: Iterable[GroupApp]) -> Appli
         model_card=card,
         request_timeout_s=service.ingress.request_timeout_s,
         stream_idle_timeout_s=service.ingress.stream_idle_timeout_s,
+        max_inflight_per_decode_replica=service.ingress.max_inflight_per_decode_replica,
+        retry_after_s=service.ingress.retry_after_s,
         api_key=service.api_key(),
         controller=controller_name(service.name) if _controlled(service) else None,
         report_interval_s=_report_interval_s(service),

@@ -16,8 +16,10 @@ removes are discovered at run time. While the controller cannot be reached the l
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -83,7 +85,7 @@ async def _require_api_key(request: Request, call_next):
     key = _API_KEY["value"]
     if key and request.url.path not in _OPEN_PATHS:
         header = request.headers.get("authorization", "")
-        if header != f"Bearer {key}":
+        if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):  # constant time; never logged
             _REQUESTS.labels(request.url.path, "unauthorized").inc()
             return JSONResponse(
                 status_code=status.HTTP_401_UNAUTHORIZED,
@@ -107,6 +109,10 @@ class _Timeout(Exception):
     pass
 
 
+class _Overloaded(Exception):
+    """Every admitted DG holds its in-flight bound: shed the request (429 + Retry-After)."""
+
+
 async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> AsyncGenerator:
     """Re-yield `gen`, ending with an SSE error event if no chunk arrives for `idle_timeout_s`."""
     iterator = gen.__aiter__()
@@ -127,7 +133,8 @@ class PDIngress(OpenAiIngress):
     """One model, several deployment groups (each a decode deployment that drives its own prefill)."""
 
     def __init__(self, groups: Mapping[str, RoutingEntry], model_card: dict, *, request_timeout_s: float,
-                 stream_idle_timeout_s: float, api_key: str | None = None, controller: str | None = None,
+                 stream_idle_timeout_s: float, max_inflight_per_decode_replica: int | None = None,
+                 retry_after_s: float = 1.0, api_key: str | None = None, controller: str | None = None,
                  report_interval_s: float = 1.0, handles: Mapping[str, DeploymentHandle] | None = None,
                  service: str = "unknown"):
         from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
@@ -148,6 +155,11 @@ class PDIngress(OpenAiIngress):
         self._tiebreak = itertools.count()
         self._request_timeout_s = request_timeout_s
         self._stream_idle_timeout_s = stream_idle_timeout_s
+        if max_inflight_per_decode_replica is not None and max_inflight_per_decode_replica < 1:
+            raise ValueError(f"max_inflight_per_decode_replica ({max_inflight_per_decode_replica}) must be >= 1")
+        self._max_inflight = max_inflight_per_decode_replica
+        self._retry_after_s = retry_after_s
+        self._shed = 0  # requests refused for capacity (cumulative; reported: the controller counts them as demand)
         _API_KEY["value"] = api_key
         self._controller_name = controller
         self._report_interval_s = report_interval_s
@@ -188,6 +200,7 @@ class PDIngress(OpenAiIngress):
 
     def _ingress_report(self) -> dict:
         return {"ingress_id": self._ingress_id, "inflight": dict(self._inflight),
+                "admitted": sum(self._routed.values()), "shed": self._shed,
                 "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}
 
     def _on_answer(self, answer: dict) -> None:
@@ -202,6 +215,11 @@ class PDIngress(OpenAiIngress):
         if not admitted:
             raise OpenAIHTTPException(status_code=503, message="no deployment group is admitted to routing",
                                       type="ServiceUnavailable")
+        if self._max_inflight is not None:  # admission control: only DGs below their bound take more
+            admitted = [g for g in admitted if self._inflight[g] < self._max_inflight * self._entries[g].weight]
+            if not admitted:
+                self._shed += 1
+                raise _Overloaded()
         load = {g: (self._inflight[g] + 1) / self._entries[g].weight for g in admitted}
         low = min(load.values())
         candidates = [g for g in admitted if load[g] == low]
@@ -216,7 +234,8 @@ class PDIngress(OpenAiIngress):
         return sorted(self._withdrawn)
 
     async def routing_stats(self) -> dict:
-        return {"inflight": dict(self._inflight), "routed": dict(self._routed), "withdrawn": sorted(self._withdrawn),
+        return {"inflight": dict(self._inflight), "routed": dict(self._routed), "shed": self._shed,
+                "withdrawn": sorted(self._withdrawn),
                 "groups": {name: {"app": e.app_name, "weight": e.weight,
                                   "domain": e.group.domain if e.group else None,
                                   "prefill_gpu_type": e.group.prefill_gpu_type if e.group else None,
@@ -268,6 +287,15 @@ class PDIngress(OpenAiIngress):
             _REQUESTS.labels(route, "stream").inc()
             stream = _with_idle_timeout(_openai_json_wrapper(gen), self._stream_idle_timeout_s)
             return StreamingResponse(stream, media_type="text/event-stream")
+        except _Overloaded:
+            _REQUESTS.labels(route, "shed").inc()
+            return JSONResponse(
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))},
+                content={"error": {"message": f"over capacity: every deployment group holds its bound of "
+                                              f"{self._max_inflight} in-flight requests per decode replica; retry "
+                                              f"after {self._retry_after_s:g} s", "type": "rate_limit_error",
+                                   "param": None, "code": 429}})
         except _Timeout:
             _REQUESTS.labels(route, "timeout").inc()
             raise OpenAIHTTPException(status_code=status.HTTP_504_GATEWAY_TIMEOUT, type="timeout",

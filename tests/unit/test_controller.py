@@ -8,6 +8,7 @@ what it answers to reports, how it routes, and what it does after a restart.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import yaml
@@ -116,13 +117,15 @@ class Harness:
                                          kv=self.kv, metrics=NoMetrics(), autostart=False)
         self.tokens: dict[str, int] = {}
         self.ttft = histogram.empty()
+        self.offered = {"admitted": 0, "shed": 0}
 
     def replicas(self, role):
         return [(app.split("--")[1], rid) for app, deps in self.serve.apps.items() for dep, ids in deps.items()
                 if dep.endswith(role.value) for rid in ids]
 
-    def report(self, decode_tps_each: float, dt: float = 1.0, ttft_s: float = 0.1) -> dict:
-        """Every replica and the ingress report once, `dt` seconds after the last time."""
+    def report(self, decode_tps_each: float, dt: float = 1.0, ttft_s: float = 0.1, shed_fraction: float = 0.0) -> dict:
+        """Every replica and the ingress report once, `dt` seconds after the last time (the ingress admitted 10
+        requests a second and shed `shed_fraction` of what was offered)."""
         self.clock.t += dt
         answers = {}
         for role in Role:
@@ -134,14 +137,18 @@ class Harness:
                     "prompt_computed_tokens": self.tokens[rid] if role is Role.PREFILL else 0,
                     "tbt_hist": histogram.empty()}))["routable"]
         histogram.add(self.ttft, [ttft_s] * 5)
-        self.table = asyncio.run(self.ctl.report_ingress({"ingress_id": "i", "ttft_hist": {"dg-a": list(self.ttft)}}))
+        self.offered["admitted"] += int(10 * dt)
+        self.offered["shed"] += round(10 * dt * shed_fraction / (1 - shed_fraction))
+        self.table = asyncio.run(self.ctl.report_ingress({"ingress_id": "i", "ttft_hist": {"dg-a": list(self.ttft)},
+                                                          **self.offered}))
         return answers
 
-    def run(self, seconds: float, decode_tps_each: float, ttft_s: float = 0.1) -> list[dict]:
+    def run(self, seconds: float, decode_tps_each: float, ttft_s: float = 0.1, shed_fraction: float = 0.0
+            ) -> list[dict]:
         entries = []
         for _ in range(int(seconds // 5)):
             for _ in range(5):
-                self.report(decode_tps_each, ttft_s=ttft_s)
+                self.report(decode_tps_each, ttft_s=ttft_s, shed_fraction=shed_fraction)
             entries.append(self.ctl.tick())
         return entries
 
@@ -162,6 +169,20 @@ def test_load_scales_both_pools_out_together_and_opens_a_second_group_when_the_f
     h.run(5, decode_tps_each=90)
     assert all(h.report(90).values())
     assert {n: e["weight"] for n, e in h.table["groups"].items()} == {"dg-a": 1.0, "tiny-chat-s1-b": 1.0}
+
+
+def test_load_shed_at_the_ingress_counts_as_demand_so_a_capped_pool_scales_out():
+    h = Harness()
+    capped = h.run(10, decode_tps_each=90)  # 90 tokens/s at a target of 100: one decode replica is enough
+    assert all(e["action"] == "hold" for e in capped)
+    entries = h.run(10, decode_tps_each=90, shed_fraction=0.5)  # ... but half the requests were refused
+    out = [e for e in entries if e["action"] == "scale_out"]
+    assert out and (out[0]["target_prefill"], out[0]["target_decode"]) == (2, 2)
+    match = re.search(r"(\d+) of (\d+) requests shed in the window: decode demand x([\d.]+)",
+                      out[0]["observation"]["note"])
+    shed, offered, factor = int(match[1]), int(match[2]), float(match[3])
+    assert shed > 0 and factor == pytest.approx(offered / (offered - shed), abs=0.01) and factor > 1.1
+    assert out[0]["observation"]["decode_tps"] == pytest.approx(90.0 * factor, rel=0.05)
 
 
 def test_a_failed_probe_deploys_nothing_and_the_next_cycle_tries_again():

@@ -35,11 +35,11 @@ class Body:
         self.prompt = prompt
 
 
-def make_ingress(groups, gate, weights=None):
+def make_ingress(groups, gate, weights=None, **kwargs):
     weights = weights or {}
     table = {g: RoutingEntry(f"app-{g}", f"{g}:decode", weights.get(g, 1)) for g in groups}
     return PDIngress(table, CARD, request_timeout_s=5, stream_idle_timeout_s=5,
-                     handles={g: FakeHandle(g, gate) for g in groups})
+                     handles={g: FakeHandle(g, gate) for g in groups}, **kwargs)
 
 
 async def _collect(ingress, prompt):
@@ -142,3 +142,29 @@ def test_a_new_routing_table_adds_and_removes_groups_at_run_time():
         assert stats["groups"]["b"]["app"] == "app-b" and stats["routed"]["a"] == 0
 
     asyncio.run(main())
+
+
+def test_admission_control_sheds_beyond_each_groups_bound_with_429_and_retry_after():
+    import json
+
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a", "b"], gate, weights={"a": 2, "b": 1}, max_inflight_per_decode_replica=2,
+                               retry_after_s=2.5)
+        held = [asyncio.create_task(_collect(ingress, i)) for i in range(6)]  # bounds: a 2x2 = 4, b 1x2 = 2
+        await asyncio.sleep(0.05)
+        assert ingress._inflight == {"a": 4, "b": 2}
+        shed = await ingress._process_llm_request(Body("x"), "completions")
+        assert shed.status_code == 429 and shed.headers["retry-after"] == "3"
+        error = json.loads(shed.body)["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == 429 and "bound of 2" in error["message"]
+        report = ingress._ingress_report()
+        assert (report["admitted"], report["shed"]) == (6, 1)  # the controller counts the shed one as demand
+        gate.set()
+        await asyncio.gather(*held)
+        assert ingress._inflight == {"a": 0, "b": 0}
+        assert await _collect(ingress, "again")  # room again: admitted
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match=r"max_inflight_per_decode_replica \(0\) must be >= 1"):
+        make_ingress(["a"], asyncio.Event(), max_inflight_per_decode_replica=0)
