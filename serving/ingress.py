@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import json
 import logging
 import math
 import time
@@ -27,8 +28,10 @@ from typing import Any, AsyncGenerator, Mapping
 
 from fastapi import HTTPException, Request, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
+    CompletionRequest,
     ErrorResponse,
     OpenAIHTTPException,
 )
@@ -78,6 +81,59 @@ _OPEN_PATHS = ("/health", "/metrics")
 _API_KEY: dict[str, str | None] = {"value": None}  # set by the replica's __init__; read by the middleware
 
 app = init()
+
+
+_BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+
+
+def _error(code: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=code, content={"error": {"message": message, "type": kind, "param": param,
+                                                             "code": code}})
+
+
+@app.middleware("http")
+async def _validate_body(request: Request, call_next):
+    """(Added before the API-key check, so that check runs first: middleware runs last-added first.)
+
+    Refuse a bad request body with an OpenAI-style 4xx before FastAPI and the request models see it.
+
+    The request models (vLLM's, through ray.llm) run validators that assume the declared shape, so a null where
+    a list belongs raised TypeError inside a validator -- a 500; a body in another media type was another. Every
+    body of the two inference routes is parsed and validated here once: not JSON (or not a JSON object) -> 400,
+    a media type other than JSON -> 415, any validation failure, whatever its exception -> 400 naming the field.
+    """
+    model = _BODY_MODELS.get(request.url.path)
+    if model is None or request.method != "POST":
+        return await call_next(request)
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        _REQUESTS.labels(request.url.path, "http_415").inc()
+        return _error(415, f"unsupported content type {media!r}: send the body as application/json")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        _REQUESTS.labels(request.url.path, "http_400").inc()
+        return _error(400, f"the body is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        _REQUESTS.labels(request.url.path, "http_400").inc()
+        return _error(400, f"the body must be a JSON object, got {type(data).__name__}")
+    nulls = sorted(k for k, v in data.items() if v is None and k in model.model_fields
+                   and model.model_fields[k].is_required())
+    if nulls:
+        _REQUESTS.labels(request.url.path, "http_400").inc()
+        return _error(400, f"invalid request: {nulls[0]}: a required field may not be null", param=nulls[0])
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())) or None
+        _REQUESTS.labels(request.url.path, "http_400").inc()
+        return _error(400, f"invalid request: {field or 'body'}: {first.get('msg', exc)}", param=field)
+    except Exception as exc:  # a validator that assumed a type: the client's input is wrong, not the server
+        _REQUESTS.labels(request.url.path, "http_400").inc()
+        return _error(400, f"invalid request body: {type(exc).__name__}: {exc}")
+    return await call_next(request)
 
 
 @app.middleware("http")
@@ -142,6 +198,7 @@ class PDIngress(OpenAiIngress):
         if not groups:
             raise ValueError("PDIngress needs at least one deployment group")
         card = ModelCard.model_validate(model_card)
+        self._model_id = card.id  # `model` is optional in the request models: a request without one gets this
         self._given_handles = dict(handles or {})  # tests inject handles; otherwise looked up by name
         self._service = service  # the `service` label of the per-DG series
         self._entries: dict[str, RoutingEntry] = {}
@@ -243,6 +300,8 @@ class PDIngress(OpenAiIngress):
                            for name, e in sorted(self._entries.items())}}
 
     async def _get_response(self, *, body, call_method: str, raw_request: Request | None = None):
+        if getattr(body, "model", None) is None and hasattr(body, "model_copy"):
+            body = body.model_copy(update={"model": self._model_id})  # one model served: it is the default
         await self._get_model_id(body.model)  # 404 for an unknown model
         self._ensure_reporter()
         group = self._pick_group()

@@ -12,6 +12,10 @@ def test_libraries_log_to_the_file_and_only_their_errors_reach_the_console(tmp_p
     lib_handler = logging.StreamHandler()  # what ray.llm does: a console handler of its own
     lib.addHandler(lib_handler)
     lib.propagate = False
+    ours = logging.getLogger("autoscaler.controller")
+    levels = lib.level, ours.level
+    lib.setLevel(logging.INFO)  # other tests (and `service.connect`) may have raised these loggers' levels
+    ours.setLevel(logging.INFO)
     try:
         path = console.setup(verbose=False)
         console.route_library_logs()
@@ -19,8 +23,8 @@ def test_libraries_log_to_the_file_and_only_their_errors_reach_the_console(tmp_p
         lib.info('{"deployment_config": "..."}')
         lib.warning("Triton not found")
         lib.error("engine failed to start")
-        logging.getLogger("autoscaler.controller").warning("probe failed")
-        logging.getLogger("autoscaler.controller").info("tick")
+        ours.warning("probe failed")
+        ours.info("tick")
         for h in logging.getLogger().handlers:
             h.flush()
         err = capsys.readouterr().err
@@ -36,3 +40,5 @@ def test_libraries_log_to_the_file_and_only_their_errors_reach_the_console(tmp_p
             root.addHandler(h)
         root.setLevel(saved[1])
         lib.propagate = True
+        lib.setLevel(levels[0])
+        ours.setLevel(levels[1])
