@@ -78,9 +78,16 @@ def read_state(temp_dir: str = DEFAULT_TEMP_DIR) -> ClusterState | None:
 
 
 def _our_processes(temp_dir: str) -> list[psutil.Process]:
-    """Processes whose command line references our temp dir, plus all their descendants."""
+    """Processes whose command line references our temp dir or our GCS (Ray's client server names only the GCS
+    address, and `ray start` exits, so it is nobody's descendant: it used to outlive `down` on port 10001),
+    plus all their descendants."""
     # The dir must end where a path component ends: /tmp/hsray must not match /tmp/hsray-e2e.
-    pattern = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?=[/\s'\",]|$)")
+    alternatives = [re.escape(temp_dir.rstrip("/")) + r"(?=[/\s'\",]|$)"]
+    state = read_state(temp_dir)
+    if state is not None:
+        port = state.address.rpartition(":")[2]
+        alternatives.append(r"ray\.util\.client\.server .*--address=\S+:" + re.escape(port) + r"(?=\s|$)")
+    pattern = re.compile("|".join(alternatives))
     roots: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -247,6 +254,10 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
         ],
         head_env,
     )
+    # Written now (and again when every node is up), so a `down` after a failed start finds what the head started.
+    _state_path(temp_dir).write_text(json.dumps(asdict(ClusterState(
+        address=address, dashboard_url=f"http://127.0.0.1:{head.dashboard_port}", temp_dir=temp_dir, nodes=(),
+        started_at=time.time()))))
     for node in spec.nodes if not spec.node_types else ():  # else the autoscaler starts them (min = max = 1)
         progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}")
         for attempt in (1, 2):  # a port can still be taken between picking and binding: retry once
