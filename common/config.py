@@ -202,22 +202,13 @@ class DeploymentGroupSpec(_Strict):
 
     name: str
     domain: str = Field(description="network domain the group lives in: an S1 or S2 name, per `affinity`")
-    prefill_replicas: int = Field(1, ge=0)
-    decode_replicas: int = Field(1, ge=0)
+    prefill_replicas: int = Field(1, ge=1, le=1000, description="a DG serves only as a P+D pair: at least one each")
+    decode_replicas: int = Field(1, ge=1, le=1000)
 
     @field_validator("name")
     @classmethod
     def _n(cls, value: str) -> str:
         return _check_name("deployment group name", value)
-
-    @model_validator(mode="after")
-    def _pairs(self) -> "DeploymentGroupSpec":
-        if (self.prefill_replicas == 0) != (self.decode_replicas == 0):
-            raise ValueError(
-                f"deployment group {self.name!r}: prefill_replicas ({self.prefill_replicas}) and decode_replicas "
-                f"({self.decode_replicas}) must both be 0 or both be >= 1 (a DG serves only as a P+D pair)"
-            )
-        return self
 
 
 class IngressSpec(_Strict):

@@ -76,6 +76,7 @@ def _cluster_address(args) -> str | None:
         if state is None or not local_cluster.is_running():
             print("error: no cluster: run `heteroscale up` first or set RAY_ADDRESS / --address", file=sys.stderr)
             return None
+        local_cluster.use_auth(state)  # the local cluster runs with Ray's token authentication
         address = state.address
     return address
 

@@ -38,6 +38,7 @@ class ClusterState:
     temp_dir: str
     nodes: tuple[str, ...]
     started_at: float
+    auth_token_path: str | None = None  # Ray token authentication: clients need this token (`use_auth`)
 
 
 def _ray_cli() -> str:
@@ -75,6 +76,40 @@ def read_state(temp_dir: str = DEFAULT_TEMP_DIR) -> ClusterState | None:
     data = json.loads(path.read_text())
     data["nodes"] = tuple(data["nodes"])
     return ClusterState(**data)
+
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
+def _new_auth_token(temp_dir: str) -> Path:
+    """A fresh random token for Ray's token authentication, readable by this user only."""
+    import secrets
+
+    path = Path(temp_dir) / "auth_token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def _auth_env(token_path: Path | str) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+def use_auth(state: ClusterState) -> None:
+    """Make this process (and the processes it starts) a client of the local cluster's token authentication:
+    every Ray connection (GCS, dashboard, the Serve scale endpoint) must carry the cluster's token."""
+    if not state.auth_token_path:
+        return
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # a token in the environment would win over the cluster's file
+    os.environ.update(_auth_env(state.auth_token_path))
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:
+        return
+    Config.initialize("")  # Ray caches the mode and the token per process
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _our_processes(temp_dir: str) -> list[psutil.Process]:
@@ -206,6 +241,7 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
     if is_running(temp_dir):
         state = read_state(temp_dir)
         progress(f"local cluster already running at {state.address} ({len(state.nodes)} nodes)")
+        use_auth(state)
         return state
     total_gb = spec.total_memory_gb()
     machine_gb = psutil.virtual_memory().total / 1024**3
@@ -218,7 +254,12 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Token authentication: only holders of this cluster's token reach its GCS, dashboard and REST endpoints
+    # (the Serve scale endpoint included), not anything that can open a port on this machine.
+    token_path = _new_auth_token(temp_dir)
+    env.update(_auth_env(token_path))
     head = spec.head
     address = f"127.0.0.1:{head.gcs_port}"
     progress(f"starting Ray head at {address} (dashboard :{head.dashboard_port})")
@@ -257,7 +298,7 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
     # Written now (and again when every node is up), so a `down` after a failed start finds what the head started.
     _state_path(temp_dir).write_text(json.dumps(asdict(ClusterState(
         address=address, dashboard_url=f"http://127.0.0.1:{head.dashboard_port}", temp_dir=temp_dir, nodes=(),
-        started_at=time.time()))))
+        started_at=time.time(), auth_token_path=str(token_path)))))
     for node in spec.nodes if not spec.node_types else ():  # else the autoscaler starts them (min = max = 1)
         progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}")
         for attempt in (1, 2):  # a port can still be taken between picking and binding: retry once
@@ -291,9 +332,12 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
         temp_dir=temp_dir,
         nodes=tuple(n.name for n in spec.nodes),
         started_at=time.time(),
+        auth_token_path=str(token_path),
     )
     _state_path(temp_dir).write_text(json.dumps(asdict(state)))
-    progress(f"local cluster up: RAY_ADDRESS={address}")
+    use_auth(state)
+    progress(f"local cluster up: RAY_ADDRESS={address} (token authentication: RAY_AUTH_MODE=token "
+             f"RAY_AUTH_TOKEN_PATH={token_path})")
     return state
 
 

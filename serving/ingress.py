@@ -170,7 +170,9 @@ class _Overloaded(Exception):
 
 
 async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> AsyncGenerator:
-    """Re-yield `gen`, ending with an SSE error event if no chunk arrives for `idle_timeout_s`."""
+    """Re-yield `gen`, ending with an SSE error event if no chunk arrives for `idle_timeout_s`, or if the stream
+    fails (e.g. the decode replica serving it died): the client gets an error event and the end of the stream,
+    never a connection cut without a word or a stream that hangs."""
     iterator = gen.__aiter__()
     while True:
         try:
@@ -181,6 +183,15 @@ async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> Asyn
             logger.warning("stream idle for more than %.1fs; closing it", idle_timeout_s)
             await iterator.aclose()
             yield ('data: {"error": {"message": "stream idle timeout", "type": "timeout", "code": 504}}\n\n')
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("stream failed after it started: %s: %s", type(exc).__name__, str(exc)[:200])
+            error = {"error": {"message": f"the stream failed: {type(exc).__name__}", "type": "server_error",
+                               "code": 502}}
+            yield f"data: {json.dumps(error)}\n\n"
+            yield "data: [DONE]\n\n"
             return
         yield chunk
 

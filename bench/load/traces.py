@@ -60,18 +60,46 @@ def _positive_int(value: str, name: str, path: str, line: int, allow_zero: bool 
     return number
 
 
+MAX_TOKENS = 10_000_000  # per request: a length past this is a broken row, not a request
+
+
+def _row(row, path: str, line: int) -> TraceRequest:
+    """One JSONL row, checked field by field (each error names the line, the field and the value)."""
+    if not isinstance(row, dict):
+        raise _bad(path, line, f"a trace row must be a JSON object, got {type(row).__name__}")
+    for key in ("timestamp", "input_length", "output_length"):
+        if key not in row:
+            raise _bad(path, line, f"missing field {key!r}")
+    stamp = row["timestamp"]
+    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp) or stamp < 0:
+        raise _bad(path, line, f"timestamp ({stamp!r}) must be a finite number of milliseconds >= 0")
+    lengths = []
+    for key, least in (("input_length", 1), ("output_length", 1)):
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_TOKENS:
+            raise _bad(path, line, f"{key} ({value!r}) must be a whole number of tokens in [{least}, {MAX_TOKENS}]")
+        lengths.append(value)
+    hashes = row.get("hash_ids")
+    hashes = [] if hashes is None else hashes
+    if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hashes):
+        raise _bad(path, line, f"hash_ids ({str(hashes)[:60]!r}) must be a list of integers")
+    return TraceRequest(float(stamp), lengths[0], lengths[1], tuple(hashes))
+
+
 def read_jsonl(path: str | Path) -> list[TraceRequest]:
     out = []
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out.append(TraceRequest(float(row["timestamp"]), int(row["input_length"]), int(row["output_length"]),
-                                        tuple(row.get("hash_ids") or ())))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise _bad(str(path), line_no, f"not a trace row ({type(exc).__name__}: {exc})") from None
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        try:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    raise _bad(str(path), line_no, f"not JSON ({exc})") from None
+                out.append(_row(row, str(path), line_no))
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return out
 
 

@@ -1,8 +1,13 @@
 """`heteroscale down` leaves nothing of ours running and no port held, twice in a row (Ray's client server on
-port 10001 used to outlive it: `ray start` exits, so the server was nobody's descendant)."""
+port 10001 used to outlive it: `ray start` exits, so the server was nobody's descendant); and the local cluster
+runs with Ray's token authentication: the dashboard's REST scale endpoint refuses a call without the token."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import httpx
 import psutil
 
 from common.config import parse_cluster_spec
@@ -27,9 +32,28 @@ def _mentions_us(proc: psutil.Process) -> bool:
     return TEMP_DIR in cmdline or f":{SPEC.head.gcs_port}" in cmdline
 
 
+def _scale(dashboard_url: str, headers: dict) -> httpx.Response:
+    url = f"{dashboard_url}/api/v1/applications/svc/deployments/svc--dg-a--decode/scale"
+    deadline = time.monotonic() + 60
+    while True:  # the dashboard starts a little after the GCS
+        try:
+            return httpx.post(url, json={"target_num_replicas": 5}, headers=headers, timeout=10)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_up_then_down_twice_leaves_no_process_and_no_port():
-    for _ in range(2):
-        local_cluster.up(SPEC, temp_dir=TEMP_DIR, progress=lambda *_: None)
+    for i in range(2):
+        state = local_cluster.up(SPEC, temp_dir=TEMP_DIR, progress=lambda *_: None)
+        if i == 0:
+            refused = _scale(state.dashboard_url, {})
+            assert refused.status_code in (401, 403), (refused.status_code, refused.text[:300])
+            token = Path(state.auth_token_path).read_text().strip()
+            assert oct(Path(state.auth_token_path).stat().st_mode & 0o777) == "0o600"
+            allowed = _scale(state.dashboard_url, {"Authorization": f"Bearer {token}"})
+            assert allowed.status_code not in (401, 403), allowed.text[:300]  # past auth: no such application
         ours = {p.pid for p in local_cluster._our_processes(TEMP_DIR)}
         ports = _listening(ours)
         assert {SPEC.head.gcs_port, SPEC.head.dashboard_port, 10001} <= ports  # 10001: Ray's client server

@@ -59,7 +59,8 @@ def test_cluster_errors_name_the_bad_field(mutate, expected):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda s: s["deployment_groups"][0].update(prefill_replicas=0), "must both be 0"),
+        (lambda s: s["deployment_groups"][0].update(prefill_replicas=0), "prefill_replicas: Input should be greater than or equal to 1"),
+        (lambda s: s["deployment_groups"][0].update(prefill_replicas=0, decode_replicas=0), "greater than or equal to 1"),
         (lambda s: s.update(affinity="rack"), "affinity"),
         (lambda s: s["roles"]["prefill"].update(gpu_types=[]), "roles.prefill.gpu_types"),
         (lambda s: s["engine"].update(kv_buffer_device="tpu"), "engine.kv_buffer_device"),
@@ -143,3 +144,60 @@ def test_node_types_and_the_services_node_supply_are_checked_against_each_other(
 def test_bad_node_types_name_the_field(node_types, expected):
     with pytest.raises(ConfigError, match=expected):
         parse_cluster_spec({"nodes": [], "node_types": node_types})
+
+
+JUNK = [None, 0, -1, 10**30, 1.5, float("nan"), float("inf"), "", "x" * 300, "H 20", [], [1, None], {}, {"a": None},
+        True]
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) of a nested YAML document."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def _with(doc, path, value):
+    doc = copy.deepcopy(doc)
+    if not path:
+        return value
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize("example, parse", [(CLUSTER, parse_cluster_spec), (SERVICE, parse_service_spec)],
+                         ids=["cluster", "service"])
+def test_any_junk_in_any_field_is_a_valid_config_or_one_error_naming_the_field(example, parse):
+    """Property over the example files: one field (or the whole document, or a new key) replaced with junk of
+    every type gives a config or a ConfigError whose message names where, never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    paths = [p for p, _ in _paths(example)]
+
+    @settings(max_examples=300, deadline=2000, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(paths), st.sampled_from(JUNK), st.booleans())
+    def check(path, junk, add_key):
+        doc = _with(example, (*path, "surprise") if add_key and isinstance(_at(example, path), dict) else path, junk)
+        try:
+            parse(doc) if isinstance(doc, dict) else parse({"doc": doc})
+        except ConfigError as err:
+            text = str(err)
+            named = [str(p) for p in path if not isinstance(p, int)]
+            assert text.startswith("invalid config") or "autoscaling" in text, text
+            assert not named or any(n in text for n in named + ["surprise", "top level", "doc"]), (path, text)
+
+    check()
+
+
+def _at(doc, path):
+    for key in path:
+        doc = doc[key]
+    return doc

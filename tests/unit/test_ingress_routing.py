@@ -116,6 +116,18 @@ def test_idle_stream_ends_with_an_error_event():
     asyncio.run(main())
 
 
+def test_a_stream_whose_replica_dies_ends_with_an_error_event_not_a_cut():
+    async def main():
+        async def dying():
+            yield "data: 1\n\n"
+            raise RuntimeError("ActorDiedError: the decode replica died")  # what a killed replica's handle raises
+
+        chunks = [c async for c in _with_idle_timeout(dying(), 5)]
+        assert chunks[0] == "data: 1\n\n" and '"code": 502' in chunks[1] and chunks[2] == "data: [DONE]\n\n"
+
+    asyncio.run(main())
+
+
 def test_groups_are_weighted_by_routable_decode_replicas_and_weight_zero_gets_nothing():
     async def main():
         gate = asyncio.Event()

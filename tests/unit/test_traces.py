@@ -58,7 +58,32 @@ def test_jsonl_round_trip_and_errors(tmp_path):
     assert traces.write_jsonl(rows, path) == 2
     assert traces.read_jsonl(path) == rows
     path.write_text('{"timestamp": 0, "input_length": 3}\n')
-    with pytest.raises(TraceError, match=r"t.jsonl:1: not a trace row"):
+    with pytest.raises(TraceError, match=r"t.jsonl:1: missing field 'output_length'"):
+        traces.read_jsonl(path)
+
+
+BAD_ROWS = ['null', '[]', '1', '"x"', '{', '{"timestamp": null, "input_length": 1, "output_length": 1}',
+            '{"timestamp": "a", "input_length": 1, "output_length": 1}', '{"timestamp": 1e309, "input_length": 1, '
+            '"output_length": 1}', '{"timestamp": NaN, "input_length": 1, "output_length": 1}',
+            '{"timestamp": -5, "input_length": 1, "output_length": 1}', '{"timestamp": 0, "input_length": -1, '
+            '"output_length": 1}', '{"timestamp": 0, "input_length": 1.5, "output_length": 1}',
+            '{"timestamp": 0, "input_length": true, "output_length": 1}', '{"timestamp": 0, "input_length": '
+            '100000000000000000000, "output_length": 1}', '{"timestamp": 0, "input_length": 1, "output_length": 1, '
+            '"hash_ids": "x"}']
+
+
+@pytest.mark.parametrize("row", BAD_ROWS)
+def test_a_bad_trace_row_is_one_error_naming_the_line(tmp_path, row):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 1, "output_length": 1}\n' + row + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: "):
+        traces.read_jsonl(path)
+
+
+def test_a_trace_that_is_not_text_is_one_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TraceError, match="not UTF-8"):
         traces.read_jsonl(path)
 
 
