@@ -230,3 +230,34 @@ def test_load_generator_replays_a_scaled_trace(service, tmp_path):
     assert summary["tokens"]["output"] == sum(r.output_length for r in trace)
     assert summary["ttft"]["p50_ms"] <= summary["e2e"]["p50_ms"]
     assert all((out / name).stat().st_size > 5000 for name in ("timeline.png", "latency_over_time.png", "cdf.png"))
+
+
+def test_a_decode_replica_killed_mid_stream_ends_the_stream_with_an_error_and_serve_replaces_it(client, service):
+    """Last in this module (it restarts the decode engine). The stream's client gets an error event within 5 s of
+    the kill, never a hang; Serve starts a new replica and the service answers again."""
+    import time
+
+    import ray
+    from openai import APIError
+    from ray import serve
+    from ray.util.state import list_actors
+
+    app, deployment = group_app_name(service.name, "dg-a"), f"{service.name}:dg-a:decode"
+    stream = iter(client.completions.create(model=service.model.id, prompt="a long story", max_tokens=2000,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    next(stream)  # streaming has begun
+    (replica,) = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
+    ray.kill(ray.get_actor(replica.name, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    with pytest.raises(APIError, match="the stream failed"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - killed < 5.0
+    deadline = time.monotonic() + 300  # a new engine loads the model and registers with NIXL
+    while time.monotonic() < deadline:
+        deps = serve.status().applications[app].deployments[deployment]
+        if str(getattr(deps.status, "value", deps.status)) == "HEALTHY" and deps.replica_states.get("RUNNING") == 1:
+            break
+        time.sleep(2)
+    out = client.completions.create(model=service.model.id, prompt="again", max_tokens=4, temperature=0)
+    assert out.choices[0].text is not None and out.usage.completion_tokens == 4
