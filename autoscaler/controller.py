@@ -349,9 +349,7 @@ def stop(service: str) -> bool:
     except ValueError:
         found = False
     RayKV().delete(_kv_key(service))
-    from placement.ray_adapter import SUPPLY_KV_PREFIX, request_supply
-    from ray.experimental import internal_kv
+    from placement.ray_adapter import withdraw_supply
 
-    if internal_kv._internal_kv_exists((SUPPLY_KV_PREFIX + service).encode()):
-        request_supply(service, [], [])  # withdraw its part of the cluster autoscaler's request
+    withdraw_supply(service)  # its part of the cluster autoscaler's request, if it asked for nodes
     return found

@@ -133,6 +133,16 @@ def request_supply(service: str, bundles: list[dict], selectors: list[dict]) -> 
     return len(all_bundles)
 
 
+def withdraw_supply(service: str) -> bool:
+    """Take `service`'s part out of the cluster autoscaler's request (undeploy). Returns whether it had one."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_exists((SUPPLY_KV_PREFIX + service).encode()):
+        return False
+    request_supply(service, [], [])
+    return True
+
+
 def request_target_shape(bundles: list[dict], selectors: list[dict], enabled: bool) -> bool:
     """Ask Ray's cluster autoscaler (v2) for the whole target shape; a no-op unless `enabled` (config flag).
 
