@@ -65,7 +65,6 @@ class ServiceSignals:
     ttft_s: Signal
     tbt_s: Signal
     ttft_s_by_group: Mapping[str, float] = field(default_factory=dict)
-    shed_fraction: float = 0.0  # of the requests offered in the window, the share admission control refused
     note: str = ""  # why a signal is missing, or how it was corrected
 
 
@@ -166,13 +165,12 @@ class SignalStore:
         ttft = histogram.quantile(histogram.merge(ttft_by_group.values()), quantile) if ttft_by_group else None
         per_group = {g: q for g, c in ttft_by_group.items() if (q := histogram.quantile(c, quantile)) is not None}
 
-        shed_fraction = shed / (admitted + shed) if shed else 0.0
         if shed and rates[Role.DECODE] is not None:
             # Shed requests are demand the engines never saw: a capped decode TPS must not read as enough
             # capacity. Scale it by offered / admitted requests (an admitted request stands for the mean one).
-            rates[Role.DECODE] *= (admitted + shed) / max(admitted, 1)
-            notes.append(f"{shed} of {admitted + shed} requests shed in the window: decode demand x"
-                         f"{(admitted + shed) / max(admitted, 1):.2f}")
+            factor = (admitted + shed) / max(admitted, 1)
+            rates[Role.DECODE] *= factor
+            notes.append(f"{shed} of {admitted + shed} requests shed in the window: decode demand x{factor:.2f}")
 
         def signal(value: float | None, at: float | None) -> Signal:
             return Signal(value, at) if value is not None and at is not None else Signal()
@@ -182,4 +180,4 @@ class SignalStore:
             prefill_kv_miss_tps=signal(rates[Role.PREFILL], since[Role.PREFILL]),
             ttft_s=signal(ttft, ingress_fresh),
             tbt_s=signal(tbt, since[Role.DECODE] if rates[Role.DECODE] is not None else None),
-            ttft_s_by_group=per_group, shed_fraction=shed_fraction, note="; ".join(notes))
+            ttft_s_by_group=per_group, note="; ".join(notes))

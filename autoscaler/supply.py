@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from autoscaler.cycle import ClusterView, CycleResult, GroupActionKind
-from common.vocab import DeploymentGroup, NodeInfo, Role, gpu_resource, label_selector
+from common.vocab import DeploymentGroup, NodeInfo, pinned_bundles
 from placement.scheduler import ActionKind, PlacementAction, ScaleRequest, SchedulerConfig, ServiceShape, Unplaced, place
 from placement.topology import build_tree
 
@@ -66,12 +66,6 @@ def groups_after(service: str, view: ClusterView, result: CycleResult) -> list[D
     return [groups[name] for name in sorted(groups)]
 
 
-def _bundles(scope: str, domain: str, gpu_type: str, count: int, gpus_each: int
-             ) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
-    return ([{gpu_resource(gpu_type): float(gpus_each)} for _ in range(count)],
-            [label_selector(scope, domain, gpu_type) for _ in range(count)])
-
-
 def supplied_nodes(nodes: Sequence[NodeInfo], node_types: Sequence[SupplyNodeType]) -> list[NodeInfo]:
     """The nodes each type could still add (max_nodes less the nodes with its labels and size), all GPUs free."""
     out = []
@@ -89,11 +83,11 @@ def plan_supply(service: str, view: ClusterView, result: CycleResult, shape: Ser
     bundles: list[dict[str, float]] = []
     selectors: list[dict[str, str]] = []
     for g in groups:
-        for role, gpu_type, gpus in ((Role.PREFILL, g.prefill_gpu_type or shape.prefill_types[0], shape.gpus_per_prefill),
-                                     (Role.DECODE, g.decode_gpu_type or shape.decode_types[0], shape.gpus_per_decode)):
-            b, s = _bundles(g.scope, g.domain, gpu_type, g.count(role), gpus)
-            bundles += b
-            selectors += s
+        b, s = pinned_bundles(g.scope, g.domain,
+                              ((g.prefill_gpu_type or shape.prefill_types[0], g.num_prefill, shape.gpus_per_prefill),
+                               (g.decode_gpu_type or shape.decode_types[0], g.num_decode, shape.gpus_per_decode)))
+        bundles += b
+        selectors += s
     short_p = sum(max(0, u.num_prefill) for u in result.unplaced if u.service == service)
     short_d = sum(max(0, u.num_decode) for u in result.unplaced if u.service == service)
     if not (short_p or short_d):
@@ -103,9 +97,8 @@ def plan_supply(service: str, view: ClusterView, result: CycleResult, shape: Ser
     placement = place(build_tree(virtual), [ScaleRequest(shape, short_p, short_d, tuple(groups))], scheduler)
     added = tuple(a for a in placement.actions if a.kind in (ActionKind.GROW, ActionKind.CREATE))
     for a in added:
-        for gpu_type, count, gpus in ((a.prefill_gpu_type, a.num_prefill, shape.gpus_per_prefill),
-                                      (a.decode_gpu_type, a.num_decode, shape.gpus_per_decode)):
-            b, s = _bundles(a.scope, a.domain, gpu_type, count, gpus)
-            bundles += b
-            selectors += s
+        b, s = pinned_bundles(a.scope, a.domain, ((a.prefill_gpu_type, a.num_prefill, shape.gpus_per_prefill),
+                                                  (a.decode_gpu_type, a.num_decode, shape.gpus_per_decode)))
+        bundles += b
+        selectors += s
     return SupplyPlan(tuple(bundles), tuple(selectors), added, placement.unplaced)

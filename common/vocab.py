@@ -55,6 +55,15 @@ def label_selector(scope: str, domain: str, gpu_type: str) -> dict[str, str]:
     return selector
 
 
+def pinned_bundles(scope: str, domain: str, parts) -> tuple[list[dict[str, float]], list[dict[str, str]]]:
+    """One placement bundle and its label selector per instance; `parts` are (gpu_type, count, gpus each)."""
+    bundles, selectors = [], []
+    for gpu_type, count, gpus in parts:
+        bundles += [{gpu_resource(gpu_type): float(gpus)} for _ in range(count)]
+        selectors += [label_selector(scope, domain, gpu_type) for _ in range(count)]
+    return bundles, selectors
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What placement and planning know of one accelerator node (from Ray's node table or a generated fleet)."""

@@ -20,6 +20,10 @@ def _address(args) -> str | None:
     return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
+class Unreachable(Exception):
+    """An endpoint or cluster the command needs does not answer; the message says which."""
+
+
 def _check_endpoint(url: str, api_key: str | None) -> None:
     """Fail fast, in one line, when the endpoint a load test targets does not answer `GET /v1/models`."""
     import httpx
@@ -31,10 +35,6 @@ def _check_endpoint(url: str, api_key: str | None) -> None:
         raise Unreachable(f"{url}: GET /v1/models answered {err.response.status_code}") from None
     except httpx.HTTPError as err:
         raise Unreachable(f"cannot reach {url} (GET /v1/models: {type(err).__name__}: {err})") from None
-
-
-class Unreachable(Exception):
-    """An endpoint or cluster the command needs does not answer; the message says which."""
 
 
 def cmd_up(args) -> int:

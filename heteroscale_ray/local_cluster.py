@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -76,9 +76,6 @@ def read_state(temp_dir: str = DEFAULT_TEMP_DIR) -> ClusterState | None:
     data = json.loads(path.read_text())
     data["nodes"] = tuple(data["nodes"])
     return ClusterState(**data)
-
-
-AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 
 
 def _new_auth_token(temp_dir: str) -> Path:
@@ -271,9 +268,6 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
         autoscaling = [f"--autoscaling-config={config_path}"]
         head_env = {**env, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "2",
                     "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
-        for node in spec.nodes:
-            progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2} "
-                     "(started by the autoscaler)")
         for t in spec.node_types:
             progress(f"  ~ node type {t.name}: {t.num_gpus}x {t.gpu_type}, S1={t.s1}, S2={t.s2}, "
                      f"{t.min_nodes}-{t.max_nodes} nodes on demand (Ray autoscaler v2, fake provider)")
@@ -295,12 +289,15 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
         ],
         head_env,
     )
+    state = ClusterState(address=address, dashboard_url=f"http://127.0.0.1:{head.dashboard_port}",
+                         temp_dir=temp_dir, nodes=(), started_at=time.time(), auth_token_path=str(token_path))
     # Written now (and again when every node is up), so a `down` after a failed start finds what the head started.
-    _state_path(temp_dir).write_text(json.dumps(asdict(ClusterState(
-        address=address, dashboard_url=f"http://127.0.0.1:{head.dashboard_port}", temp_dir=temp_dir, nodes=(),
-        started_at=time.time(), auth_token_path=str(token_path)))))
-    for node in spec.nodes if not spec.node_types else ():  # else the autoscaler starts them (min = max = 1)
-        progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}")
+    _state_path(temp_dir).write_text(json.dumps(asdict(state)))
+    for node in spec.nodes:
+        progress(f"  + node {node.name}: {node.num_gpus}x {node.gpu_type}, S1={node.s1}, S2={node.s2}"
+                 + (" (started by the autoscaler)" if spec.node_types else ""))
+        if spec.node_types:
+            continue  # the autoscaler starts it (a node type of its own, min = max = 1)
         for attempt in (1, 2):  # a port can still be taken between picking and binding: retry once
             agent_http, agent_grpc, runtime_env, metrics = _free_ports(4)
             try:
@@ -326,14 +323,7 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
                     raise
                 progress(f"    port clash starting {node.name}; retrying with other ports")
     _wait_for_nodes(address, 1 + len(spec.nodes) + sum(t.min_nodes for t in spec.node_types), 60, env)
-    state = ClusterState(
-        address=address,
-        dashboard_url=f"http://127.0.0.1:{head.dashboard_port}",
-        temp_dir=temp_dir,
-        nodes=tuple(n.name for n in spec.nodes),
-        started_at=time.time(),
-        auth_token_path=str(token_path),
-    )
+    state = replace(state, nodes=tuple(n.name for n in spec.nodes), started_at=time.time())
     _state_path(temp_dir).write_text(json.dumps(asdict(state)))
     use_auth(state)
     progress(f"local cluster up: RAY_ADDRESS={address} (token authentication: RAY_AUTH_MODE=token "

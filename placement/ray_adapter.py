@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Mapping
 
-from common.vocab import LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, NodeInfo, Role, domain_label, gpu_resource, label_selector
+from common.vocab import (LABEL_GPU_TYPE, LABEL_S1, LABEL_S2, NodeInfo, Role, domain_label, gpu_resource,
+                          label_selector, pinned_bundles)
 from placement.scheduler import ActionKind, PlacementAction, ServiceShape
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,9 @@ def probe_bundles(action: PlacementAction, service: ServiceShape) -> tuple[list[
     """Bundles and per-bundle label selectors for the instances an action adds."""
     if action.kind not in (ActionKind.GROW, ActionKind.CREATE):
         raise ValueError(f"only GROW/CREATE actions add instances to probe, got {action.kind.value}")
-    bundles, selectors = [], []
-    for gpu_type, count, gpus in ((action.prefill_gpu_type, action.num_prefill, service.gpus_per_prefill),
-                                  (action.decode_gpu_type, action.num_decode, service.gpus_per_decode)):
-        for _ in range(count):
-            bundles.append({gpu_resource(gpu_type): float(gpus)})
-            selectors.append(label_selector(action.scope, action.domain, gpu_type))
-    return bundles, selectors
+    return pinned_bundles(action.scope, action.domain,
+                          ((action.prefill_gpu_type, action.num_prefill, service.gpus_per_prefill),
+                           (action.decode_gpu_type, action.num_decode, service.gpus_per_decode)))
 
 
 def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.0, keep: bool = False):

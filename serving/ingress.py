@@ -86,9 +86,11 @@ app = init()
 _BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 
 
-def _error(code: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=code, content={"error": {"message": message, "type": kind, "param": param,
-                                                             "code": code}})
+def _error(code: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-style error response."""
+    return JSONResponse(status_code=code, headers=dict(headers) if headers else None,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 @app.middleware("http")
@@ -105,35 +107,37 @@ async def _validate_body(request: Request, call_next):
     model = _BODY_MODELS.get(request.url.path)
     if model is None or request.method != "POST":
         return await call_next(request)
+    refused = await _body_error(request, model)
+    if refused is not None:
+        _REQUESTS.labels(request.url.path, f"http_{refused.status_code}").inc()
+        return refused
+    return await call_next(request)
+
+
+async def _body_error(request: Request, model) -> JSONResponse | None:
+    """The 4xx answer for a bad inference body, or None when `model` accepts it."""
     media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        _REQUESTS.labels(request.url.path, "http_415").inc()
         return _error(415, f"unsupported content type {media!r}: send the body as application/json")
-    raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(await request.body())
     except ValueError as exc:
-        _REQUESTS.labels(request.url.path, "http_400").inc()
         return _error(400, f"the body is not valid JSON: {exc}")
     if not isinstance(data, dict):
-        _REQUESTS.labels(request.url.path, "http_400").inc()
         return _error(400, f"the body must be a JSON object, got {type(data).__name__}")
     nulls = sorted(k for k, v in data.items() if v is None and k in model.model_fields
                    and model.model_fields[k].is_required())
     if nulls:
-        _REQUESTS.labels(request.url.path, "http_400").inc()
         return _error(400, f"invalid request: {nulls[0]}: a required field may not be null", param=nulls[0])
     try:
         model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ())) or None
-        _REQUESTS.labels(request.url.path, "http_400").inc()
         return _error(400, f"invalid request: {field or 'body'}: {first.get('msg', exc)}", param=field)
     except Exception as exc:  # a validator that assumed a type: the client's input is wrong, not the server
-        _REQUESTS.labels(request.url.path, "http_400").inc()
         return _error(400, f"invalid request body: {type(exc).__name__}: {exc}")
-    return await call_next(request)
+    return None
 
 
 @app.middleware("http")
@@ -143,22 +147,16 @@ async def _require_api_key(request: Request, call_next):
         header = request.headers.get("authorization", "")
         if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):  # constant time; never logged
             _REQUESTS.labels(request.url.path, "unauthorized").inc()
-            return JSONResponse(
-                status_code=status.HTTP_401_UNAUTHORIZED,
-                content={"error": {"message": "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                                   "type": "authentication_error", "param": None, "code": 401}},
-            )
+            return _error(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer "
+                          "<key>')", kind="authentication_error")
     return await call_next(request)
 
 
 @app.exception_handler(HTTPException)
 async def _openai_style_http_error(request: Request, exc: HTTPException):
     """FastAPI's HTTPException (e.g. unknown model -> 404) as an OpenAI error object."""
-    return JSONResponse(
-        status_code=exc.status_code,
-        content={"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
-                           else "server_error", "param": None, "code": exc.status_code}},
-    )
+    return _error(exc.status_code, str(exc.detail),
+                  kind="invalid_request_error" if exc.status_code < 500 else "server_error")
 
 
 class _Timeout(Exception):
@@ -359,13 +357,10 @@ class PDIngress(OpenAiIngress):
             return StreamingResponse(stream, media_type="text/event-stream")
         except _Overloaded:
             _REQUESTS.labels(route, "shed").inc()
-            return JSONResponse(
-                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))},
-                content={"error": {"message": f"over capacity: every deployment group holds its bound of "
-                                              f"{self._max_inflight} in-flight requests per decode replica; retry "
-                                              f"after {self._retry_after_s:g} s", "type": "rate_limit_error",
-                                   "param": None, "code": 429}})
+            return _error(status.HTTP_429_TOO_MANY_REQUESTS,
+                          f"over capacity: every deployment group holds its bound of {self._max_inflight} in-flight "
+                          f"requests per decode replica; retry after {self._retry_after_s:g} s",
+                          kind="rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))})
         except _Timeout:
             _REQUESTS.labels(route, "timeout").inc()
             raise OpenAIHTTPException(status_code=status.HTTP_504_GATEWAY_TIMEOUT, type="timeout",
