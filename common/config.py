@@ -180,6 +180,12 @@ class EngineSpec(_Strict):
     )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine kwargs")
     env: dict[str, str] = Field(default_factory=dict, description="extra env vars for every engine process")
+    prefill_attempts: int = Field(
+        3, ge=1, le=10, description="tries of one request's remote prefill: a prefill replica that dies before its "
+        "KV reached the decode engine costs one try, the next goes to another replica of the DG")
+    prefill_probe_interval_s: float = Field(
+        0.5, gt=0, le=30, description="while decode waits for a prefill's KV, it checks this often that the "
+        "prefill replica still lives (a dead one: the decode request is aborted, its KV freed, the prefill retried)")
 
 
 class RoleSpec(_Strict):

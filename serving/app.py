@@ -80,6 +80,8 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str,
             "heteroscale_group": plan.group,
             "heteroscale_controller": controller_name(service.name) if controlled else None,
             "heteroscale_report_interval_s": interval,
+            "heteroscale_prefill_attempts": service.engine.prefill_attempts,
+            "heteroscale_prefill_probe_interval_s": service.engine.prefill_probe_interval_s,
         },
         log_engine_metrics=True,
     )

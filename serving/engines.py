@@ -15,7 +15,13 @@ decodes locally with the KV pulled over NIXL). What we add:
   line says it is not available and those gauges stay unset);
 - `engine_stats()` and `placement()` for the ingress, tests and `heteroscale status`;
 - `DecodeServer.local_completions()`: a completion on this decode engine alone (no remote prefill), which
-  diagnostics and the KV-transfer proof use to hand the engine explicit `kv_transfer_params`.
+  diagnostics and the KV-transfer proof use to hand the engine explicit `kv_transfer_params`;
+- prefill faults (NIXL's sequential handoff): a remote prefill whose replica dies is tried again on another
+  replica of the DG (`engine.prefill_attempts` in all); each prefill answer names the replica that holds the KV,
+  and while the decode engine waits for that KV (until its first output) the decode server checks every
+  `engine.prefill_probe_interval_s` that the replica lives. vLLM has no deadline of its own for a pull from a
+  dead peer; on a dead one the local request is aborted (its KV blocks freed) and the prefill tried again. Out of
+  tries, the request fails with a 503 error, never a hang.
 
 This module imports vLLM (through ray.llm); only engine processes import it.
 """
@@ -23,12 +29,21 @@ This module imports vLLM (through ray.llm); only engine processes import it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+import time
+from typing import Any, AsyncGenerator
 
 import ray
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.llm._internal.common.patches.vllm.tokenize_once import reuse_prompt_token_ids
+from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, ErrorInfo, ErrorResponse
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PDDecodeServer, PDPrefillServer
+from ray.serve._private.constants import SERVE_NAMESPACE
+from ray.serve._private.http_util import session_id_from_headers
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.util import metrics as ray_metrics
 
 from serving.engine_stats import ENGINE_STATS
@@ -135,16 +150,160 @@ class _StatsMixin:
                 "labels": ctx.get_node_labels()}
 
 
+# Our key in a prefill answer's `kv_transfer_params`: [namespace, actor name] of the prefill replica holding the
+# KV. The decode server takes it out before the decode engine sees the params.
+PREFILL_REPLICA_KEY = "heteroscale_prefill_replica"
+# A remote prefill that fails with one of these lost its replica (died, or gone between choice and call).
+_PREFILL_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+_RETRY_BACKOFF_S = 0.2
+
+
+class _PrefillLost(Exception):
+    """The prefill replica holding a request's KV died before the decode engine had pulled it."""
+
+
+def _actor_alive(namespace: str, name: str) -> bool:
+    """False only when Ray says the named actor is gone; an unanswered lookup (GCS busy) is not a death."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:  # no live actor of that name: a dead replica's name is released
+        return False
+    except Exception as exc:
+        logger.warning("could not look up prefill replica %s: %s: %s", name, type(exc).__name__, exc)
+    return True
+
+
+async def _name_kv_holder(gen: AsyncGenerator, holder: list[str]) -> AsyncGenerator:
+    """Re-yield a prefill answer with the replica that holds its KV named in `kv_transfer_params`."""
+    async for chunk in gen:
+        for item in chunk if isinstance(chunk, list) else [chunk]:
+            params = getattr(item, "kv_transfer_params", None)
+            if isinstance(params, dict):
+                item.kv_transfer_params = {**params, PREFILL_REPLICA_KEY: holder}
+        yield chunk
+
+
 class PrefillServer(_StatsMixin, PDPrefillServer):
     async def __init__(self, llm_config, **kwargs):
         await super().__init__(llm_config, **kwargs)
+        self._holder = [SERVE_NAMESPACE, ray.get_runtime_context().get_actor_name()]  # (the job's is another)
         self._init_stats()
+
+    async def completions(self, request, raw_request_info=None):
+        return _name_kv_holder(await super().completions(request, raw_request_info), self._holder)
+
+    async def chat(self, request, raw_request_info=None):
+        return _name_kv_holder(await super().chat(request, raw_request_info), self._holder)
 
 
 class DecodeServer(_StatsMixin, PDDecodeServer):
     async def __init__(self, llm_config, *, prefill_server, **kwargs):
         await super().__init__(llm_config, prefill_server=prefill_server, **kwargs)
+        extra = self._llm_config.experimental_configs
+        self._prefill_attempts = int(extra.get("heteroscale_prefill_attempts", 3))
+        self._probe_interval_s = float(extra.get("heteroscale_prefill_probe_interval_s", 0.5))
+        self._liveness: dict[tuple[str, str], tuple[float, asyncio.Future]] = {}
+        self._prefill_tries_lost = 0  # prefill tries lost to a dead replica (each retried or, if the last, failed)
+        self._prefill_failures = 0  # requests failed after every try was lost
         self._init_stats()
+
+    async def engine_stats(self, window_s: float = STATS_WINDOW_S) -> dict[str, Any]:
+        return {**await super().engine_stats(window_s), "prefill_tries_lost": self._prefill_tries_lost,
+                "prefill_failures": self._prefill_failures}
+
+    async def _pd_handle_request(self, request, raw_request_info=None):
+        """Remote prefill, then local decode (upstream's sequential handoff), with prefill faults handled: see
+        the module docstring. Connectors with peer binding or concurrent handoff keep upstream's flow."""
+        backend = self._get_connector_backend()
+        if backend.requires_peer_binding or backend.concurrent_handoff:
+            async for chunk in super()._pd_handle_request(request, raw_request_info):
+                yield chunk
+            return
+        method = "chat" if isinstance(request, ChatCompletionRequest) else "completions"
+        prefill = getattr(self._prefill_handle_for(raw_request_info), method)
+        why = "no attempt made"
+        for attempt in range(self._prefill_attempts):
+            if attempt:
+                await asyncio.sleep(_RETRY_BACKOFF_S * attempt)
+            prefill_request = backend.prepare_prefill_request(request=request, peer=None)
+            self._request_prefill_token_ids(prefill_request)
+            try:
+                prefill_chunk = await prefill.remote(prefill_request, raw_request_info).__anext__()
+            except _PREFILL_GONE as exc:
+                why = f"the prefill replica was lost ({type(exc).__name__})"
+                self._prefill_tries_lost += 1
+                logger.warning("prefill attempt %d/%d: %s", attempt + 1, self._prefill_attempts, why)
+                continue
+            if isinstance(prefill_chunk, ErrorResponse):
+                logger.error("prefill returned an error: %s", prefill_chunk)
+                yield prefill_chunk
+                return
+            decode_request = backend.prepare_decode_request(request=request, peer=None, prefill_response=prefill_chunk)
+            params = dict(decode_request.kv_transfer_params or {})
+            holder = params.pop(PREFILL_REPLICA_KEY, None)
+            decode_request.kv_transfer_params = params
+            try:
+                with reuse_prompt_token_ids(self._decode_reuse_ids(prefill_chunk)):
+                    async with contextlib.aclosing(self._decode_while_kv_holder_lives(
+                            method, decode_request, raw_request_info, holder)) as stream:
+                        async for chunk in stream:
+                            yield chunk
+                return
+            except _PrefillLost as exc:
+                why = str(exc)
+                self._prefill_tries_lost += 1
+                logger.warning("prefill attempt %d/%d: %s", attempt + 1, self._prefill_attempts, why)
+        self._prefill_failures += 1
+        yield ErrorResponse(error=ErrorInfo(
+            message=f"prefill failed {self._prefill_attempts} time(s); last: {why}", type="ServiceUnavailable",
+            code=503))
+
+    def _prefill_handle_for(self, raw_request_info):
+        """The prefill handle with the request's LoRA model and session affinity (as upstream)."""
+        handle = self._prefill_handle
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            handle = handle.options(multiplexed_model_id=model_id)
+        session_id = session_id_from_headers(raw_request_info.headers) if raw_request_info is not None else None
+        return handle.options(session_id=session_id) if session_id else handle
+
+    async def _decode_while_kv_holder_lives(self, method: str, request, raw_request_info,
+                                            holder: list[str] | None) -> AsyncGenerator:
+        """Local decode; until its first output (the KV has arrived by then) the prefill replica holding the KV
+        must live, else the local request is aborted and `_PrefillLost` raised (nothing was yielded yet)."""
+        local = await getattr(LLMServer, method)(self, request, raw_request_info)
+        first = asyncio.ensure_future(local.__anext__())
+        try:
+            while holder is not None and not first.done():
+                if not await self._alive(holder):
+                    raise _PrefillLost(f"prefill replica {holder[1]} died before its KV reached the decode engine")
+                await asyncio.wait({first}, timeout=self._probe_interval_s)
+            try:
+                chunk = await first
+            except StopAsyncIteration:
+                return
+            if isinstance(chunk, ErrorResponse) and holder is not None and not await self._alive(holder):
+                raise _PrefillLost(f"the KV pull from dead prefill replica {holder[1]} failed: {chunk.error.message}")
+            yield chunk
+            async for chunk in local:
+                yield chunk
+        finally:
+            if not first.done():  # abort the engine request: vLLM aborts on cancellation and frees its blocks
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await first
+            with contextlib.suppress(BaseException):
+                await local.aclose()
+
+    async def _alive(self, holder: list[str]) -> bool:
+        """Whether the prefill replica lives; one lookup per replica per probe interval, shared by all waiters."""
+        key, now = (holder[0], holder[1]), time.monotonic()
+        cached = self._liveness.get(key)
+        if cached is None or now - cached[0] >= self._probe_interval_s:
+            self._liveness = {k: v for k, v in self._liveness.items() if now - v[0] < 60.0}
+            cached = (now, asyncio.ensure_future(asyncio.to_thread(_actor_alive, *key)))
+            self._liveness[key] = cached
+        return await asyncio.shield(cached[1])
 
     async def local_completions(self, request):
         """Run a completion on this engine only (no remote prefill); returns the non-streamed response."""
@@ -152,4 +311,21 @@ class DecodeServer(_StatsMixin, PDDecodeServer):
         last = None
         async for chunk in gen:
             last = chunk
+        return last
+
+    async def decode_with_kv_from(self, request):
+        """Diagnostics and fault tests: decode `request` locally with the `kv_transfer_params` it carries (a
+        prefill answer's, holder included) under the same liveness watch as served requests. Returns the
+        non-streamed response, or the `_PrefillLost` message as an error response."""
+        params = dict(request.kv_transfer_params or {})
+        holder = params.pop(PREFILL_REPLICA_KEY, None)
+        request = request.model_copy(update={"kv_transfer_params": params})
+        last = None
+        try:
+            async with contextlib.aclosing(self._decode_while_kv_holder_lives(
+                    "completions", request, None, holder)) as stream:
+                async for chunk in stream:
+                    last = chunk
+        except _PrefillLost as exc:
+            return ErrorResponse(error=ErrorInfo(message=str(exc), type="ServiceUnavailable", code=503))
         return last
