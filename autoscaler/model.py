@@ -36,6 +36,7 @@ class Reason(str, Enum):
     SOFT_SCALE_IN_OBSERVING = "soft_scale_in_observing"
     SOFT_SCALE_IN_DONE = "soft_scale_in_done"  # SLOs held through the window: terminate withdrawn
     SOFT_SCALE_IN_SLO_DEGRADED = "soft_scale_in_slo_degraded"  # restore withdrawn instances
+    CANCEL_STARTING = "cancel_starting"  # a scale-in while replicas still start: those go first, at once
     BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
 
 

@@ -206,6 +206,15 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
     if dampen and current[1] - desired[1] > max_step:
         desired, diag = cfg.pair_for_decode(current[1] - max_step), replace(diag, dampened=True)
+    # Replicas still starting hold no request: a scale-in lowers the targets by them first, at once (Serve stops
+    # replicas that are not running first), and withdraws no ready one meanwhile -- withdrawing the last ready
+    # replica of a role while its replacements start left nothing routable. The rest waits for the next cycle.
+    starting_counts = (0, 0) if obs is None else (obs.prefill.pending, obs.decode.pending)
+    cut = tuple(want if want >= have else max(want, have - pending)  # a role that grows grows now
+                for want, have, pending in zip(desired, current, starting_counts))
+    if any(c < have for c, have in zip(cut, current)):
+        new = replace(st, target_prefill=cut[0], target_decode=cut[1], last_scale_in_s=now_s)
+        return _decision(Action.SCALE_IN, Reason.CANCEL_STARTING, new, cfg, diag), new
     return _scale_in(cfg, st, desired, now_s, reason, diag)
 
 

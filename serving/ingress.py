@@ -2,7 +2,8 @@
 
 Builds on Ray Serve LLM's `OpenAiIngress` (request models, validation-error handling, SSE framing) and adds:
 choice of deployment group (DG) per request, weighted by each DG's routable decode replicas (least in-flight
-per weight; round-robin on ties; a DG of weight 0 gets nothing new), a withdraw/restore switch per DG,
+per weight; round-robin on ties; a DG of weight 0 gets nothing new while another has weight, and when none has,
+all share alike), a withdraw/restore switch per DG,
 configurable timeouts (whole request, or first token plus idle gap when streaming), an optional API key,
 `GET /health`, `GET /metrics` (Prometheus text) and `GET /v1/heteroscale/stats` (what each DG served). Each
 DG's decode deployment (its own Serve application) drives its own DG's prefill.
@@ -218,6 +219,7 @@ class PDIngress(OpenAiIngress):
         self._set_table(dict(groups))
         super().__init__(llm_deployments={card.id: next(iter(self._groups.values()))}, model_cards={card.id: card})
         self._withdrawn: set[str] = set()
+        self._all_zero_warned = False
         self._tiebreak = itertools.count()
         self._request_timeout_s = request_timeout_s
         self._stream_idle_timeout_s = stream_idle_timeout_s
@@ -276,17 +278,34 @@ class PDIngress(OpenAiIngress):
 
     # ---- routing across deployment groups ---------------------------------------------------------------------
 
+    def _weights(self) -> dict[str, float]:
+        """Routing weight per DG not withdrawn here. When every such DG has weight 0 (the controller sees no
+        routable decode replica: e.g. Serve's controller restarting lists its replicas as recovering, or a DG's
+        last replica is being replaced), each gets weight 1: a request must go somewhere, and Serve's router
+        holds it until a replica can take it (bounded by the request timeout) instead of a 503 here."""
+        open_groups = [g for g in self._groups if g not in self._withdrawn]
+        weights = {g: self._entries[g].weight for g in open_groups if self._entries[g].weight > 0}
+        if not weights and open_groups:
+            if not self._all_zero_warned:
+                logger.warning("no deployment group has a routable decode replica; routing to all of %s",
+                               sorted(open_groups))
+                self._all_zero_warned = True
+            return {g: 1.0 for g in open_groups}
+        self._all_zero_warned = False
+        return weights
+
     def _pick_group(self) -> str:
-        admitted = [g for g in self._groups if g not in self._withdrawn and self._entries[g].weight > 0]
-        if not admitted:
+        weights = self._weights()
+        if not weights:
             raise OpenAIHTTPException(status_code=503, message="no deployment group is admitted to routing",
                                       type="ServiceUnavailable")
+        admitted = list(weights)
         if self._max_inflight is not None:  # admission control: only DGs below their bound take more
-            admitted = [g for g in admitted if self._inflight[g] < self._max_inflight * self._entries[g].weight]
+            admitted = [g for g in admitted if self._inflight[g] < self._max_inflight * weights[g]]
             if not admitted:
                 self._shed += 1
                 raise _Overloaded()
-        load = {g: (self._inflight[g] + 1) / self._entries[g].weight for g in admitted}
+        load = {g: (self._inflight[g] + 1) / weights[g] for g in admitted}
         low = min(load.values())
         candidates = [g for g in admitted if load[g] == low]
         return candidates[next(self._tiebreak) % len(candidates)]

@@ -141,6 +141,22 @@ def test_groups_are_weighted_by_routable_decode_replicas_and_weight_zero_gets_no
     asyncio.run(main())
 
 
+def test_when_no_group_has_a_routable_decode_replica_all_share_alike_instead_of_a_503():
+    """Serve's controller restarting lists live replicas as recovering: the table says weight 0 everywhere for a
+    moment, but the replicas still serve; a withdrawn DG stays out."""
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a", "b", "c"], gate, weights={"a": 0, "b": 0, "c": 0})
+        await ingress.set_withdrawn(["c"])
+        tasks = [asyncio.create_task(_collect(ingress, i)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        assert ingress._inflight == {"a": 2, "b": 2, "c": 0}
+        gate.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
 def test_a_new_routing_table_adds_and_removes_groups_at_run_time():
     async def main():
         gate = asyncio.Event()

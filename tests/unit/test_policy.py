@@ -83,6 +83,12 @@ SCENARIOS = [
      (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
     ("soft scale-in restores when load returns", state(soft=SOFT), obs(600),
      (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
+    ("a scale-in while replicas start cancels those first, at once, withdrawing no ready one",
+     state(3, 3), replace(obs(20), decode=RoleCounts(ready=1, pending=2), prefill=RoleCounts(ready=1, pending=2)),
+     (Action.SCALE_IN, Reason.CANCEL_STARTING, 1, 2, 0, 0)),  # (dampened to -50 %)
+    ("a scale-in deeper than what starts cancels what starts first (the rest next cycle)",
+     state(), replace(obs(300), decode=RoleCounts(ready=5, pending=1), prefill=RoleCounts(ready=2)),
+     (Action.SCALE_IN, Reason.CANCEL_STARTING, 2, 5, 0, 0)),
     ("soft scale-in never terminates on missing data", state(soft=replace(SOFT, started_s=NOW - 900)),
      obs(None), (Action.HOLD, Reason.NO_DATA, 2, 6, 1, 3)),
 ]
