@@ -5,7 +5,10 @@ Per service (the `service` label every engine and ingress series carries):
 - decode tokens/s: the sum of the decode replicas' `ray_heteroscale_engine_decode_tokens_per_second`;
 - KV-miss prefill tokens/s: the sum of the prefill replicas' `…_prefill_computed_tokens_per_second`;
 - TTFT: the quantile of the ingress histogram `heteroscale_ingress_ttft_seconds` over the signal window;
-- TBT: the highest `…_tbt_p90_seconds` of the decode replicas (each replica's own window quantile).
+- TBT: the highest `…_tbt_p90_seconds` of the decode replicas (each replica's own window quantile);
+- shed demand: requests the ingress refused (`heteroscale_ingress_shed_total`) are demand the engines never saw:
+  decode tokens/s is scaled by offered / admitted requests over the window (`…_routed_total` is admitted), as
+  the push path does, so a pool capped by its own admission bound still scales out.
 Each signal is stamped with the time of the newest raw sample behind it (`timestamp()`), not the query time. A
 target that stops answering gets Prometheus's staleness markers (its series vanish: missing signals); samples
 that stop arriving without them (Prometheus stopped scraping, a lagging federation or remote read) are still
@@ -53,6 +56,13 @@ def service_queries(service: str, quantile: float, window_s: float) -> dict[str,
     }
 
 
+def demand_queries(service: str, window_s: float) -> tuple[str, str]:
+    """(admitted, shed) requests per second at the service's ingress over the window."""
+    sel, window = f'service="{service}"', f"{max(int(round(window_s)), 1)}s"
+    return (f"sum(rate(heteroscale_ingress_routed_total{{{sel}}}[{window}]))",
+            f"sum(rate(heteroscale_ingress_shed_total{{{sel}}}[{window}]))")
+
+
 def http_query(url: str, promql: str, timeout_s: float) -> list[dict]:
     target = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
     try:
@@ -86,6 +96,7 @@ class PrometheusSource:
         queries = service_queries(self.service, quantile, window_s)
         try:
             values = {name: (self._scalar(q.value), self._scalar(q.freshness)) for name, q in queries.items()}
+            admitted, shed = (self._scalar(q) for q in demand_queries(self.service, window_s))
         except (OSError, ValueError) as exc:
             return ServiceSignals(Signal(), Signal(), Signal(), Signal(),
                                   note=f"prometheus at {self.url} unavailable: {exc}"[:300])
@@ -103,5 +114,12 @@ class PrometheusSource:
         missing = [n for n, s in signals.items() if s.value is None]
         if missing and not note:
             note = f"prometheus has no series for {', '.join(missing)}"
+        decode = signals["decode_tps"]
+        if shed and decode.value is not None:  # as the push path: counts in the window, an admitted request
+            n_admitted, n_shed = (admitted or 0.0) * window_s, shed * window_s  # stands for the mean one
+            factor = (n_admitted + n_shed) / max(n_admitted, 1.0)
+            signals["decode_tps"] = Signal(decode.value * factor, decode.sampled_at_s)
+            shed_note = f"{shed:.2f}/s shed of {shed + (admitted or 0.0):.2f}/s offered: decode demand x{factor:.2f}"
+            note = f"{note}; {shed_note}" if note else shed_note
         return ServiceSignals(signals["decode_tps"], signals["prefill_kv_miss_tps"], signals["ttft_s"],
                               signals["tbt_s"], note=note)

@@ -63,6 +63,8 @@ _INFLIGHT = Gauge("heteroscale_ingress_inflight", "requests in flight per deploy
                   ("service", "deployment_group"), registry=_REGISTRY)
 _ROUTED = Counter("heteroscale_ingress_routed", "requests routed per deployment group", ("service", "deployment_group"),
                   registry=_REGISTRY)
+_SHED = Counter("heteroscale_ingress_shed", "requests refused by admission control (429): demand the engines never "
+                "saw", ("service",), registry=_REGISTRY)
 _TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first streamed chunk, per deployment "
                   "group", ("service", "deployment_group"), registry=_REGISTRY,
                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 120))
@@ -376,6 +378,7 @@ class PDIngress(OpenAiIngress):
             return StreamingResponse(stream, media_type="text/event-stream")
         except _Overloaded:
             _REQUESTS.labels(route, "shed").inc()
+            _SHED.labels(self._service).inc()
             return _error(status.HTTP_429_TOO_MANY_REQUESTS,
                           f"over capacity: every deployment group holds its bound of {self._max_inflight} in-flight "
                           f"requests per decode replica; retry after {self._retry_after_s:g} s",

@@ -6,7 +6,7 @@ Prometheus that does not answer gives missing signals and a hold too."""
 import time
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from autoscaler.model import Action, Observation, PolicyConfig, Reason, ServiceObservation
 from autoscaler.policy import decide_service
@@ -16,6 +16,7 @@ from heteroscale_ray import prometheus
 PROM_PORT = 9393
 EXPORTER_PORT = 9394
 SERVICE = "tiny-chat"
+SHEDDING = "shedding"
 STALE_S = 12.0
 
 
@@ -33,6 +34,13 @@ def stack(tmp_path_factory):
         prefill.labels(SERVICE, "prefill", replica).set(1000.0)
         tbt.labels(SERVICE, "decode", replica).set(0.02 if replica == "dg-a" else 0.04)
     decode.labels("other-service", "decode", "dg-a").set(9999.0)  # another service's series stays out
+    decode.labels(SHEDDING, "decode", "dg-a").set(100.0)  # a service whose ingress sheds a quarter of its load
+    routed = Counter("heteroscale_ingress_routed", "", ("service", "deployment_group"), registry=registry)
+    shed = Counter("heteroscale_ingress_shed", "", ("service",), registry=registry)
+
+    def offer(admitted: int, refused: int) -> None:
+        routed.labels(SHEDDING, "dg-a").inc(admitted)
+        shed.labels(SHEDDING).inc(refused)
     server, thread = start_http_server(EXPORTER_PORT, addr="127.0.0.1", registry=registry)
     temp = tmp_path_factory.mktemp("prom")
     url = prometheus.start(str(temp), [f"127.0.0.1:{EXPORTER_PORT}"], port=PROM_PORT, progress=lambda *_: None)
@@ -40,7 +48,7 @@ def stack(tmp_path_factory):
     def observe_ttft():
         for _ in range(200):
             ttft.labels(SERVICE, "dg-a").observe(0.3)
-    yield {"url": url, "server": server, "observe_ttft": observe_ttft, "temp": temp}
+    yield {"url": url, "server": server, "observe_ttft": observe_ttft, "temp": temp, "offer": offer}
     server.shutdown()
     from heteroscale_ray.local_cluster import down
 
@@ -49,6 +57,20 @@ def stack(tmp_path_factory):
 
 def signals(source: PrometheusSource, now_s: float = 1000.0):
     return source.signals((), now_s, window_s=30.0, staleness_limit_s=STALE_S, quantile=0.9)
+
+
+def test_shed_requests_count_as_decode_demand(stack):
+    """Offered = admitted + shed: 30 admitted and 10 shed per step make 100 decode tokens/s stand for 133."""
+    source = PrometheusSource(stack["url"], SHEDDING)
+    deadline, sig = time.monotonic() + 60, None
+    while time.monotonic() < deadline:  # bounded: rates need two scrapes that saw the counters grow
+        stack["offer"](30, 10)
+        sig = signals(source)
+        if sig.decode_tps.value is not None and sig.decode_tps.value > 100.0:
+            break
+        time.sleep(1)
+    assert 125.0 < sig.decode_tps.value < 140.0, sig  # x4/3 (rate() extrapolation blurs the edges a little)
+    assert "shed" in sig.note and "decode demand x1.3" in sig.note, sig.note
 
 
 def test_values_arrive_then_a_dead_exporter_turns_stale_and_the_policy_holds(stack):
