@@ -313,6 +313,8 @@ def test_the_prometheus_signal_source_drives_the_policy_and_an_unreachable_serve
         sent.append(promql)
         if promql.startswith("max(timestamp("):
             return [{"value": [0, str(h.clock.t)]}]  # fresh samples (the fake wall clock is the test clock)
+        if "ingress_shed" in promql:
+            return []  # nothing shed: no series
         return [{"value": [0, "180" if "decode_tokens_per_second" in promql else "0.1"]}]
 
     h.ctl.world.source._fetch, h.ctl.world.source._wall = fetch, h.clock
