@@ -14,3 +14,14 @@ def write_result(name: str, result: dict, path: str | Path | None = None) -> Pat
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return out
+
+
+def merge_result(name: str, key: str, value: dict, path: str | Path | None = None) -> Path:
+    """Set one key of bench/results/<name>.json, keeping what other runs wrote there (the reliability figures
+    come from several tests and a benchmark)."""
+    out = Path(path) if path else RESULTS / f"{name}.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result[key] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out

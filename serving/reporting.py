@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable
 
 from common.vocab import CONTROLLER_NAMESPACE
@@ -17,15 +18,25 @@ async def report_forever(controller_name: str, method: str, interval_s: float, p
                          on_answer: Callable[[dict], Any]) -> None:
     import ray
 
-    controller = None
+    controller, failing_since = None, None
     while True:
+        started = time.monotonic()
         try:
             if controller is None:
                 controller = await asyncio.to_thread(ray.get_actor, controller_name, CONTROLLER_NAMESPACE)
             answer = await asyncio.wait_for(getattr(controller, method).remote(payload()),
                                             timeout=max(5.0, 5 * interval_s))
             on_answer(answer)
-        except Exception as exc:  # never let reporting touch serving
+            if failing_since is not None:
+                logger.info("%s to %s works again after %.1f s", method, controller_name,
+                            time.monotonic() - failing_since)
+                failing_since = None
+            elif time.monotonic() - started > 2 * interval_s:
+                logger.warning("%s to %s took %.1f s", method, controller_name, time.monotonic() - started)
+        except Exception as exc:  # never let reporting touch serving; say so once per outage
             controller = None
-            logger.debug("report %s to %s failed: %s", method, controller_name, exc)
+            if failing_since is None:
+                failing_since = started
+                logger.warning("%s to %s failed (%s: %s); serving goes on with the last answer", method,
+                               controller_name, type(exc).__name__, str(exc)[:200])
         await asyncio.sleep(interval_s)

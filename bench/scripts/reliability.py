@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.load import loadgen  # noqa: E402
 from bench.load.stats import percentile  # noqa: E402
 from bench.load.traces import TraceRequest  # noqa: E402
-from bench.results_io import RESULTS, write_result  # noqa: E402
+from bench.results_io import merge_result  # noqa: E402
 from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402
 from heteroscale_ray import local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402
@@ -124,9 +124,7 @@ def main() -> int:
                    progress=lambda m: print(m, file=sys.stderr))
         print("overload, admission off (baseline): the same arrivals", file=sys.stderr)
         off = account(run_load(overload, prompts), args.overload_s)
-        previous = RESULTS / "reliability.json"
-        result = json.loads(previous.read_text()) if previous.exists() else {}
-        result["overload"] = {
+        figures = {
             "setup": {"engines": "1 prefill + 1 decode vLLM (CPU, tiny model), one deployment group",
                       "bound_per_decode_replica": args.bound, "input_tokens": INPUT_TOKENS,
                       "output_tokens": OUTPUT_TOKENS, "ttft_slo_s": TTFT_SLO_S, "tbt_slo_s": TBT_SLO_S},
@@ -136,7 +134,8 @@ def main() -> int:
                        if on["admitted_ttft_p99_s"] and off["admitted_ttft_p99_s"] else None},
             "wall_s": round(time.time() - started, 1),
         }
-        write_result("reliability", result)
+        print(json.dumps(figures, indent=2))
+        merge_result("reliability", "overload", figures)
         return 0
     finally:
         svc.disconnect()

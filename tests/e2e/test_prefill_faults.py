@@ -15,6 +15,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
+from bench.results_io import merge_result
 from common.config import parse_cluster_spec, parse_service_spec
 from common.vocab import group_app_name
 from heteroscale_ray import local_cluster
@@ -166,11 +167,15 @@ def test_a_kv_pull_from_a_killed_prefill_fails_within_a_bounded_time_and_frees_d
     result = _handle(service, "decode").decode_with_kv_from.remote(decode_request).result(timeout_s=60)
     took = time.monotonic() - start
     print(f"\nKV pull from a killed prefill: failed after {took:.2f} s: {getattr(result, 'error', result)}")
+    usage = _kv_usage_back_to(service, client, baseline)
+    print(f"decode KV usage: baseline {baseline:.4f}, after {usage:.4f}")
+    merge_result("reliability", "kv_pull_from_killed_prefill", {
+        "what": "real engines: a prefill answer's KV holder killed before decode pulls; decode must fail fast",
+        "failed_after_s": round(took, 3), "error_code": getattr(getattr(result, "error", None), "code", None),
+        "decode_kv_usage_baseline": baseline, "decode_kv_usage_after": usage, "survived": True})
     assert isinstance(result, ErrorResponse) and result.error.code == 503, result
     assert holder[1] in result.error.message
     assert took < 10.0  # vLLM alone waits for its KV lease (minutes)
-    usage = _kv_usage_back_to(service, client, baseline)
-    print(f"decode KV usage: baseline {baseline:.4f}, after {usage:.4f}")
     assert usage <= baseline + 0.01
     _wait_replaced(service, replicas)
 
@@ -212,9 +217,14 @@ def test_a_prefill_killed_under_load_loses_no_request(service, client, prompts):
     lost = after["prefill_tries_lost"] - before["prefill_tries_lost"]
     failures = [r for r in results if r != "ok"]
     print(f"\n{len(results)} requests, {len(failures)} failed, prefill tries lost to the kill: {lost}")
+    usage = _kv_usage_back_to(service, client, baseline)
+    print(f"decode KV usage: baseline {baseline:.4f}, after {usage:.4f}")
+    merge_result("reliability", "prefill_killed_under_load", {
+        "what": "real engines, 2 prefill + 1 decode: a busy prefill replica killed while 6 clients send",
+        "sent": len(results), "ok": len(results) - len(failures), "failed": len(failures),
+        "prefill_tries_lost_and_retried": lost, "decode_kv_usage_baseline": baseline,
+        "decode_kv_usage_after": usage})
     assert results and not failures, failures[:3]
     assert lost >= 1  # the kill hit requests in flight: they were retried, not lost
     assert after["prefill_failures"] == before["prefill_failures"]
-    usage = _kv_usage_back_to(service, client, baseline)
-    print(f"decode KV usage: baseline {baseline:.4f}, after {usage:.4f}")
     assert usage <= baseline + 0.01

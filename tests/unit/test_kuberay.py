@@ -62,6 +62,14 @@ def test_the_raycluster_spec_validates_against_the_rayservice_crd_schema():
     broken["workerGroupSpecs"][0]["maxReplicas"] = "four"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema["properties"]["spec"]["properties"]["rayClusterConfig"])
+    # a head restart keeps the cluster only with GCS fault tolerance (schema-checked: a wrong backend fails)
+    assert set(spec["gcsFaultToleranceOptions"]) <= set(
+        schema["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]["gcsFaultToleranceOptions"]
+        ["properties"])
+    broken = copy.deepcopy(spec)
+    broken["gcsFaultToleranceOptions"]["backend"] = "etcd"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema["properties"]["spec"]["properties"]["rayClusterConfig"])
 
 
 def test_worker_groups_and_the_service_file_agree_as_heteroscale_validate_checks():
