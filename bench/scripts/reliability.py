@@ -1,6 +1,6 @@
 """Overload with real engines: admission control on vs off, side by side in one run on the local labelled cluster
 (one deployment group, 1 prefill + 1 decode vLLM engine, fixed replica counts). Writes
-bench/results/reliability.json (merged with what other reliability runs wrote there).
+bench/results/reliability.json under `overload_bound_<bound>` (other keys: what the fault and fuzz tests measured).
 
 1. capacity: open-loop at a rate well past what the group serves, admission on: the admitted throughput is the
    group's capacity at the bound (ok requests per second);
@@ -135,7 +135,7 @@ def main() -> int:
             "wall_s": round(time.time() - started, 1),
         }
         print(json.dumps(figures, indent=2))
-        merge_result("reliability", "overload", figures)
+        merge_result("reliability", f"overload_bound_{args.bound}", figures)  # one key per bound
         return 0
     finally:
         svc.disconnect()
