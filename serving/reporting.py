@@ -31,8 +31,6 @@ async def report_forever(controller_name: str, method: str, interval_s: float, p
                 logger.info("%s to %s works again after %.1f s", method, controller_name,
                             time.monotonic() - failing_since)
                 failing_since = None
-            elif time.monotonic() - started > 2 * interval_s:
-                logger.warning("%s to %s took %.1f s", method, controller_name, time.monotonic() - started)
         except Exception as exc:  # never let reporting touch serving; say so once per outage
             controller = None
             if failing_since is None:
