@@ -248,6 +248,17 @@ def up(spec: ClusterSpec, temp_dir: str = DEFAULT_TEMP_DIR, progress=print) -> C
             "lower memory_gb of the head or nodes"
         )
     down(temp_dir, progress=lambda *_: None)  # leftovers of a crashed run
+    try:
+        return _start(spec, temp_dir, progress)
+    except BaseException:
+        # A node that failed to start (e.g. a port taken between picking and binding) must not leave the head
+        # and the other nodes running: a later caller would find a half cluster, or ports still held.
+        progress("local cluster failed to start; stopping what did start")
+        down(temp_dir, progress=lambda *_: None)
+        raise
+
+
+def _start(spec: ClusterSpec, temp_dir: str, progress) -> ClusterState:
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)

@@ -227,7 +227,10 @@ def test_load_generator_replays_a_scaled_trace(service, tmp_path):
     for row, req in zip(rows, trace):
         assert row["status"] == "ok" and row["output_tokens"] == req.output_length
         assert 0 < row["ttft_s"] <= row["e2e_s"]
-        assert 1 <= len(row["itls_s"]) <= req.output_length - 1
+        # vLLM merges the tokens a slow reader has not yet taken into one chunk, so one request may arrive whole
+        # (seen in CI: 8 tokens in one chunk); never more gaps than tokens, and the run as a whole streams
+        assert len(row["itls_s"]) <= req.output_length - 1
+    assert sum(len(row["itls_s"]) for row in rows) >= len(rows)
     assert summary["tokens"]["output"] == sum(r.output_length for r in trace)
     assert summary["ttft"]["p50_ms"] <= summary["e2e"]["p50_ms"]
     assert all((out / name).stat().st_size > 5000 for name in ("timeline.png", "latency_over_time.png", "cdf.png"))

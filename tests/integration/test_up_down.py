@@ -63,3 +63,27 @@ def test_up_then_down_twice_leaves_no_process_and_no_port():
         held = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"} & ports
         assert not held, held
         assert not local_cluster.is_running(TEMP_DIR)
+
+
+def test_a_node_that_fails_to_start_leaves_nothing_running(monkeypatch):
+    """The head starts, the worker node's `ray start` fails (in CI: a port taken between picking and binding,
+    twice): `up` raises and stops the head it started, so the next `up` and other clusters find no leftovers."""
+    real_run = local_cluster._run
+
+    def run(cmd, env):
+        if "--head" not in cmd:
+            raise RuntimeError("ray start failed: simulated node failure (not a port clash, so no retry)")
+        real_run(cmd, env)
+
+    monkeypatch.setattr(local_cluster, "_run", run)
+    said = []
+    try:
+        local_cluster.up(SPEC, temp_dir=TEMP_DIR, progress=said.append)
+    except RuntimeError as err:
+        assert "simulated node failure" in str(err)
+    else:
+        raise AssertionError("up() returned although its node failed to start")
+    assert any("starting Ray head" in line for line in said)  # the head did start before the node failed
+    assert "failed to start; stopping what did start" in said[-1]
+    assert not local_cluster.is_running(TEMP_DIR)
+    assert not [p.pid for p in psutil.process_iter() if _mentions_us(p)]
