@@ -8,9 +8,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_result(name: str, result: dict, path: str | Path | None = None) -> Path:
+def _out(name: str, path: str | Path | None) -> Path:
     out = Path(path) if path else RESULTS / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_result(name: str, result: dict, path: str | Path | None = None) -> Path:
+    out = _out(name, path)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return out
@@ -19,9 +24,8 @@ def write_result(name: str, result: dict, path: str | Path | None = None) -> Pat
 def merge_result(name: str, key: str, value: dict, path: str | Path | None = None) -> Path:
     """Set one key of bench/results/<name>.json, keeping what other runs wrote there (the reliability figures
     come from several tests and a benchmark)."""
-    out = Path(path) if path else RESULTS / f"{name}.json"
+    out = _out(name, path)
     result = json.loads(out.read_text()) if out.exists() else {}
     result[key] = value
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return out

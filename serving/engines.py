@@ -158,6 +158,12 @@ _PREFILL_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableEr
 _RETRY_BACKOFF_S = 0.2
 
 
+def _without_holder(kv_transfer_params: dict | None) -> tuple[dict, list[str] | None]:
+    """A prefill answer's KV params split into what the decode engine gets and the KV holder we tagged."""
+    params = dict(kv_transfer_params or {})
+    return params, params.pop(PREFILL_REPLICA_KEY, None)
+
+
 class _PrefillLost(Exception):
     """The prefill replica holding a request's KV died before the decode engine had pulled it."""
 
@@ -239,9 +245,7 @@ class DecodeServer(_StatsMixin, PDDecodeServer):
                 yield prefill_chunk
                 return
             decode_request = backend.prepare_decode_request(request=request, peer=None, prefill_response=prefill_chunk)
-            params = dict(decode_request.kv_transfer_params or {})
-            holder = params.pop(PREFILL_REPLICA_KEY, None)
-            decode_request.kv_transfer_params = params
+            decode_request.kv_transfer_params, holder = _without_holder(decode_request.kv_transfer_params)
             try:
                 with reuse_prompt_token_ids(self._decode_reuse_ids(prefill_chunk)):
                     async with contextlib.aclosing(self._decode_while_kv_holder_lives(
@@ -317,8 +321,7 @@ class DecodeServer(_StatsMixin, PDDecodeServer):
         """Diagnostics and fault tests: decode `request` locally with the `kv_transfer_params` it carries (a
         prefill answer's, holder included) under the same liveness watch as served requests. Returns the
         non-streamed response, or the `_PrefillLost` message as an error response."""
-        params = dict(request.kv_transfer_params or {})
-        holder = params.pop(PREFILL_REPLICA_KEY, None)
+        params, holder = _without_holder(request.kv_transfer_params)
         request = request.model_copy(update={"kv_transfer_params": params})
         last = None
         try:
