@@ -19,14 +19,17 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-# System packages the project uses: Debian's prometheus (`heteroscale up --prometheus`, the metrics tests).
+# System packages the project uses: Debian's prometheus (`heteroscale up --prometheus`, the metrics tests) and
+# redis-server (GCS fault tolerance of the local cluster: `head.redis_port`, the head-restart test).
 system-deps:
-	@command -v prometheus >/dev/null || test -x /usr/bin/prometheus || { \
-	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian's prometheus (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-	    || { echo "error: apt-get install prometheus failed" >&2; exit 1; }; \
-	  else echo "warning: prometheus is not installed and this is not root: run 'sudo apt-get install prometheus'" \
-	    "(needed by heteroscale up --prometheus and its tests)" >&2; fi; }
+	@missing=""; command -v prometheus >/dev/null || test -x /usr/bin/prometheus || missing=" prometheus"; \
+	command -v redis-server >/dev/null || test -x /usr/bin/redis-server || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian's$$missing (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	    || { echo "error: apt-get install$$missing failed" >&2; exit 1; }; \
+	  else echo "warning:$$missing not installed and this is not root: run 'sudo apt-get install$$missing'" \
+	    "(prometheus: heteroscale up --prometheus; redis-server: head.redis_port; both: their tests)" >&2; fi; fi
 
 install: $(STAMP) system-deps
 

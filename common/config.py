@@ -47,6 +47,17 @@ class HeadSpec(_Strict):
     object_store_memory_mb: int = Field(256, ge=78)
     dashboard_port: int = Field(8265, ge=1024, le=65535)
     gcs_port: int = Field(6389, ge=1024, le=65535)
+    redis_port: int | None = Field(None, ge=1024, le=65535, description=(
+        "GCS fault tolerance: the GCS keeps its tables in a redis-server started with the cluster on this "
+        "loopback port (password-protected), so a restarted GCS finds the cluster again"))
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "HeadSpec":
+        ports = {"gcs_port": self.gcs_port, "dashboard_port": self.dashboard_port, "redis_port": self.redis_port}
+        taken = [k for k, v in ports.items() if v is not None and list(ports.values()).count(v) > 1]
+        if taken:
+            raise ValueError(f"head ports must differ: {', '.join(f'{k}={ports[k]}' for k in taken)}")
+        return self
 
 
 class NodeSpec(_Strict):

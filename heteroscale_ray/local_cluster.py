@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ class ClusterState:
     nodes: tuple[str, ...]
     started_at: float
     auth_token_path: str | None = None  # Ray token authentication: clients need this token (`use_auth`)
+    redis_port: int | None = None  # GCS fault tolerance: the GCS's tables live in our redis-server on this port
 
 
 def _ray_cli() -> str:
@@ -270,14 +272,19 @@ def _start(spec: ClusterSpec, temp_dir: str, progress) -> ClusterState:
     env.update(_auth_env(token_path))
     head = spec.head
     address = f"127.0.0.1:{head.gcs_port}"
+    head_env, head_args, autoscaling = env, [], []
+    if head.redis_port is not None:
+        password = _start_redis(temp_dir, head.redis_port)
+        progress(f"GCS fault tolerance: the GCS keeps its tables in redis-server at 127.0.0.1:{head.redis_port}")
+        head_env = {**env, "RAY_REDIS_ADDRESS": f"127.0.0.1:{head.redis_port}"}
+        head_args = [f"--redis-password={password}"]
     progress(f"starting Ray head at {address} (dashboard :{head.dashboard_port})")
-    head_env, autoscaling = env, []
     if spec.node_types:
         _ensure_fake_provider_defaults()
         config_path = Path(temp_dir) / "autoscaling-config.json"
         config_path.write_text(json.dumps(autoscaling_config(spec, address)))
         autoscaling = [f"--autoscaling-config={config_path}"]
-        head_env = {**env, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "2",
+        head_env = {**head_env, "RAY_FAKE_CLUSTER": "1", "RAY_enable_autoscaler_v2": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "2",
                     "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID}
         for t in spec.node_types:
             progress(f"  ~ node type {t.name}: {t.num_gpus}x {t.gpu_type}, S1={t.s1}, S2={t.s2}, "
@@ -296,12 +303,14 @@ def _start(spec: ClusterSpec, temp_dir: str, progress) -> ClusterState:
             f"--dashboard-port={head.dashboard_port}",
             "--disable-usage-stats",
             f"--labels={'heteroscale.io/node'}=head",
+            *head_args,
             *autoscaling,
         ],
         head_env,
     )
     state = ClusterState(address=address, dashboard_url=f"http://127.0.0.1:{head.dashboard_port}",
-                         temp_dir=temp_dir, nodes=(), started_at=time.time(), auth_token_path=str(token_path))
+                         temp_dir=temp_dir, nodes=(), started_at=time.time(), auth_token_path=str(token_path),
+                         redis_port=head.redis_port)
     # Written now (and again when every node is up), so a `down` after a failed start finds what the head started.
     _state_path(temp_dir).write_text(json.dumps(asdict(state)))
     for node in spec.nodes:
@@ -340,6 +349,67 @@ def _start(spec: ClusterSpec, temp_dir: str, progress) -> ClusterState:
     progress(f"local cluster up: RAY_ADDRESS={address} (token authentication: RAY_AUTH_MODE=token "
              f"RAY_AUTH_TOKEN_PATH={token_path})")
     return state
+
+
+def _wait_for_port(port: int, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer on 127.0.0.1:{port} within {timeout_s:.0f}s: {err}") from None
+            time.sleep(0.2)
+
+
+def _start_redis(temp_dir: str, port: int) -> str:
+    """A private redis-server for the GCS's tables: loopback only, a fresh password, no persistence (the cluster
+    lives no longer than it). Its process title names its config file under `temp_dir`, so `down` stops it with
+    the rest. Returns the password."""
+    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK)
+                                              else None)
+    if binary is None:
+        raise RuntimeError("head.redis_port is set (GCS fault tolerance) but redis-server is not installed: run "
+                           "`make install` (it apt-installs redis-server) or `apt-get install redis-server`")
+    password = secrets.token_hex(24)
+    conf = Path(temp_dir) / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
+    conf.write_text("\n".join([
+        f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"requirepass {password}", 'save ""',
+        "appendonly no", f"dir {temp_dir}", f"logfile {temp_dir}/redis.log", "daemonize yes",
+        f"pidfile {temp_dir}/redis.pid", 'proc-title-template "{title} {listen-addr} {config-file}"', ""]))
+    _run([binary, str(conf)], dict(os.environ))
+    _wait_for_port(port, 10, "redis-server")
+    return password
+
+
+def restart_gcs(temp_dir: str = DEFAULT_TEMP_DIR, timeout_s: float = 60.0, progress=print) -> float:
+    """Kill the head's GCS server and start it again with the same command line (what a head-pod restart does
+    to the GCS on KubeRay). Needs GCS fault tolerance (`head.redis_port`): the restarted GCS reloads its tables
+    from Redis and the raylets, actors and Serve reconnect to it. Returns the seconds until it answers again."""
+    state = read_state(temp_dir)
+    if state is None:
+        raise RuntimeError(f"no local cluster in {temp_dir}")
+    if state.redis_port is None:
+        raise ValueError(f"the cluster in {temp_dir} runs without GCS fault tolerance (head.redis_port unset): a "
+                         "restarted GCS would start empty and the nodes would not rejoin it")
+    gcs = [p for p in _safe(_our_processes(temp_dir)) if Path(p.cmdline()[0]).name == "gcs_server"]
+    if len(gcs) != 1:
+        raise RuntimeError(f"expected one GCS server of the cluster in {temp_dir}, found {len(gcs)}")
+    proc = gcs[0]
+    cmdline, env, cwd = proc.cmdline(), proc.environ(), proc.cwd()
+    started = time.monotonic()
+    proc.kill()
+    proc.wait(10)
+    progress(f"GCS server (pid {proc.pid}) killed; starting it again")
+    subprocess.Popen(cmdline, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_port(int(state.address.rpartition(":")[2]), timeout_s, "the restarted GCS server")
+    took = time.monotonic() - started
+    progress(f"GCS server answers again after {took:.1f}s")
+    return took
 
 
 def down(temp_dir: str = DEFAULT_TEMP_DIR, timeout_s: float = 20.0, progress=print) -> int:

@@ -3,7 +3,9 @@ shutdown, our request router) and the real ingress, in front of stub engine repl
 tokens at a fixed pace and report to the controller like the engine servers do. A square-wave trace replays
 open-loop through the load generator, so the controller scales out on each high phase and withdraws, observes
 and terminates on each low one. Midway the controller actor and then Serve's controller are killed (both are
-restarted by Ray): serving goes on and the controller resumes.
+restarted by Ray), then the head's GCS server is killed and started again (the cluster runs with GCS fault
+tolerance, its tables in Redis, as a KubeRay head-pod restart would): serving goes on and the controller resumes
+after each.
 
 Every request is accounted for (sent = ok + shed + failed) with failed = 0, over >= 20 replica terminations
 that each followed a withdrawal. Bounded: the trace is finite, every wait has a deadline.
@@ -38,7 +40,7 @@ HIGH_RPS, LOW_RPS = 5.0, 0.5  # ~4 and ~0.4 instances' worth at 20 tokens/s per 
 MIN_TERMINATIONS = 20
 DECISIONS = f"{TEMP_DIR}/decisions.jsonl"  # appended by the controller across its restart
 CLUSTER = parse_cluster_spec({
-    "head": {"num_cpus": 1, "memory_gb": 1.5, "gcs_port": 6411, "dashboard_port": 8293},
+    "head": {"num_cpus": 1, "memory_gb": 1.5, "gcs_port": 6411, "dashboard_port": 8293, "redis_port": 6415},
     "nodes": [{"name": "l20s", "gpu_type": "L20", "num_gpus": 4, "s1": "s1-a", "s2": "s2-0", "num_cpus": 4,
                "memory_gb": 1},
               {"name": "h20s", "gpu_type": "H20", "num_gpus": 4, "s1": "s1-a", "s2": "s2-0", "num_cpus": 4,
@@ -165,7 +167,7 @@ def _kill_and_wait_restart(actor_name: str, namespace: str) -> None:
     raise AssertionError(f"{actor_name} did not come back within 60 s")
 
 
-def test_scale_in_under_load_loses_no_request_and_survives_controller_restarts(service):
+def test_scale_in_under_load_loses_no_request_and_survives_controller_and_gcs_restarts(service):
     from common.vocab import CONTROLLER_NAMESPACE
 
     trace = _trace()
@@ -184,6 +186,9 @@ def test_scale_in_under_load_loses_no_request_and_survives_controller_restarts(s
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     _kill_and_wait_restart(SERVE_CONTROLLER_NAME, SERVE_NAMESPACE)
+    time.sleep(2 * PHASE_S)
+    gcs_restarted_at = time.time()
+    local_cluster.restart_gcs(TEMP_DIR)
     load.join(timeout=PHASES * PHASE_S + 200)
     assert not load.is_alive(), "the load generator outlived its bounds"
 
@@ -192,17 +197,19 @@ def test_scale_in_under_load_loses_no_request_and_survives_controller_restarts(s
     shed = [r for r in results if r.http_status == 429]
     failed = [r for r in results if not r.ok and r.http_status != 429]
     log = [json.loads(line) for line in Path(DECISIONS).read_text().splitlines()]
-    terminations, after_restart, previous = 0, 0, None
+    terminations, after_restart, after_gcs, previous = 0, 0, 0, None
     for entry in log:  # a termination lowers the target after the withdrawal the soft window observed
         total = entry["target_prefill"] + entry["target_decode"]
         if previous is not None and entry["action"] == "terminate_withdrawn" and total < previous:
             terminations += previous - total
             after_restart += previous - total if entry["t"] > killed_at else 0
+            after_gcs += previous - total if entry["t"] > gcs_restarted_at else 0
         previous = total
     actions = sorted({e["action"] for e in log})
     figures = {"sent": len(results), "ok": len(ok), "shed": len(shed), "failed": len(failed),
                "replicas_terminated_after_withdrawal": terminations, "of_which_after_controller_restart":
-               after_restart, "decisions": len(log), "faults": ["controller actor killed", "Serve controller killed"]}
+               after_restart, "of_which_after_gcs_restart": after_gcs, "decisions": len(log),
+               "faults": ["controller actor killed", "Serve controller killed", "GCS server killed and restarted"]}
     print(f"\nscale-in under load: {json.dumps(figures)}; actions {actions}")
     merge_result("reliability", "scale_in_under_load", {
         "what": "real controller, Serve and ingress; stub engines (20 tokens/s per stream); square-wave trace "
@@ -212,3 +219,4 @@ def test_scale_in_under_load_loses_no_request_and_survives_controller_restarts(s
     assert not failed, [(r.status, r.http_status, r.error) for r in failed[:5]]
     assert terminations >= MIN_TERMINATIONS, actions
     assert after_restart >= 1  # the restarted controller resumed scaling
+    assert after_gcs >= 1  # and went on after the GCS restart

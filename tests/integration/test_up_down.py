@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from common.config import parse_cluster_spec
 from heteroscale_ray import local_cluster
@@ -54,6 +55,8 @@ def test_up_then_down_twice_leaves_no_process_and_no_port():
             assert oct(Path(state.auth_token_path).stat().st_mode & 0o777) == "0o600"
             allowed = _scale(state.dashboard_url, {"Authorization": f"Bearer {token}"})
             assert allowed.status_code not in (401, 403), allowed.text[:300]  # past auth: no such application
+            with pytest.raises(ValueError, match="without GCS fault tolerance"):  # no Redis: refused, GCS untouched
+                local_cluster.restart_gcs(TEMP_DIR)
         ours = {p.pid for p in local_cluster._our_processes(TEMP_DIR)}
         ports = _listening(ours)
         assert {SPEC.head.gcs_port, SPEC.head.dashboard_port, 10001} <= ports  # 10001: Ray's client server

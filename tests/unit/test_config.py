@@ -45,6 +45,8 @@ def test_example_service_fits_example_cluster():
         (lambda c: c["nodes"][0].update(colour="red"), "nodes.0.colour"),
         (lambda c: c.update(nodes=[]), "nodes"),
         (lambda c: c["nodes"][0].update(s1="S1_A"), "nodes.0.s1"),
+        (lambda c: c.setdefault("head", {}).update(gcs_port=6389, redis_port=6389), "gcs_port=6389, redis_port=6389"),
+        (lambda c: c.setdefault("head", {}).update(redis_port=80), "head.redis_port"),
     ],
 )
 def test_cluster_errors_name_the_bad_field(mutate, expected):
