@@ -148,6 +148,13 @@ def is_running(temp_dir: str = DEFAULT_TEMP_DIR) -> bool:
     return any("gcs_server" in " ".join(p.cmdline()) for p in _safe(_our_processes(temp_dir)))
 
 
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def _safe(procs: list[psutil.Process]) -> list[psutil.Process]:
     alive = []
     for proc in procs:
@@ -413,20 +420,29 @@ def restart_gcs(temp_dir: str = DEFAULT_TEMP_DIR, timeout_s: float = 60.0, progr
 
 
 def down(temp_dir: str = DEFAULT_TEMP_DIR, timeout_s: float = 20.0, progress=print) -> int:
-    """Stop every process of the cluster started by `up` with this temp dir. Returns how many were stopped."""
+    """Stop every process of the cluster started by `up` with this temp dir. Returns how many were stopped.
+    In three waves: everything but the GCS and Redis, then the GCS, then Redis. Signalled all at once, the GCS
+    server and Ray's autoscaler monitor outlived SIGTERM for the whole 20 s (then SIGKILL); in waves the cluster
+    is gone in ~4 s."""
     procs = _safe(_our_processes(temp_dir))
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+
+    def wave(proc: psutil.Process) -> int:
+        return {"gcs_server": 1, "redis-server": 2}.get(_name(proc), 0)
+
+    for rank in range(3):
+        batch = [p for p in procs if wave(p) == rank]
+        for proc in batch:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(batch, timeout=timeout_s)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
     state = _state_path(temp_dir)
     if state.exists():
         state.unlink()
