@@ -402,7 +402,7 @@ def restart_gcs(temp_dir: str = DEFAULT_TEMP_DIR, timeout_s: float = 60.0, progr
     if state.redis_port is None:
         raise ValueError(f"the cluster in {temp_dir} runs without GCS fault tolerance (head.redis_port unset): a "
                          "restarted GCS would start empty and the nodes would not rejoin it")
-    gcs = [p for p in _safe(_our_processes(temp_dir)) if Path(p.cmdline()[0]).name == "gcs_server"]
+    gcs = [p for p in _our_processes(temp_dir) if _name(p) == "gcs_server"]
     if len(gcs) != 1:
         raise RuntimeError(f"expected one GCS server of the cluster in {temp_dir}, found {len(gcs)}")
     proc = gcs[0]
