@@ -80,16 +80,27 @@ def read_state(temp_dir: str = DEFAULT_TEMP_DIR) -> ClusterState | None:
     return ClusterState(**data)
 
 
-def _new_auth_token(temp_dir: str) -> Path:
-    """A fresh random token for Ray's token authentication, readable by this user only."""
-    import secrets
+def system_binary(name: str, needed_for: str) -> str:
+    """A Debian package's program (`make install` apt-installs them), found on PATH or in /usr/bin."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed ({needed_for}): `make install` installs Debian's {name} "
+                           f"package (apt-get install {name}), or put a {name} binary on PATH")
+    return path
 
-    path = Path(temp_dir) / "auth_token"
+
+def _write_private(path: Path, text: str) -> Path:
+    """A new file readable by this user only from its first byte (secrets: tokens, passwords)."""
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        f.write(text)
     return path
+
+
+def _new_auth_token(temp_dir: str) -> Path:
+    """A fresh random token for Ray's token authentication, readable by this user only."""
+    return _write_private(Path(temp_dir) / "auth_token", secrets.token_hex(32))
 
 
 def _auth_env(token_path: Path | str) -> dict[str, str]:
@@ -374,16 +385,9 @@ def _start_redis(temp_dir: str, port: int) -> str:
     """A private redis-server for the GCS's tables: loopback only, a fresh password, no persistence (the cluster
     lives no longer than it). Its process title names its config file under `temp_dir`, so `down` stops it with
     the rest. Returns the password."""
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK)
-                                              else None)
-    if binary is None:
-        raise RuntimeError("head.redis_port is set (GCS fault tolerance) but redis-server is not installed: run "
-                           "`make install` (it apt-installs redis-server) or `apt-get install redis-server`")
+    binary = system_binary("redis-server", "head.redis_port asks for GCS fault tolerance")
     password = secrets.token_hex(24)
-    conf = Path(temp_dir) / "redis.conf"
-    conf.touch(mode=0o600)
-    conf.chmod(0o600)
-    conf.write_text("\n".join([
+    conf = _write_private(Path(temp_dir) / "redis.conf", "\n".join([
         f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"requirepass {password}", 'save ""',
         "appendonly no", f"dir {temp_dir}", f"logfile {temp_dir}/redis.log", "daemonize yes",
         f"pidfile {temp_dir}/redis.pid", 'proc-title-template "{title} {listen-addr} {config-file}"', ""]))

@@ -10,23 +10,16 @@ jobs of `scrape_config()` to your own Prometheus instead (see README, "Metrics")
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from heteroscale_ray.local_cluster import system_binary
+
 DEFAULT_PORT = 9390  # not 9090: a system Prometheus (the Debian package starts one where it can) may hold it
 SCRAPE_INTERVAL_S = 5
 RAY_DISCOVERY_FILE = "prom_metrics_service_discovery.json"  # Ray writes it in its temp dir
-
-
-def binary() -> str:
-    path = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
-    if path is None:
-        raise RuntimeError("prometheus is not installed: `make install` installs Debian's prometheus package "
-                           "(apt-get install prometheus), or put a prometheus binary on PATH")
-    return path
 
 
 def scrape_config(temp_dir: str, ingress_targets: list[str], interval_s: int = SCRAPE_INTERVAL_S) -> str:
@@ -54,7 +47,7 @@ def start(temp_dir: str, ingress_targets: list[str], port: int = DEFAULT_PORT, p
     config = root / "prometheus.yml"
     config.write_text(scrape_config(temp_dir, ingress_targets))
     log = open(root / "prometheus.log", "ab")
-    subprocess.Popen([binary(), f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+    subprocess.Popen([system_binary("prometheus", "heteroscale up --prometheus"), f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
                       f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1d"],
                      stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout_s

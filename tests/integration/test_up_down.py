@@ -80,12 +80,8 @@ def test_a_node_that_fails_to_start_leaves_nothing_running(monkeypatch):
 
     monkeypatch.setattr(local_cluster, "_run", run)
     said = []
-    try:
+    with pytest.raises(RuntimeError, match="simulated node failure"):
         local_cluster.up(SPEC, temp_dir=TEMP_DIR, progress=said.append)
-    except RuntimeError as err:
-        assert "simulated node failure" in str(err)
-    else:
-        raise AssertionError("up() returned although its node failed to start")
     assert any("starting Ray head" in line for line in said)  # the head did start before the node failed
     assert "failed to start; stopping what did start" in said[-1]
     assert not local_cluster.is_running(TEMP_DIR)
