@@ -26,7 +26,7 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 from autoscaler.model import Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
-from autoscaler.policy import decide
+from autoscaler.policy import decide, ratio_in_force
 from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import (
     ActionKind as PlaceKind,
@@ -38,6 +38,7 @@ from placement.scheduler import (
     Unplaced,
     Why,
     place,
+    prefill_band,
 )
 from placement.topology import build_tree
 
@@ -137,18 +138,28 @@ def _totals(groups: Sequence[_Group]) -> tuple[int, int, int, int]:
             sum(g.withdrawn_prefill for g in groups), sum(g.withdrawn_decode for g in groups))
 
 
-def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) -> tuple[int, int]:
-    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn; returns what is left to terminate."""
+def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int, ratio: float) -> tuple[int, int]:
+    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn, each DG kept inside the ratio band;
+    returns what is left to terminate."""
     for g in groups:
-        take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
+        for take_d in range(min(decode, g.withdrawn_decode), -1, -1):  # the most decode the band allows
+            d = g.num_decode - take_d
+            lo, hi = prefill_band(d, ratio) if d else (0, 0)
+            most_p = min(prefill, g.withdrawn_prefill, g.num_prefill - lo)
+            least_p = g.num_prefill - hi
+            if least_p <= most_p:
+                take_p = max(0, most_p)
+                break
+        else:
+            continue
         g.num_prefill, g.withdrawn_prefill = g.num_prefill - take_p, g.withdrawn_prefill - take_p
         g.num_decode, g.withdrawn_decode = g.num_decode - take_d, g.withdrawn_decode - take_d
         prefill, decode = prefill - take_p, decode - take_d
     return prefill, decode
 
 
-def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[int, int], groups: list[_Group],
-                  room) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
+def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
+                  groups: list[_Group], room) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
     """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty.
 
     Every group holds at least one instance of each role, so a target below the number of groups removes
@@ -170,11 +181,11 @@ def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[
             target = (max(target[0], len(groups)), max(target[1], len(groups)))
     have_p, have_d, _, _ = _totals(groups)
     dp, dd = target[0] - have_p, target[1] - have_d
-    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
+    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd), ratio)
     if left_p or left_d:
-        terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups)))
+        terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
     if dp > 0 or dd > 0:
-        out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups)))
+        out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups), ratio))
     _, _, held_p, held_d = _totals(groups)
     if (held_p, held_d) != withdraw:
         if withdraw[0] < held_p or withdraw[1] < held_d:  # restore (all), then withdraw afresh if still asked
@@ -184,7 +195,7 @@ def _plan_service(shape: ServiceShape, target: tuple[int, int], withdraw: tuple[
         more_p, more_d = withdraw[0] - held_p, withdraw[1] - held_d
         if more_p or more_d:
             routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
-            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable))
+            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable, ratio))
     return out, terminate, withdrawing
 
 
@@ -233,42 +244,58 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         dec = decision.services[name]
         groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
-        out, terminate, withdrawing = _plan_service(config.shapes[name], (dec.target_prefill, dec.target_decode),
+        target = (dec.target_prefill, dec.target_decode)
+        ratio = ratio_in_force(config.fleet.services[name], now_s, *target)
+        out, terminate, withdrawing = _plan_service(config.shapes[name], ratio, target,
                                                     (dec.withdraw_prefill, dec.withdraw_decode), groups,
                                                     lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d))
         scale_out += out
         scale_in += terminate
         withdraw_requests += withdrawing
 
-    placement, withdrawal = Placement(), Placement()
-    if scale_out or scale_in or withdraw_requests:
-        tree = build_tree(view.nodes)  # scale-in reads only tiers, so one tree serves both calls
-        if scale_out or scale_in:
-            placement = place(tree, scale_in + scale_out, config.scheduler)
-        if withdraw_requests:  # which DGs withdraw: the same scale-in rule, over the routable replicas only
-            withdrawal = place(tree, withdraw_requests, config.scheduler)
-
     created: dict[str, _Group] = {}
-    for act in placement.actions:
-        groups = working[act.service]
-        if act.kind is PlaceKind.CREATE:
-            group = DeploymentGroup(act.group, act.service, act.scope, act.domain, act.prefill_gpu_type,
-                                    act.decode_gpu_type, act.num_prefill, act.num_decode)
-            created[act.group] = groups[act.group] = _Group(GroupState(group), act.num_prefill, act.num_decode,
-                                                            0, 0, act.why, act)
-            continue
-        g = groups[act.group]
-        sign = 1 if act.kind is PlaceKind.GROW else -1
-        g.num_prefill += sign * act.num_prefill
-        g.num_decode += sign * act.num_decode
-        g.withdrawn_prefill = min(g.withdrawn_prefill, g.num_prefill)
-        g.withdrawn_decode = min(g.withdrawn_decode, g.num_decode)
-        g.why, g.placement = act.why, act if act.kind is PlaceKind.GROW else g.placement
-    for act in withdrawal.actions:
-        g = working[act.service][act.group]
-        g.withdrawn_prefill += act.num_prefill
-        g.withdrawn_decode += act.num_decode
-        g.why = act.why
+
+    def apply(placement: Placement) -> None:
+        for act in placement.actions:
+            groups = working[act.service]
+            if act.kind is PlaceKind.CREATE:
+                group = DeploymentGroup(act.group, act.service, act.scope, act.domain, act.prefill_gpu_type,
+                                        act.decode_gpu_type, act.num_prefill, act.num_decode)
+                created[act.group] = groups[act.group] = _Group(GroupState(group), act.num_prefill, act.num_decode,
+                                                                0, 0, act.why, act)
+                continue
+            g = groups[act.group]
+            sign = 1 if act.kind is PlaceKind.GROW else -1
+            g.num_prefill += sign * act.num_prefill
+            g.num_decode += sign * act.num_decode
+            g.withdrawn_prefill = min(g.withdrawn_prefill, g.num_prefill)
+            g.withdrawn_decode = min(g.withdrawn_decode, g.num_decode)
+            g.why, g.placement = act.why, act if act.kind is PlaceKind.GROW else g.placement
+
+    def now_held(req: ScaleRequest, routable: bool = False) -> ScaleRequest:
+        """The request over its service's groups as the terminations of this cycle left them."""
+        held = (g.routable() if routable else g.current() for g in working[req.service.name].values())
+        return replace(req, groups=tuple(g for g in held if g.num_prefill or g.num_decode))
+
+    # Terminations first, then growth and withdrawals over what they left, so one group is never both shrunk
+    # and grown from the same old counts (each inside the band, the sum outside it).
+    unplaced: tuple[Unplaced, ...] = ()
+    if scale_out or scale_in or withdraw_requests:
+        tree = build_tree(view.nodes)  # scale-in reads only tiers and frees nothing, so one tree serves all
+        for requests, routable in ((scale_in, False), (scale_out, False), (withdraw_requests, True)):
+            if requests:
+                if requests is not scale_in:  # terminations name their own groups (the doomed ones, the rest)
+                    requests = [now_held(r, routable) for r in requests]
+                placement = place(tree, requests, config.scheduler)
+                unplaced += placement.unplaced
+                if routable:  # which DGs withdraw: the same scale-in rule, over the routable replicas only
+                    for act in placement.actions:
+                        g = working[act.service][act.group]
+                        g.withdrawn_prefill += act.num_prefill
+                        g.withdrawn_decode += act.num_decode
+                        g.why = act.why
+                else:
+                    apply(placement)
 
     actions = []
     for name in sorted(working):
@@ -290,25 +317,33 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                 continue
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
                                        g.why, g.placement, dec.advisory))
-    unplaced = placement.unplaced + withdrawal.unplaced
-    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, placement.unplaced)
+    paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
+    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired)
 
 
-def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplaced: Sequence[Unplaced]
-              ) -> PolicyState:
-    """A scale-out that did not (fully) fit leaves the policy at the size that was placed, so the next step
-    starts from the real size: without this the target ran away to the bounds (each latency step added to a
-    size that never existed) while the fleet was full."""
+def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplaced: Sequence[Unplaced],
+              paired: set[str]) -> PolicyState:
+    """The policy's state follows what was placed, so the next step starts from the real size:
+    - a scale-out that did not (fully) fit leaves the policy at the size that was placed (without this the
+      target ran away to the bounds, each latency step added to a size that never existed, while the fleet
+      was full);
+    - a scale-out that opened a group with more of one role than asked (`Why.PAIRED`: the groups' domains had
+      no room inside the band) raises the target to what runs, so no later cycle removes a group for being
+      over a target it never had (a scale-in of the extra goes through withdraw like any other)."""
     short = {u.service for u in unplaced if u.num_prefill > 0 or u.num_decode > 0}
-    if not short:
+    if not short and not paired:
         return state
     services = dict(state.services)
-    for name in short:
+    for name in short | paired:
         st = services.get(name)
-        if st is None:
+        if st is None or st.soft is not None:
             continue
         have_p, have_d, _, _ = _totals(list(working[name].values()))
-        if have_p < st.target_prefill or have_d < st.target_decode:
-            services[name] = replace(st, target_prefill=min(st.target_prefill, max(have_p, 1)),
-                                     target_decode=min(st.target_decode, max(have_d, 1)))
+        p, d = st.target_prefill, st.target_decode
+        if name in short:
+            p, d = min(p, max(have_p, 1)), min(d, max(have_d, 1))
+        if name in paired:
+            p, d = max(p, have_p), max(d, have_d)
+        if (p, d) != (st.target_prefill, st.target_decode):
+            services[name] = replace(st, target_prefill=p, target_decode=d)
     return PolicyState(services=services)

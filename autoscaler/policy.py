@@ -61,6 +61,20 @@ def _schedule_pair(cfg: PolicyConfig, now_s: float) -> tuple[int, int] | None:
     return None
 
 
+def ratio_in_force(cfg: PolicyConfig, now_s: float, num_prefill: int, num_decode: int) -> float:
+    """The P:D ratio a service's targets were sized at, which every deployment group is kept at (each inside
+    `placement.scheduler.prefill_band` of it): the schedule window's where a schedule set targets that follow
+    it, else the policy's own. Never the targets' quotient: P = ceil(D x r) swings P/D by up to 1/D from one
+    size to the next, and groups that each need one prefill push it up further, so a band on the quotient
+    moves under groups that did not change."""
+    if cfg.mode is not Mode.METRICS and not cfg.ratio_holds(num_prefill, num_decode):
+        second = now_s % SECONDS_PER_DAY
+        for window in cfg.schedule:
+            if window.contains(second) and cfg.ratio_holds(num_prefill, num_decode, window.prefill_per_decode):
+                return window.prefill_per_decode
+    return cfg.prefill_per_decode
+
+
 def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: float) -> float | None:
     if obs is None:
         return None

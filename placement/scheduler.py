@@ -16,7 +16,7 @@ FFN instances that must share one S1, while the whole DG shares one S2.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
@@ -61,6 +61,7 @@ class ScaleRequest:
     delta_prefill: int  # > 0 scale out, < 0 scale in
     delta_decode: int
     groups: tuple[DeploymentGroup, ...] = ()  # the service's existing DGs
+    prefill_per_decode: float | None = None  # every group stays inside this ratio's band (`prefill_band`); None: none
 
 
 @dataclass(frozen=True)
@@ -235,26 +236,65 @@ def _try(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, 
     return None
 
 
-def _candidates(tree: TopologyTree, req: ScaleRequest, p: int, d: int) -> list[_Fit]:
-    svc = req.service
+def prefill_band(num_decode: int, prefill_per_decode: float | None) -> tuple[int, int]:
+    """The prefill counts a deployment group with `num_decode` decode instances may hold at ratio r: from
+    max(1, ceil((D-1)·r)) to max(1, ceil(D·r)), so a group never holds a whole decode instance's worth of one
+    role more than the other can use (KV never leaves a group: surplus prefill or decode there idles). With no
+    ratio (None) any count from 1 up is in band."""
+    if prefill_per_decode is None:
+        return 1, _NO_LIMIT
+    lo = math.ceil((num_decode - 1) * prefill_per_decode - 1e-9)
+    hi = math.ceil(num_decode * prefill_per_decode - 1e-9)
+    return max(1, lo), max(1, hi)
+
+
+def in_band(num_prefill: int, num_decode: int, prefill_per_decode: float | None) -> bool:
+    """Whether a group holding both roles is inside the ratio band (`prefill_band`)."""
+    lo, hi = prefill_band(num_decode, prefill_per_decode)
+    return lo <= num_prefill <= hi
+
+
+_NO_LIMIT = 1 << 30
+
+
+def _group_fit(tree: TopologyTree, svc: ServiceShape, group: DeploymentGroup, p: int, d: int) -> _Fit | None:
+    domain = tree.domains.get((group.scope, group.domain))
+    if domain is None:
+        return None
+    return _try(tree, domain, svc, p, d, [group.prefill_gpu_type], [group.decode_gpu_type], group)
+
+
+def _batch_prefill(have_p: int, have_d: int, d: int, share: int, p_left: int, r: float | None) -> int | None:
+    """Prefill to add beside `d` more decode instances in a group holding (have_p, have_d): the decode's share
+    of the request's prefill, held inside the group's band; None if the band needs more than `p_left`."""
+    lo, hi = prefill_band(have_d + d, r)
+    p = max(0, lo - have_p, min(share, hi - have_p))
+    return None if p > p_left else p
+
+
+def _banded_candidates(tree: TopologyTree, svc: ServiceShape, groups: list[DeploymentGroup], d: int, share: int,
+                       p_left: int, r: float | None, new_only: bool = False) -> list[tuple[_Fit, int, int]]:
+    """(fit, prefill, decode) for `d` more decode instances: in each group that can take them with the prefill
+    its band needs, and in each domain at the service's scope that holds none of its groups (a new group)."""
     fits = []
-    used_domains = set()
-    for group in req.groups:
-        used_domains.add(group.domain)
-        domain = tree.domains.get((group.scope, group.domain))
-        if domain is None:
-            continue
-        fit = _try(tree, domain, svc, p, d, [group.prefill_gpu_type], [group.decode_gpu_type], group)
-        if fit:
-            fits.append(fit)
-    if p < 1 or d < 1:  # a new group needs both roles; decode-only (or prefill-only) growth needs a group
+    if not new_only:
+        for group in groups:
+            p = _batch_prefill(group.num_prefill, group.num_decode, d, share, p_left, r)
+            if p is None or p + d == 0:
+                continue
+            fit = _group_fit(tree, svc, group, p, d)
+            if fit:
+                fits.append((fit, p, d))
+    p_new = _batch_prefill(0, 0, d, share, p_left, r)
+    if d < 1 or p_new is None:  # a new group needs both roles
         return fits
+    used_domains = {g.domain for g in groups}
     for domain in tree.domains_at(svc.affinity):
         if domain.name in used_domains:
             continue
-        fit = _try(tree, domain, svc, p, d, svc.prefill_gpu_types, svc.decode_gpu_types, None)
+        fit = _try(tree, domain, svc, p_new, d, svc.prefill_gpu_types, svc.decode_gpu_types, None)
         if fit:
-            fits.append(fit)
+            fits.append((fit, p_new, d))
     return fits
 
 
@@ -281,60 +321,106 @@ def _new_group_name(svc: ServiceShape, domain: Domain, taken: set[str]) -> str:
     return name
 
 
+@dataclass
+class _Added:
+    """What one scale-out request adds to one group (merged over the request's sub-batches)."""
+
+    fit: _Fit
+    name: str
+    created: bool
+    num_prefill: int = 0
+    num_decode: int = 0
+    alloc: list[tuple[str, str, int]] = field(default_factory=list)
+    why: Why = Why.LOWEST_TIER
+
+
 def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, actions: list, unplaced: list,
                taken_names: set[str]) -> None:
-    svc = req.service
+    """Grow groups or open new ones, every group kept inside the request's ratio band (`prefill_band`):
+    1. decode, with the prefill each group's band needs beside it (up to all that is asked), whole in the
+       best-ranked group or domain, else split into the largest whole sub-batches some domain holds;
+    2. the prefill left over, into the groups (those below their band first, then by tier) up to each band's top;
+    3. growth of one role that no group can take inside its band: a new group with what its band needs of the
+       other role (`Why.PAIRED`, over the target; the next cycle gives the extra back where it can)."""
+    svc, r = req.service, req.prefill_per_decode
     p_left, d_left = req.delta_prefill, req.delta_decode
-    groups = list(req.groups)
-    why = Why.LOWEST_TIER
-    for _ in range(cfg.max_batch_splits):
-        if p_left == 0 and d_left == 0:
-            return
-        fits = _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_left, d_left)
-        p_try, d_try = p_left, d_left
-        if not fits and (p_left == 0) != (d_left == 0):
-            # One role's growth that no group of the service can take: a new group needs both roles, so it
-            # gets one instance of the other too (one over the target; the next cycle gives it back elsewhere).
-            p_try, d_try = max(p_left, 1), max(d_left, 1)
-            fits = [f for f in _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_try, d_try)
-                    if f.group is None]
-            why = Why.PAIRED
-        elif not fits and cfg.max_batch_splits > 1:
-            # Largest whole sub-batch of the same shape that some domain can hold (binary search on decode).
-            lo, hi, best = 1, d_left - 1, None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                p_mid = min(p_left, math.ceil(mid * p_left / d_left))
-                found = _candidates(tree, ScaleRequest(svc, 0, 0, tuple(groups)), p_mid, mid)
-                if found:
-                    best, lo = (p_mid, mid, found), mid + 1
-                else:
-                    hi = mid - 1
-            if best is None:
-                break
-            p_try, d_try, fits = best
-            why = Why.SPLIT  # this and every later sub-batch of the request
-        if not fits:
-            break
-        fit = min(fits, key=_rank)
-        if not fit.scratch:
-            fit.scratch, fit.alloc = _allocate(tree, fit.domain, svc, p_try, d_try, fit.prefill_type,
-                                               fit.decode_type)  # exact: the capacity check said it fits
+    groups = {g.name: g for g in req.groups}
+    added: dict[str, _Added] = {}
+
+    def commit(fit: _Fit, p: int, d: int, why: Why) -> None:
+        nonlocal p_left, d_left
+        if not fit.scratch:  # exact: the capacity check said it fits
+            fit.scratch, fit.alloc = _allocate(tree, fit.domain, svc, p, d, fit.prefill_type, fit.decode_type)
         tree.free.update(fit.scratch)  # virtual allocation: later requests of this cycle see it
         if fit.group is not None:
-            kind, name = ActionKind.GROW, fit.group.name
-            grown = DeploymentGroup(name, svc.name, fit.group.scope, fit.group.domain, fit.prefill_type,
-                                    fit.decode_type, fit.group.num_prefill + p_try, fit.group.num_decode + d_try)
-            groups = [grown if g.name == name else g for g in groups]
+            name = fit.group.name
+            entry = added.setdefault(name, _Added(fit, name, False))
         else:
-            kind, name = ActionKind.CREATE, _new_group_name(svc, fit.domain, taken_names)
-            groups.append(DeploymentGroup(name, svc.name, fit.domain.scope, fit.domain.name, fit.prefill_type,
-                                          fit.decode_type, p_try, d_try))
-        actions.append(PlacementAction(kind, svc.name, name, fit.domain.scope, fit.domain.name, fit.domain.tier,
-                                       fit.prefill_type, fit.decode_type, p_try, d_try, tuple(fit.alloc), why,
+            name = _new_group_name(svc, fit.domain, taken_names)
+            entry = added[name] = _Added(fit, name, True)
+        g = groups.get(name) or DeploymentGroup(name, svc.name, fit.domain.scope, fit.domain.name,
+                                                fit.prefill_type, fit.decode_type, 0, 0)
+        groups[name] = replace(g, num_prefill=g.num_prefill + p, num_decode=g.num_decode + d)
+        entry.num_prefill, entry.num_decode = entry.num_prefill + p, entry.num_decode + d
+        entry.alloc.extend(fit.alloc)
+        entry.why = why if entry.why is Why.LOWEST_TIER else entry.why
+        p_left, d_left = max(0, p_left - p), max(0, d_left - d)
+
+    why = Why.LOWEST_TIER
+    for _ in range(cfg.max_batch_splits):  # 1. decode with its prefill
+        if d_left == 0:
+            break
+        fits = _banded_candidates(tree, svc, list(groups.values()), d_left, p_left, p_left, r)
+        if not fits and cfg.max_batch_splits > 1 and d_left > 1:
+            lo, hi, best = 1, d_left - 1, None  # the largest whole sub-batch some domain holds
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                found = _banded_candidates(tree, svc, list(groups.values()), mid,
+                                           math.ceil(mid * p_left / d_left - 1e-9), p_left, r)
+                if found:
+                    best, lo = found, mid + 1
+                else:
+                    hi = mid - 1
+            fits, why = best or [], Why.SPLIT  # this and every later sub-batch of the request
+        if not fits:
+            break
+        commit(*min(fits, key=lambda f: _rank(f[0])), why)
+    if d_left and r is not None:  # decode short: only the prefill the placed decode can use is placed
+        p_left = min(p_left, max(0, math.ceil(sum(g.num_decode for g in groups.values()) * r - 1e-9)
+                                 - sum(g.num_prefill for g in groups.values())))
+        p_short = req.delta_prefill - p_left - sum(e.num_prefill for e in added.values())
+    else:
+        p_short = 0
+
+    for g in sorted(groups.values(), key=lambda g: (g.num_prefill >= prefill_band(g.num_decode, r)[0],
+                                                    _tier_of(tree, g), g.name)):  # 2. leftover prefill
+        room = min(p_left, prefill_band(g.num_decode, r)[1] - g.num_prefill)
+        domain = tree.domains.get((g.scope, g.domain))
+        if domain is not None and svc.moe is None:  # the most the domain holds, at once
+            room = min(room, _capacity(domain, g.prefill_gpu_type, svc.gpus_per_prefill, tree.free))
+        while room > 0:  # MoE prefill: the largest batch that allocates
+            fit = _group_fit(tree, svc, g, room, 0)
+            if fit:
+                commit(fit, room, 0, why)
+                break
+            room -= 1
+    pair = None
+    if d_left == 0 and p_left > 0:  # 3. prefill beyond every group's band: decode beside it
+        d_pair = max(1, math.ceil(p_left / r - 1e-9)) if r else 1
+        pair = _banded_candidates(tree, svc, list(groups.values()), d_pair, p_left, _NO_LIMIT, r, new_only=True)
+    elif d_left > 0 and p_left == 0:  # decode no group can take inside its band: prefill beside it
+        pair = _banded_candidates(tree, svc, list(groups.values()), d_left, 0, _NO_LIMIT, r, new_only=True)
+    if pair:
+        commit(*min(pair, key=lambda f: _rank(f[0])), Why.PAIRED)
+    for entry in added.values():
+        fit = entry.fit
+        kind = ActionKind.CREATE if entry.created else ActionKind.GROW
+        actions.append(PlacementAction(kind, svc.name, entry.name, fit.domain.scope, fit.domain.name, fit.domain.tier,
+                                       fit.prefill_type, fit.decode_type, entry.num_prefill, entry.num_decode,
+                                       tuple(entry.alloc), entry.why,
                                        f"tier {fit.domain.tier.name}, fallback rank {fit.fallback_rank}, "
                                        f"{fit.free_after} GPUs left in domain"))
-        p_left, d_left = max(0, p_left - p_try), max(0, d_left - d_try)
+    p_left += p_short
     if p_left or d_left:
         if not _has_types(tree, svc):
             why, detail = Why.NO_DOMAIN_WITH_TYPES, (
@@ -342,33 +428,62 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
                 f"in {list(svc.decode_gpu_types)}")
         else:
             why, detail = Why.NO_CAPACITY, (f"domains with the GPU types exist, but none has room for the "
-                                            f"remaining {p_left}P+{d_left}D after {len(actions)} placements")
+                                            f"remaining {p_left}P+{d_left}D inside the groups' ratio band "
+                                            f"after {len(added)} placements")
         unplaced.append(Unplaced(svc.name, p_left, d_left, why, detail))
 
 
+def _tier_of(tree: TopologyTree, g: DeploymentGroup) -> Tier:
+    domain = tree.domains.get((g.scope, g.domain))
+    return domain.tier if domain else Tier.LOW
+
+
 def _scale_in(tree: TopologyTree, req: ScaleRequest, actions: list, unplaced: list) -> None:
+    """Take from the most precious tier first, every surviving group kept inside the ratio band:
+    0. whole groups while what is asked covers them (fewest decode first within a tier);
+    1. decode one at a time from the first group that can give it up with the prefill its band then sheds;
+    2. prefill from the groups over their band's top first, then from the others' room above their bottom."""
+    r = req.prefill_per_decode
     p_left, d_left = -req.delta_prefill, -req.delta_decode
-
-    def tier_of(g: DeploymentGroup) -> Tier:
-        domain = tree.domains.get((g.scope, g.domain))
-        return domain.tier if domain else Tier.LOW
-
-    for g in sorted(req.groups, key=lambda g: (-int(tier_of(g)), g.num_decode, g.name)):
-        if p_left == 0 and d_left == 0:
+    order = sorted(req.groups, key=lambda g: (-int(_tier_of(tree, g)), g.num_decode, g.name))
+    have = {g.name: [g.num_prefill, g.num_decode] for g in order}
+    for g in order:
+        if (p_left or d_left) and p_left >= g.num_prefill and d_left >= g.num_decode:
+            p_left, d_left = p_left - g.num_prefill, d_left - g.num_decode
+            have[g.name] = [0, 0]
+    while d_left > 0:
+        for g in order:
+            p, d = have[g.name]
+            if d >= 2:
+                shed = max(0, p - prefill_band(d - 1, r)[1])
+                if shed <= p_left:
+                    have[g.name] = [p - shed, d - 1]
+                    p_left, d_left = p_left - shed, d_left - 1
+                    break
+        else:
             break
-        if p_left >= g.num_prefill and d_left >= g.num_decode:
-            kind, p_i, d_i = ActionKind.REMOVE, g.num_prefill, g.num_decode
-        else:  # keep both roles of a surviving group non-empty
-            kind, p_i, d_i = ActionKind.SHRINK, min(p_left, g.num_prefill - 1), min(d_left, g.num_decode - 1)
-            if p_i == 0 and d_i == 0:
+    for over_only in (True, False):
+        for g in order:
+            p, d = have[g.name]
+            if p_left == 0 or d == 0:
                 continue
-        actions.append(PlacementAction(kind, g.service, g.name, g.scope, g.domain, tier_of(g), g.prefill_gpu_type,
-                                       g.decode_gpu_type, p_i, d_i, (), Why.SCALE_IN_PRECIOUS_FIRST,
-                                       f"tier {tier_of(g).name} first"))
-        p_left, d_left = p_left - p_i, d_left - d_i
+            lo, hi = prefill_band(d, r)
+            take = min(p_left, max(0, p - hi) if over_only else max(0, p - lo))
+            have[g.name][0] -= take
+            p_left -= take
+    for g in order:
+        p, d = have[g.name]
+        if (p, d) == (g.num_prefill, g.num_decode):
+            continue
+        kind = ActionKind.REMOVE if (p, d) == (0, 0) else ActionKind.SHRINK
+        tier = _tier_of(tree, g)
+        actions.append(PlacementAction(kind, g.service, g.name, g.scope, g.domain, tier, g.prefill_gpu_type,
+                                       g.decode_gpu_type, g.num_prefill - p, g.num_decode - d, (),
+                                       Why.SCALE_IN_PRECIOUS_FIRST, f"tier {tier.name} first"))
     if p_left or d_left:
         unplaced.append(Unplaced(req.service.name, -p_left, -d_left, Why.NOTHING_TO_REMOVE,
-                                 "the service's groups cannot give up more without emptying one role of a group"))
+                                 "the service's groups cannot give up more without emptying one role of a group "
+                                 "or leaving its ratio band"))
 
 
 def place(tree: TopologyTree, requests: Iterable[ScaleRequest], config: SchedulerConfig = SchedulerConfig()

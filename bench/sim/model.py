@@ -155,7 +155,8 @@ class Capacity:
     ticks: dict[tuple[float, int, int], Tick] = field(default_factory=dict)  # memo of `evaluate`
 
     @classmethod
-    def of(cls, svc: SimService) -> Capacity:
+    def of(cls, svc: SimService, cross_domain: bool = False) -> Capacity:
+        """The service's capacity; `cross_domain`: its KV cache crosses the spine (a cluster-scope group)."""
         model = MODELS[svc.model]
         dec = Instance(GPUS[svc.decode_gpu], model, tp=svc.tp_decode)
         pre = Instance(GPUS[svc.prefill_gpu], model, tp=svc.tp_prefill)
@@ -170,7 +171,8 @@ class Capacity:
             per_pass = max(1, PREFILL_CHUNK_TOKENS // n_in)
             taus.append(pre.prefill_time_s([n_in] * per_pass)[0] / per_pass)
             own.append(pre.prefill_time_s([n_in])[0]
-                       + kv_transfer_time_s(model, n_in, GPUS[svc.prefill_gpu], tp=svc.tp_prefill))
+                       + kv_transfer_time_s(model, n_in, GPUS[svc.prefill_gpu], tp=svc.tp_prefill,
+                                            cross_domain=cross_domain))
         weights = [w for _, _, w in bins]
         tau = sum(w * t for w, t in zip(weights, taus))
         cs2 = sum(w * (t - tau) ** 2 for w, t in zip(weights, taus)) / tau ** 2
@@ -178,8 +180,8 @@ class Capacity:
         batch = max(1, round(cap_d * dec.decode_step_time_s([context])[0]))
         _, compute_fraction = dec.decode_step_time_s([context] * batch)
         ratio = (svc.mean_input / cap_p) / (svc.mean_output / cap_d)
-        kv_mean = sum(w * kv_transfer_time_s(model, b[0], GPUS[svc.prefill_gpu], tp=svc.tp_prefill)
-                      for w, b in zip(weights, bins))
+        kv_mean = sum(w * kv_transfer_time_s(model, b[0], GPUS[svc.prefill_gpu], tp=svc.tp_prefill,
+                                             cross_domain=cross_domain) for w, b in zip(weights, bins))
         acc, own_p90 = 0.0, own[-1]
         for (t, w) in sorted(zip(own, weights)):
             acc += w
@@ -398,7 +400,9 @@ class PolicyResult:
     met_ttft: float = 0.0
     met_tbt: float = 0.0
     num_scale_actions: int = 0
-    ratio_violations: int = 0
+    ratio_violations: int = 0  # service-ticks whose P:D totals left the ratio rule
+    dg_ratio_violations: int | None = None  # DG-ticks outside the ratio band (None: the policy places no DGs)
+    max_unheld_gpus: int = 0  # most GPUs a DG's instances lacked on its domain's nodes (over-subscription)
     unplaced: int = 0
     demand_tokens: float = 0.0
     served_tokens: float = 0.0
@@ -420,6 +424,8 @@ class PolicyResult:
             "slo_attainment_tbt": round(self.met_tbt / max(self.requests, 1e-12), 4),
             "num_scale_actions": self.num_scale_actions,
             "ratio_violations": self.ratio_violations,
+            "dg_ratio_violations": self.dg_ratio_violations,
+            "max_unheld_gpus": self.max_unheld_gpus,
             "unplaced_requests": self.unplaced,
             "worst_service_attainment": round(min((min(r[2], r[3]) / max(r[1], 1e-12) for r in self.by_service.values()),
                                                   default=1.0), 4),

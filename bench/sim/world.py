@@ -16,11 +16,12 @@ from typing import Sequence
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupAction, GroupActionKind, GroupState
 from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
+from autoscaler.policy import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
 from bench.sim.model import Capacity, Instances, PolicyResult, Scenario, SimService, Tick, account, evaluate
-from common.vocab import DeploymentGroup, NodeInfo
-from placement.scheduler import ServiceShape
+from common.vocab import DeploymentGroup, NodeInfo, Scope
+from placement.scheduler import ServiceShape, in_band
 
 
 @dataclass
@@ -69,6 +70,9 @@ class SimWorld:
         self.scenario = scenario
         self.services = {s.name: s for s in scenario.services}
         self.caps = {s.name: Capacity.of(s) for s in scenario.services}
+        # a cluster-scope DG's KV cache crosses the spine (`perf_model.kv_transfer_time_s(cross_domain=True)`)
+        self.caps_cross = {s.name: Capacity.of(s, cross_domain=True) if s.affinity == Scope.CLUSTER
+                           else self.caps[s.name] for s in scenario.services}
         self.groups: dict[str, dict[str, SimGroup]] = {s.name: {} for s in scenario.services}
         self.last_ticks: dict[str, Tick] = {}
         self._routable: dict[str, tuple[int, int]] = {}  # last tick's routable (prefill, decode) per service
@@ -84,6 +88,7 @@ class SimWorld:
         self._node_list = [replace(n, free_gpus=n.total_gpus) for n in scenario.nodes]
         self._index = {n.node_id: i for i, n in enumerate(scenario.nodes)}
         self._changed: set[str] = set()
+        self.max_unheld_gpus = 0  # most GPUs a DG's instances ever lacked on its domain's nodes (0: never)
         self._nodes: tuple[NodeInfo, ...] = tuple(self._node_list)
 
     # ---- the port ------------------------------------------------------------------------------------------------
@@ -120,7 +125,8 @@ class SimWorld:
                 groups.pop(name, None)
                 self._charge(action.service, action.group, 0, 0)
                 continue
-            self._charge(action.service, action.group, action.group.num_prefill, action.group.num_decode)
+            chosen = action.placement.node_gpus if action.placement is not None else ()
+            self._charge(action.service, action.group, action.group.num_prefill, action.group.num_decode, chosen)
             g = groups.get(name)
             if g is None:
                 g = groups[name] = SimGroup(group=action.group)
@@ -128,11 +134,16 @@ class SimWorld:
             g.group = action.group
             g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
 
-    def _charge(self, service: str, group: DeploymentGroup, num_prefill: int, num_decode: int) -> None:
-        """Hold exactly the GPUs of (num_prefill, num_decode) instances of this DG on its domain's nodes."""
+    def _charge(self, service: str, group: DeploymentGroup, num_prefill: int, num_decode: int,
+                chosen: tuple[tuple[str, str, int], ...] = ()) -> None:
+        """Hold exactly the GPUs of (num_prefill, num_decode) instances of this DG: growth on the nodes
+        `place()` chose for it (`chosen`: (role, node, GPUs)), anything else on the DG's domain nodes of the
+        right type in order; shrinking releases the newest first."""
         tp = self._tp[service]
         for role, (gpu_type, want) in enumerate(((group.prefill_gpu_type, num_prefill * tp[0]),
                                                  (group.decode_gpu_type, num_decode * tp[1]))):
+            role_name = ("prefill", "decode")[role]
+            preferred = [(node, gpus) for r, node, gpus in chosen if r == role_name]
             held = self._held.setdefault((service, group.name, role), [])
             have = sum(g for _, g in held)
             while have > want:  # release newest first
@@ -146,8 +157,9 @@ class SimWorld:
                 else:
                     held[-1][1] -= give
             if have < want:
-                for node_id in self._domain_nodes.get((group.scope, group.domain, gpu_type), ()):
-                    take = min(self._free[node_id], want - have)
+                domain_nodes = self._domain_nodes.get((group.scope, group.domain, gpu_type), [])
+                for node_id, most in preferred + [(n, want) for n in domain_nodes]:
+                    take = min(self._free[node_id], want - have, most)
                     if take:
                         self._free[node_id] -= take
                         self._changed.add(node_id)
@@ -155,6 +167,7 @@ class SimWorld:
                         have += take
                         if have == want:
                             break
+            self.max_unheld_gpus = max(self.max_unheld_gpus, want - have)
             if not held:
                 del self._held[(service, group.name, role)]
 
@@ -177,18 +190,55 @@ class SimWorld:
                 g.promote(now_s)
 
     def serve(self, now_s: float, result: PolicyResult) -> None:
-        """One tick of traffic at every service; accounts it into `result`."""
+        """One tick of traffic at every service, scored per deployment group as the live system runs: the
+        ingress splits a service's requests over its DGs by routable decode (its routing weight), and each DG
+        is its own prefill queue and decode pool (KV never leaves a DG). Accounts every DG into `result`."""
         for name, svc in self.services.items():
-            cap, rps = self.caps[name], svc.shape.rate(now_s)
-            groups = self.groups[name].values()
+            rps = svc.shape.rate(now_s)
+            groups = list(self.groups[name].values())
             routable = [g.routable() for g in groups]
-            self._routable[name] = (sum(r[0] for r in routable), sum(r[1] for r in routable))
-            tick = evaluate(svc, cap, rps, *self._routable[name])
-            self.last_ticks[name] = tick
-            ready = (sum(g.ready_prefill for g in groups), sum(g.ready_decode for g in groups))
-            allocated = [g.allocated() for g in groups]
-            account(result, svc, cap, tick, rps, ready, (sum(a[0] for a in allocated), sum(a[1] for a in allocated)),
-                    self.scenario.tick_s, now_s)
+            weight = sum(d for _, d in routable)
+            self._routable[name] = (sum(p for p, _ in routable), weight)
+            parts = []
+            for g, (p, d) in zip(groups, routable):
+                share = rps * d / weight if weight else 0.0
+                cap = self.caps_cross[name] if g.group.scope == Scope.CLUSTER else self.caps[name]
+                tick = evaluate(svc, cap, share, p, d)
+                parts.append((share, tick))
+                account(result, svc, cap, tick, share, (g.ready_prefill, g.ready_decode), g.allocated(),
+                        self.scenario.tick_s, now_s)
+            if not weight:  # nothing routable: every request of the tick fails
+                tick = evaluate(svc, self.caps[name], rps, 0, 0)
+                parts.append((rps, tick))
+                account(result, svc, self.caps[name], tick, rps, (0, 0), (0, 0), self.scenario.tick_s, now_s)
+            self.last_ticks[name] = combine(parts)
+
+
+def combine(parts: list[tuple[float, Tick]]) -> Tick:
+    """A service's signals from its DGs' ticks, as the live controller aggregates its replicas' reports:
+    throughput summed, attainment request-weighted, and the latency percentiles taken over the DGs' requests
+    (the 90th-percentile DG value by requests: a DG carrying more than a tenth of the traffic with a bad tail
+    shows)."""
+    total = sum(w for w, _ in parts)
+    if total <= 0:
+        return parts[0][1] if parts else Tick(0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+
+    def p90(values: list[tuple[float, float]]) -> float:
+        acc = 0.0
+        for v, w in sorted(values):
+            acc += w
+            if acc >= 0.9 * total - 1e-12:
+                return v
+        return max(v for v, _ in values)
+
+    live = [(w, t) for w, t in parts if w > 0]
+    return Tick(decode_tps=sum(t.decode_tps for _, t in parts),
+                ttft_p90_s=p90([(t.ttft_p90_s, w) for w, t in live]),
+                tbt_s=p90([(t.tbt_s, w) for w, t in live]),
+                attainment_ttft=sum(w * t.attainment_ttft for w, t in live) / total,
+                attainment_tbt=sum(w * t.attainment_tbt for w, t in live) / total,
+                demand_tps=sum(t.demand_tps for _, t in parts),
+                ttft_mean_s=sum(w * t.ttft_mean_s for w, t in live) / total)
 
 
 @dataclass(frozen=True)
@@ -226,7 +276,7 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0."""
     world, config = SimWorld(scenario), cycle_config(scenario)
-    result = PolicyResult()
+    result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
     t = 0.0
     while t < scenario.duration_s:
@@ -237,9 +287,14 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None)
         for name, dec in cycle_result.decision.services.items():
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
-            if not config.fleet.services[name].ratio_holds(dec.target_prefill, dec.target_decode):
+            policy = config.fleet.services[name]
+            if not policy.ratio_holds(dec.target_prefill, dec.target_decode):
                 result.ratio_violations += 1
+            ratio = ratio_in_force(policy, t, dec.target_prefill, dec.target_decode)
+            result.dg_ratio_violations += sum(not in_band(g.group.num_prefill, g.group.num_decode, ratio)
+                                              for g in world.groups[name].values())
         result.unplaced += len(cycle_result.unplaced)
         world.serve(t, result)
         t += scenario.tick_s
+    result.max_unheld_gpus = world.max_unheld_gpus
     return result

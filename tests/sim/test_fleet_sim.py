@@ -10,7 +10,7 @@ from bench.load.traces import RateShape
 from bench.sim.model import Capacity, Scenario, SimService, evaluate, oracle_counts
 from bench.sim.run import POLICIES
 from bench.sim.world import CycleRecord, cycle_config, run_heteroscale
-from common.vocab import NodeInfo
+from common.vocab import DeploymentGroup, NodeInfo
 
 
 def small_scenario() -> Scenario:
@@ -191,3 +191,41 @@ def test_baselines_tuned_to_our_attainment_are_compared_at_equal_attainment():
             cheapest = min(v["gpu_hours"] for v in t["tried"].values() if v["attainment"] >= goal)
             assert abs(tuned["gpu_hours"] - cheapest) < 0.1
     assert "avg_gpu_util_points_above_hpa_tuned" in summary["goals"]
+
+
+def test_each_deployment_group_is_scored_on_its_own():
+    """The simulated ingress splits a service's requests by routable decode, and each DG is its own prefill
+    queue: a lopsided layout (8P, 1D) + (1P, 1D) misses TTFT that the same instances pooled (9P, 2D) meet."""
+    from bench.sim.model import PolicyResult
+    from bench.sim.world import SimGroup, SimWorld
+
+    scenario = small_scenario()
+    svc = scenario.services[0]
+    scenario = Scenario("one", scenario.nodes, (svc,), duration_s=60, tick_s=30)
+    cap = Capacity.of(svc)
+    rps = 1.5 * cap.cap_prefill_tps / svc.mean_input  # 1.5 prefill instances of work: one alone drowns
+    pooled = evaluate(svc, cap, rps, 9, 2)
+    assert pooled.attainment_ttft > 0.99
+
+    lopsided = SimWorld(scenario)
+    even = SimWorld(scenario)
+    for world, layout in ((lopsided, ((8, 1), (1, 1))), (even, ((5, 1), (4, 1)))):
+        for i, (p, d) in enumerate(layout):
+            group = DeploymentGroup(f"g{i}", svc.name, "s1", "s1-0-0", "L20", "H20", p, d)
+            world.groups[svc.name][group.name] = SimGroup(p, d, group=group)
+    t = next(t for t in range(0, 7200, 30) if svc.shape.rate(t) >= rps)
+    ticks = {}
+    for name, world in (("lopsided", lopsided), ("even", even)):
+        result = PolicyResult()
+        world.serve(float(t), result)
+        ticks[name] = world.last_ticks[svc.name]
+        assert result.requests == pytest.approx(svc.shape.rate(t) * 30)  # every request counted once
+        assert result.gpu_hours == pytest.approx(11 * 30 / 3600)  # both groups' GPUs
+    assert ticks["even"].attainment_ttft > 0.99 > ticks["lopsided"].attainment_ttft
+    assert ticks["lopsided"].ttft_p90_s > ticks["even"].ttft_p90_s  # the drowned group's tail shows
+
+
+def test_our_groups_stay_in_band_and_on_the_nodes_place_chose():
+    scenario = small_scenario()
+    s = run_heteroscale(scenario).summary()
+    assert s["dg_ratio_violations"] == 0 and s["max_unheld_gpus"] == 0

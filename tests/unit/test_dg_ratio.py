@@ -1,0 +1,138 @@
+"""Every deployment group at the ratio (architecture invariant 2): random demand sequences through the shared
+control cycle, checked per DG after every cycle, total and routable; and the scheduler's band on one delta."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.cycle import ClusterView, CycleConfig, GroupActionKind, GroupState
+from autoscaler.model import FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
+from autoscaler.policy import ratio_in_force
+from autoscaler.port import step
+from common.vocab import DeploymentGroup, NodeInfo, Scope
+from placement.scheduler import ActionKind, ScaleRequest, ServiceShape, Why, in_band, place, prefill_band
+from placement.topology import build_tree
+
+
+def grid(num_s1: int, nodes_per_s1: int, gpus: int) -> tuple[NodeInfo, ...]:
+    return tuple(NodeInfo(f"n{s}-{i}", "H20", gpus, gpus, f"s1-{s}", f"s2-{s // 2}")
+                 for s in range(num_s1) for i in range(nodes_per_s1))
+
+
+class World:
+    """Every target replica Ready at once; free GPUs = each S1's nodes less what its groups hold."""
+
+    def __init__(self, nodes, services):
+        self.nodes, self.services = nodes, services
+        self.groups: dict[str, dict[str, GroupState]] = {s: {} for s in services}
+        self.tps = {s: 0.0 for s in services}
+
+    def observe(self, now_s):
+        out = {}
+        for name, groups in self.groups.items():
+            gs = list(groups.values())
+            out[name] = ServiceObservation(
+                decode_tps=Signal(self.tps[name], now_s),
+                prefill=RoleCounts.total(g.prefill for g in gs), decode=RoleCounts.total(g.decode for g in gs))
+        return Observation(out)
+
+    def cluster_view(self, now_s):
+        used: dict[str, int] = {}
+        for groups in self.groups.values():
+            for g in groups.values():
+                used[g.group.domain] = used.get(g.group.domain, 0) + g.group.num_prefill + g.group.num_decode
+        nodes = []
+        for n in self.nodes:
+            take = min(used.get(n.s1, 0), n.total_gpus)
+            used[n.s1] = used.get(n.s1, 0) - take
+            nodes.append(replace(n, free_gpus=n.total_gpus - take))
+        assert all(v == 0 for v in used.values()), "a domain holds more than its GPUs"
+        return ClusterView(tuple(nodes), {s: tuple(g[k] for k in sorted(g)) for s, g in self.groups.items()})
+
+    def apply(self, actions, now_s):
+        for a in actions:
+            groups = self.groups[a.service]
+            if a.kind is GroupActionKind.REMOVE:
+                del groups[a.group.name]
+                continue
+            g = a.group
+            groups[g.name] = GroupState(g, RoleCounts(g.num_prefill - a.withdrawn_prefill, 0, a.withdrawn_prefill),
+                                        RoleCounts(g.num_decode - a.withdrawn_decode, 0, a.withdrawn_decode))
+
+
+@settings(max_examples=120, deadline=None)
+@given(ratios=st.lists(st.floats(0.3, 9.0), min_size=1, max_size=2),
+       soft_s=st.sampled_from([0.0, 60.0]),
+       demands=st.lists(st.lists(st.floats(0.0, 30.0), min_size=2, max_size=2), min_size=3, max_size=25),
+       small_domains=st.booleans())
+def test_every_group_stays_inside_the_ratio_band_through_random_demand(ratios, soft_s, demands, small_domains):
+    names = [f"svc{i}" for i in range(len(ratios))]
+    nodes = grid(6, 2, 4) if small_domains else grid(4, 4, 8)  # small: groups must spread over domains
+    policies = {n: PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=r, scale_out_cooldown_s=0.0,
+                                scale_in_cooldown_s=0.0, soft_scale_in_window_s=soft_s, max_step_fraction=10.0,
+                                max_prefill=10_000, max_decode=10_000)
+                for n, r in zip(names, ratios)}
+    config = CycleConfig(FleetConfig(services=policies),
+                         {n: ServiceShape(n, ("H20",), ("H20",), affinity=Scope.S1) for n in names})
+    world, state = World(nodes, names), PolicyState()
+    for i, row in enumerate(demands):
+        for name, demand in zip(names, row):
+            world.tps[name] = demand * 100.0
+        result, state, _, _ = step(world, state, 30.0 * i, config)
+        for name in names:
+            dec = result.decision.services[name]
+            ratio = ratio_in_force(policies[name], 30.0 * i, dec.target_prefill, dec.target_decode)
+            for gs in world.groups[name].values():
+                p, d = gs.group.num_prefill, gs.group.num_decode
+                assert p >= 1 and d >= 1, f"{gs.name}: a group lost a role ({p}P, {d}D)"
+                assert in_band(p, d, ratio), f"cycle {i}: {gs.name} ({p}P, {d}D) outside {prefill_band(d, ratio)} " \
+                                             f"at ratio {ratio:.3f} (targets {dec.target_prefill}P/{dec.target_decode}D)"
+                rp, rd = gs.prefill.ready, gs.decode.ready
+                if rp and rd:
+                    assert in_band(rp, rd, ratio), \
+                        f"cycle {i}: {gs.name} routable ({rp}P, {rd}D) outside {prefill_band(rd, ratio)}"
+
+
+def test_a_prefill_only_delta_beside_a_one_decode_group_opens_a_group_with_decode():
+    """+3P/+0D at ratio 2 beside a (2P, 1D) group: the group's band tops out at 2 prefill, so the prefill
+    cannot go there (it would idle: KV never leaves a group); a new group takes it with the decode its band
+    needs (2: ceil((2-1) x 2) <= 3 <= ceil(2 x 2)), over the target (PAIRED)."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    group = DeploymentGroup("svc-s1-0", "svc", Scope.S1, "s1-0", "H20", "H20", 2, 1)
+    plan = place(build_tree(grid(2, 1, 8)), [ScaleRequest(shape, 3, 0, (group,), prefill_per_decode=2.0)])
+    assert not plan.unplaced
+    assert [(a.kind, a.domain, a.num_prefill, a.num_decode, a.why) for a in plan.actions] == [
+        (ActionKind.CREATE, "s1-1", 3, 2, Why.PAIRED)]
+    # without a band (the old rule) the whole delta went into the group: 5 prefill beside 1 decode
+    plan = place(build_tree(grid(2, 1, 8)), [ScaleRequest(shape, 3, 0, (group,))])
+    assert [(a.kind, a.num_prefill, a.num_decode) for a in plan.actions] == [(ActionKind.GROW, 3, 0)]
+
+
+def test_a_scale_out_delta_is_split_across_groups_inside_their_bands():
+    """+7P/+1D at ratio 3.5 over groups (7P, 2D) and (4P, 2D): the new decode and its prefill go where the band
+    allows, and the rest of the prefill fills the group below its band first."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    groups = (DeploymentGroup("a", "svc", Scope.S1, "s1-0", "H20", "H20", 7, 2),
+              DeploymentGroup("b", "svc", Scope.S1, "s1-1", "H20", "H20", 4, 2))
+    plan = place(build_tree(grid(2, 2, 8)), [ScaleRequest(shape, 7, 1, groups, prefill_per_decode=3.6)])
+    assert not plan.unplaced
+    after = {g.name: [g.num_prefill, g.num_decode] for g in groups}
+    for a in plan.actions:
+        after[a.group][0] += a.num_prefill
+        after[a.group][1] += a.num_decode
+    assert sum(p for p, _ in after.values()) == 18 and sum(d for _, d in after.values()) == 5
+    assert all(in_band(p, d, 3.6) for p, d in after.values()), after
+
+
+def test_scale_in_takes_from_the_groups_over_their_band():
+    """-4P/-0D at ratio 2 over (6P, 3D) and (10P, 3D): the second is over its band's top (6), so it gives the
+    prefill; the first keeps all of its own."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    groups = (DeploymentGroup("a", "svc", Scope.S1, "s1-0", "H20", "H20", 6, 3),
+              DeploymentGroup("b", "svc", Scope.S1, "s1-1", "H20", "H20", 10, 3))
+    plan = place(build_tree(grid(2, 2, 8)), [ScaleRequest(shape, -4, 0, groups, prefill_per_decode=2.0)])
+    assert not plan.unplaced
+    assert [(a.group, a.kind, a.num_prefill, a.num_decode) for a in plan.actions] == [("b", ActionKind.SHRINK, 4, 0)]
