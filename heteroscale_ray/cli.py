@@ -277,6 +277,24 @@ def cmd_sim(args) -> int:
     from bench.sim import study
     from bench.sim.scenarios import load_scenario
 
+    if args.suite:
+        from bench.sim import suite
+
+        if args.scenario:
+            print("error: give --suite or --scenario, not both", file=sys.stderr)
+            return 2
+        report = suite.run_suite(workers=args.workers, progress=lambda m: print(m, file=sys.stderr))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite.json").write_text(json.dumps(report, indent=2))
+        report["plots"] = suite.write_plots(report, out)
+        (out / "suite.json").write_text(json.dumps(report, indent=2))
+        print(suite.table(report))
+        print(f"wrote {out / 'suite.json'} ({report['wall_s']} s)", file=sys.stderr)
+        return 0
+    if not args.scenario:
+        print("error: give --scenario FILE or --suite", file=sys.stderr)
+        return 2
     scenario = load_scenario(args.scenario)
     if args.metric_study:
         rows = study.metric_study(scenario.services[0])
@@ -289,7 +307,7 @@ def cmd_sim(args) -> int:
         return 0
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     summary, results = sim_run.simulate(scenario, policies, progress=lambda m: print(m, file=sys.stderr),
-                                        tune_baselines=args.tune_baselines)
+                                        tune_baselines=args.tune_baselines, workers=args.workers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = sim_run.write_plots(summary, results, out)
@@ -397,12 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     sim = sub.add_parser("sim", help="fleet simulator: the same decide()/place() against baselines")
-    sim.add_argument("--scenario", required=True, help="scenario YAML (bench/scenarios/*.yaml)")
+    sim.add_argument("--scenario", help="scenario YAML (bench/scenarios/*.yaml)")
+    sim.add_argument("--suite", action="store_true",
+                     help="instead: every scenario of bench/scenarios/suite/, tuned on one day and scored on another, "
+                          "each policy as a point and a front; writes OUT/suite.json and plots")
+    sim.add_argument("--workers", type=int, default=2, help="processes to run the simulations on (default 2)")
     sim.add_argument("--policies", default="heteroscale,hpa_gpu_util,serve_queue,periodic,sla_planner,"
                      "static_peak,oracle", help="comma-separated policy names")
     sim.add_argument("--out", required=True, help="output folder (summary.json, PNG plots)")
     sim.add_argument("--tune-baselines", action="store_true",
-                     help="also run each reactive baseline at its best swept setting reaching our attainment")
+                     help="also run each baseline at the setting of its grid chosen on the scenario's tuning day")
     sim.add_argument("--metric-study", action="store_true",
                      help="instead: the candidate signals of the scenario's first service vs load (paper Fig. 2)")
     sim.set_defaults(func=cmd_sim)

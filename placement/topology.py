@@ -71,6 +71,12 @@ class TopologyTree:
 
 
 _SHAPES: dict[tuple, tuple] = {}  # the last few fleets' domain structure (it changes far less than free GPUs)
+_LAST: list = [(), None]  # the last nodes seen and their structure
+
+
+def _static(n: NodeInfo) -> tuple:
+    """What a node's place in the structure depends on (not its free GPUs)."""
+    return n.node_id, n.gpu_type, n.total_gpus, n.s1, n.s2
 
 
 def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
@@ -78,12 +84,17 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
     The structure is reused while the nodes' ids, types, sizes and domains stay the same; free GPUs are
     always read afresh."""
     nodes = tuple(nodes)
-    key = tuple((n.node_id, n.gpu_type, n.total_gpus, n.s1, n.s2) for n in nodes)
-    shape = _SHAPES.get(key)
-    if shape is None:
-        if len(_SHAPES) >= 4:
-            _SHAPES.pop(next(iter(_SHAPES)))
-        shape = _SHAPES[key] = _shape(nodes)
+    last_nodes, last_shape = _LAST
+    if len(last_nodes) == len(nodes) and all(a is b or _static(a) == _static(b) for a, b in zip(nodes, last_nodes)):
+        shape = last_shape  # the same fleet as last time (only free GPUs moved): no key to build
+    else:
+        key = tuple(map(_static, nodes))
+        shape = _SHAPES.get(key)
+        if shape is None:
+            if len(_SHAPES) >= 4:
+                _SHAPES.pop(next(iter(_SHAPES)))
+            shape = _SHAPES[key] = _shape(nodes)
+    _LAST[:] = [nodes, shape]
     by_id, s1_parent, parts = shape
     free = {n.node_id: n.free_gpus for n in nodes}
     domains = {(scope, name): Domain(scope, name, tier, members, free, by_type)

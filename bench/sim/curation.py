@@ -54,7 +54,9 @@ class Stress:
 
 
 def stress_test(svc: SimService, cap: Capacity, trough_rps: float, headroom: float = DECODE_HEADROOM,
-                band: float = HYSTERESIS) -> Stress:
+                band: float = HYSTERESIS, error: float = 0.0) -> Stress:
+    """Step the rate on one decode instance to its TBT limit (measured with relative `error`, as a live profile
+    is), then size the target and the ratio from it (module docstring)."""
     if not headroom * (1 + band) < 1:
         raise ValueError(f"headroom {headroom} x (1 + band {band}) must be < 1: a saturated decode pool would "
                          "stay inside the band")
@@ -72,7 +74,7 @@ def stress_test(svc: SimService, cap: Capacity, trough_rps: float, headroom: flo
             passed = lo
             break
         passed = rps
-    max_tps = passed * svc.mean_output
+    max_tps = passed * svc.mean_output * (1 + error)
     if max_tps <= 0:
         raise ValueError(f"service {svc.name}: no rate meets its TBT SLO {svc.tbt_slo_s}s on one decode instance")
     target = headroom * max_tps
@@ -96,8 +98,16 @@ def trough_rps(svc: SimService, scenario: Scenario) -> float:
 
 
 def stress_all(scenario: Scenario, headroom: float = DECODE_HEADROOM, band: float = HYSTERESIS) -> dict[str, Stress]:
-    return {s.name: stress_test(s, Capacity.of(s), trough_rps(s, scenario), headroom, band)
-            for s in scenario.services}
+    """Every service's stress test on this (tuning) day; with the scenario's `days.profile_error`, each
+    measurement is off by a seeded Gaussian relative error, one per service and day."""
+    import random
+
+    sigma = scenario.days.profile_error if scenario.days else 0.0
+    out = {}
+    for s in scenario.services:
+        error = random.Random(f"{scenario.name}/{s.name}/profile").gauss(0.0, sigma) if sigma else 0.0
+        out[s.name] = stress_test(s, Capacity.of(s), trough_rps(s, scenario), headroom, band, error)
+    return out
 
 
 def _candidate(metric: str, stress: dict[str, Stress]):

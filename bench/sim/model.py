@@ -12,11 +12,13 @@ Fluid model, per service and tick (`tick_s`, default 30 s, the policy period):
   that wait + its own prefill pass + its KV transfer, per size bin: a long-prompt tail misses the SLO even at
   low load, and a big pool runs hotter than a small one at the same attainment (checked against the
   per-request simulation on two size distributions, bench/scripts/fluid_vs_requests.py);
-- instances take `startup_s` to become Ready and hold their GPUs meanwhile; withdrawn (soft scale-in)
-  instances hold GPUs but serve nothing;
-- NVML utilization: a decode instance is busy when it holds at least one request (1 - e^-N, N = mean
-  requests in flight per instance); SM activity weights that by the decode step's compute fraction; a prefill
-  instance is busy a fraction rho of the time.
+- instances take their role's start-up (`SimService.startup`, else `startup_s`) to become Ready and hold their
+  GPUs meanwhile; withdrawn (soft scale-in) instances hold GPUs but serve nothing;
+- a service's mix and prefix-cache hit share may move over its day (`SimService.phases`: the service `at(t)`);
+  prefill computes only the prompt tokens the prefix cache misses (`kv_miss`), KV transfer moves them all;
+- NVML utilization and SM activity from mechanism (`role_utils`): a decode instance runs steps while it holds a
+  request (1 - e^-N, N = mean requests in flight), its kernels busy for the step's kernel share at that batch
+  and its SMs for the step's compute share; a prefill instance is busy a fraction rho of the time.
 The policy under test sees the same signals the live controller will: decode TPS served, TTFT and TBT.
 This module holds the model and its accounting; the simulated world our control cycle drives is
 `bench/sim/world.py`, the baselines and references `bench/sim/baselines.py`, scenarios `bench/sim/scenarios.py`,
@@ -30,12 +32,16 @@ import bisect
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy
 
 from bench.load.traces import RateShape
 from bench.sim.perf_model import GPUS, MODELS, Instance, kv_transfer_time_s, nvml_utilization, saturation_decode_tps
 from common.vocab import NodeInfo
+
+if TYPE_CHECKING:
+    from bench.sim.days import DaySpec
 
 PREFILL_CHUNK_TOKENS = 8192  # tokens one prefill pass batches (chunked prefill), for prefill capacity
 TTFT_GOAL = 0.99  # the share of requests that must meet the TTFT SLO (the attainment every sizing aims at)
@@ -76,9 +82,26 @@ def erlang_c(servers: int, rho: float) -> float:
     if rho >= 1:
         return 1.0
     a, b = servers * rho, 1.0
-    for k in range(1, servers + 1):
-        b = a * b / (k + a * b)
+    if servers <= 64:
+        for k in range(1, servers + 1):
+            b = a * b / (k + a * b)
+    else:  # the same Erlang B, vectorized: Poisson(a) pmf at c over its cdf up to c, in log space
+        log_pmf = numpy.arange(servers + 1) * math.log(a) - _log_factorials(servers)
+        top = log_pmf.max()
+        b = math.exp(log_pmf[-1] - top) / float(numpy.exp(log_pmf - top).sum())
     return b / (1 - rho * (1 - b))
+
+
+_LOG_FACTORIALS = numpy.zeros(1)
+
+
+def _log_factorials(n: int):
+    """log k! for k = 0..n (a shared, growing table)."""
+    global _LOG_FACTORIALS
+    if len(_LOG_FACTORIALS) <= n:
+        size = max(n + 1, 2 * len(_LOG_FACTORIALS))
+        _LOG_FACTORIALS = numpy.concatenate(([0.0], numpy.cumsum(numpy.log(numpy.arange(1, size)))))
+    return _LOG_FACTORIALS[: n + 1]
 
 
 @dataclass(frozen=True)
@@ -97,9 +120,56 @@ class SimService:
     tp_prefill: int = 1  # tensor-parallel degree per role (GPUs per instance)
     tp_decode: int = 1
     sizes: tuple[tuple[int, int, float], ...] = ()  # (input, output, weight) bins (`size_bins`); () = the means
+    # The share of prompt tokens a prefill computes (1 - prefix-cache hit share): prefill work and the KV-miss
+    # prefill tokens/s signal scale with it, decode and KV transfer (the whole context moves) do not.
+    kv_miss: float = 1.0
+    # Windows of the day with their own request mix and KV-miss share (`Phase`, sorted by start, repeating every
+    # `phase_period_s`); () = the service's own fields all day. Those fields are then the day's average mix,
+    # what a profile of the whole day measures.
+    phases: tuple[Phase, ...] = ()
+    phase_period_s: float = 86_400.0
+    startup_prefill_s: float | None = None  # start-up to Ready per role; None = the scenario's startup_s
+    startup_decode_s: float | None = None
 
     def size_bins(self) -> tuple[tuple[int, int, float], ...]:
         return self.sizes or ((self.mean_input, self.mean_output, 1.0),)
+
+    def phase_index(self, t_s: float) -> int:
+        """Which of `phases` holds time `t_s` (0 without phases)."""
+        if not self.phases:
+            return 0
+        return max(0, bisect.bisect_right(self._phase_starts, t_s % self.phase_period_s) - 1)
+
+    def at(self, t_s: float) -> SimService:
+        """The service as it is at `t_s`: its mix and KV-miss share of the window that holds it."""
+        return self._variants[self.phase_index(t_s)] if self.phases else self
+
+    @functools.cached_property
+    def _phase_starts(self) -> list[float]:
+        return [p.start_s for p in self.phases]
+
+    @functools.cached_property
+    def _variants(self) -> list[SimService]:
+        from dataclasses import replace
+
+        return [replace(self, sizes=p.sizes, mean_input=p.mean_input, mean_output=p.mean_output, kv_miss=p.kv_miss,
+                        phases=()) for p in self.phases]
+
+    def startup(self, default_s: float) -> tuple[float, float]:
+        """(prefill, decode) seconds from start to Ready."""
+        return (default_s if self.startup_prefill_s is None else self.startup_prefill_s,
+                default_s if self.startup_decode_s is None else self.startup_decode_s)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A window of a service's day with its own request mix (size bins and means) and KV-miss share."""
+
+    start_s: float
+    sizes: tuple[tuple[int, int, float], ...]
+    mean_input: int
+    mean_output: int
+    kv_miss: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,10 +180,24 @@ class Scenario:
     duration_s: float
     tick_s: float = 30.0
     startup_s: float = 120.0
+    days: DaySpec | None = None  # how its days differ, and its tuning and scoring days (`bench.sim.days`)
 
     @functools.cached_property
     def fleet_gpus(self) -> int:
         return sum(n.total_gpus for n in self.nodes)
+
+    @functools.cached_property
+    def group_gpus(self) -> dict[str, int]:
+        """Per service, GPUs of its two types in its largest domain at its affinity (what one group holds)."""
+        out = {}
+        for svc in self.services:
+            types, per = {svc.prefill_gpu, svc.decode_gpu}, {}
+            for n in self.nodes:
+                if n.gpu_type in types:
+                    key = {"s1": n.s1, "s2": n.s2}.get(svc.affinity, "*")
+                    per[key] = per.get(key, 0) + n.total_gpus
+            out[svc.name] = max(per.values(), default=1)
+        return out
 
     @functools.cached_property
     def tp(self) -> dict[str, tuple[int, int]]:
@@ -148,9 +232,10 @@ class Capacity:
     best_attainment: float  # TTFT attainment of an idle pool: the share of requests whose own time fits
     ttft_goal: float  # TTFT_GOAL, or best_attainment - INFEASIBLE_MARGIN where that is out of reach
     ttft_slo_s: float
-    steps: dict[tuple[int, int], float] = field(default_factory=dict)  # memo: (context, batch) -> step time
+    kv_miss: float = 1.0  # the service's share of prompt tokens prefill computes
+    steps: dict[tuple, object] = field(default_factory=dict)  # memo: (context, batch) -> step time, and kernels
     _ttft: dict[tuple[int, float], tuple[float, float, float]] = field(default_factory=dict)
-    _needed: dict[float, int] = field(default_factory=dict)
+    _needed: dict[tuple[float, float], int] = field(default_factory=dict)
     _last_needed: int = 1
     ticks: dict[tuple[float, int, int], Tick] = field(default_factory=dict)  # memo of `evaluate`
 
@@ -168,9 +253,10 @@ class Capacity:
         bins = svc.size_bins()
         own, taus = [], []
         for n_in, _, _ in bins:
-            per_pass = max(1, PREFILL_CHUNK_TOKENS // n_in)
-            taus.append(pre.prefill_time_s([n_in] * per_pass)[0] / per_pass)
-            own.append(pre.prefill_time_s([n_in])[0]
+            computed = max(1, round(n_in * svc.kv_miss))  # the prefix-cache hits are not recomputed
+            per_pass = max(1, PREFILL_CHUNK_TOKENS // computed)
+            taus.append(pre.prefill_time_s([computed] * per_pass)[0] / per_pass)
+            own.append(pre.prefill_time_s([computed])[0]
                        + kv_transfer_time_s(model, n_in, GPUS[svc.prefill_gpu], tp=svc.tp_prefill,
                                             cross_domain=cross_domain))
         weights = [w for _, _, w in bins]
@@ -191,7 +277,17 @@ class Capacity:
         best = sum(w for w, t in zip(weights, own) if t <= svc.ttft_slo_s)
         goal = TTFT_GOAL if best >= TTFT_GOAL else best - INFEASIBLE_MARGIN
         return cls(dec, pre, cap_d, cap_p, sum(w * t for w, t in zip(weights, own)) - kv_mean, kv_mean,
-                   compute_fraction, ratio, bins, tuple(own), tau, cs2, own_p90, best, goal, svc.ttft_slo_s)
+                   compute_fraction, ratio, bins, tuple(own), tau, cs2, own_p90, best, goal, svc.ttft_slo_s,
+                   svc.kv_miss)
+
+    @functools.cached_property
+    def prefill_kernels(self) -> tuple[float, float]:
+        """(kernel-busy share, compute share) of a full chunked prefill pass at the mean computed prompt."""
+        computed = max(1, round(sum(n_in * w for n_in, _, w in self.bins) * self.kv_miss))
+        per_pass = max(1, PREFILL_CHUNK_TOKENS // computed)
+        total, compute = self.prefill.prefill_time_s([computed] * per_pass)
+        overhead = self.prefill.gpu.step_overhead_s
+        return (total - overhead) / total, compute
 
     @property
     def feasible(self) -> bool:
@@ -216,14 +312,15 @@ class Capacity:
             hit = self._ttft[key] = (attainment, p90, mean)
         return hit
 
-    def prefill_needed(self, rps: float) -> int:
-        """The fewest prefill instances whose TTFT attainment reaches `ttft_goal` at `rps` (and run below
-        PREFILL_RHO_CAP)."""
-        key = round(rps, 3)
+    def prefill_needed(self, rps: float, goal: float | None = None) -> int:
+        """The fewest prefill instances whose TTFT attainment reaches `goal` (default `ttft_goal`) at `rps`
+        (and run below PREFILL_RHO_CAP)."""
+        goal = self.ttft_goal if goal is None else min(goal, self.best_attainment - 1e-6)
+        key = (round(rps, 3), goal)
         hit = self._needed.get(key)
         if hit is not None:
             return hit
-        ok = lambda p: rps * self.tau_s / p <= PREFILL_RHO_CAP and self.ttft(rps, p)[0] >= self.ttft_goal  # noqa: E731
+        ok = lambda p: rps * self.tau_s / p <= PREFILL_RHO_CAP and self.ttft(rps, p)[0] >= goal  # noqa: E731
         lo = max(1, math.ceil(rps * self.tau_s - 1e-9))
         # Attainment grows with the pool: walk from the last answer (load changes little between calls),
         # galloping up when far off.
@@ -284,6 +381,23 @@ class Capacity:
         return numpy.array([s for s, _ in fits]), numpy.array([w for _, w in fits])
 
 
+class ServiceCapacities:
+    """One service's capacities per window of its day (`SimService.phases`), and with its KV cache crossing
+    the spine, each built on first use: `at(t)` is (the service as it is at t, its capacity)."""
+
+    def __init__(self, svc: SimService):
+        self.svc = svc
+        self._caps: dict[tuple[int, bool], tuple[SimService, Capacity]] = {}
+
+    def at(self, t_s: float, cross_domain: bool = False) -> tuple[SimService, Capacity]:
+        key = (self.svc.phase_index(t_s), cross_domain)
+        hit = self._caps.get(key)
+        if hit is None:
+            variant = self.svc.at(t_s)
+            hit = self._caps[key] = (variant, Capacity.of(variant, cross_domain))
+        return hit
+
+
 @dataclass(frozen=True)
 class Tick:
     """What one service saw in one tick (inputs to attainment, utilization and the policy)."""
@@ -340,13 +454,82 @@ def _evaluate(svc: SimService, cap: Capacity, rps: float, ready_prefill: int, re
     return Tick(served, ttft_p90, tbt, attainment_ttft, attainment_tbt, demand_tps, ttft_mean)
 
 
-def oracle_counts(svc: SimService, cap: Capacity, rps: float) -> tuple[int, int]:
-    """The fewest (P, D) that meet both SLOs for >= 99 % of requests at this load (perfect foresight); for an
-    infeasible TTFT SLO, the fewest reaching its best attainable attainment less `INFEASIBLE_MARGIN`."""
+def oracle_counts(svc: SimService, cap: Capacity, rps: float, goal: float | None = None) -> tuple[int, int]:
+    """The fewest (P, D) that meet both SLOs for >= `goal` (default 99 %) of requests at this load (perfect
+    foresight); for an infeasible TTFT SLO, the fewest reaching its best attainable attainment less
+    `INFEASIBLE_MARGIN`."""
     if rps <= 0:
         return 1, 1
     d = max(1, math.ceil(rps * svc.mean_output / cap.cap_decode_tps - 1e-9))
-    return cap.prefill_needed(rps), d
+    return cap.prefill_needed(rps, goal), d
+
+
+def split_groups(total: tuple[int, int], num_groups: int) -> list[tuple[int, int, int]]:
+    """(prefill, decode, how many groups) of `total` split as evenly as a router could wish over `num_groups`
+    groups (each with >= 1 of each role; at most as many groups as the smaller role has instances)."""
+    p, d = total
+    k = max(1, min(num_groups, p, d))
+    shapes: dict[tuple[int, int], int] = {}
+    for i in range(k):
+        d_i = d // k + (i < d % k)
+        p_i = p // k + (i < p % k)
+        shapes[(p_i, d_i)] = shapes.get((p_i, d_i), 0) + 1
+    return [(p_i, d_i, n) for (p_i, d_i), n in shapes.items()]
+
+
+def serve_split(result: PolicyResult, svc: SimService, cap: Capacity, rps: float, ready: tuple[int, int],
+                allocated: tuple[int, int], num_groups: int, tick_s: float, t: float) -> Tick:
+    """One tick of a placement-free policy scored per group: its Ready instances split evenly into
+    `num_groups` groups (the fewest its domains allow, `groups_needed`), requests by decode share; GPU-hours of
+    everything allocated. Returns the service's combined tick (what its signals show)."""
+    parts = []
+    ready_d = max(ready[1], 0)
+    shapes = split_groups(ready, num_groups) if min(ready) > 0 else [(ready[0], ready[1], 1)]
+    for p_i, d_i, n in shapes:
+        share = rps * d_i / ready_d if ready_d else (rps if p_i == ready[0] else 0.0)
+        tick = evaluate(svc, cap, share, p_i, d_i)
+        for _ in range(n):
+            account(result, svc, cap, tick, share, (p_i, d_i), (p_i, d_i), tick_s, t)
+            parts.append((share, tick))
+    extra = (allocated[0] - ready[0], allocated[1] - ready[1])  # starting: GPUs held, nothing served
+    if extra[0] > 0 or extra[1] > 0:
+        account(result, svc, cap, evaluate(svc, cap, 0.0, 0, 0), 0.0, (0, 0), (max(0, extra[0]), max(0, extra[1])),
+                tick_s, t)
+    return combine_ticks(parts)
+
+
+def combine_ticks(parts: list[tuple[float, Tick]]) -> Tick:
+    """A service's signals from its groups' ticks (weights: requests/s), as the live controller aggregates its
+    replicas' reports: throughput summed, attainment request-weighted, latency percentiles over the groups'
+    requests (the 90th-percentile group value by requests: a group carrying a tenth of the traffic or more
+    with a bad tail shows)."""
+    total = sum(w for w, _ in parts)
+    if total <= 0:
+        return parts[0][1] if parts else Tick(0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
+
+    def p90(values: list[tuple[float, float]]) -> float:
+        acc = 0.0
+        for v, w in sorted(values):
+            acc += w
+            if acc >= 0.9 * total - 1e-12:
+                return v
+        return max(v for v, _ in values)
+
+    live = [(w, t) for w, t in parts if w > 0]
+    return Tick(decode_tps=sum(t.decode_tps * (w > 0) for w, t in parts),
+                ttft_p90_s=p90([(t.ttft_p90_s, w) for w, t in live]),
+                tbt_s=p90([(t.tbt_s, w) for w, t in live]),
+                attainment_ttft=sum(w * t.attainment_ttft for w, t in live) / total,
+                attainment_tbt=sum(w * t.attainment_tbt for w, t in live) / total,
+                demand_tps=sum(t.demand_tps for _, t in live),
+                ttft_mean_s=sum(w * t.ttft_mean_s for w, t in live) / total)
+
+
+def groups_needed(scenario: Scenario, svc: SimService, allocated: tuple[int, int]) -> int:
+    """The fewest groups that hold (P, D) instances when one group's domain holds the most GPUs of the
+    service's types that any domain at its affinity has (`Scenario.group_gpus`)."""
+    gpus = allocated[0] * svc.tp_prefill + allocated[1] * svc.tp_decode
+    return max(1, math.ceil(gpus / max(scenario.group_gpus[svc.name], 1)))
 
 
 @dataclass
@@ -371,9 +554,10 @@ class Instances:
         pending_p, pending_d = self.pending_counts()
         return self.ready_prefill + pending_p, self.ready_decode + pending_d
 
-    def resize(self, target: tuple[int, int], now_s: float, startup_s: float) -> None:
-        """Start what is missing (Ready after `startup_s`); terminate the excess at once, starting instances
-        first (newest first: they serve nothing yet), then Ready ones."""
+    def resize(self, target: tuple[int, int], now_s: float, startup_s: float | tuple[float, float]) -> None:
+        """Start what is missing (Ready after `startup_s`, or (prefill, decode) seconds: the roles of one batch
+        may be Ready at different times); terminate the excess at once, starting instances first (newest first:
+        they serve nothing yet), then Ready ones."""
         have_p, have_d = self.allocated()
         add_p, add_d = max(0, target[0] - have_p), max(0, target[1] - have_d)
         drop_p, drop_d = max(0, have_p - target[0]), max(0, have_d - target[1])
@@ -384,8 +568,11 @@ class Instances:
             self.pending[i] = (at, p - take_p, d - take_d)
         self.pending = [x for x in self.pending if x[1] or x[2]]
         self.ready_prefill, self.ready_decode = self.ready_prefill - drop_p, self.ready_decode - drop_d
-        if add_p or add_d:
-            self.pending.append((now_s + startup_s, add_p, add_d))
+        p_s, d_s = startup_s if isinstance(startup_s, tuple) else (startup_s, startup_s)
+        if p_s == d_s and (add_p or add_d):
+            self.pending.append((now_s + p_s, add_p, add_d))
+        else:
+            self.pending += [x for x in ((now_s + p_s, add_p, 0), (now_s + d_s, 0, add_d)) if x[1] or x[2]]
 
 
 @dataclass
@@ -436,15 +623,30 @@ class PolicyResult:
 
 def role_utils(svc: SimService, cap: Capacity, tick: Tick, rps: float, ready_prefill: int, ready_decode: int
                ) -> tuple[float, float, float, float]:
-    """(prefill util, prefill SM activity, decode util, decode SM activity) of Ready instances in a tick."""
+    """(prefill util, prefill SM activity, decode util, decode SM activity) of Ready instances in a tick, from
+    mechanism: a decode instance runs steps while it holds a request (probability 1 - e^-N, N requests in
+    flight), and of each step's wall time its kernels run the busy share and its SMs compute the compute share
+    of a step at the batch it holds (`Instance.decode_step_kernels`); a prefill instance is busy a fraction rho
+    of the time, with the kernel and compute shares of a full chunked pass."""
     if ready_decode and rps > 0:
         in_flight = rps / ready_decode * (tick.ttft_mean_s + svc.mean_output * tick.tbt_s)
-        util_d, sm_d = nvml_utilization(1 - math.exp(-in_flight), cap.decode_compute_fraction)
+        kernel, compute = _decode_kernels(cap, svc.mean_input + svc.mean_output // 2, max(1, round(in_flight)))
+        occupied = 1 - math.exp(-in_flight)
+        util_d, sm_d = occupied * kernel, occupied * compute
     else:
         util_d = sm_d = 0.0
     rho = rps * svc.mean_input / (ready_prefill * cap.cap_prefill_tps) if ready_prefill else 0.0
-    util_p, sm_p = nvml_utilization(min(rho, 1.0), 0.9)  # prefill is compute-bound (perf model: > 0.9)
-    return util_p, sm_p, util_d, sm_d
+    kernel_p, compute_p = cap.prefill_kernels
+    util_p, sm_p = nvml_utilization(min(rho, 1.0), 1.0)
+    return util_p * kernel_p, util_p * compute_p, util_d, sm_d
+
+
+def _decode_kernels(cap: Capacity, context: int, batch: int) -> tuple[float, float]:
+    batch = min(batch, cap.decode.max_decode_batch(context))
+    key = ("kernels", context, batch)
+    if key not in cap.steps:
+        cap.steps[key] = cap.decode.decode_step_kernels([context] * batch)
+    return cap.steps[key]
 
 
 def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rps: float, ready: tuple[int, int],
@@ -507,8 +709,16 @@ def fit_to_fleet(scenario: Scenario, wants: dict[str, tuple[int, int]]) -> tuple
     return fitted, cut
 
 
-def peak_counts(scenario: Scenario, caps: dict[str, Capacity]) -> dict[str, tuple[int, int]]:
+def peak_counts(scenario: Scenario, caps: dict[str, ServiceCapacities]) -> dict[str, tuple[int, int]]:
+    """Per service, the most of each role the oracle needs at any tick of the scenario."""
     steps = int(scenario.duration_s // scenario.tick_s) + 1
-    return {svc.name: oracle_counts(svc, caps[svc.name], max(svc.shape.rate(i * scenario.tick_s)
-                                                             for i in range(steps)))
-            for svc in scenario.services}
+    out = {}
+    for svc in scenario.services:
+        if not svc.phases:
+            out[svc.name] = oracle_counts(svc, caps[svc.name].at(0.0)[1],
+                                          max(svc.shape.rate(i * scenario.tick_s) for i in range(steps)))
+            continue
+        need = [oracle_counts(*caps[svc.name].at(t), svc.shape.rate(t))
+                for t in (i * scenario.tick_s for i in range(steps))]
+        out[svc.name] = (max(p for p, _ in need), max(d for _, d in need))
+    return out

