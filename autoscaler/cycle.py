@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Mapping, Sequence
 
-from autoscaler.model import Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
+from autoscaler.model import Action, Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
 from autoscaler.policy import decide, ratio_in_force
 from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import (
@@ -38,7 +38,6 @@ from placement.scheduler import (
     Unplaced,
     Why,
     place,
-    prefill_band,
 )
 from placement.topology import build_tree
 
@@ -138,20 +137,11 @@ def _totals(groups: Sequence[_Group]) -> tuple[int, int, int, int]:
             sum(g.withdrawn_prefill for g in groups), sum(g.withdrawn_decode for g in groups))
 
 
-def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int, ratio: float) -> tuple[int, int]:
-    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn, each DG kept inside the ratio band;
-    returns what is left to terminate."""
+def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) -> tuple[int, int]:
+    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn; returns what is left to terminate.
+    (The withdrawal chose them inside each DG's band, so terminating them leaves every DG in its band.)"""
     for g in groups:
-        for take_d in range(min(decode, g.withdrawn_decode), -1, -1):  # the most decode the band allows
-            d = g.num_decode - take_d
-            lo, hi = prefill_band(d, ratio) if d else (0, 0)
-            most_p = min(prefill, g.withdrawn_prefill, g.num_prefill - lo)
-            least_p = g.num_prefill - hi
-            if least_p <= most_p:
-                take_p = max(0, most_p)
-                break
-        else:
-            continue
+        take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
         g.num_prefill, g.withdrawn_prefill = g.num_prefill - take_p, g.withdrawn_prefill - take_p
         g.num_decode, g.withdrawn_decode = g.num_decode - take_d, g.withdrawn_decode - take_d
         prefill, decode = prefill - take_p, decode - take_d
@@ -181,7 +171,7 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
             target = (max(target[0], len(groups)), max(target[1], len(groups)))
     have_p, have_d, _, _ = _totals(groups)
     dp, dd = target[0] - have_p, target[1] - have_d
-    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd), ratio)
+    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
     if left_p or left_d:
         terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
     if dp > 0 or dd > 0:
@@ -197,6 +187,9 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
             routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
             withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable, ratio))
     return out, terminate, withdrawing
+
+
+_CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # the decisions that may lower what groups hold
 
 
 class _FreeIndex:
@@ -240,11 +233,19 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     scale_in: list[ScaleRequest] = []
     withdraw_requests: list[ScaleRequest] = []
     index = _FreeIndex(view)
+    raised: set[str] = set()
     for name in sorted(config.fleet.services):
         dec = decision.services[name]
         groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
         target = (dec.target_prefill, dec.target_decode)
+        held_p, held_d, _, _ = _totals(groups)
+        if dec.action not in _CUTS and (held_p > target[0] or held_d > target[1]):
+            # Only a scale-in decision terminates: a hold, restore or scale-out never lowers what the groups
+            # hold (the policy's state follows them, `_realized`); a group over the target (one opened
+            # with more of a role than asked) is scaled in later through withdraw like any other.
+            target = (max(target[0], held_p), max(target[1], held_d))
+            raised.add(name)
         ratio = ratio_in_force(config.fleet.services[name], now_s, *target)
         out, terminate, withdrawing = _plan_service(config.shapes[name], ratio, target,
                                                     (dec.withdraw_prefill, dec.withdraw_decode), groups,
@@ -318,7 +319,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
                                        g.why, g.placement, dec.advisory))
     paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
-    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired)
+    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired | raised)
 
 
 def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplaced: Sequence[Unplaced],
@@ -327,9 +328,10 @@ def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplace
     - a scale-out that did not (fully) fit leaves the policy at the size that was placed (without this the
       target ran away to the bounds, each latency step added to a size that never existed, while the fleet
       was full);
-    - a scale-out that opened a group with more of one role than asked (`Why.PAIRED`: the groups' domains had
-      no room inside the band) raises the target to what runs, so no later cycle removes a group for being
-      over a target it never had (a scale-in of the extra goes through withdraw like any other)."""
+    - groups holding more than the target (`paired`: a group opened with more of one role than asked,
+      `Why.PAIRED`, because the groups' domains had no room inside the band; or a decision that may not cut
+      found more than its target) raise the target to what runs, so no later cycle cuts what it never had a
+      scale-in decision for (a scale-in of the extra goes through withdraw like any other)."""
     short = {u.service for u in unplaced if u.num_prefill > 0 or u.num_decode > 0}
     if not short and not paired:
         return state

@@ -220,3 +220,17 @@ def test_a_scale_out_that_does_not_fit_leaves_the_policy_at_the_placed_size():
         assert (st.target_prefill, st.target_decode) == (held[0], held[1])
     assert counts(world)["g"][:2] == (1, 2)  # one latency step (+1P +1D) needs 2 GPUs; 1 is free
     assert asked and set(asked) == {(1, 1)}  # one step over the real size, every cycle
+
+
+def test_a_hold_never_cuts_what_the_groups_hold():
+    """No saved state, one DG holding 3P + 2D at ratio 0.5 and decode tokens/s missing: the policy holds at the
+    size it seeds from the view's decode (2P/2D); the cycle terminates nothing (only a scale-in decision may),
+    and the policy's state follows what runs."""
+    world, cfg = FakeWorld([dg("svc-s1-a", "s1-a", 3, 2)]), config()
+    world.tps = None  # missing
+    world.observe = lambda now_s, w=world: Observation({"svc": ServiceObservation(
+        prefill=RoleCounts(3), decode=RoleCounts(2))})
+    result, state, _, _ = step(world, PolicyState(), 100.0, cfg)
+    assert result.decision.services["svc"].reason is Reason.NO_DATA
+    assert result.actions == () and counts(world) == {"svc-s1-a": (3, 2, 0, 0)}
+    assert (state.services["svc"].target_prefill, state.services["svc"].target_decode) == (3, 2)
