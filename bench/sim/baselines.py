@@ -19,7 +19,7 @@ from bench.sim.model import (
     evaluate,
     fit_to_fleet,
     groups_needed,
-    oracle_counts,
+    sized_counts,
     peak_counts,
     role_utils,
     serve_split,
@@ -48,7 +48,7 @@ def run_oracle(scenario: Scenario, goal: float | None = None) -> PolicyResult:
     """The fewest instances that meet the SLOs for `goal` of each tick's requests (default 99 %), from the
     tick's exact load and mix, with no start-up: a lower bound on the GPU-hours of any policy that meets the
     per-tick goal inside this model (not on one that misses it where few requests are)."""
-    return run_counts_policy(scenario, lambda svc, cap, t: oracle_counts(svc, cap, svc.shape.rate(t), goal))
+    return run_counts_policy(scenario, lambda svc, cap, t: sized_counts(scenario, svc, cap, svc.shape.rate(t), goal))
 
 
 def run_static_peak(scenario: Scenario, tuned_on: Scenario | None = None) -> PolicyResult:
@@ -72,7 +72,8 @@ def run_reactive(scenario: Scenario, desire, bounds: dict[str, tuple[int, int]] 
     limited by the topology (that can only flatter them); `mem` is the baseline's own state."""
     caps = {s.name: ServiceCapacities(s) for s in scenario.services}
     bounds = bounds or max_replicas(scenario)
-    runs = {s.name: Instances(*oracle_counts(*caps[s.name].at(0.0), s.shape.rate(0.0))) for s in scenario.services}
+    runs = {s.name: Instances(*sized_counts(scenario, *caps[s.name].at(0.0), s.shape.rate(0.0)))
+            for s in scenario.services}
     # warm at t = 0, like ours: sized for the load at the window's start
     mems: dict[str, dict] = {s.name: {} for s in scenario.services}
     last: dict[str, Tick | None] = {s.name: None for s in scenario.services}
@@ -166,7 +167,7 @@ def _periodic(plan: Scenario, window_s: float = 3600.0, margin: float = 1.0, lea
         svc, best = services[name], (1, 1)
         for i in range(int(window_s // plan.tick_s)):
             t = start + i * plan.tick_s
-            need = oracle_counts(*caps[name].at(t), margin * svc.shape.rate(t))
+            need = sized_counts(plan, *caps[name].at(t), margin * svc.shape.rate(t))
             best = (max(best[0], need[0]), max(best[1], need[1]))
         return best
 
@@ -190,7 +191,7 @@ def _sla_planner(scenario: Scenario, headroom: float = 1.0):
 
     def desire(svc, cap, mem, last, run, t):
         observed = svc.shape.rate(max(t - scenario.tick_s, 0.0))  # the last interval's load
-        p, d = oracle_counts(svc, cap, headroom * observed)
+        p, d = sized_counts(scenario, svc, cap, headroom * observed)
         if last is not None and run.ready_prefill and run.ready_decode:
             # what the profile expects at the load that was observed (the headroom is not part of it: an
             # expectation at the inflated load made every correction shrink the pools again)

@@ -470,6 +470,26 @@ def oracle_counts(svc: SimService, cap: Capacity, rps: float, goal: float | None
     return cap.prefill_needed(rps, goal), d
 
 
+def sized_counts(scenario: Scenario, svc: SimService, cap: Capacity, rps: float, goal: float | None = None
+                 ) -> tuple[int, int]:
+    """`oracle_counts` for a service whose instances are split, as they will be, into the fewest groups its
+    domains hold (`groups_needed`, `serve_split`): each group sized for its share of the load (a small pool
+    runs cooler than a big one at the same attainment). What every reference that sizes from the model uses."""
+    if rps <= 0:
+        return 1, 1
+    # the number of groups from a cheap lower bound (prefill at its utilization cap), then checked
+    k = groups_needed(scenario, svc, (math.ceil(rps * cap.tau_s / PREFILL_RHO_CAP - 1e-9),
+                                      math.ceil(rps * svc.mean_output / cap.cap_decode_tps - 1e-9)))
+    for _ in range(4):
+        p_g, d_g = oracle_counts(svc, cap, rps / k, goal)
+        p, d = p_g * k, d_g * k
+        needed = groups_needed(scenario, svc, (p, d))
+        if needed <= k:
+            break
+        k = needed
+    return p, d
+
+
 def split_groups(total: tuple[int, int], num_groups: int) -> list[tuple[int, int, int]]:
     """(prefill, decode, how many groups) of `total` split as evenly as a router could wish over `num_groups`
     groups (each with >= 1 of each role; at most as many groups as the smaller role has instances)."""
@@ -494,9 +514,8 @@ def serve_split(result: PolicyResult, svc: SimService, cap: Capacity, rps: float
     for p_i, d_i, n in shapes:
         share = rps * d_i / ready_d if ready_d else (rps if p_i == ready[0] else 0.0)
         tick = evaluate(svc, cap, share, p_i, d_i)
-        for _ in range(n):
-            account(result, svc, cap, tick, share, (p_i, d_i), (p_i, d_i), tick_s, t)
-            parts.append((share, tick))
+        account(result, svc, cap, tick, share, (p_i, d_i), (p_i, d_i), tick_s, t, times=n)
+        parts += [(share, tick)] * n
     extra = (allocated[0] - ready[0], allocated[1] - ready[1])  # starting: GPUs held, nothing served
     if extra[0] > 0 or extra[1] > 0:
         account(result, svc, cap, evaluate(svc, cap, 0.0, 0, 0), 0.0, (0, 0), (max(0, extra[0]), max(0, extra[1])),
@@ -660,10 +679,10 @@ def _decode_kernels(cap: Capacity, context: int, batch: int) -> tuple[float, flo
 
 
 def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rps: float, ready: tuple[int, int],
-            counts: tuple[int, int], tick_s: float, t: float | None = None) -> None:
+            counts: tuple[int, int], tick_s: float, t: float | None = None, times: int = 1) -> None:
     """GPU-hours of everything allocated (`counts`: ready, starting, withdrawn) and utilization of the `ready`
-    (prefill, decode) instances, for one service-tick."""
-    p_all, d_all = counts
+    (prefill, decode) instances, for one service-tick (or `times` identical groups of it, each at `rps`)."""
+    p_all, d_all = counts[0] * times, counts[1] * times
     hours = tick_s / 3600
     gpus_p, gpus_d = p_all * cap.prefill.tp, d_all * cap.decode.tp
     result.gpu_hours += (gpus_p + gpus_d) * hours
@@ -671,12 +690,12 @@ def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rp
     result.gpu_hours_by_role["decode"] += gpus_d * hours
     result.cost_hours += (gpus_p * cap.prefill.gpu.relative_cost + gpus_d * cap.decode.gpu.relative_cost) * hours
     util_p, sm_p, util_d, sm_d = role_utils(svc, cap, tick, rps, *ready)
-    ready_gpus_d, ready_gpus_p = ready[1] * cap.decode.tp, ready[0] * cap.prefill.tp
+    ready_gpus_d, ready_gpus_p = ready[1] * cap.decode.tp * times, ready[0] * cap.prefill.tp * times
     result.util_weighted += (util_d * ready_gpus_d + util_p * ready_gpus_p) * hours
     result.sm_weighted += (sm_d * ready_gpus_d + sm_p * ready_gpus_p) * hours
     result.util_by_role["decode"] += util_d * ready_gpus_d * hours
     result.util_by_role["prefill"] += util_p * ready_gpus_p * hours
-    requests = rps * tick_s
+    requests = rps * tick_s * times
     result.requests += requests
     result.met_ttft += tick.attainment_ttft * requests
     result.met_tbt += tick.attainment_tbt * requests
@@ -685,8 +704,8 @@ def account(result: PolicyResult, svc: SimService, cap: Capacity, tick: Tick, rp
     row[1] += requests
     row[2] += tick.attainment_ttft * requests
     row[3] += tick.attainment_tbt * requests
-    result.demand_tokens += tick.demand_tps * tick_s
-    result.served_tokens += tick.decode_tps * tick_s
+    result.demand_tokens += tick.demand_tps * tick_s * times
+    result.served_tokens += tick.decode_tps * tick_s * times
     if t is not None:
         row = result.per_tick.setdefault(t, [0.0, 0.0, 0.0])
         row[0] += gpus_p + gpus_d
@@ -725,10 +744,10 @@ def peak_counts(scenario: Scenario, caps: dict[str, ServiceCapacities]) -> dict[
     out = {}
     for svc in scenario.services:
         if not svc.phases:
-            out[svc.name] = oracle_counts(svc, caps[svc.name].at(0.0)[1],
-                                          max(svc.shape.rate(i * scenario.tick_s) for i in range(steps)))
+            out[svc.name] = sized_counts(scenario, svc, caps[svc.name].at(0.0)[1],
+                                         max(svc.shape.rate(i * scenario.tick_s) for i in range(steps)))
             continue
-        need = [oracle_counts(*caps[svc.name].at(t), svc.shape.rate(t))
+        need = [sized_counts(scenario, *caps[svc.name].at(t), svc.shape.rate(t))
                 for t in (i * scenario.tick_s for i in range(steps))]
         out[svc.name] = (max(p for p, _ in need), max(d for _, d in need))
     return out

@@ -44,3 +44,36 @@ def test_the_fluid_model_sees_a_long_prompt_tail():
     assert 0.88 < exact < 0.95
     assert row["abs_error_attainment_ttft"] < 0.02
     assert row["fluid_means_only_attainment_ttft"] - exact > 0.04
+
+
+def test_the_fluid_model_at_its_operating_points_is_not_optimistic():
+    """The operating points policies run at (`bench/scripts/operating_points.py`, shortened): prefill at the
+    oracle's own sizing (load 1.0 of the pool it picks) and decode at 98 % of its fluid capacity with D = 1, 2, 6
+    (a decode-heavy mix whose capacity the TBT SLO sets), TBT judged per request by its 99th-percentile gap. The
+    fluid model may be pessimistic; it may not be more than one point optimistic."""
+    from bench.load.traces import from_azure_csv, truncate
+    from bench.sim.request_sim import with_sizes
+    from tests.conftest import ROOT
+
+    trace = ROOT.parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+    if not trace.exists():
+        pytest.skip("shared/traces not beside this checkout")
+    sizes = [(r.input_length, r.output_length) for r in truncate(from_azure_csv(trace)[0], 4096, 1024)]
+    svc = with_sizes(SimService("a", RateShape(mean_rps=1, peak_to_trough=1.0), 0, 0, ttft_slo_s=2.0,
+                                tbt_slo_s=0.05), sizes)
+    cap = Capacity.of(svc)
+    from bench.sim.model import evaluate, oracle_counts
+
+    p, d = oracle_counts(svc, cap, 20.0)
+    fluid = evaluate(svc, cap, 20.0, p, d + 2).attainment_ttft
+    exact = simulate_requests(svc, cap, p, d + 2, 20.0, sizes, duration_s=120, seed=0)["attainment_ttft"]
+    assert fluid - exact < 0.01, (p, fluid, exact)
+    heavy_sizes = [(200, 600), (400, 800)]
+    heavy = with_sizes(svc, heavy_sizes)
+    heavy_cap = Capacity.of(heavy)
+    for num_decode in (1, 2, 6):
+        rps = 0.98 * num_decode * heavy_cap.cap_decode_tps / heavy.mean_output
+        p = heavy_cap.prefill_needed(rps) + 2
+        fluid = evaluate(heavy, heavy_cap, rps, p, num_decode).attainment_tbt
+        exact = simulate_requests(heavy, heavy_cap, p, num_decode, rps, heavy_sizes, duration_s=120, seed=0)
+        assert fluid - exact["attainment_tbt_p99_gap"] < 0.01, (num_decode, fluid, exact)
