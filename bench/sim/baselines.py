@@ -211,14 +211,14 @@ HEADROOM_GRID = (1.0, 1.02, 1.04, 1.06, 1.1, 1.15, 1.2)
 # What each baseline's operators tune: the settings a sweep tries, each {name: value}; the first is the default.
 # HPA and the Serve queue also take maxReplicas (`max_factor` x the tuning day's peak need).
 GRIDS = {
-    "hpa_gpu_util": ([{"target_util": u, "max_factor": 2.0} for u in (0.6, 0.5, 0.7, 0.8, 0.9)]
+    "hpa_gpu_util": ([{"target_util": u, "max_factor": 2.0} for u in (0.6, 0.7, 0.8)]
                      + [{"target_util": u, "max_factor": 1.25} for u in (0.7, 0.8)]),
     "serve_queue": ([{"target_prefill": 2.0, "target_decode": 2.0, "max_factor": 2.0}]
-                    + [{"target_prefill": p, "decode_fraction": f, "max_factor": 2.0}
-                       for p in (1.0, 2.0) for f in (0.6, 0.75, 0.9)]),
+                    + [{"target_prefill": 1.0, "decode_fraction": f, "max_factor": 2.0} for f in (0.6, 0.75, 0.9)]
+                    + [{"target_prefill": 2.0, "decode_fraction": 0.75, "max_factor": 2.0}]),
     "serve_llm_default": [{"target_prefill": 1e9, "target_decode": 1e9, "max_factor": 2.0}],
-    "periodic": ([{"window_s": 3600.0, "margin": h} for h in HEADROOM_GRID[:6]]
-                 + [{"window_s": 1800.0, "margin": h} for h in (1.0, 1.04)]),
+    "periodic": ([{"window_s": 3600.0, "margin": h} for h in HEADROOM_GRID[:5]]
+                 + [{"window_s": 1800.0, "margin": 1.02}]),
     "sla_planner": [{"headroom": h} for h in HEADROOM_GRID],
 }
 

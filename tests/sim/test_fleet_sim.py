@@ -118,7 +118,7 @@ def test_metric_study_reproduces_the_papers_observations():
     # it starts high and moves little while decode is memory-bound (a weak load signal), then climbs near
     # capacity; SM activity tracks load; prefill utilization tracks load
     util = [r["decode_gpu_util"] for r in rows]
-    assert util[0] > 0.4 and max(util[1:6]) - min(util[1:6]) < 0.1 and util[8] > util[1] + 0.2
+    assert util[0] > 0.4 and max(util[1:6]) - min(util[1:6]) < 0.1 and max(util) > util[1] + 0.2
     sm = [r["decode_sm_activity"] for r in rows]
     assert all(a < b for a, b in zip(sm[:9], sm[1:9]))
     assert rows[-1]["prefill_gpu_util"] > 5 * rows[1]["prefill_gpu_util"]

@@ -48,9 +48,10 @@ def test_the_fluid_model_sees_a_long_prompt_tail():
 
 def test_the_fluid_model_at_its_operating_points_is_not_optimistic():
     """The operating points policies run at (`bench/scripts/operating_points.py`, shortened): prefill at the
-    oracle's own sizing (load 1.0 of the pool it picks) and decode at 98 % of its fluid capacity with D = 1, 2, 6
-    (a decode-heavy mix whose capacity the TBT SLO sets), TBT judged per request by its 99th-percentile gap. The
-    fluid model may be pessimistic; it may not be more than one point optimistic."""
+    oracle's own sizing (load 1.0 of the pool it picks) and decode at 96-100 % of its fluid capacity with D = 1, 2,
+    6 (a decode-heavy mix whose capacity the TBT SLO sets), TBT judged per request by its 99th-percentile gap.
+    The fluid model may be pessimistic; it may not be more than one point optimistic (before `DECODE_SWING` it
+    said 1.0 where D = 1 at 98 % met the SLO for 0.82 of requests)."""
     from bench.load.traces import from_azure_csv, truncate
     from bench.sim.request_sim import with_sizes
     from tests.conftest import ROOT
@@ -71,9 +72,9 @@ def test_the_fluid_model_at_its_operating_points_is_not_optimistic():
     heavy_sizes = [(200, 600), (400, 800)]
     heavy = with_sizes(svc, heavy_sizes)
     heavy_cap = Capacity.of(heavy)
-    for num_decode in (1, 2, 6):
-        rps = 0.98 * num_decode * heavy_cap.cap_decode_tps / heavy.mean_output
+    for num_decode, load in ((1, 0.96), (1, 0.98), (2, 0.98), (6, 1.0)):  # load: of fluid capacity
+        rps = load * num_decode * heavy_cap.cap_decode_tps / heavy.mean_output
         p = heavy_cap.prefill_needed(rps) + 2
         fluid = evaluate(heavy, heavy_cap, rps, p, num_decode).attainment_tbt
-        exact = simulate_requests(heavy, heavy_cap, p, num_decode, rps, heavy_sizes, duration_s=120, seed=0)
-        assert fluid - exact["attainment_tbt_p99_gap"] < 0.01, (num_decode, fluid, exact)
+        exact = simulate_requests(heavy, heavy_cap, p, num_decode, rps, heavy_sizes, duration_s=240, seed=1)
+        assert fluid - exact["attainment_tbt_p99_gap"] < 0.01, (num_decode, load, fluid, exact)
