@@ -11,13 +11,14 @@ Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
   goal (its front sweeps that goal), no start-up: a bound only for policies that meet the per-tick goal;
 - `gpu_hours_at_heteroscale_attainment`: the GPU-hours a policy's front needs at ours' scoring-day attainment
   (linear between the two front points around it; null where the front never reaches it).
-Work runs in `workers` processes (one task per simulation run); progress goes to `progress`.
+Work runs in `workers` processes (one task per simulation run; 1: in this process); progress goes to `progress`.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
@@ -161,8 +162,8 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
     began, done, seconds = time.perf_counter(), {}, {}
     if progress:
         progress(f"suite: {len(paths)} scenarios, {len(tasks)} simulation runs on {workers} processes")
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for i, (task, summary, spent) in enumerate(pool.map(_run, tasks), 1):
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+        for i, (task, summary, spent) in enumerate((pool.map if pool else map)(_run, tasks), 1):
             done[task] = summary
             name = Path(task[0]).stem
             seconds[name] = seconds.get(name, 0.0) + spent
