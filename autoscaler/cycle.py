@@ -9,12 +9,17 @@ Per service, from the policy's absolute targets and what the service's deploymen
 - more of both roles (or of one) -> one scale-out request to `place()`: grow DGs or create new ones;
 - fewer -> terminate: first the replicas the DGs already hold withdrawn (chosen by `place()` when they were
   withdrawn), the rest through a `place()` scale-in request (most precious RDMA tier first);
-- one role up and the other down (a schedule changed the ratio) -> both requests in the same `place()` call;
+- one role up and the other down (a schedule changed the ratio) -> terminations first, then growth over what
+  they left (one group is never shrunk and grown from the same old counts);
+- every request carries the ratio in force (`policy.ratio_in_force`): `place()` keeps each DG inside its band;
+- only a scale-in or terminate-withdrawn decision lowers what the DGs hold; any other decision whose targets are
+  below what runs is raised to it, and the policy's state follows;
 - the policy's withdraw counts (soft scale-in) differ from what the DGs hold withdrawn -> a restore (all back)
   or a `place()` scale-in request over the DGs' routable replicas that says which DGs withdraw how many;
 - a target below the number of DGs (each DG keeps one instance per role) -> whole DGs removed when the others'
   domains have room for what the target adds to them, else one instance per DG kept;
-- a scale-out that did not fit -> the policy's state is set back to what was placed (no phantom targets).
+- a scale-out that did not fit -> the policy's state is set back to what was placed (no phantom targets); one
+  that opened a group with more of a role than asked (`Why.PAIRED`) -> the state rises to what runs.
 Every action is a DG's whole desired state (targets and withdrawn counts), never a delta, so re-applying it
 changes nothing; each carries the policy's reason and, where `place()` chose, the scheduler's.
 """

@@ -1,8 +1,11 @@
 """One scheduling cycle: where each P/D batch goes (paper §5.6). Pure: no Ray, clock or environment.
 
-`place(tree, requests, config) -> Placement`. Requests are served by service priority (then name). A scale-out
-batch is placed whole in one domain (grow an existing deployment group there, or open a new one), or split
-into at most `config.max_batch_splits` sub-batches that are each whole (never a prefill without its decode).
+`place(tree, requests, config) -> Placement`. Requests are served by service priority (then name). With a
+request's `prefill_per_decode`, every group stays inside that ratio's band (`prefill_band`): KV never leaves a
+group, so a group's surplus of one role idles; deltas are split across groups or open new ones, scale-in takes
+from the groups that are over. A scale-out batch is placed whole in one domain (grow an existing deployment
+group there, or open a new one), or split into at most `config.max_batch_splits` sub-batches that are each whole
+(never a prefill without its decode).
 Candidates are ranked by (RDMA-subgroup tier, GPU-type fallback rank, free GPUs left in the domain, grow before
 create, name): the least precious tier that satisfies the service first, then the preferred GPU types, then
 the most-filled domain (limits fragmentation). Chosen GPUs are reserved in the tree at once, so later requests
