@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario
-from bench.sim.run import attainment
+from bench.sim.run import attainment, choose
 from bench.sim.scenarios import load_scenario
 from bench.sim.world import run_heteroscale
 
@@ -123,10 +123,7 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
     for name, grid in GRIDS.items():
         scored = [(setting, done[(path, name, "score", _key(setting))]) for setting in grid]
         if len(grid) > 1:
-            tried = [(setting, done[(path, name, "tune", _key(setting))]) for setting in grid]
-            meeting = [(st, s) for st, s in tried if attainment(s) >= TTFT_GOAL]
-            chosen = (min(meeting, key=lambda x: x[1]["gpu_hours"]) if meeting
-                      else max(tried, key=lambda x: attainment(x[1])))[0]
+            chosen = choose([point(done[(path, name, "tune", _key(setting))], setting) for setting in grid])["setting"]
         else:
             chosen = grid[0]
         summary = next(s for st, s in scored if st == chosen)
