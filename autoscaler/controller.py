@@ -14,18 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import pickle
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from autoscaler.cycle import CycleConfig, CycleResult
-from autoscaler.model import FleetConfig, Observation, PolicyState
-from autoscaler.port import step
+from autoscaler.cycle import CycleConfig
+from autoscaler.model import FleetConfig, PolicyState
+from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.settings import controller_settings, policy_config
 from autoscaler.signals import IngressReport, ReplicaReport
@@ -47,35 +45,6 @@ class Persisted:
 
 def _kv_key(service: str) -> bytes:
     return f"heteroscale/{service}/controller-state".encode()
-
-
-def _signal(sig) -> float | None:
-    v = sig.value
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(v, 6)
-
-
-def decision_entry(now_s: float, service: str, observation: Observation, result: CycleResult, note: str = ""
-                   ) -> dict[str, Any]:
-    """One decision-log row: time, observation summary, targets, actions and the reason."""
-    obs = observation.services[service]
-    dec = result.decision.services[service]
-    return {
-        "t": round(now_s, 3), "service": service,
-        "observation": {"decode_tps": _signal(obs.decode_tps), "prefill_kv_miss_tps": _signal(obs.prefill_kv_miss_tps),
-                        "ttft_s": _signal(obs.ttft_s), "tbt_s": _signal(obs.tbt_s),
-                        "prefill": asdict(obs.prefill), "decode": asdict(obs.decode), "note": note},
-        "action": dec.action.value, "reason": dec.reason.value,
-        "target_prefill": dec.target_prefill, "target_decode": dec.target_decode,
-        "withdraw_prefill": dec.withdraw_prefill, "withdraw_decode": dec.withdraw_decode,
-        "advisory": dec.advisory,
-        "diagnostics": {k: v for k, v in asdict(dec.diagnostics).items() if v not in (None, "", False)},
-        "actions": [{"kind": a.kind.value, "group": a.group.name, "domain": a.group.domain,
-                     "num_prefill": a.group.num_prefill, "num_decode": a.group.num_decode,
-                     "withdrawn_prefill": a.withdrawn_prefill, "withdrawn_decode": a.withdrawn_decode,
-                     "reason": a.reason.value, "why": a.why.value if a.why else None} for a in result.actions],
-        "unplaced": [{"num_prefill": u.num_prefill, "num_decode": u.num_decode, "why": u.why.value,
-                      "detail": u.detail} for u in result.unplaced],
-    }
 
 
 class HeteroScaleController:

@@ -2,13 +2,16 @@
 
 A world (the fleet simulator's `bench.sim.world.SimWorld`, the live Ray controller) implements `World`: it reports
 what it observes and what its cluster looks like, and applies actions. `step()` is the whole loop body: observe,
-run the pure `cycle()`, apply. No other module writes an observe/decide/place loop. Pure: the clock is the
+run the pure `cycle()`, apply. No other module writes an observe/decide/place loop. `decision_entry` is one
+decision-log row (the live controller's log and the simulated twin's, `bench.sim.twin`). Pure: the clock is the
 caller's `now_s`; I/O happens only inside the world's methods.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import math
+from dataclasses import asdict
+from typing import Any, Protocol, Sequence
 
 from autoscaler.cycle import ClusterView, CycleConfig, CycleResult, GroupAction, cycle
 from autoscaler.model import Observation, PolicyState
@@ -34,3 +37,32 @@ def step(world: World, state: PolicyState, now_s: float, config: CycleConfig
     result, state = cycle(state, observation, view, now_s, config)
     world.apply([a for a in result.actions if not a.advisory], now_s)
     return result, state, observation, view
+
+
+def _signal(sig) -> float | None:
+    v = sig.value
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else round(v, 6)
+
+
+def decision_entry(now_s: float, service: str, observation: Observation, result: CycleResult, note: str = ""
+                   ) -> dict[str, Any]:
+    """One decision-log row: time, observation summary, targets, actions and the reason."""
+    obs = observation.services[service]
+    dec = result.decision.services[service]
+    return {
+        "t": round(now_s, 3), "service": service,
+        "observation": {"decode_tps": _signal(obs.decode_tps), "prefill_kv_miss_tps": _signal(obs.prefill_kv_miss_tps),
+                        "ttft_s": _signal(obs.ttft_s), "tbt_s": _signal(obs.tbt_s),
+                        "prefill": asdict(obs.prefill), "decode": asdict(obs.decode), "note": note},
+        "action": dec.action.value, "reason": dec.reason.value,
+        "target_prefill": dec.target_prefill, "target_decode": dec.target_decode,
+        "withdraw_prefill": dec.withdraw_prefill, "withdraw_decode": dec.withdraw_decode,
+        "advisory": dec.advisory,
+        "diagnostics": {k: v for k, v in asdict(dec.diagnostics).items() if v not in (None, "", False)},
+        "actions": [{"kind": a.kind.value, "group": a.group.name, "domain": a.group.domain,
+                     "num_prefill": a.group.num_prefill, "num_decode": a.group.num_decode,
+                     "withdrawn_prefill": a.withdrawn_prefill, "withdrawn_decode": a.withdrawn_decode,
+                     "reason": a.reason.value, "why": a.why.value if a.why else None} for a in result.actions],
+        "unplaced": [{"num_prefill": u.num_prefill, "num_decode": u.num_decode, "why": u.why.value,
+                      "detail": u.detail} for u in result.unplaced],
+    }

@@ -44,7 +44,7 @@ def demo_trace(phases: Sequence[tuple[float, float]] = PHASES, seed: int = SEED)
     return rows
 
 
-def _replay(url: str, service: ServiceSpec, trace, out: Path, progress) -> list:
+def _replay(url: str, service: ServiceSpec, trace, out: Path, progress, started: list) -> list:
     from transformers import AutoTokenizer
 
     from bench.load import loadgen
@@ -60,7 +60,8 @@ def _replay(url: str, service: ServiceSpec, trace, out: Path, progress) -> list:
     progress(f"replaying {len(planned)} requests over {planned[-1][1].scheduled_s:.0f}s "
              f"({', '.join(f'{d:.0f}s at {r:g} req/s' for d, r in PHASES)})")
     done = [0]
-    asyncio.run(loadgen.replay(cfg, planned, prompts, on_done=lambda r: done.__setitem__(0, done[0] + 1)))
+    asyncio.run(loadgen.replay(cfg, planned, prompts, on_done=lambda r: done.__setitem__(0, done[0] + 1),
+                               on_start=lambda: started.append(time.time())))
     results = [res for _, res in planned]
     loadgen.write_results(out, cfg, results)
     return results
@@ -91,20 +92,16 @@ def _watch(service: ServiceSpec, stop: threading.Event, progress, interval_s: fl
 
 def summarize(results, decisions: list[dict], ttft_slo_s: float, tbt_slo_s: float) -> dict:
     from bench.load.stats import summarize as load_summary
+    from bench.sim.twin import instance_seconds
 
     load = load_summary(results, 1000 * ttft_slo_s, 1000 * tbt_slo_s)
-    instance_s = {"prefill": 0.0, "decode": 0.0}
-    for a, b in zip(decisions, decisions[1:]):
-        for role in instance_s:
-            c = a["observation"][role]
-            instance_s[role] += (c["ready"] + c["pending"] + c["withdrawn"]) * (b["t"] - a["t"])
     count = lambda action: sum(1 for d in decisions if d["action"] == action and not d["advisory"])  # noqa: E731
     sent = sum(1 for r in results if r.status != "not_sent")
     failed = sum(1 for r in results if r.status not in ("ok", "not_sent"))
     max_groups = max((len(d.get("groups", [])) for d in decisions), default=0)
     return {
         "slo_attainment_ttft": load["slo"]["attainment_ttft"], "slo_attainment_tbt": load["slo"]["attainment_tbt"],
-        "instance_seconds": {k: round(v, 1) for k, v in instance_s.items()},
+        "instance_seconds": instance_seconds(decisions),
         "num_scale_out": count("scale_out"), "num_scale_in": count("scale_in"), "num_restore": count("restore"),
         "num_terminate": count("terminate_withdrawn"), "max_deployment_groups": max_groups,
         "requests_sent": sent, "failed_requests": failed, "load": load,
@@ -184,7 +181,7 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
         watcher.start()
         load_start = time.time()
         try:
-            results = _replay(url, service, demo_trace(), out, progress)
+            results = _replay(url, service, demo_trace(), out, progress, started := [])
         finally:
             stop.set()
         decisions = ray.get(handle.decision_log.remote(first_tick), timeout=30)
@@ -193,6 +190,11 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
                 f.write(json.dumps(d) + "\n")
         a = service.autoscaling
         summary = summarize(results, decisions, a.ttft_slo_s or 2.0, a.tbt_slo_s or 0.2)
+        # what a replay of this run needs (bench/scripts/sim_vs_live.py): when the requests' clock began on
+        # the decisions' clock, the controller's period and the load's shape
+        summary["replay"] = {"service": service.name, "load_start_unix": round(started[0], 3),
+                             "control_period_s": a.control_period_s, "phases": [list(p) for p in PHASES],
+                             "input_tokens": INPUT_TOKENS, "output_tokens": OUTPUT_TOKENS, "seed": SEED}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_timeline(results, decisions, out / "timeline.png", a.ttft_slo_s or 2.0, a.tbt_slo_s or 0.2, load_start)
         progress(f"results in {out}/ (timeline.png, decisions.jsonl, requests.jsonl, summary.json)")

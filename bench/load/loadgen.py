@@ -145,9 +145,11 @@ def plan(cfg: LoadConfig, trace: Sequence[TraceRequest]) -> list[tuple[TraceRequ
 
 
 async def replay(cfg: LoadConfig, planned: Sequence[tuple[TraceRequest, RequestResult]], prompts: Sequence[str],
-                 on_done: Callable[[RequestResult], None] | None = None) -> None:
+                 on_done: Callable[[RequestResult], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
     """Send every planned request at its scaled arrival time, filling its result in place (so a caller that
-    is interrupted still holds everything measured so far)."""
+    is interrupted still holds everything measured so far). `on_start` runs at the instant every `scheduled_s`
+    and `sent_s` is relative to."""
     model = await resolve_model(cfg)
     import aiohttp
 
@@ -157,6 +159,8 @@ async def replay(cfg: LoadConfig, planned: Sequence[tuple[TraceRequest, RequestR
     connector = aiohttp.TCPConnector(limit=cfg.max_concurrency or 0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as client:
         start = time.perf_counter()
+        if on_start:
+            on_start()
 
         async def run(req: TraceRequest, result: RequestResult) -> None:
             await asyncio.sleep(max(0.0, result.scheduled_s - (time.perf_counter() - start)))

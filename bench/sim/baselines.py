@@ -14,13 +14,11 @@ from bench.sim.model import (
     Instances,
     PolicyResult,
     Scenario,
-    ServiceCapacities,
     Tick,
     evaluate,
     fit_to_fleet,
     groups_needed,
     sized_counts,
-    peak_counts,
     role_utils,
     serve_split,
 )
@@ -29,7 +27,7 @@ from bench.sim.model import (
 def run_counts_policy(scenario: Scenario, counts_at) -> PolicyResult:
     """A reference that sets (P, D) per service and tick directly (no start-up, no placement; bounded by the
     fleet's GPUs), scored per group: the counts split evenly into the fewest groups its domains hold."""
-    caps = {s.name: ServiceCapacities(s) for s in scenario.services}
+    caps = {s.name: s.capacities for s in scenario.services}
     result, t = PolicyResult(), 0.0
     while t < scenario.duration_s:
         here = {s.name: caps[s.name].at(t) for s in scenario.services}
@@ -54,13 +52,13 @@ def run_oracle(scenario: Scenario, goal: float | None = None) -> PolicyResult:
 def run_static_peak(scenario: Scenario, tuned_on: Scenario | None = None) -> PolicyResult:
     """Static provisioning for the peak of the tuning day (`tuned_on`, default this one)."""
     basis = tuned_on or scenario
-    peaks = peak_counts(basis, {s.name: ServiceCapacities(s) for s in basis.services})
+    peaks = basis.peak_counts
     return run_counts_policy(scenario, lambda svc, cap, t: peaks[svc.name])
 
 
 def max_replicas(scenario: Scenario, factor: float = 2.0) -> dict[str, tuple[int, int]]:
     """A user's maxReplicas per role: `factor` x what the (tuning) day's peak needs."""
-    peaks = peak_counts(scenario, {s.name: ServiceCapacities(s) for s in scenario.services})
+    peaks = scenario.peak_counts
     return {name: (max(1, math.ceil(factor * p)), max(1, math.ceil(factor * d))) for name, (p, d) in peaks.items()}
 
 
@@ -70,7 +68,7 @@ def run_reactive(scenario: Scenario, desire, bounds: dict[str, tuple[int, int]] 
     each role bounded by `bounds` (a user's maxReplicas; default `max_replicas(scenario)`), all services
     together by the fleet's GPUs (`fit_to_fleet`), scored per group (`serve_split`). Baselines are not
     limited by the topology (that can only flatter them); `mem` is the baseline's own state."""
-    caps = {s.name: ServiceCapacities(s) for s in scenario.services}
+    caps = {s.name: s.capacities for s in scenario.services}
     bounds = bounds or max_replicas(scenario)
     runs = {s.name: Instances(*sized_counts(scenario, *caps[s.name].at(0.0), s.shape.rate(0.0)))
             for s in scenario.services}
@@ -161,7 +159,7 @@ def _periodic(plan: Scenario, window_s: float = 3600.0, margin: float = 1.0, lea
     peak of the load `plan` forecasts (the tuning day: a schedule is written from earlier days), and started a
     start-up ahead of the window (`lead`, as a cron schedule is), so a rising window is Ready on time."""
     services = {s.name: s for s in plan.services}
-    caps = {s.name: ServiceCapacities(s) for s in plan.services}
+    caps = {s.name: s.capacities for s in plan.services}
 
     def sized(name: str, start: float) -> tuple[int, int]:
         svc, best = services[name], (1, 1)

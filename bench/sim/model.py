@@ -167,6 +167,12 @@ class SimService:
         return [replace(self, sizes=p.sizes, mean_input=p.mean_input, mean_output=p.mean_output, kv_miss=p.kv_miss,
                         phases=()) for p in self.phases]
 
+    @functools.cached_property
+    def capacities(self) -> ServiceCapacities:
+        """This service's capacities, built once and shared by every run over it (their memos are pure
+        functions of their keys: every policy sees the same rates at the same ticks)."""
+        return ServiceCapacities(self)
+
     def startup(self, default_s: float) -> tuple[float, float]:
         """(prefill, decode) seconds from start to Ready."""
         return (default_s if self.startup_prefill_s is None else self.startup_prefill_s,
@@ -210,6 +216,11 @@ class Scenario:
                     per[key] = per.get(key, 0) + n.total_gpus
             out[svc.name] = max(per.values(), default=1)
         return out
+
+    @functools.cached_property
+    def peak_counts(self) -> dict[str, tuple[int, int]]:
+        """Per service, the most of each role the oracle needs at any tick of this scenario (`peak_counts`)."""
+        return peak_counts(self, {s.name: s.capacities for s in self.services})
 
     @functools.cached_property
     def tp(self) -> dict[str, tuple[int, int]]:

@@ -53,7 +53,7 @@ class GpuSpec:
     per_sequence_overhead_s: float = 0.0  # per sequence per decode step (sampling, bookkeeping); CPU-fitted
 
 
-GPUS: Mapping[str, GpuSpec] = {
+GPUS: dict[str, GpuSpec] = {
     g.name: g for g in (
         GpuSpec("H100", 989.0, 3.35, 80.0, 1.00),
         GpuSpec("H800", 989.0, 3.35, 80.0, 1.00),
@@ -63,6 +63,15 @@ GPUS: Mapping[str, GpuSpec] = {
         GpuSpec("L40S", 362.0, 0.864, 48.0, 0.40),
     )
 }
+
+
+def register_gpu(spec: GpuSpec) -> None:
+    """Add an accelerator to `GPUS` (a calibrated one, e.g. a CPU core in the local demo's twin); the same name
+    with other constants is an error."""
+    known = GPUS.get(spec.name)
+    if known is not None and known != spec:
+        raise ValueError(f"GPU type {spec.name!r} is already registered with other constants: {known}")
+    GPUS[spec.name] = spec
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,11 @@ _SCENARIOS: dict[str, tuple[Scenario, Scenario, Scenario]] = {}
 
 
 def _days(path: str) -> tuple[Scenario, Scenario, Scenario]:
+    """The scenario file and its tuning and scoring days, kept (with the capacities and memos every run over
+    them shares) until a run of another scenario comes: tasks come grouped by scenario, and one scenario's
+    memos take ~2 GB."""
     if path not in _SCENARIOS:
+        _SCENARIOS.clear()
         scenario = load_scenario(path)
         _SCENARIOS[path] = (scenario, *tuning_and_scoring(scenario))
     return _SCENARIOS[path]
@@ -154,8 +158,9 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
         raise ValueError(f"no scenario files in {SUITE_DIR}")
     for path in paths:  # every file loads (and names its errors) before anything runs
         _days(path)
-    tasks = [t for path in paths for t in _tasks(path)]
-    tasks.sort(key=lambda t: t[1] != "heteroscale")  # the long runs first, so the pool ends together
+    _SCENARIOS.clear()
+    # grouped by scenario (each worker keeps one scenario's memos), ours' long runs first in each group
+    tasks = [t for path in paths for t in sorted(_tasks(path), key=lambda t: t[1] != "heteroscale")]
     began, done, seconds = time.perf_counter(), {}, {}
     if progress:
         progress(f"suite: {len(paths)} scenarios, {len(tasks)} simulation runs on {workers} processes")

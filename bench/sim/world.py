@@ -19,7 +19,7 @@ from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyCon
 from autoscaler.policy import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
-from bench.sim.model import (Instances, PolicyResult, Scenario, ServiceCapacities, SimService, Tick, account,
+from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account,
                              combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import ServiceShape, in_band
@@ -80,7 +80,7 @@ class SimWorld:
         self.services = {s.name: s for s in scenario.services}
         # per window of each service's day; a cluster-scope DG's KV cache crosses the spine
         # (`perf_model.kv_transfer_time_s(cross_domain=True)`)
-        self.caps = {s.name: ServiceCapacities(s) for s in scenario.services}
+        self.caps = {s.name: s.capacities for s in scenario.services}
         self._kv_miss_tps: dict[str, float] = {}
         self.groups: dict[str, dict[str, SimGroup]] = {s.name: {} for s in scenario.services}
         self.last_ticks: dict[str, Tick] = {}
