@@ -100,10 +100,13 @@ class HeteroScaleController:
             now, entry = self._clock(), None
             try:
                 result, self.state, observation, view = step(self.world, self.state, now, self.config)
-                self.recorded.append((now, observation, view, result.actions))
+                self.recorded.append((now, observation, view, result.actions, result.failed))
             except Exception as exc:
                 self._fail("step", exc)
                 return None
+            if result.failed:  # the state already holds what happened; the next cycle re-plans the rest
+                self.errors["apply"] += len(result.failed)
+                self._metrics.error("apply")
             supply = None
             if self.settings.node_supply and not self.settings.advisory:
                 try:
@@ -184,7 +187,8 @@ class HeteroScaleController:
         return [d for d in self.decisions if d.get("tick", 0) >= since_tick]
 
     async def recorded_cycles(self) -> bytes:
-        """What the recent ticks observed and did, pickled: (now_s, Observation, ClusterView, actions) each."""
+        """What the recent ticks observed and did, pickled: (now_s, Observation, ClusterView, actions, failed
+        actions) each."""
         return pickle.dumps(list(self.recorded))
 
     async def tick_now(self) -> dict | None:

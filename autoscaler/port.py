@@ -10,10 +10,10 @@ caller's `now_s`; I/O happens only inside the world's methods.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Protocol, Sequence
 
-from autoscaler.cycle import ClusterView, CycleConfig, CycleResult, GroupAction, cycle
+from autoscaler.cycle import ClusterView, CycleConfig, CycleResult, GroupAction, cycle, unapplied
 from autoscaler.model import Observation, PolicyState
 
 
@@ -24,19 +24,24 @@ class World(Protocol):
     def cluster_view(self, now_s: float) -> ClusterView:
         """Accelerator nodes with free GPUs and each service's DGs with their targets and replica states."""
 
-    def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
-        """Make each DG's desired state real (idempotent: the same actions twice change nothing)."""
+    def apply(self, actions: Sequence[GroupAction], now_s: float) -> Sequence[GroupAction]:
+        """Make each DG's desired state real (idempotent: the same actions twice change nothing). Every action
+        is tried; returns those it could not make real (a probe that did not fit, a failed call)."""
 
 
 def step(world: World, state: PolicyState, now_s: float, config: CycleConfig
          ) -> tuple[CycleResult, PolicyState, Observation, ClusterView]:
     """One control period: observe, decide and place, apply what is not advisory. Returns the cycle's result
-    and new state, and what it observed (for the decision log and the parity replay)."""
+    (with the actions the world could not make real in `failed`) and the new state, which holds what happened
+    (`autoscaler.cycle.unapplied`), and what it observed (for the decision log and the parity replay)."""
     observation = world.observe(now_s)
     view = world.cluster_view(now_s)
-    result, state = cycle(state, observation, view, now_s, config)
-    world.apply([a for a in result.actions if not a.advisory], now_s)
-    return result, state, observation, view
+    result, new_state = cycle(state, observation, view, now_s, config)
+    failed = tuple(world.apply([a for a in result.actions if not a.advisory], now_s))
+    if failed:
+        result = replace(result, failed=failed)
+        new_state = unapplied(state, new_state, view, result.actions, failed)
+    return result, new_state, observation, view
 
 
 def _signal(sig) -> float | None:
@@ -65,4 +70,6 @@ def decision_entry(now_s: float, service: str, observation: Observation, result:
                      "reason": a.reason.value, "why": a.why.value if a.why else None} for a in result.actions],
         "unplaced": [{"num_prefill": u.num_prefill, "num_decode": u.num_decode, "why": u.why.value,
                       "detail": u.detail} for u in result.unplaced],
+        "failed": [{"kind": a.kind.value, "group": a.group.name, "num_prefill": a.group.num_prefill,
+                    "num_decode": a.group.num_decode} for a in result.failed],
     }

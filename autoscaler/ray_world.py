@@ -231,21 +231,28 @@ class RayWorld:
                 groups.append(GroupState(record.group, *self._group_counts(name)))
         return ClusterView(tuple(nodes[k] for k in sorted(nodes)), {self.spec.name: tuple(groups)})
 
-    def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
+    def apply(self, actions: Sequence[GroupAction], now_s: float) -> list[GroupAction]:
+        """Every action is tried (one failing does not stop the others); returns those not made real: a probe
+        that did not fit, or a call that failed (logged). What failed is not recorded as done."""
+        failed = []
         for action in actions:
             name = action.group.name
             try:
                 if action.kind is GroupActionKind.CREATE:
-                    self._create(action)
+                    done = self._create(action)
                 elif action.kind is GroupActionKind.REMOVE:
                     self.serve.delete_app(group_app_name(self.spec.name, name))
                     with self.lock:
                         self.records.pop(name, None)
+                    done = True
                 else:
-                    self._scale(action)
+                    done = self._scale(action)
             except Exception:
                 logger.exception("applying %s to %s failed", action.kind.value, name)
-                raise
+                done = False
+            if not done:
+                failed.append(action)
+        return failed
 
     # ---- helpers -------------------------------------------------------------------------------------------------
 
@@ -262,7 +269,7 @@ class RayWorld:
                     self.serve.set_target(group_app_name(self.spec.name, name),
                                           deployment_name(self.spec.name, name, role), record.group.count(role))
 
-    def _create(self, action: GroupAction) -> None:
+    def _create(self, action: GroupAction) -> bool:
         with self.lock:
             used = {r.slot for r in self.records.values()}
         slot = min(set(range(len(used) + 1)) - used)
@@ -274,11 +281,12 @@ class RayWorld:
             self.probe_failures += 1
             logger.warning("new DG %s in %s does not fit (probe); the next cycle re-plans", action.group.name,
                            action.group.domain)
-            return
+            return False
         with self.lock:
             self.records[action.group.name] = GroupRecord(action.group, slot)
+        return True
 
-    def _scale(self, action: GroupAction) -> None:
+    def _scale(self, action: GroupAction) -> bool:
         name = action.group.name
         with self.lock:
             record = self.records.get(name)
@@ -301,7 +309,7 @@ class RayWorld:
                 if not self.serve.realize(action.placement, self.shape, set_targets, self.settings.probe_timeout_s):
                     self.probe_failures += 1
                     logger.warning("growing DG %s does not fit (probe); the next cycle re-plans", name)
-                    return
+                    return False
             else:
                 set_targets()
         with self.lock:
@@ -310,6 +318,7 @@ class RayWorld:
             states = self.states.get(name)
             if states is not None:
                 self._update_members(record, states)
+        return True
 
     def _update_members(self, record: GroupRecord, states: dict[Role, RoleState]) -> None:
         """Membership from live replicas; while Serve still runs more replicas than the target (stopping some),

@@ -11,7 +11,8 @@ Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
   goal (its front sweeps that goal), no start-up: a bound only for policies that meet the per-tick goal;
 - `gpu_hours_at_heteroscale_attainment`: the GPU-hours a policy's front needs at ours' scoring-day attainment
   (linear between the two front points around it; null where the front never reaches it).
-Work runs in `workers` processes (one task per simulation run; 1: in this process); progress goes to `progress`.
+Work runs in `workers` processes (each tuning day curated once, then one task per simulation run; 1: in this
+process); progress goes to `progress`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
+from bench.sim.curation import curate, remember
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario
 from bench.sim.run import attainment, choose
@@ -53,12 +55,22 @@ def _key(setting):
     return tuple(sorted(setting.items())) if isinstance(setting, dict) else setting
 
 
-def _run(task: tuple) -> tuple[tuple, dict, float]:
-    """One simulation run (in a worker): (task, summary, seconds)."""
+def _curate(path: str) -> tuple[str, dict, float]:
+    """Our curation of the scenario's tuning day (in a worker): (path, report, seconds)."""
+    began = time.perf_counter()
+    _, tune, _ = _days(path)
+    return path, curate(tune), time.perf_counter() - began
+
+
+def _run(job: tuple[tuple, dict | None]) -> tuple[tuple, dict, float]:
+    """One simulation run (in a worker), ours with its tuning day's curation: (task, summary, seconds)."""
+    task, curated = job
     path, policy, day, key = task
     setting = dict(key) if isinstance(key, tuple) else key
     began = time.perf_counter()
     _, tune, score = _days(path)
+    if curated is not None:
+        remember(tune, curated)
     scenario = tune if day == "tune" else score
     if policy == "heteroscale":
         result = run_heteroscale(scenario, tuned_on=tune, headroom=setting)
@@ -165,7 +177,16 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
     if progress:
         progress(f"suite: {len(paths)} scenarios, {len(tasks)} simulation runs on {workers} processes")
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
-        for i, (task, summary, spent) in enumerate((pool.map if pool else map)(_run, tasks), 1):
+        runner = pool.map if pool else map
+        curated = {}
+        for path, report, spent in runner(_curate, paths):  # once per tuning day, shared by ours' runs
+            curated[path] = report
+            seconds[Path(path).stem] = spent
+            if progress:
+                progress(f"curated {Path(path).stem} on its tuning day ({spent:.1f} s; "
+                         f"{time.perf_counter() - began:.0f} s in all)")
+        jobs = [(t, curated[t[0]] if t[1] == "heteroscale" else None) for t in tasks]
+        for i, (task, summary, spent) in enumerate(runner(_run, jobs), 1):
             done[task] = summary
             name = Path(task[0]).stem
             seconds[name] = seconds.get(name, 0.0) + spent

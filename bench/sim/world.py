@@ -128,7 +128,8 @@ class SimWorld:
                            groups={name: tuple(g.state() for _, g in sorted(groups.items()))
                                    for name, groups in self.groups.items()})
 
-    def apply(self, actions: Sequence[GroupAction], now_s: float) -> None:
+    def apply(self, actions: Sequence[GroupAction], now_s: float) -> tuple[GroupAction, ...]:
+        """Every action happens (the simulated world has no failures): returns none."""
         for action in actions:
             groups = self.groups[action.service]
             name = action.group.name
@@ -145,6 +146,7 @@ class SimWorld:
                      self.services[action.service].startup(self.scenario.startup_s))
             g.group = action.group
             g.withdrawn_prefill, g.withdrawn_decode = action.withdrawn_prefill, action.withdrawn_decode
+        return ()
 
     def _charge(self, service: str, group: DeploymentGroup, num_prefill: int, num_decode: int,
                 chosen: tuple[tuple[str, str, int], ...] = ()) -> None:

@@ -284,8 +284,8 @@ def test_what_the_controller_recorded_replays_through_the_simulators_driver_to_t
     h.run(40, decode_tps_each=20)  # withdraw, observe, terminate, remove
     records = pickle.loads(asyncio.run(h.ctl.recorded_cycles()))
     replayed = replay(records, h.ctl.config)
-    assert [actions for _, actions in replayed] == [actions for _, _, _, actions in records]
-    kinds = {a.kind.value for _, _, _, actions in records for a in actions}
+    assert [actions for _, actions in replayed] == [r[3] for r in records]
+    kinds = {a.kind.value for r in records for a in r[3]}
     assert {"create", "withdraw", "remove"} <= kinds
 
 

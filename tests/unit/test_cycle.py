@@ -77,6 +77,7 @@ class FakeWorld:
                 self.groups[g.name] = GroupState(
                     g, RoleCounts(g.num_prefill - a.withdrawn_prefill, 0, a.withdrawn_prefill),
                     RoleCounts(g.num_decode - a.withdrawn_decode, 0, a.withdrawn_decode))
+        return ()
 
 
 def dg(name: str, domain: str, p: int, d: int) -> DeploymentGroup:

@@ -61,6 +61,7 @@ class World:
             g = a.group
             groups[g.name] = GroupState(g, RoleCounts(g.num_prefill - a.withdrawn_prefill, 0, a.withdrawn_prefill),
                                         RoleCounts(g.num_decode - a.withdrawn_decode, 0, a.withdrawn_decode))
+        return ()
 
 
 @settings(max_examples=120, deadline=None)
