@@ -28,6 +28,9 @@ class Reason(str, Enum):
     WITHIN_BAND = "within_band"  # proportional target inside the hysteresis band
     PROPORTIONAL = "proportional"  # decode TPS outside the band
     ZERO_TRAFFIC = "zero_traffic"  # fresh data, no decode tokens: go to the minimum
+    # no decode tokens while the ingress admitted requests (a wedged engine, a stats path reporting nothing):
+    # the zero is missing data, not demand, so hold (never scale in)
+    NO_DECODE_PROGRESS = "no_decode_progress"
     COOLDOWN = "cooldown"  # would act, but the cooldown since the last action has not passed
     AT_BOUND = "at_bound"  # would act, but the min/max bound is already reached
     LATENCY_MODERATE = "latency_moderate"  # TBT/TTFT past the moderate tier: fixed step out
@@ -239,6 +242,7 @@ class ServiceObservation:
     tbt_s: Signal = Signal()
     prefill: RoleCounts = RoleCounts()
     decode: RoleCounts = RoleCounts()
+    admitted_rps: Signal = Signal()  # requests/s the ingress routed to the service's groups (the cross-check)
     gpu_util: Mapping[Role, Signal] = field(default_factory=dict)  # informational (paper: misleading for decode)
     sm_activity: Mapping[Role, Signal] = field(default_factory=dict)
 

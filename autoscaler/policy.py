@@ -46,8 +46,12 @@ def _elapsed(now_s: float, since_s: float | None) -> float:
 
 
 def _initial_state(cfg: PolicyConfig, obs: ServiceObservation | None) -> ServiceState:
-    observed_d = 0 if obs is None else obs.decode.ready + obs.decode.pending + obs.decode.withdrawn
-    p, d = cfg.pair_for_decode(observed_d)
+    """A service with no state (first start, or a lost one) starts from what its groups hold (within the
+    bounds), never from what the ratio implies: a seed below the view would be a cut nobody decided."""
+    held = (0, 0) if obs is None else tuple(c.ready + c.pending + c.withdrawn for c in (obs.prefill, obs.decode))
+    p, d = cfg.pair_for_decode(held[1])
+    if held[0]:
+        p = min(max(held[0], cfg.min_prefill), cfg.max_prefill)
     return ServiceState(target_prefill=p, target_decode=d)
 
 
@@ -115,7 +119,7 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
 
 
 def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
-                  diag: Diagnostics) -> tuple[ServiceDecision, ServiceState]:
+                  diag: Diagnostics, stalled: bool) -> tuple[ServiceDecision, ServiceState]:
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
@@ -126,7 +130,8 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
                       last_scale_in_s=now_s)
         return _decision(Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, new, cfg, diag), new
     if tps is None:  # terminating is a scale-in: it needs fresh decode TPS, whatever latency says
-        return _decision(Action.HOLD, Reason.NO_DATA, st, cfg, diag, withdraw), st
+        reason = Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
+        return _decision(Action.HOLD, reason, st, cfg, diag, withdraw), st
     if now_s - soft.started_s >= cfg.soft_scale_in_window_s:
         new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
                       last_scale_in_s=now_s)
@@ -156,9 +161,14 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     tps = None if obs is None else obs.decode_tps.fresh(now_s, cfg.staleness_limit_s)
     breach = _latency_breach(cfg, obs, now_s)
     diag = Diagnostics(decode_tps=tps, latency_breach=breach)
+    admitted = None if obs is None else obs.admitted_rps.fresh(now_s, cfg.staleness_limit_s)
+    stalled = tps == 0 and admitted is not None and admitted > 0
+    if stalled:  # requests went in and no token came out: the zero is missing data, not an idle service
+        tps = None
+        diag = replace(diag, decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
 
     if st.soft is not None:
-        return _resolve_soft(cfg, st, tps, breach, now_s, diag)
+        return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
     schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None
@@ -199,8 +209,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True)
 
     if desired is None:
-        note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else ""
-        hold_reason = Reason.SCHEDULE if cfg.mode is Mode.PERIODIC else Reason.NO_DATA
+        note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.note
+        hold_reason = Reason.SCHEDULE if cfg.mode is Mode.PERIODIC else \
+            Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
         return _decision(Action.HOLD, hold_reason, st, cfg, replace(diag, note=note)), st
     if desired == current:
         return _decision(Action.HOLD, Reason.AT_BOUND if reason is Reason.PROPORTIONAL else reason, st, cfg, diag), st

@@ -212,7 +212,8 @@ class RayWorld:
             counts = {role: self._counts(role) for role in Role}
         return Observation(services={self.spec.name: ServiceObservation(
             decode_tps=sig.decode_tps, prefill_kv_miss_tps=sig.prefill_kv_miss_tps, ttft_s=sig.ttft_s,
-            tbt_s=sig.tbt_s, prefill=counts[Role.PREFILL], decode=counts[Role.DECODE])})
+            tbt_s=sig.tbt_s, prefill=counts[Role.PREFILL], decode=counts[Role.DECODE],
+            admitted_rps=sig.admitted_rps)})
 
     def cluster_view(self, now_s: float) -> ClusterView:
         nodes = {n.node_id: n for n in self.serve.nodes()}

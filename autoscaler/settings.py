@@ -69,6 +69,14 @@ def controller_settings(spec: ServiceSpec) -> ControllerSettings:
                           for t in (a.node_supply.node_types if a.node_supply else ())))
 
 
+def check(spec: ServiceSpec) -> None:
+    """Every autoscaling rule, the ones between fields included, before anything is deployed (`heteroscale
+    validate` and `deploy` call it): raises ConfigError naming the field and the value."""
+    if spec.autoscaling is not None and spec.autoscaling.enabled:
+        policy_config(spec)
+        controller_settings(spec)
+
+
 def _section(spec: ServiceSpec) -> AutoscalingSpec:
     if spec.autoscaling is None:
         raise ConfigError(f"{spec.source_path or spec.name}: the service has no `autoscaling` section")

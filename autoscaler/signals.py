@@ -11,6 +11,8 @@ every replica and merged correctly:
 - TBT = the quantile of the decode replicas' merged TBT histograms; TTFT = the quantile of the ingress's merged
   per-DG TTFT histograms (what users see: remote prefill, KV pull and queueing included), never the decode
   engine's local TTFT, and never an average of per-replica percentiles;
+- the ingress's admitted requests/s go along (`admitted_rps`): the policy reads zero decode tokens/s while
+  requests were admitted as missing data, not as an idle service;
 - requests the ingress shed (admission control) are demand too: decode tokens/s is scaled by offered /
   admitted requests in the window, so a pool capped by its own admission bound still scales out;
 - a signal is missing (never 0) when a replica that Serve says is RUNNING has no fresh report, when a reporter
@@ -66,6 +68,7 @@ class ServiceSignals:
     tbt_s: Signal
     ttft_s_by_group: Mapping[str, float] = field(default_factory=dict)
     note: str = ""  # why a signal is missing, or how it was corrected
+    admitted_rps: Signal = Signal()  # requests/s the ingress routed to engines (the policy's cross-check)
 
 
 class SignalStore:
@@ -148,6 +151,7 @@ class SignalStore:
         ttft_by_group: dict[str, list[int]] = {}
         ingress_fresh = None
         admitted = shed = 0
+        admitted_rps = 0.0
         for series in self._ingress.values():
             span = self._window(series, now_s, window_s, staleness_s)
             if span is None:
@@ -156,6 +160,8 @@ class SignalStore:
             ingress_fresh = max(ingress_fresh or 0.0, last.received_s)
             admitted += max(0, last.admitted - first.admitted)
             shed += max(0, last.shed - first.shed)
+            dt = last.received_s - first.received_s
+            admitted_rps += max(0, last.admitted - first.admitted) / dt if dt > 0 else 0.0
             for group, counts in last.ttft_hist.items():
                 before = first.ttft_hist.get(group, tuple([0] * len(counts)))
                 ttft_by_group[group] = histogram.merge([ttft_by_group.get(group, histogram.empty()),
@@ -180,4 +186,4 @@ class SignalStore:
             prefill_kv_miss_tps=signal(rates[Role.PREFILL], since[Role.PREFILL]),
             ttft_s=signal(ttft, ingress_fresh),
             tbt_s=signal(tbt, since[Role.DECODE] if rates[Role.DECODE] is not None else None),
-            ttft_s_by_group=per_group, note="; ".join(notes))
+            ttft_s_by_group=per_group, note="; ".join(notes), admitted_rps=signal(admitted_rps, ingress_fresh))

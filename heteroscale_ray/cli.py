@@ -141,8 +141,11 @@ def cmd_model(args) -> int:
 def cmd_validate(args) -> int:
     from common.config import check_service_fits_cluster
 
+    from autoscaler.settings import check
+
     cluster = load_cluster_spec(args.cluster)
     spec = load_service_spec(args.service)
+    check(spec)
     check_service_fits_cluster(spec, cluster)
     print(f"ok: {len(cluster.nodes)} nodes, service {spec.name} with {len(spec.deployment_groups)} deployment groups")
     return 0

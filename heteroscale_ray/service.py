@@ -88,8 +88,10 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     one. Returns the base URL of the ingress."""
     from ray import serve
 
+    from autoscaler.settings import check
     from placement.ray_adapter import live_nodes
 
+    check(service)  # every autoscaling rule before anything starts (not in the controller, after the DGs)
     connect(address)
     path = model_path(service)
     app = import_serving_app()

@@ -7,6 +7,9 @@ import asyncio
 from dataclasses import replace
 
 from autoscaler.cycle import GroupAction, GroupActionKind
+from autoscaler.model import (Action, PolicyConfig, Reason, RoleCounts, ServiceObservation, ServiceState,
+                              Signal)
+from autoscaler.policy import decide_service
 from common.vocab import group_app_name
 from tests.unit.test_controller import SERVICE, Harness, two_groups
 
@@ -49,3 +52,76 @@ def test_one_failing_action_does_not_stop_the_others_and_the_tick_keeps_what_hap
     assert [f.group.name for f in failed] == ["dg-a"]
     assert set(world.records["tiny-chat-s1-b"].withdrawn.values()) == {1}
     assert world.records["dg-a"].group == a  # what failed is not recorded as done
+
+
+CFG = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=0.5, max_prefill=10, max_decode=10,
+                   tbt_slo_s=0.2, ttft_slo_s=2.0)
+NOW = 1000.0
+
+
+def test_a_service_without_state_starts_from_what_its_groups_hold():
+    """A hold scales in: with no saved state the policy seeded (1P, 2D) from decode and the ratio while one DG
+    held 3P + 2D; now the seed is the view, and a hold leaves it."""
+    held = ServiceObservation(prefill=RoleCounts(ready=3), decode=RoleCounts(ready=2))  # decode tokens/s missing
+    decision, st = decide_service(CFG, None, held, NOW)
+    assert (decision.action, decision.reason) == (Action.HOLD, Reason.NO_DATA)
+    assert (st.target_prefill, st.target_decode) == (3, 2)
+
+
+def test_zero_decode_tokens_while_the_ingress_admits_requests_is_missing_data():
+    """Zero is not always zero: fresh zero decode tokens/s went to the minimum even while the ingress admitted
+    requests (a wedged engine, a silent stats path)."""
+    st = ServiceState(2, 4)
+    zero = Signal(0.0, NOW)
+    idle = ServiceObservation(decode_tps=zero, admitted_rps=Signal(0.0, NOW))
+    assert decide_service(CFG, st, idle, NOW)[0].reason is Reason.ZERO_TRAFFIC
+    wedged = ServiceObservation(decode_tps=zero, admitted_rps=Signal(3.0, NOW))
+    decision, after = decide_service(CFG, st, wedged, NOW)
+    assert (decision.action, decision.reason) == (Action.HOLD, Reason.NO_DECODE_PROGRESS) and after == st
+    assert "3.00 requests/s admitted" in decision.diagnostics.note
+
+
+def test_a_live_service_whose_engines_report_no_tokens_under_traffic_is_held():
+    h = two_groups()
+    entries = h.run(60, decode_tps_each=0)  # the ingress admits 10 requests/s; the engines report no token
+    # once the window (10 s) holds only the silent reports: held, never terminated (the first ticks still
+    # see tokens from before and may start a soft scale-in, which then waits)
+    assert all((e["action"], e["reason"]) == ("hold", "no_decode_progress") for e in entries[3:])
+    assert len(h.serve.apps) == 2 and not any(c[0] == "delete" for c in h.serve.calls)
+
+
+def bad_ratio_spec(tmp_path):
+    """A service file pydantic accepts whose autoscaling breaks a rule between fields (max_prefill below what
+    the ratio needs at min_decode): before, only the controller actor found it, after every DG was up."""
+    import yaml
+
+    from tests.conftest import EXAMPLES
+
+    data = yaml.safe_load((EXAMPLES / "service-local.yaml").read_text())
+    data["autoscaling"].update(min_decode=2, max_decode=2, max_prefill=1, prefill_per_decode=1.0)
+    path = tmp_path / "service.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_validate_runs_every_autoscaling_rule(tmp_path, capsys):
+    from heteroscale_ray.cli import main
+    from tests.conftest import EXAMPLES
+
+    assert main(["validate", "--service", str(bad_ratio_spec(tmp_path)),
+                 "--cluster", str(EXAMPLES / "cluster-local.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "autoscaling" in err and "max_prefill (1)" in err
+
+
+def test_deploy_refuses_a_bad_autoscaling_section_before_anything_starts(tmp_path, monkeypatch):
+    import pytest
+
+    from common.config import ConfigError, load_service_spec
+    from heteroscale_ray import service
+
+    started = []
+    monkeypatch.setattr(service, "connect", lambda address: started.append(address))
+    with pytest.raises(ConfigError, match=r"max_prefill \(1\)"):
+        service.deploy(load_service_spec(bad_ratio_spec(tmp_path)), "127.0.0.1:1")
+    assert started == []
