@@ -94,14 +94,21 @@ def role_env(service: ServiceSpec, role_spec: RoleSpec) -> dict[str, str]:
 def plan_group(service: ServiceSpec, group: DeploymentGroup, slot: int, nodes: Iterable[NodeInfo],
                model_path: str) -> tuple[RolePlan, RolePlan]:
     """Per-role plans for one DG. `slot` is the DG's own (stable for its life, unique among live DGs) and spaces
-    NIXL side-channel ports so co-located DGs never collide."""
+    NIXL side-channel ports so co-located DGs never collide. A group with GPU types (placed by the controller's
+    `place()`) is deployed on those, one owner for the choice; a group without (the service file's) gets each
+    role's first preferred type present in its domain."""
     if slot < 0:
         raise ValueError(f"slot ({slot}) of deployment group {group.name!r} must be >= 0")
     nodes = list(nodes)
     plans = []
     for offset, role in enumerate((Role.PREFILL, Role.DECODE)):
         spec: RoleSpec = getattr(service.roles, role.value)
-        gpu_type = resolve_gpu_type(nodes, service.affinity, group.domain, role, spec, group.name)
+        gpu_type = group.gpu_type(role)  # what place() chose for a group the controller creates
+        if gpu_type is None:  # a group of the service file: the role's first preferred type in the domain
+            gpu_type = resolve_gpu_type(nodes, service.affinity, group.domain, role, spec, group.name)
+        elif gpu_type not in spec.gpu_types:
+            raise PlacementError(f"deployment group {group.name!r}: {role.value} GPU type {gpu_type!r} is not in "
+                                 f"the role's gpu_types {list(spec.gpu_types)}")
         plans.append(
             RolePlan(
                 group=group.name,

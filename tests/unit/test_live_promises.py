@@ -125,3 +125,26 @@ def test_deploy_refuses_a_bad_autoscaling_section_before_anything_starts(tmp_pat
     with pytest.raises(ConfigError, match=r"max_prefill \(1\)"):
         service.deploy(load_service_spec(bad_ratio_spec(tmp_path)), "127.0.0.1:1")
     assert started == []
+
+
+def test_the_gpu_types_place_chose_are_the_ones_deployed():
+    """The GPU type was chosen twice: place() fell back to L20 for decode (the preferred H20 full) and the
+    deploy path re-resolved H20 from the preference list, pinning the replicas to the full type."""
+    import pytest
+
+    from common.config import load_service_spec
+    from common.vocab import DeploymentGroup, NodeInfo
+    from serving.deployment_groups import PlacementError, plan_group
+    from tests.conftest import EXAMPLES
+
+    service = load_service_spec(EXAMPLES / "service-local.yaml")  # decode prefers H20, falls back to L20
+    nodes = [NodeInfo("a-l20", "L20", 2, 2, "s1-a", "s2-0"), NodeInfo("a-h20", "H20", 2, 0, "s1-a", "s2-0")]
+    placed = DeploymentGroup("dg-x", service.name, "s1", "s1-a", "L20", "L20", 1, 1)
+    prefill, decode = plan_group(service, placed, 1, nodes, "/m")
+    assert (prefill.gpu_type, decode.gpu_type) == ("L20", "L20")
+    assert decode.label_selector and "L20" in str(decode.label_selector)
+    # a spec's group (no types yet) still resolves from the preference list; a placed type outside it is refused
+    unplaced = DeploymentGroup("dg-y", service.name, "s1", "s1-a", None, None, 1, 1)
+    assert plan_group(service, unplaced, 2, nodes, "/m")[1].gpu_type == "H20"
+    with pytest.raises(PlacementError, match="A100"):
+        plan_group(service, DeploymentGroup("dg-z", service.name, "s1", "s1-a", "A100", "L20", 1, 1), 3, nodes, "/m")
