@@ -87,6 +87,13 @@ app = init()
 
 
 _BODY_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+_ROUTES = frozenset((*_BODY_MODELS, "/v1/models", *_OPEN_PATHS))
+
+
+def _route(path: str) -> str:
+    """A metric label for a request path: the served routes by name, anything else "other" (paths come from
+    clients, unauthenticated ones too: they must not grow the label set)."""
+    return path if path in _ROUTES else "other"
 
 
 def _error(code: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -112,7 +119,7 @@ async def _validate_body(request: Request, call_next):
         return await call_next(request)
     refused = await _body_error(request, model)
     if refused is not None:
-        _REQUESTS.labels(request.url.path, f"http_{refused.status_code}").inc()
+        _REQUESTS.labels(_route(request.url.path), f"http_{refused.status_code}").inc()
         return refused
     return await call_next(request)
 
@@ -149,7 +156,7 @@ async def _require_api_key(request: Request, call_next):
     if key and request.url.path not in _OPEN_PATHS:
         header = request.headers.get("authorization", "")
         if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):  # constant time; never logged
-            _REQUESTS.labels(request.url.path, "unauthorized").inc()
+            _REQUESTS.labels(_route(request.url.path), "unauthorized").inc()
             return _error(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer "
                           "<key>')", kind="authentication_error")
     return await call_next(request)

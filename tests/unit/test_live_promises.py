@@ -148,3 +148,22 @@ def test_the_gpu_types_place_chose_are_the_ones_deployed():
     assert plan_group(service, unplaced, 2, nodes, "/m")[1].gpu_type == "H20"
     with pytest.raises(PlacementError, match="A100"):
         plan_group(service, DeploymentGroup("dg-z", service.name, "s1", "s1-a", "A100", "L20", 1, 1), 3, nodes, "/m")
+
+
+def test_unauthenticated_paths_do_not_grow_the_ingress_metric_labels():
+    """Unbounded label: every unauthenticated path became a new `route` label value of the requests counter."""
+    from starlette.testclient import TestClient
+
+    from serving import ingress
+
+    ingress._API_KEY["value"] = "secret"
+    try:
+        client = TestClient(ingress.app)
+        for i in range(20):
+            assert client.get(f"/scan/{i}/wp-admin.php").status_code == 401
+        assert client.post("/v1/completions", json={}).status_code == 401
+    finally:
+        ingress._API_KEY["value"] = None
+    routes = {s.labels["route"] for metric in ingress._REQUESTS.collect() for s in metric.samples
+              if s.labels.get("outcome") == "unauthorized"}
+    assert routes <= {"other", "/v1/completions", "/v1/chat/completions"} and "other" in routes
