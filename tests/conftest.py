@@ -5,6 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+# Where tests put the figures they measure (untracked: `make test` leaves a clean checkout clean);
+# `bench/scripts/promote_results.py` copies them into the tracked bench/results/ files.
+TEST_RESULTS = ROOT / "runs" / "test-results"
 
 
 def pytest_collection_modifyitems(config, items):

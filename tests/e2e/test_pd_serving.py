@@ -22,7 +22,7 @@ from heteroscale_ray import service as svc
 from common.config import parse_cluster_spec, parse_service_spec
 from common.vocab import group_app_name
 from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, TEST_RESULTS
 
 pytestmark = pytest.mark.e2e
 
@@ -259,7 +259,7 @@ def test_a_decode_replica_killed_mid_stream_ends_the_stream_with_an_error_and_se
     ended_after = time.monotonic() - killed
     merge_result("reliability", "decode_killed_mid_stream", {
         "what": "real engines: the decode replica serving a stream killed", "error_event_after_s":
-        round(ended_after, 3)})
+        round(ended_after, 3)}, TEST_RESULTS / "reliability.json")
     assert ended_after < 5.0
     deadline = time.monotonic() + 300  # a new engine loads the model and registers with NIXL
     while time.monotonic() < deadline:

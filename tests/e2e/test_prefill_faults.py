@@ -21,7 +21,7 @@ from common.vocab import group_app_name
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
 from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, TEST_RESULTS
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +173,8 @@ def test_a_kv_pull_from_a_killed_prefill_fails_within_a_bounded_time_and_frees_d
         "what": "real engines: a prefill answer's KV holder killed before decode pulls; decode must fail fast",
         "failed_after_s": round(took, 3), "error_code": getattr(getattr(result, "error", None), "code", None),
         "decode_kv_usage_baseline": baseline, "decode_kv_usage_after": usage,
-        "failed_cleanly_within_10_s": isinstance(result, ErrorResponse) and took < 10.0})
+        "failed_cleanly_within_10_s": isinstance(result, ErrorResponse) and took < 10.0},
+        TEST_RESULTS / "reliability.json")
     assert isinstance(result, ErrorResponse) and result.error.code == 503, result
     assert holder[1] in result.error.message
     assert took < 10.0  # vLLM alone waits for its KV lease (minutes)
@@ -224,7 +225,7 @@ def test_a_prefill_killed_under_load_loses_no_request(service, client, prompts):
         "what": "real engines, 2 prefill + 1 decode: a busy prefill replica killed while 6 clients send",
         "sent": len(results), "ok": len(results) - len(failures), "failed": len(failures),
         "prefill_tries_lost_and_retried": lost, "decode_kv_usage_baseline": baseline,
-        "decode_kv_usage_after": usage})
+        "decode_kv_usage_after": usage}, TEST_RESULTS / "reliability.json")
     assert results and not failures, failures[:3]
     assert lost >= 1  # the kill hit requests in flight: they were retried, not lost
     assert after["prefill_failures"] == before["prefill_failures"]

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from bench.results_io import merge_result
+from tests.conftest import TEST_RESULTS
 from common.config import parse_cluster_spec
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
@@ -153,6 +154,7 @@ def test_schema_driven_fuzzing_finds_no_5xx_and_no_hang(endpoint):
         "what": "schemathesis from /openapi.json, positive + negative, against the real ingress (stub engine)",
         "cases": total, "outcomes": dict(sorted(outcomes.items())),
         "server_errors": sum(n for k, n in outcomes.items() if k.rsplit(" ", 1)[-1].startswith("5")),
-        "hangs_or_drops": sum(n for k, n in outcomes.items() if not k.rsplit(" ", 1)[-1].isdigit())})
+        "hangs_or_drops": sum(n for k, n in outcomes.items() if not k.rsplit(" ", 1)[-1].isdigit())},
+        TEST_RESULTS / "reliability.json")
     assert total >= 2 * CASES_PER_OPERATION, outcomes
     assert not failures, "\n".join(failures[:20])

@@ -24,6 +24,7 @@ import pytest
 from bench.load import loadgen
 from bench.load.traces import TraceRequest
 from bench.results_io import merge_result
+from tests.conftest import TEST_RESULTS
 from common.config import parse_cluster_spec, parse_service_spec
 from common.vocab import DeploymentGroup, Role, controller_name, deployment_name, group_app_name
 from heteroscale_ray import local_cluster
@@ -214,7 +215,7 @@ def test_scale_in_under_load_loses_no_request_and_survives_controller_and_gcs_re
     merge_result("reliability", "scale_in_under_load", {
         "what": "real controller, Serve and ingress; stub engines (20 tokens/s per stream); square-wave trace "
                 f"{HIGH_RPS:g}/{LOW_RPS:g} req/s in {PHASES} phases of {PHASE_S:g} s; 1-4 P and D",
-        **figures, "accounted": len(ok) + len(shed) + len(failed) == len(results)})
+        **figures, "accounted": len(ok) + len(shed) + len(failed) == len(results)}, TEST_RESULTS / "reliability.json")
     assert len(ok) + len(shed) + len(failed) == len(results)
     assert not failed, [(r.status, r.http_status, r.error) for r in failed[:5]]
     assert terminations >= MIN_TERMINATIONS, actions

@@ -167,3 +167,31 @@ def test_unauthenticated_paths_do_not_grow_the_ingress_metric_labels():
     routes = {s.labels["route"] for metric in ingress._REQUESTS.collect() for s in metric.samples
               if s.labels.get("outcome") == "unauthorized"}
     assert routes <= {"other", "/v1/completions", "/v1/chat/completions"} and "other" in routes
+
+
+def test_figures_from_tests_go_untracked_and_a_script_promotes_them(tmp_path):
+    """Test hygiene: the fault and fuzz tests rewrote the tracked bench/results/reliability.json."""
+    import json
+
+    from bench.results_io import merge_result
+    from bench.scripts.promote_results import promote
+    from tests.conftest import ROOT, TEST_RESULTS
+
+    assert not TEST_RESULTS.is_relative_to(ROOT / "bench") and "runs" in TEST_RESULTS.parts  # runs/ is ignored
+    import ast
+
+    calls = 0
+    for test in (ROOT / "tests").rglob("test_*.py"):
+        source = test.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "merge_result" and \
+                    test.name != "test_live_promises.py":
+                calls += 1
+                assert "TEST_RESULTS" in ast.get_source_segment(source, node), f"{test}:{node.lineno}"
+    assert calls >= 5
+    source, target = tmp_path / "from", tmp_path / "to"
+    target.mkdir()
+    (target / "reliability.json").write_text(json.dumps({"kept": 1, "fuzz": {"old": True}}))
+    merge_result("reliability", "fuzz", {"cases": 7}, source / "reliability.json")
+    assert promote(source, target) == ["to/reliability.json: fuzz"]
+    assert json.loads((target / "reliability.json").read_text()) == {"kept": 1, "fuzz": {"cases": 7}}
