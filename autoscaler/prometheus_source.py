@@ -8,7 +8,8 @@ Per service (the `service` label every engine and ingress series carries):
 - TBT: the highest `…_tbt_p90_seconds` of the decode replicas (each replica's own window quantile);
 - shed demand: requests the ingress refused (`heteroscale_ingress_shed_total`) are demand the engines never saw:
   decode tokens/s is scaled by offered / admitted requests over the window (`…_routed_total` is admitted), as
-  the push path does, so a pool capped by its own admission bound still scales out.
+  the push path does, so a pool capped by its own admission bound still scales out; the admitted rate goes
+  along for the policy's zero cross-check.
 Each signal is stamped with the time of the newest raw sample behind it (`timestamp()`), not the query time. A
 target that stops answering gets Prometheus's staleness markers (its series vanish: missing signals); samples
 that stop arriving without them (Prometheus stopped scraping, a lagging federation or remote read) are still
@@ -122,4 +123,5 @@ class PrometheusSource:
             shed_note = f"{shed:.2f}/s shed of {shed + (admitted or 0.0):.2f}/s offered: decode demand x{factor:.2f}"
             note = f"{note}; {shed_note}" if note else shed_note
         return ServiceSignals(signals["decode_tps"], signals["prefill_kv_miss_tps"], signals["ttft_s"],
-                              signals["tbt_s"], note=note)
+                              signals["tbt_s"], note=note,
+                              admitted_rps=Signal(admitted, now_s) if admitted is not None else Signal())

@@ -67,7 +67,7 @@ _SHED = Counter("heteroscale_ingress_shed", "requests refused by admission contr
                 "saw", ("service",), registry=_REGISTRY)
 _TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first streamed chunk, per deployment "
                   "group", ("service", "deployment_group"), registry=_REGISTRY,
-                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 120))
+                  buckets=histogram.BOUNDS_S)  # the pushed histogram's buckets: both signal sources agree
 
 
 @dataclass(frozen=True)

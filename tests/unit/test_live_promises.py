@@ -195,3 +195,29 @@ def test_figures_from_tests_go_untracked_and_a_script_promotes_them(tmp_path):
     merge_result("reliability", "fuzz", {"cases": 7}, source / "reliability.json")
     assert promote(source, target) == ["to/reliability.json: fuzz"]
     assert json.loads((target / "reliability.json").read_text()) == {"kept": 1, "fuzz": {"cases": 7}}
+
+
+def test_the_prometheus_source_buckets_ttft_like_the_push_path_and_cross_checks_zero():
+    """Both sources give the same observation: the ingress's Prometheus TTFT histogram had other buckets than
+    the pushed one, and the Prometheus source carried no admitted rate, so its zero could not be checked."""
+    from autoscaler.prometheus_source import PrometheusSource
+    from common import histogram
+    from serving import ingress
+
+    bounds = [float(s.labels["le"]) for m in ingress._TTFT.collect() for s in m.samples
+              if s.name.endswith("_bucket")]
+    if not bounds:  # no sample yet: the histogram's declared buckets
+        bounds = list(ingress._TTFT._upper_bounds)
+    assert sorted(set(bounds))[:-1] == list(histogram.BOUNDS_S) and bounds[-1] == float("inf")
+
+    def fetch(url, promql, timeout_s):
+        if promql.startswith("max(timestamp("):
+            return [{"value": [0, "100.0"]}]
+        if "ingress_shed" in promql:
+            return []
+        if "ingress_routed" in promql:
+            return [{"value": [0, "4.0"]}]
+        return [{"value": [0, "0" if "tokens_per_second" in promql else "0.1"]}]
+
+    sig = PrometheusSource("http://x", SERVICE, fetch=fetch, wall_clock=lambda: 100.0).signals({}, 100.0, 20, 10, 0.9)
+    assert sig.decode_tps.value == 0 and sig.admitted_rps.value == 4.0
