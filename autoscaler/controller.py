@@ -213,9 +213,12 @@ class HeteroScaleController:
         self._kv.put(_kv_key(self.spec.name), blob)
 
     def _write_log(self, entry: dict) -> None:
+        """Append to the JSONL decision log; past `decision_log_max_mb` it rotates to `<path>.1` first."""
         if self.settings.decision_log:
             path = Path(self.settings.decision_log)
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size >= self.settings.decision_log_max_mb * 1e6:
+                path.replace(path.with_name(path.name + ".1"))
             with path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
 
@@ -259,6 +262,9 @@ class _Metrics:
                                          tag_keys=("service", "action", "reason"))
         self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
                                       tag_keys=("service", "stage"))
+        self.last_tick = metrics.Gauge("heteroscale_controller_last_tick_timestamp_seconds",
+                                       "when the last tick completed (Unix s): time() minus this grows while the "
+                                       "loop is stuck", tag_keys=("service",))
 
     def export(self, entry: dict) -> None:
         tags = {"service": self.service}
@@ -274,6 +280,7 @@ class _Metrics:
         if entry.get("target_decode_tps_per_instance") is not None:
             self.target_tps.set(entry["target_decode"] * entry["target_decode_tps_per_instance"], tags=tags)
         self.decisions.inc(1, tags={**tags, "action": entry["action"], "reason": entry["reason"]})
+        self.last_tick.set(entry["t"], tags=tags)
 
     def error(self, stage: str) -> None:
         self.errors.inc(1, tags={"service": self.service, "stage": stage})

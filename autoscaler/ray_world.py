@@ -59,12 +59,21 @@ def service_shape(spec: ServiceSpec) -> ServiceShape:
 
 
 class LiveServe:
-    """The Serve calls the live world makes (an adapter; tests use a fake with the same methods)."""
+    """The Serve calls the live world makes (an adapter; tests use a fake with the same methods). Every call
+    that waits on Ray is bounded: `call_timeout_s` for Serve's controller, `deploy_timeout_s` for building a
+    new DG's application (ray.exceptions.GetTimeoutError past it: the tick fails or the action is returned as
+    not done, and the next tick retries)."""
+
+    def __init__(self, call_timeout_s: float = 30.0, deploy_timeout_s: float = 300.0):
+        self.call_timeout_s, self.deploy_timeout_s = call_timeout_s, deploy_timeout_s
 
     def details(self) -> dict:
+        import ray
         from ray.serve.context import _get_global_client
 
-        return _get_global_client().get_serve_details()
+        # ServeControllerClient.get_serve_details() waits without a bound; the same call, bounded
+        controller = _get_global_client()._controller
+        return ray.get(controller.get_serve_instance_details.remote(), timeout=self.call_timeout_s)
 
     def set_target(self, app: str, deployment: str, num_replicas: int) -> None:
         import ray
@@ -73,7 +82,7 @@ class LiveServe:
 
         controller = _get_global_client()._controller
         ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app),
-                                                             num_replicas))
+                                                             num_replicas), timeout=self.call_timeout_s)
 
     def delete_app(self, app: str) -> None:
         from ray import serve
@@ -85,7 +94,7 @@ class LiveServe:
         import ray
 
         task = ray.remote(num_cpus=0, max_calls=1)(_deploy_group)
-        ray.get(task.remote(spec, group, slot, model_path))
+        ray.get(task.remote(spec, group, slot, model_path), timeout=self.deploy_timeout_s)
 
     def nodes(self) -> list[NodeInfo]:
         from placement.ray_adapter import live_nodes
@@ -135,7 +144,7 @@ class RayWorld:
                  records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False):
         self.spec, self.settings, self.model_path = spec, settings, model_path
         self.shape = service_shape(spec)
-        self.serve = serve or LiveServe()
+        self.serve = serve or LiveServe(settings.serve_call_timeout_s, settings.deploy_timeout_s)
         self.advisory = advisory
         self.records: dict[str, GroupRecord] = dict(records)
         self.store = SignalStore(keep_s=max(3 * settings.signal_window_s, 60.0))

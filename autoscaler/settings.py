@@ -27,7 +27,10 @@ class ControllerSettings:
     ready_ratio_tolerance_fraction: float
     graceful_shutdown_timeout_s: float
     probe_timeout_s: float
+    serve_call_timeout_s: float
+    deploy_timeout_s: float
     decision_log: str | None
+    decision_log_max_mb: float
     advisory: bool
     signal_source: str = "push"
     prometheus_url: str | None = None
@@ -63,8 +66,9 @@ def controller_settings(spec: ServiceSpec) -> ControllerSettings:
         ready_ratio_tolerance_instances=a.ready_ratio_tolerance_instances,
         ready_ratio_tolerance_fraction=a.ready_ratio_tolerance_fraction,
         graceful_shutdown_timeout_s=spec.drain_timeout_s(), probe_timeout_s=a.probe_timeout_s,
-        decision_log=a.decision_log, advisory=a.advisory, signal_source=a.signal_source,
-        prometheus_url=a.prometheus_url,
+        serve_call_timeout_s=a.serve_call_timeout_s, deploy_timeout_s=a.deploy_timeout_s,
+        decision_log=a.decision_log, decision_log_max_mb=a.decision_log_max_mb, advisory=a.advisory,
+        signal_source=a.signal_source, prometheus_url=a.prometheus_url,
         node_supply=tuple(SupplyNodeType(t.gpu_type, t.num_gpus, t.s1, t.s2, t.max_nodes)
                           for t in (a.node_supply.node_types if a.node_supply else ())))
 

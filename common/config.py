@@ -304,7 +304,13 @@ class AutoscalingSpec(_Strict):
     graceful_shutdown_timeout_s: float | None = Field(
         None, gt=0, description="drain time of a terminated replica; None = the ingress request timeout + 10 s")
     decision_log: str | None = Field(None, description="JSONL path on the controller's node; None = none")
+    decision_log_max_mb: float = Field(64.0, gt=0, description="past this size the log rotates to <path>.1 "
+                                       "(the previous .1 is dropped): at most twice this on disk")
     probe_timeout_s: float = Field(10.0, gt=0, description="all-or-nothing probe of a new batch")
+    serve_call_timeout_s: float = Field(
+        30.0, gt=0, description="a call to Serve's controller (replica details, a target); past it the tick fails "
+        "and the next one retries, never a frozen loop")
+    deploy_timeout_s: float = Field(300.0, gt=0, description="building and submitting a new DG's application")
     signal_source: Literal["push", "prometheus"] = Field(
         "push", description="push: replicas and the ingress report to the controller; prometheus: PromQL")
     prometheus_url: str | None = Field(None, description="the Prometheus server for signal_source: prometheus")

@@ -221,3 +221,37 @@ def test_the_prometheus_source_buckets_ttft_like_the_push_path_and_cross_checks_
 
     sig = PrometheusSource("http://x", SERVICE, fetch=fetch, wall_clock=lambda: 100.0).signals({}, 100.0, 20, 10, 0.9)
     assert sig.decode_tps.value == 0 and sig.admitted_rps.value == 4.0
+
+
+def test_every_wait_on_serve_is_bounded(monkeypatch):
+    """Blocking calls: `ray.get` without a timeout in the tick thread (details, set_target, deploy_group) froze
+    the loop silently behind a stuck Serve controller."""
+    import ray
+    import ray.serve.context
+
+    from autoscaler.ray_world import LiveServe
+
+    waits = []
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: waits.append(timeout) or {})
+    monkeypatch.setattr(ray, "remote", lambda **options: lambda fn: type("Task", (), {"remote": lambda *a: "ref"}))
+
+    class Remote:
+        def remote(self, *args, **kwargs):
+            return "ref"
+
+    client = type("Client", (), {"_controller": type("Controller", (), {
+        "get_serve_instance_details": Remote(), "update_deployment_replicas": Remote()})()})()
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: client)
+    serve = LiveServe(call_timeout_s=7.0, deploy_timeout_s=70.0)
+    serve.details()
+    serve.set_target("app", "dep", 2)
+    serve.deploy_group(None, None, 0, "/m")
+    assert waits == [7.0, 7.0, 70.0]
+
+
+def test_the_decision_log_file_is_bounded(tmp_path):
+    log = tmp_path / "decisions.jsonl"
+    h = Harness(decision_log=str(log), decision_log_max_mb=0.002)  # rotate past 2 kB
+    h.run(60, decode_tps_each=50)
+    rotated = log.with_name("decisions.jsonl.1")
+    assert rotated.exists() and log.stat().st_size < 2000 + 5000 and rotated.stat().st_size < 2000 + 5000
