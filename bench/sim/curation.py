@@ -159,16 +159,10 @@ def curate(scenario: Scenario, progress=None) -> dict:
     """Stress-test every service, simulate the candidates, pick per service; the JSON-ready report, with
     `stress[service]`: the Stress our policy uses (memoized per scenario)."""
     if scenario not in _CACHE:
-        remember(scenario, _curate(scenario, progress))
+        if len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[scenario] = _curate(scenario, progress)
     return _CACHE[scenario]
-
-
-def remember(scenario: Scenario, report: dict) -> None:
-    """Take `report` as the scenario's curation (one curated in another process: the suite curates each
-    tuning day once and hands it to every run that needs it)."""
-    if len(_CACHE) >= 4:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[scenario] = report
 
 
 def _curate(scenario: Scenario, progress) -> dict:

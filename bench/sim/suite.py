@@ -11,19 +11,20 @@ Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
   goal (its front sweeps that goal), no start-up: a bound only for policies that meet the per-tick goal;
 - `gpu_hours_at_heteroscale_attainment`: the GPU-hours a policy's front needs at ours' scoring-day attainment
   (linear between the two front points around it; null where the front never reaches it).
-Work runs in `workers` processes (each tuning day curated once, then one task per simulation run; 1: in this
-process); progress goes to `progress`.
+Work runs in `workers` processes, one scenario per process at a time (its runs share the scenario's capacities
+and memos: a third less work than spreading them), biggest first; 1: in this process. Progress goes to
+`progress`, one line per run to stderr.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
-from bench.sim.curation import curate, remember
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario
 from bench.sim.run import attainment, choose
@@ -41,8 +42,7 @@ _SCENARIOS: dict[str, tuple[Scenario, Scenario, Scenario]] = {}
 
 def _days(path: str) -> tuple[Scenario, Scenario, Scenario]:
     """The scenario file and its tuning and scoring days, kept (with the capacities and memos every run over
-    them shares) until a run of another scenario comes: tasks come grouped by scenario, and one scenario's
-    memos take ~2 GB."""
+    them shares) until another scenario is loaded: one scenario's memos take ~2 GB."""
     if path not in _SCENARIOS:
         _SCENARIOS.clear()
         scenario = load_scenario(path)
@@ -55,22 +55,12 @@ def _key(setting):
     return tuple(sorted(setting.items())) if isinstance(setting, dict) else setting
 
 
-def _curate(path: str) -> tuple[str, dict, float]:
-    """Our curation of the scenario's tuning day (in a worker): (path, report, seconds)."""
-    began = time.perf_counter()
-    _, tune, _ = _days(path)
-    return path, curate(tune), time.perf_counter() - began
-
-
-def _run(job: tuple[tuple, dict | None]) -> tuple[tuple, dict, float]:
-    """One simulation run (in a worker), ours with its tuning day's curation: (task, summary, seconds)."""
-    task, curated = job
+def _run(task: tuple) -> tuple[dict, float]:
+    """One simulation run: (summary, seconds)."""
     path, policy, day, key = task
     setting = dict(key) if isinstance(key, tuple) else key
     began = time.perf_counter()
     _, tune, score = _days(path)
-    if curated is not None:
-        remember(tune, curated)
     scenario = tune if day == "tune" else score
     if policy == "heteroscale":
         result = run_heteroscale(scenario, tuned_on=tune, headroom=setting)
@@ -80,7 +70,21 @@ def _run(job: tuple[tuple, dict | None]) -> tuple[tuple, dict, float]:
         result = run_static_peak(scenario, tune)
     else:
         result = run_setting(policy, scenario, setting, tune if day == "score" else None)
-    return task, {k: v for k, v in result.summary().items() if k in KEYS}, time.perf_counter() - began
+    return {k: v for k, v in result.summary().items() if k in KEYS}, time.perf_counter() - began
+
+
+def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
+    """Every run of one scenario in one process (a worker), so they share its capacities and memos (the same
+    rates at the same ticks): (path, its report, seconds). With `show`, one line per run on stderr."""
+    path, show = job
+    began, done = time.perf_counter(), {}
+    for task in _tasks(path):
+        done[task], spent = _run(task)
+        if show:
+            print(f"  {Path(path).stem}: {task[1]} on the {task[2]} day ({spent:.1f} s)", file=sys.stderr, flush=True)
+    report = _scenario_report(path, done)
+    _SCENARIOS.clear()
+    return path, report, time.perf_counter() - began
 
 
 def _tasks(path: str) -> list[tuple]:
@@ -168,37 +172,26 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
     paths = [str(p) for p in (paths or sorted(SUITE_DIR.glob("*.yaml")))]
     if not paths:
         raise ValueError(f"no scenario files in {SUITE_DIR}")
+    size = {}
     for path in paths:  # every file loads (and names its errors) before anything runs
-        _days(path)
+        scenario = _days(path)[0]
+        size[path] = len(scenario.services) * (2 if any(s.phases for s in scenario.services) else 1)
     _SCENARIOS.clear()
-    # grouped by scenario (each worker keeps one scenario's memos), ours' long runs first in each group
-    tasks = [t for path in paths for t in sorted(_tasks(path), key=lambda t: t[1] != "heteroscale")]
-    began, done, seconds = time.perf_counter(), {}, {}
+    order = sorted(paths, key=lambda p: -size[p])  # the biggest first, so the processes end together
+    began, scenarios, seconds = time.perf_counter(), {}, {}
     if progress:
-        progress(f"suite: {len(paths)} scenarios, {len(tasks)} simulation runs on {workers} processes")
+        progress(f"suite: {len(paths)} scenarios, {sum(len(_tasks(p)) for p in paths)} simulation runs on "
+                 f"{workers} processes (one scenario per process at a time)")
+    jobs = [(p, progress is not None) for p in order]
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
-        runner = pool.map if pool else map
-        curated = {}
-        for path, report, spent in runner(_curate, paths):  # once per tuning day, shared by ours' runs
-            curated[path] = report
-            seconds[Path(path).stem] = spent
+        for i, (path, report, spent) in enumerate((pool.map if pool else map)(_run_scenario, jobs), 1):
+            scenarios[path], seconds[path] = report, spent
             if progress:
-                progress(f"curated {Path(path).stem} on its tuning day ({spent:.1f} s; "
+                progress(f"[{i}/{len(paths)}] {Path(path).stem} done ({spent:.0f} s; "
                          f"{time.perf_counter() - began:.0f} s in all)")
-        jobs = [(t, curated[t[0]] if t[1] == "heteroscale" else None) for t in tasks]
-        for i, (task, summary, spent) in enumerate(runner(_run, jobs), 1):
-            done[task] = summary
-            name = Path(task[0]).stem
-            seconds[name] = seconds.get(name, 0.0) + spent
-            if progress and (i % 10 == 0 or i == len(tasks) or task[1] == "heteroscale"):
-                progress(f"[{i}/{len(tasks)}] {name}: {task[1]} on the {task[2]} day "
-                         f"({spent:.1f} s; {time.perf_counter() - began:.0f} s in all)")
-    report = {"wall_s": round(time.perf_counter() - began, 1), "workers": workers,
-              "attainment_goal": TTFT_GOAL, "headroom_grid": list(HEADROOM_GRID), "scenarios": {}}
-    for path in paths:
-        name = Path(path).stem
-        report["scenarios"][name] = {**_scenario_report(path, done), "cpu_s": round(seconds.get(name, 0.0), 1)}
-    return report
+    return {"wall_s": round(time.perf_counter() - began, 1), "workers": workers, "attainment_goal": TTFT_GOAL,
+            "headroom_grid": list(HEADROOM_GRID),
+            "scenarios": {Path(p).stem: {**scenarios[p], "cpu_s": round(seconds[p], 1)} for p in paths}}
 
 
 def table(report: dict) -> str:
