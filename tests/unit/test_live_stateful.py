@@ -1,0 +1,139 @@
+"""The live controller's promises under faults (issue 21): a hypothesis state machine interleaves load, report
+gaps, probe failures, failing Serve calls, replicas stuck starting and a lost policy state with control ticks
+of the real controller and RayWorld over a fake Serve (no Ray), and checks after every tick:
+- nothing shrinks unless the tick decided a scale-in or a termination, and a termination removes only
+  replicas that were withdrawn (or never started);
+- every deployment group holding both roles is inside the ratio band;
+- missing data is never zero: after a gap in the reports decode tokens/s is missing, and the policy holds;
+- the policy's state holds what happened: outside a soft scale-in its targets are what the groups hold.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+
+from autoscaler.model import PolicyState
+from common.vocab import Role, deployment_name, group_app_name
+from placement.scheduler import in_band
+from tests.unit.test_controller import DG_A, SERVICE, FakeServe, Harness
+
+RATIO = 1.0  # the harness's service (tests.unit.test_controller.spec)
+
+
+class FaultyServe(FakeServe):
+    """The fake Serve with faults: set_target calls that raise, and replicas that never start (`stuck`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets: dict[tuple[str, str], int] = {}
+        self.fail_calls = False
+        self.stuck = False
+
+    def details(self):
+        out = super().details()
+        for app, a in out["applications"].items():
+            for dep, d in a["deployments"].items():
+                d["target_num_replicas"] = self.targets.get((app, dep), d["target_num_replicas"])
+        return out
+
+    def set_target(self, app, deployment, n):
+        if self.fail_calls:
+            raise ConnectionError("serve controller unreachable")
+        self.targets[(app, deployment)] = n
+        ids = self.apps[app][deployment]
+        if n < len(ids) or not self.stuck:
+            super().set_target(app, deployment, n)
+
+    def deploy_group(self, spec, group, slot, model_path):
+        if self.fail_calls:
+            raise ConnectionError("serve controller unreachable")
+        super().deploy_group(spec, group, slot, model_path)
+        app = group_app_name(SERVICE, group.name)
+        for role in Role:
+            dep = deployment_name(SERVICE, group.name, role)
+            self.targets[(app, dep)] = group.count(role)
+            if self.stuck:
+                self.apps[app][dep] = []
+
+    def delete_app(self, app):
+        super().delete_app(app)
+        self.targets = {k: v for k, v in self.targets.items() if k[0] != app}
+
+    def snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(target, running) per deployment."""
+        return {(app, dep): (self.targets.get((app, dep), len(ids)), len(ids))
+                for app, deps in self.apps.items() for dep, ids in deps.items()}
+
+
+class LiveController(RuleBasedStateMachine):
+    @initialize()
+    def start(self):
+        self.serve = FaultyServe()
+        self.serve.deploy_group(None, DG_A, 0, "/m")
+        self.serve.calls.clear()
+        self.h = Harness(serve=self.serve)
+        self.ticks = 0
+
+    def _tick(self, reports: int, tps: float):
+        world = self.h.ctl.world
+        before = self.serve.snapshot()
+        withdrawn = {name: dict(r.withdrawn) for name, r in world.records.items()}
+        for _ in range(reports):
+            self.h.report(tps)
+        if not reports:
+            self.h.clock.t += 20.0  # a gap: no replica or ingress report for longer than the window
+        entry = self.h.ctl.tick()
+        assert entry is not None, self.h.ctl.errors
+        self.ticks += 1
+        after = self.serve.snapshot()
+        cuts = {key: before[key][0] - after.get(key, (0, 0))[0] for key in before
+                if after.get(key, (0, 0))[0] < before[key][0]}
+        if cuts:
+            assert entry["action"] in ("scale_in", "terminate_withdrawn"), (entry["action"], cuts)
+            for (app, dep), n in cuts.items():
+                group, role = app.split("--", 1)[1], Role(dep.rsplit(":", 1)[1])
+                never_started = before[(app, dep)][0] - before[(app, dep)][1]
+                assert n <= withdrawn.get(group, {}).get(role, 0) + never_started, (entry["action"], app, dep, n)
+        for record in world.records.values():
+            g = record.group
+            if g.num_prefill and g.num_decode:
+                assert in_band(g.num_prefill, g.num_decode, RATIO), g
+        status = self.h.ctl.state.services.get(SERVICE)
+        if status is not None and status.soft is None:
+            held = (sum(r.group.num_prefill for r in world.records.values()),
+                    sum(r.group.num_decode for r in world.records.values()))
+            assert (status.target_prefill, status.target_decode) == held, (entry["action"], entry["failed"])
+        return entry
+
+    @rule(tps=st.sampled_from([0.0, 20.0, 60.0, 120.0, 180.0, 400.0]))
+    def load(self, tps):
+        self._tick(5, tps)
+
+    @rule()
+    def report_gap(self):
+        entry = self._tick(0, 0.0)
+        assert entry["observation"]["decode_tps"] is None  # missing, never zero
+        assert entry["action"] in ("hold", "restore", "scale_out"), entry["action"]  # never a cut
+
+    @rule(fits=st.booleans())
+    def probes_fit(self, fits):
+        self.serve.fits = fits
+
+    @rule(fail=st.booleans())
+    def serve_calls_fail(self, fail):
+        self.serve.fail_calls = fail
+
+    @rule(stuck=st.booleans())
+    def replicas_stick(self, stuck):
+        self.serve.stuck = stuck
+
+    @rule()
+    def lose_state(self):
+        self.h.ctl.state = PolicyState()  # an unreadable saved state: the policy starts from the view
+
+
+TestLiveController = LiveController.TestCase
+TestLiveController.settings = settings(max_examples=200, stateful_step_count=12, deadline=None,
+                                       suppress_health_check=[HealthCheck.too_slow])
