@@ -21,6 +21,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
 from autoscaler.model import FleetConfig, PolicyState
 from autoscaler.port import decision_entry, step
@@ -68,6 +69,9 @@ class HeteroScaleController:
         # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
         self.recorded: deque[tuple] = deque(maxlen=MAX_DECISIONS)
         self._tick_lock = threading.Lock()
+        # the decision log, the parity records and the error counts are written by the tick thread and the
+        # event loop (reports) and read on the event loop (status): one short lock around each touch
+        self._log_lock = threading.Lock()
         self._metrics = metrics if metrics is not None else _Metrics(
             spec.name, {"prefill": spec.roles.prefill.gpus_per_replica, "decode": spec.roles.decode.gpus_per_replica})
         self._stop = threading.Event()
@@ -100,12 +104,13 @@ class HeteroScaleController:
             now, entry = self._clock(), None
             try:
                 result, self.state, observation, view = step(self.world, self.state, now, self.config)
-                self.recorded.append((now, observation, view, result.actions, result.failed))
+                with self._log_lock:
+                    self.recorded.append((now, observation, view, result.actions, result.failed))
             except Exception as exc:
                 self._fail("step", exc)
                 return None
             if result.failed:  # the state already holds what happened; the next cycle re-plans the rest
-                self.errors["apply"] += len(result.failed)
+                self._count("apply", len(result.failed))
                 self._metrics.error("apply")
             supply = None
             if self.settings.node_supply and not self.settings.advisory:
@@ -125,7 +130,8 @@ class HeteroScaleController:
                     entry["supply"] = supply.summary()
                 entry["target_decode_tps_per_instance"] = self.config.fleet.services[self.spec.name] \
                     .target_decode_tps_per_instance
-                self.decisions.append(entry)
+                with self._log_lock:
+                    self.decisions.append(entry)
                 self._write_log(entry)
                 self._metrics.export(entry)
                 stage = "persist"
@@ -136,9 +142,22 @@ class HeteroScaleController:
             return entry
 
     def _fail(self, stage: str, exc: Exception) -> None:
-        self.errors[stage] += 1
-        logger.exception("controller tick failed at %s (%d errors there so far): %s", stage, self.errors[stage], exc)
+        n = self._count(stage)
+        logger.exception("controller tick failed at %s (%d errors there so far): %s", stage, n, exc)
         self._metrics.error(stage)
+
+    def _count(self, stage: str, n: int = 1) -> int:
+        with self._log_lock:
+            self.errors[stage] += n
+            return self.errors[stage]
+
+    def _errors(self) -> dict[str, int]:
+        with self._log_lock:
+            return dict(self.errors)
+
+    def _decisions(self) -> list[dict]:
+        with self._log_lock:
+            return list(self.decisions)
 
     # ---- reports from replicas and the ingress ----------------------------------------------------------------
 
@@ -151,7 +170,7 @@ class HeteroScaleController:
                                    float(payload.get("kv_cache_usage", 0.0)), tuple(payload.get("tbt_hist", ())),
                                    tuple(payload.get("ttft_hist", ())))
         except (KeyError, ValueError, TypeError) as exc:
-            self.errors["bad_report"] += 1
+            self._count("bad_report")
             raise ValueError(f"bad replica report ({exc}): {sorted(payload)}") from None
         with self.world.lock:
             self.world.store.add_replica(report)
@@ -164,7 +183,7 @@ class HeteroScaleController:
                                    {str(g): int(n) for g, n in (payload.get("inflight") or {}).items()},
                                    int(payload.get("admitted", 0)), int(payload.get("shed", 0)))
         except (KeyError, ValueError, TypeError) as exc:
-            self.errors["bad_report"] += 1
+            self._count("bad_report")
             raise ValueError(f"bad ingress report ({exc}): {sorted(payload)}") from None
         with self.world.lock:
             self.world.store.add_ingress(report)
@@ -180,16 +199,18 @@ class HeteroScaleController:
                 "target_prefill": svc.target_prefill if svc else None,
                 "target_decode": svc.target_decode if svc else None,
                 "soft_scale_in": asdict(svc.soft) if svc and svc.soft else None,
-                "groups": groups, "errors": dict(self.errors), "probe_failures": self.world.probe_failures,
-                "last_decisions": list(self.decisions)[-10:]}
+                "groups": groups, "errors": self._errors(), "probe_failures": self.world.probe_failures,
+                "last_decisions": self._decisions()[-10:]}
 
     async def decision_log(self, since_tick: int = 0) -> list[dict]:
-        return [d for d in self.decisions if d.get("tick", 0) >= since_tick]
+        return [d for d in self._decisions() if d.get("tick", 0) >= since_tick]
 
     async def recorded_cycles(self) -> bytes:
         """What the recent ticks observed and did, pickled: (now_s, Observation, ClusterView, actions, failed
         actions) each."""
-        return pickle.dumps(list(self.recorded))
+        with self._log_lock:
+            recorded = list(self.recorded)
+        return pickle.dumps(recorded)
 
     async def tick_now(self) -> dict | None:
         """One extra tick now (tests, `heteroscale status --tick`)."""
@@ -198,18 +219,20 @@ class HeteroScaleController:
     # ---- persistence and the decision log file ---------------------------------------------------------------
 
     def _load(self) -> Persisted | None:
+        """The saved state (versioned JSON, `autoscaler.persistence`); an unreadable one is logged and the
+        controller starts from what it sees (the policy is seeded from the groups, never below them)."""
         raw = self._kv.get(_kv_key(self.spec.name))
         if not raw:
             return None
         try:
-            return pickle.loads(raw)
-        except Exception as exc:  # an incompatible older state: start afresh, loudly
-            logger.error("ignoring unreadable saved controller state for %s: %s", self.spec.name, exc)
+            return Persisted(*persistence.decode(raw, GroupRecord))
+        except persistence.StateError as exc:
+            logger.error("ignoring the saved controller state of %s: %s", self.spec.name, exc)
             return None
 
     def _save(self) -> None:
         with self.world.lock:
-            blob = pickle.dumps(Persisted(self.state, dict(self.world.records), self.ticks))
+            blob = persistence.encode(self.state, dict(self.world.records), self.ticks)
         self._kv.put(_kv_key(self.spec.name), blob)
 
     def _write_log(self, entry: dict) -> None:

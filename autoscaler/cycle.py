@@ -155,21 +155,27 @@ def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) ->
 
 
 def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
-                  groups: list[_Group], room) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest]]:
-    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty.
+                  groups: list[_Group], room, only_withdrawn: bool = False
+                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
+    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
+    whether the groups keep more than the target (`only_withdrawn`, a termination: only withdrawn replicas
+    go, and the rest of the cut stays for a later scale-in to withdraw first).
 
     Every group holds at least one instance of each role, so a target below the number of groups removes
-    whole groups (those with the fewest routable decode instances first) when the other groups' domains have
-    room for what the target then adds to them (`room(groups, prefill, decode)`); otherwise the groups stay
-    and each role keeps one instance per group (removing one would open it again elsewhere next cycle)."""
+    whole groups (those with the fewest routable decode instances first; for a termination, only groups
+    wholly withdrawn) when the other groups' domains have room for what the target then adds to them
+    (`room(groups, prefill, decode)`); otherwise the groups stay and each role keeps one instance per group
+    (removing one would open it again elsewhere next cycle)."""
     out, terminate, withdrawing = [], [], []
     surplus = len(groups) - min(target)
     if surplus > 0:
-        doomed = sorted(groups, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
-                                               g.base.name))[:surplus]
+        candidates = [g for g in groups if not only_withdrawn or
+                      (g.withdrawn_prefill, g.withdrawn_decode) == (g.num_prefill, g.num_decode)]
+        doomed = sorted(candidates, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
+                                                   g.base.name))[:surplus]
         rest = [g for g in groups if g not in doomed]
         rest_p, rest_d, _, _ = _totals(rest)
-        if room(rest, max(0, target[0] - rest_p), max(0, target[1] - rest_d)):
+        if doomed and room(rest, max(0, target[0] - rest_p), max(0, target[1] - rest_d)):
             terminate.append(ScaleRequest(shape, -sum(g.num_prefill for g in doomed),
                                           -sum(g.num_decode for g in doomed), tuple(g.current() for g in doomed)))
             groups = rest
@@ -178,7 +184,8 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
     have_p, have_d, _, _ = _totals(groups)
     dp, dd = target[0] - have_p, target[1] - have_d
     left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
-    if left_p or left_d:
+    kept = only_withdrawn and bool(left_p or left_d)
+    if (left_p or left_d) and not only_withdrawn:  # a scale-in's cut of starting replicas
         terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
     if dp > 0 or dd > 0:
         out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups), ratio))
@@ -192,7 +199,7 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
         if more_p or more_d:
             routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
             withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable, ratio))
-    return out, terminate, withdrawing
+    return out, terminate, withdrawing, kept
 
 
 _CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # the decisions that may lower what groups hold
@@ -253,9 +260,12 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             target = (max(target[0], held_p), max(target[1], held_d))
             raised.add(name)
         ratio = ratio_in_force(config.fleet.services[name], now_s, *target)
-        out, terminate, withdrawing = _plan_service(config.shapes[name], ratio, target,
-                                                    (dec.withdraw_prefill, dec.withdraw_decode), groups,
-                                                    lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d))
+        out, terminate, withdrawing, kept = _plan_service(
+            config.shapes[name], ratio, target, (dec.withdraw_prefill, dec.withdraw_decode), groups,
+            lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d),
+            only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN)
+        if kept:  # a termination found fewer withdrawn replicas than its cut: the rest stays, the state follows
+            raised.add(name)
         scale_out += out
         scale_in += terminate
         withdraw_requests += withdrawing

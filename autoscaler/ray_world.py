@@ -251,9 +251,12 @@ class RayWorld:
                 if action.kind is GroupActionKind.CREATE:
                     done = self._create(action)
                 elif action.kind is GroupActionKind.REMOVE:
-                    self.serve.delete_app(group_app_name(self.spec.name, name))
                     with self.lock:
-                        self.records.pop(name, None)
+                        known = name in self.records
+                    if known:  # (removed already: nothing to do, so applying twice changes nothing)
+                        self.serve.delete_app(group_app_name(self.spec.name, name))
+                        with self.lock:
+                            self.records.pop(name, None)
                     done = True
                 else:
                     done = self._scale(action)

@@ -255,3 +255,34 @@ def test_the_decision_log_file_is_bounded(tmp_path):
     h.run(60, decode_tps_each=50)
     rotated = log.with_name("decisions.jsonl.1")
     assert rotated.exists() and log.stat().st_size < 2000 + 5000 and rotated.stat().st_size < 2000 + 5000
+
+
+def test_the_saved_state_is_versioned_json_and_an_unreadable_one_is_refused_by_name(caplog):
+    """State and orphans: the state was a pickle of live classes (a rename made it unreadable)."""
+    import json
+    import pickle
+
+    import pytest
+
+    from autoscaler import persistence
+    from autoscaler.controller import HeteroScaleController, _kv_key
+    from autoscaler.ray_world import GroupRecord
+    from tests.unit.test_controller import DG_A, NoMetrics
+
+    h = two_groups()
+    h.run(10, decode_tps_each=20)  # a soft scale-in in progress: withdrawn replicas, members, soft state
+    raw = h.kv[_kv_key(SERVICE)]
+    saved = json.loads(raw)
+    assert saved["version"] == persistence.STATE_VERSION and set(saved["records"]) == set(h.ctl.world.records)
+    policy, records, ticks = persistence.decode(raw, GroupRecord)
+    assert policy == h.ctl.state and records == h.ctl.world.records and ticks == h.ctl.ticks
+    with pytest.raises(persistence.StateError, match="version 2"):
+        persistence.decode(json.dumps({**saved, "version": 2}).encode(), GroupRecord)
+    broken = json.loads(raw)
+    del broken["records"]["dg-a"]["slot"]
+    with pytest.raises(persistence.StateError, match="records.dg-a.*slot"):
+        persistence.decode(json.dumps(broken).encode(), GroupRecord)
+    h.kv[_kv_key(SERVICE)] = pickle.dumps({"an": "older format"})
+    again = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
+                                  metrics=NoMetrics(), autostart=False)
+    assert not again.resumed and "ignoring the saved controller state" in caplog.text

@@ -1,0 +1,76 @@
+"""The controller's saved state as versioned JSON (not a pickle of live classes, which a rename made unreadable):
+the policy's state per service, the deployment-group records and the tick count. Pure: bytes in, bytes out.
+
+Format (version 1):
+    {"version": 1, "ticks": 12,
+     "policy": {"<service>": {"target_prefill": 1, "target_decode": 2, "last_scale_out_s": 1.0e9 | null,
+                              "last_scale_in_s": ..., "last_latency_step_s": ..., "soft": null |
+                              {"started_s", "from_prefill", "from_decode", "to_prefill", "to_decode"}}},
+     "records": {"<group>": {"group": {"name", "service", "scope", "domain", "prefill_gpu_type",
+                                       "decode_gpu_type", "num_prefill", "num_decode"},
+                             "slot": 0, "withdrawn": {"prefill": 0, "decode": 1},
+                             "members": {"admitted": {"prefill": ["<replica id>", ...], ...},
+                                         "withdrawn": {"decode": ["<replica id>"]}}}}}
+A state of another version, or one missing a field, is refused with a `StateError` naming what.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from typing import Mapping
+
+from autoscaler.membership import GroupMembers
+from autoscaler.model import PolicyState, ServiceState, SoftScaleIn
+from common.vocab import DeploymentGroup, Role
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A saved state this controller cannot read (another version, a missing or bad field)."""
+
+
+def encode(policy: PolicyState, records: Mapping[str, object], ticks: int) -> bytes:
+    """`records`: group name -> `autoscaler.ray_world.GroupRecord`."""
+    return json.dumps({
+        "version": STATE_VERSION, "ticks": ticks,
+        "policy": {name: {**{f.name: getattr(st, f.name) for f in fields(ServiceState) if f.name != "soft"},
+                          "soft": asdict(st.soft) if st.soft else None}
+                   for name, st in policy.services.items()},
+        "records": {name: {"group": asdict(r.group), "slot": r.slot,
+                           "withdrawn": {role.value: n for role, n in r.withdrawn.items()},
+                           "members": {"admitted": {role.value: sorted(ids) for role, ids in r.members.admitted.items()},
+                                       "withdrawn": {role.value: sorted(ids)
+                                                     for role, ids in r.members.withdrawn.items()}}}
+                    for name, r in records.items()},
+    }, sort_keys=True).encode()
+
+
+def decode(raw: bytes, record_type) -> tuple[PolicyState, dict[str, object], int]:
+    """(policy state, records built with `record_type(group, slot, withdrawn, members)`, ticks)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise StateError(f"not a JSON controller state ({exc})") from None
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+        found = data.get("version") if isinstance(data, dict) else type(data).__name__
+        raise StateError(f"saved controller state has version {found!r}; this controller reads {STATE_VERSION}")
+    where = "state"
+    try:
+        policy = {}
+        for name, st in data["policy"].items():
+            where = f"policy.{name}"
+            soft = SoftScaleIn(**st.pop("soft")) if st.get("soft") else None
+            st.pop("soft", None)
+            policy[name] = ServiceState(**st, soft=soft)
+        records = {}
+        for name, r in data["records"].items():
+            where = f"records.{name}"
+            roles = lambda m: {Role(k): v for k, v in m.items()}  # noqa: E731
+            members = GroupMembers({Role(k): frozenset(v) for k, v in r["members"]["admitted"].items()},
+                                   {Role(k): frozenset(v) for k, v in r["members"]["withdrawn"].items()})
+            records[name] = record_type(DeploymentGroup(**r["group"]), int(r["slot"]), roles(r["withdrawn"]), members)
+        return PolicyState(services=policy), records, int(data["ticks"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"saved controller state: {where}: {type(exc).__name__}: {exc}") from None
