@@ -30,9 +30,9 @@ CFG = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=1 / 
                    tbt_slo_s=0.05, ttft_slo_s=1.0)
 
 
-def obs(tps=None, age=0.0, tbt=None, ttft=None):
+def obs(tps=None, age=0.0, tbt=None, ttft=None, admitted=None):
     sig = lambda v: Signal(v, NOW - age) if v is not None else Signal()  # noqa: E731
-    return ServiceObservation(decode_tps=sig(tps), tbt_s=sig(tbt), ttft_s=sig(ttft))
+    return ServiceObservation(decode_tps=sig(tps), tbt_s=sig(tbt), ttft_s=sig(ttft), admitted_rps=sig(admitted))
 
 
 def state(p=2, d=6, out=None, in_=None, soft=None, lat=None):
@@ -74,6 +74,10 @@ SCENARIOS = [
     ("missing service observation holds", state(), None, (Action.HOLD, Reason.NO_DATA, 2, 6, 0, 0)),
     ("fresh zero traffic goes to the minimum", state(), obs(0.0), (Action.SCALE_IN, Reason.ZERO_TRAFFIC, 2, 6, 1, 5)),
     ("zero traffic at the minimum holds", state(1, 1), obs(0.0), (Action.HOLD, Reason.ZERO_TRAFFIC, 1, 1, 0, 0)),
+    ("zero tokens while requests are admitted is missing data", state(), obs(0.0, admitted=3.0),
+     (Action.HOLD, Reason.NO_DECODE_PROGRESS, 2, 6, 0, 0)),
+    ("zero tokens with nothing admitted is zero traffic", state(), obs(0.0, admitted=0.0),
+     (Action.SCALE_IN, Reason.ZERO_TRAFFIC, 2, 6, 1, 5)),
     ("max bound clamps", state(10, 28), obs(10_000), (Action.SCALE_OUT, Reason.PROPORTIONAL, 10, 30, 0, 0)),
     ("at max bound holds", state(10, 30), obs(10_000), (Action.HOLD, Reason.AT_BOUND, 10, 30, 0, 0)),
     ("soft scale-in observing", state(soft=SOFT), obs(300), (Action.HOLD, Reason.SOFT_SCALE_IN_OBSERVING, 2, 6, 1, 3)),
