@@ -224,6 +224,7 @@ class PDIngress(OpenAiIngress):
         self._groups: dict[str, Any] = {}
         self._inflight: dict[str, int] = {}
         self._routed: dict[str, int] = {}
+        self._routed_gone = 0  # requests routed to DGs since removed (the admitted total never goes back)
         self._ttft_hist: dict[str, list[int]] = {}
         self._set_table(dict(groups))
         super().__init__(llm_deployments={card.id: next(iter(self._groups.values()))}, model_cards={card.id: card})
@@ -274,10 +275,26 @@ class PDIngress(OpenAiIngress):
         for name in set(self._entries) - set(table):
             self._groups.pop(name, None)
         self._entries = table
+        for name in [g for g in self._inflight if g not in table]:
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """A DG that left the table, once its in-flight requests ended: its counts, its histogram and its
+        Prometheus series go (the admitted total stays monotonic: its routed count moves to `_routed_gone`)."""
+        if name in self._entries or self._inflight.get(name, 0) > 0:
+            return
+        self._routed_gone += self._routed.pop(name, 0)
+        self._inflight.pop(name, None)
+        self._ttft_hist.pop(name, None)
+        for metric in (_INFLIGHT, _ROUTED, _TTFT):
+            try:
+                metric.remove(self._service, name)
+            except KeyError:  # no series was ever made for it
+                pass
 
     def _ingress_report(self) -> dict:
         return {"ingress_id": self._ingress_id, "inflight": dict(self._inflight),
-                "admitted": sum(self._routed.values()), "shed": self._shed,
+                "admitted": self._routed_gone + sum(self._routed.values()), "shed": self._shed,
                 "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}
 
     def _on_answer(self, answer: dict) -> None:
@@ -362,6 +379,8 @@ class PDIngress(OpenAiIngress):
         finally:
             self._inflight[group] -= 1
             _INFLIGHT.labels(self._service, group).dec()
+            if group not in self._entries:  # its DG was removed while this request ran: the last one out
+                self._forget(group)
 
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
         route = call_method

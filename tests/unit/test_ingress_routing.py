@@ -167,7 +167,7 @@ def test_a_new_routing_table_adds_and_removes_groups_at_run_time():
         results = [await _collect(ingress, i) for i in range(3)]
         assert all(r[0].startswith("b:") for r in results) and set(ingress._groups) == {"b"}
         stats = await ingress.routing_stats()
-        assert stats["groups"]["b"]["app"] == "app-b" and stats["routed"]["a"] == 0
+        assert stats["groups"]["b"]["app"] == "app-b" and "a" not in stats["routed"]  # nothing ran on it: gone
 
     asyncio.run(main())
 
@@ -196,3 +196,29 @@ def test_admission_control_sheds_beyond_each_groups_bound_with_429_and_retry_aft
     asyncio.run(main())
     with pytest.raises(ValueError, match=r"max_inflight_per_decode_replica \(0\) must be >= 1"):
         make_ingress(["a"], asyncio.Event(), max_inflight_per_decode_replica=0)
+
+
+def test_a_removed_group_s_counts_and_series_go_once_its_requests_end():
+    """The ingress kept the per-DG series (in-flight, routed, TTFT) and the TTFT histogram of every DG ever
+    removed; now they go when its last in-flight request ends, and the admitted total stays monotonic."""
+    from serving.ingress import _INFLIGHT, _ROUTED
+
+    def series(group):
+        return [s for m in (*_ROUTED.collect(), *_INFLIGHT.collect()) for s in m.samples
+                if s.labels.get("service") == "gone-test" and s.labels.get("deployment_group") == group]
+
+    async def main():
+        gate = asyncio.Event()
+        ingress = make_ingress(["a", "b"], gate, service="gone-test")
+        running = [asyncio.create_task(_collect(ingress, i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        assert ingress._inflight == {"a": 1, "b": 1} and series("b")
+        ingress._set_table({"a": RoutingEntry("app-a", "a:decode", 1)})
+        assert ingress._inflight["b"] == 1  # its request still runs: nothing is dropped under it
+        gate.set()
+        await asyncio.gather(*running)
+        assert set(ingress._inflight) == set(ingress._routed) == set(ingress._ttft_hist) == {"a"}
+        assert not series("b") and series("a")
+        assert ingress._ingress_report()["admitted"] == 2
+
+    asyncio.run(main())
