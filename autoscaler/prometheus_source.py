@@ -10,7 +10,9 @@ Per service (the `service` label every engine and ingress series carries):
   decode tokens/s is scaled by offered / admitted requests over the window (`…_routed_total` is admitted), as
   the push path does, so a pool capped by its own admission bound still scales out; the admitted rate goes
   along for the policy's zero cross-check.
-Each signal is stamped with the time of the newest raw sample behind it (`timestamp()`), not the query time. A
+A replica Serve lists as RUNNING whose series are missing makes its role's rate missing (the engines' gauges
+carry a `replica` label), never a smaller sum. Each signal is stamped with the time of the newest raw sample
+behind it (`timestamp()`), not the query time. A
 target that stops answering gets Prometheus's staleness markers (its series vanish: missing signals); samples
 that stop arriving without them (Prometheus stopped scraping, a lagging federation or remote read) are still
 answered for up to five minutes, which the timestamps expose. A Prometheus that does not answer, series that
@@ -32,6 +34,7 @@ from typing import Callable
 
 from autoscaler.model import Signal
 from autoscaler.signals import ServiceSignals
+from common.vocab import Role
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,12 @@ def service_queries(service: str, quantile: float, window_s: float) -> dict[str,
         "tbt_s": Query(f'max({engine}tbt_p90_seconds{{{sel},role="decode"}})',
                        f'max(timestamp({engine}tbt_p90_seconds{{{sel},role="decode"}}))'),
     }
+
+
+def replica_query(service: str, role: Role) -> str:
+    """The replicas of a role that export the role's token rate (`replica` label, one series each)."""
+    name = "decode_tokens_per_second" if role is Role.DECODE else "prefill_computed_tokens_per_second"
+    return f'group by (replica) (ray_heteroscale_engine_{name}{{service="{service}",role="{role.value}"}})'
 
 
 def demand_queries(service: str, window_s: float) -> tuple[str, str]:
@@ -93,11 +102,21 @@ class PrometheusSource:
 
     def signals(self, running, now_s: float, window_s: float, staleness_limit_s: float, quantile: float
                 ) -> ServiceSignals:
-        """`running` is unused (Prometheus sees every replica that exports); the others as SignalStore's."""
+        """As SignalStore's: `running[role]` are the replica ids Serve lists as RUNNING; a sum over fewer
+        replicas than run would read as less demand, so a running replica without series makes its role's
+        rate missing (as a replica without a fresh report does on the push path)."""
         queries = service_queries(self.service, quantile, window_s)
         try:
             values = {name: (self._scalar(q.value), self._scalar(q.freshness)) for name, q in queries.items()}
             admitted, shed = (self._scalar(q) for q in demand_queries(self.service, window_s))
+            silent = {}
+            for role, name in ((Role.DECODE, "decode_tps"), (Role.PREFILL, "prefill_kv_miss_tps")):
+                ids = set((running or {}).get(role, ()))
+                if ids:
+                    seen = {r.get("metric", {}).get("replica") for r in self._fetch(
+                        self.url, replica_query(self.service, role), self.timeout_s)}
+                    if ids - seen:
+                        silent[name] = sorted(ids - seen)
         except (OSError, ValueError) as exc:
             return ServiceSignals(Signal(), Signal(), Signal(), Signal(),
                                   note=f"prometheus at {self.url} unavailable: {exc}"[:300])
@@ -112,7 +131,12 @@ class PrometheusSource:
                 stale.append(f"{name} {age:.0f}s old")
             signals[name] = Signal(value, now_s - age)  # stamped with the sample's age on the caller's clock
         note = f"prometheus samples stale: {', '.join(stale)}" if stale else ""
-        missing = [n for n, s in signals.items() if s.value is None]
+        for name, ids in silent.items():
+            signals[name] = Signal()
+            more = f" (+{len(ids) - 1})" if len(ids) > 1 else ""
+            gap = f"{name}: running replica {ids[0][:12]} has no series{more}"
+            note = f"{note}; {gap}" if note else gap
+        missing = [n for n, s in signals.items() if s.value is None and n not in silent]
         if missing and not note:
             note = f"prometheus has no series for {', '.join(missing)}"
         decode = signals["decode_tps"]

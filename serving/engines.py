@@ -89,10 +89,12 @@ class _StatsMixin:
         self._gauges = {
             field: ray_metrics.Gauge(f"heteroscale_engine_{name}", description=f"engine {field} (window "
                                      f"{STATS_WINDOW_S:.0f}s; GPU ones from NVML)",
-                                     tag_keys=("service", "role", "deployment_group"))
+                                     tag_keys=("service", "role", "deployment_group", "replica"))
             for field, name in _GAUGES.items()
         }
-        tags = {"service": self._service, "role": self._role, "deployment_group": self._group}
+        # `replica`: the Prometheus signal source checks every RUNNING replica has series (bounded: live ones)
+        tags = {"service": self._service, "role": self._role, "deployment_group": self._group,
+                "replica": self._replica_id}
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
         loop = asyncio.get_running_loop()

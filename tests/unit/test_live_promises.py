@@ -286,3 +286,26 @@ def test_the_saved_state_is_versioned_json_and_an_unreadable_one_is_refused_by_n
     again = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
                                   metrics=NoMetrics(), autostart=False)
     assert not again.resumed and "ignoring the saved controller state" in caplog.text
+
+
+def test_a_running_replica_without_prometheus_series_makes_the_rate_missing_not_smaller():
+    """The Prometheus source undercounted silently: a replica without series lowered the summed demand."""
+    from autoscaler.prometheus_source import PrometheusSource
+    from common.vocab import Role
+
+    def fetch(url, promql, timeout_s):
+        if promql.startswith("group by (replica)"):
+            return [{"metric": {"replica": "d1"}, "value": [0, "1"]}] if 'role="decode"' in promql else \
+                [{"metric": {"replica": "p1"}, "value": [0, "1"]}]
+        if promql.startswith("max(timestamp("):
+            return [{"value": [0, "100.0"]}]
+        if "ingress_shed" in promql:
+            return []
+        return [{"value": [0, "150" if "tokens_per_second" in promql else "0.1"]}]
+
+    source = PrometheusSource("http://x", SERVICE, fetch=fetch, wall_clock=lambda: 100.0)
+    both = source.signals({Role.DECODE: ["d1", "d2"], Role.PREFILL: ["p1"]}, 100.0, 20, 10, 0.9)
+    assert both.decode_tps.value is None and "decode_tps: running replica d2 has no series" in both.note
+    assert both.prefill_kv_miss_tps.value == 150.0
+    one = source.signals({Role.DECODE: ["d1"], Role.PREFILL: ["p1"]}, 100.0, 20, 10, 0.9)
+    assert one.decode_tps.value == 150.0
