@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, replace
 from typing import Any, Protocol, Sequence
 
-from autoscaler.cycle import ClusterView, CycleConfig, CycleResult, GroupAction, cycle, unapplied
+from autoscaler.cycle import ClusterView, CycleConfig, CycleResult, GroupAction, GroupActionKind, cycle
 from autoscaler.model import Observation, PolicyState
 
 
@@ -33,7 +33,7 @@ def step(world: World, state: PolicyState, now_s: float, config: CycleConfig
          ) -> tuple[CycleResult, PolicyState, Observation, ClusterView]:
     """One control period: observe, decide and place, apply what is not advisory. Returns the cycle's result
     (with the actions the world could not make real in `failed`) and the new state, which holds what happened
-    (`autoscaler.cycle.unapplied`), and what it observed (for the decision log and the parity replay)."""
+    (`unapplied`), and what it observed (for the decision log and the parity replay)."""
     observation = world.observe(now_s)
     view = world.cluster_view(now_s)
     result, new_state = cycle(state, observation, view, now_s, config)
@@ -43,6 +43,46 @@ def step(world: World, state: PolicyState, now_s: float, config: CycleConfig
         new_state = unapplied(state, new_state, view, result.actions, failed)
     return result, new_state, observation, view
 
+
+def unapplied(before: PolicyState, after: PolicyState, view: ClusterView, actions: Sequence[GroupAction],
+              failed: Sequence[GroupAction]) -> PolicyState:
+    """The state after a step whose world could not make `failed` real (every other action happened):
+    - a service whose failed action would have withdrawn or cut (a REMOVE, a WITHDRAW, a SCALE lowering a role)
+      keeps its state from before the cycle, so the next cycle decides the same step again (a termination is
+      retried, a soft scale-in is not taken as started);
+    - otherwise (growth that did not happen: a probe that did not fit, a failed deploy) its targets fall to what
+      its groups hold after the actions that happened, as for a scale-out place() could not fit (`_realized`);
+      the cooldown the attempt started stays."""
+    services = dict(after.services)
+    for name in sorted({a.service for a in failed}):
+        held = {gs.name: (gs.group.num_prefill, gs.group.num_decode) for gs in view.groups.get(name, ())}
+        mine = [a for a in failed if a.service == name]
+        if any(_cuts(a, held) for a in mine):
+            if name in before.services:
+                services[name] = before.services[name]
+            else:
+                services.pop(name, None)
+            continue
+        bad = {a.group.name for a in mine}
+        for a in actions:
+            if a.service == name and a.group.name not in bad:
+                if a.kind is GroupActionKind.REMOVE:
+                    held.pop(a.group.name, None)
+                else:
+                    held[a.group.name] = (a.group.num_prefill, a.group.num_decode)
+        st = services.get(name)
+        if st is not None and st.soft is None:
+            have_p, have_d = sum(p for p, _ in held.values()), sum(d for _, d in held.values())
+            services[name] = replace(st, target_prefill=min(st.target_prefill, max(have_p, 1)),
+                                     target_decode=min(st.target_decode, max(have_d, 1)))
+    return PolicyState(services=services)
+
+
+def _cuts(action: GroupAction, held: dict[str, tuple[int, int]]) -> bool:
+    if action.kind in (GroupActionKind.REMOVE, GroupActionKind.WITHDRAW):
+        return True
+    before = held.get(action.group.name)
+    return before is not None and (action.group.num_prefill < before[0] or action.group.num_decode < before[1])
 
 def _signal(sig) -> float | None:
     v = sig.value

@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import json
 import logging
 import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Mapping
+from typing import Any, Mapping
 
 from fastapi import HTTPException, Request, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import ValidationError
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,6 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common import histogram
 from common.vocab import DeploymentGroup
+from serving.openai_http import body_error, error, with_idle_timeout
 from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
@@ -96,13 +95,6 @@ def _route(path: str) -> str:
     return path if path in _ROUTES else "other"
 
 
-def _error(code: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """An OpenAI-style error response."""
-    return JSONResponse(status_code=code, headers=dict(headers) if headers else None,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
-
-
 @app.middleware("http")
 async def _validate_body(request: Request, call_next):
     """(Added before the API-key check, so that check runs first: middleware runs last-added first.)
@@ -117,37 +109,11 @@ async def _validate_body(request: Request, call_next):
     model = _BODY_MODELS.get(request.url.path)
     if model is None or request.method != "POST":
         return await call_next(request)
-    refused = await _body_error(request, model)
+    refused = await body_error(request, model)
     if refused is not None:
         _REQUESTS.labels(_route(request.url.path), f"http_{refused.status_code}").inc()
         return refused
     return await call_next(request)
-
-
-async def _body_error(request: Request, model) -> JSONResponse | None:
-    """The 4xx answer for a bad inference body, or None when `model` accepts it."""
-    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        return _error(415, f"unsupported content type {media!r}: send the body as application/json")
-    try:
-        data = json.loads(await request.body())
-    except ValueError as exc:
-        return _error(400, f"the body is not valid JSON: {exc}")
-    if not isinstance(data, dict):
-        return _error(400, f"the body must be a JSON object, got {type(data).__name__}")
-    nulls = sorted(k for k, v in data.items() if v is None and k in model.model_fields
-                   and model.model_fields[k].is_required())
-    if nulls:
-        return _error(400, f"invalid request: {nulls[0]}: a required field may not be null", param=nulls[0])
-    try:
-        model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())) or None
-        return _error(400, f"invalid request: {field or 'body'}: {first.get('msg', exc)}", param=field)
-    except Exception as exc:  # a validator that assumed a type: the client's input is wrong, not the server
-        return _error(400, f"invalid request body: {type(exc).__name__}: {exc}")
-    return None
 
 
 @app.middleware("http")
@@ -157,7 +123,7 @@ async def _require_api_key(request: Request, call_next):
         header = request.headers.get("authorization", "")
         if not hmac.compare_digest(header.encode(), f"Bearer {key}".encode()):  # constant time; never logged
             _REQUESTS.labels(_route(request.url.path), "unauthorized").inc()
-            return _error(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer "
+            return error(status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer "
                           "<key>')", kind="authentication_error")
     return await call_next(request)
 
@@ -165,7 +131,7 @@ async def _require_api_key(request: Request, call_next):
 @app.exception_handler(HTTPException)
 async def _openai_style_http_error(request: Request, exc: HTTPException):
     """FastAPI's HTTPException (e.g. unknown model -> 404) as an OpenAI error object."""
-    return _error(exc.status_code, str(exc.detail),
+    return error(exc.status_code, str(exc.detail),
                   kind="invalid_request_error" if exc.status_code < 500 else "server_error")
 
 
@@ -175,33 +141,6 @@ class _Timeout(Exception):
 
 class _Overloaded(Exception):
     """Every admitted DG holds its in-flight bound: shed the request (429 + Retry-After)."""
-
-
-async def _with_idle_timeout(gen: AsyncGenerator, idle_timeout_s: float) -> AsyncGenerator:
-    """Re-yield `gen`, ending with an SSE error event if no chunk arrives for `idle_timeout_s`, or if the stream
-    fails (e.g. the decode replica serving it died): the client gets an error event and the end of the stream,
-    never a connection cut without a word or a stream that hangs."""
-    iterator = gen.__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            logger.warning("stream idle for more than %.1fs; closing it", idle_timeout_s)
-            await iterator.aclose()
-            yield ('data: {"error": {"message": "stream idle timeout", "type": "timeout", "code": 504}}\n\n')
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.warning("stream failed after it started: %s: %s", type(exc).__name__, str(exc)[:200])
-            error = {"error": {"message": f"the stream failed: {type(exc).__name__}", "type": "server_error",
-                               "code": 502}}
-            yield f"data: {json.dumps(error)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        yield chunk
 
 
 class PDIngress(OpenAiIngress):
@@ -400,12 +339,12 @@ class PDIngress(OpenAiIngress):
                 _REQUESTS.labels(route, "ok").inc()
                 return JSONResponse(content=first_chunk.model_dump())
             _REQUESTS.labels(route, "stream").inc()
-            stream = _with_idle_timeout(_openai_json_wrapper(gen), self._stream_idle_timeout_s)
+            stream = with_idle_timeout(_openai_json_wrapper(gen), self._stream_idle_timeout_s)
             return StreamingResponse(stream, media_type="text/event-stream")
         except _Overloaded:
             _REQUESTS.labels(route, "shed").inc()
             _SHED.labels(self._service).inc()
-            return _error(status.HTTP_429_TOO_MANY_REQUESTS,
+            return error(status.HTTP_429_TOO_MANY_REQUESTS,
                           f"over capacity: every deployment group holds its bound of {self._max_inflight} in-flight "
                           f"requests per decode replica; retry after {self._retry_after_s:g} s",
                           kind="rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))})

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from serving.ingress import PDIngress, RoutingEntry, _with_idle_timeout
+from serving.ingress import PDIngress, RoutingEntry
+from serving.openai_http import with_idle_timeout
 
 CARD = {"id": "m", "object": "model", "owned_by": "me", "permission": [], "metadata": {}}
 
@@ -110,7 +111,7 @@ def test_idle_stream_ends_with_an_error_event():
             await asyncio.sleep(10)
             yield "data: never\n\n"
 
-        chunks = [c async for c in _with_idle_timeout(slow(), 0.05)]
+        chunks = [c async for c in with_idle_timeout(slow(), 0.05)]
         assert chunks[0] == "data: 1\n\n" and "idle timeout" in chunks[1] and len(chunks) == 2
 
     asyncio.run(main())
@@ -122,7 +123,7 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event_not_a_cut():
             yield "data: 1\n\n"
             raise RuntimeError("ActorDiedError: the decode replica died")  # what a killed replica's handle raises
 
-        chunks = [c async for c in _with_idle_timeout(dying(), 5)]
+        chunks = [c async for c in with_idle_timeout(dying(), 5)]
         assert chunks[0] == "data: 1\n\n" and '"code": 502' in chunks[1] and chunks[2] == "data: [DONE]\n\n"
 
     asyncio.run(main())
