@@ -61,16 +61,16 @@ def decode(raw: bytes, record_type) -> tuple[PolicyState, dict[str, object], int
         policy = {}
         for name, st in data["policy"].items():
             where = f"policy.{name}"
-            soft = SoftScaleIn(**st.pop("soft")) if st.get("soft") else None
-            st.pop("soft", None)
-            policy[name] = ServiceState(**st, soft=soft)
+            soft = st.pop("soft", None)
+            policy[name] = ServiceState(**st, soft=SoftScaleIn(**soft) if soft else None)
         records = {}
         for name, r in data["records"].items():
             where = f"records.{name}"
-            roles = lambda m: {Role(k): v for k, v in m.items()}  # noqa: E731
-            members = GroupMembers({Role(k): frozenset(v) for k, v in r["members"]["admitted"].items()},
-                                   {Role(k): frozenset(v) for k, v in r["members"]["withdrawn"].items()})
-            records[name] = record_type(DeploymentGroup(**r["group"]), int(r["slot"]), roles(r["withdrawn"]), members)
+            ids = {kind: {Role(k): frozenset(v) for k, v in r["members"][kind].items()}
+                   for kind in ("admitted", "withdrawn")}
+            records[name] = record_type(DeploymentGroup(**r["group"]), int(r["slot"]),
+                                        {Role(k): v for k, v in r["withdrawn"].items()},
+                                        GroupMembers(ids["admitted"], ids["withdrawn"]))
         return PolicyState(services=policy), records, int(data["ticks"])
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"saved controller state: {where}: {type(exc).__name__}: {exc}") from None
