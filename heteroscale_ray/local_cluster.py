@@ -196,7 +196,17 @@ def _node_args(node: Node) -> list[str]:
     ]
 
 
-def _wait_for_nodes(address: str, expected: int, timeout_s: float, env: dict[str, str]) -> None:
+# What `ray start` (ray/_private/node.py) says when a raylet has not registered with the GCS within its fixed 30 s.
+SLOW_REGISTRATION = "The current node timed out during startup"
+
+
+def _raylet_logs(temp_dir: str, chars: int = 1500) -> str:
+    logs = sorted(Path(temp_dir, "session_latest", "logs").glob("raylet*.err")) + sorted(
+        Path(temp_dir, "session_latest", "logs").glob("raylet*.out"))
+    return "\n".join(f"--- {p.name} (tail)\n{p.read_text(errors='replace')[-chars:]}" for p in logs)
+
+
+def _wait_for_nodes(address: str, expected: int, timeout_s: float, env: dict[str, str], temp_dir: str) -> None:
     code = (
         "import ray,sys,time\n"
         f"ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
@@ -207,7 +217,8 @@ def _wait_for_nodes(address: str, expected: int, timeout_s: float, env: dict[str
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s + 60)
     alive = int((out.stdout.strip().splitlines() or ["0"])[-1]) if out.returncode == 0 else -1
     if alive < expected:
-        raise RuntimeError(f"only {alive} of {expected} Ray nodes came up within {timeout_s}s: {out.stderr[-2000:]}")
+        raise RuntimeError(f"only {alive} of {expected} Ray nodes came up within {timeout_s}s: {out.stderr[-2000:]}\n"
+                           f"{_raylet_logs(temp_dir)}")
 
 
 # Ray's fake node provider: the head carries this id; the provider numbers the nodes it adds after it.
@@ -357,10 +368,16 @@ def _start(spec: ClusterSpec, temp_dir: str, progress) -> ClusterState:
                 )
                 break
             except RuntimeError as err:
+                if SLOW_REGISTRATION in str(err):
+                    # `ray start` gives a raylet a fixed 30 s to register with the GCS, then exits 1 with the raylet
+                    # still starting; on a loaded machine it registers later. The wait below decides, with the
+                    # raylet's log in its error when it never does.
+                    progress(f"    {node.name}: its raylet took over 30 s to register; waiting for it")
+                    break
                 if attempt == 2 or "port" not in str(err):
                     raise
                 progress(f"    port clash starting {node.name}; retrying with other ports")
-    _wait_for_nodes(address, 1 + len(spec.nodes) + sum(t.min_nodes for t in spec.node_types), 60, env)
+    _wait_for_nodes(address, 1 + len(spec.nodes) + sum(t.min_nodes for t in spec.node_types), 120, env, temp_dir)
     state = replace(state, nodes=tuple(n.name for n in spec.nodes), started_at=time.time())
     _state_path(temp_dir).write_text(json.dumps(asdict(state)))
     use_auth(state)

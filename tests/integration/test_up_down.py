@@ -86,3 +86,24 @@ def test_a_node_that_fails_to_start_leaves_nothing_running(monkeypatch):
     assert "failed to start; stopping what did start" in said[-1]
     assert not local_cluster.is_running(TEMP_DIR)
     assert not [p.pid for p in psutil.process_iter() if _mentions_us(p)]
+
+
+def test_a_raylet_slower_than_ray_starts_30_s_still_joins(monkeypatch):
+    """CI, a loaded machine: the worker's `ray start` gave up after its fixed 30 s while its raylet was still
+    registering. `up` waits for the node instead of failing, and the cluster comes up whole."""
+    real_run = local_cluster._run
+
+    def run(cmd, env):
+        real_run(cmd, env)  # the node really starts ...
+        if "--head" not in cmd:  # ... and `ray start` reports what it says when registration is slow
+            raise RuntimeError(f"`ray start` failed (exit 1):\nException: {local_cluster.SLOW_REGISTRATION}. ...")
+
+    monkeypatch.setattr(local_cluster, "_run", run)
+    said = []
+    try:
+        state = local_cluster.up(SPEC, temp_dir=TEMP_DIR, progress=said.append)
+        assert state.nodes == ("n1",)
+        assert any("took over 30 s to register" in line for line in said)
+    finally:
+        local_cluster.down(TEMP_DIR, progress=lambda *_: None)
+    assert not local_cluster.is_running(TEMP_DIR)
