@@ -43,6 +43,7 @@ from placement.scheduler import (
     Unplaced,
     Why,
     place,
+    prefill_band,
 )
 from placement.topology import build_tree
 
@@ -130,6 +131,13 @@ class _Group:
     def of(cls, gs: GroupState) -> _Group:
         return cls(gs, gs.group.num_prefill, gs.group.num_decode, gs.prefill.withdrawn, gs.decode.withdrawn)
 
+    @property
+    def starting(self) -> tuple[int, int]:
+        """Replicas of each role still starting (what a scale-in may cancel at once), as the view saw them less
+        what this cycle already cut."""
+        return (min(self.base.prefill.pending, self.num_prefill - self.withdrawn_prefill),
+                min(self.base.decode.pending, self.num_decode - self.withdrawn_decode))
+
     def routable(self) -> DeploymentGroup:
         return replace(self.base.group, num_prefill=self.num_prefill - self.withdrawn_prefill,
                        num_decode=self.num_decode - self.withdrawn_decode)
@@ -154,12 +162,32 @@ def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) ->
     return prefill, decode
 
 
+def _cut_starting(groups: Sequence[_Group], prefill: int, decode: int, ratio: float | None) -> tuple[int, int]:
+    """Cancel up to (prefill, decode) replicas still starting, each group only its own (Serve stops a
+    deployment's not-yet-running replicas first), every group kept with one of each role and inside its band;
+    returns what is left to cut."""
+    for g in sorted(groups, key=lambda g: (-sum(g.starting), g.base.name)):
+        while decode and g.starting[1] and g.num_decode >= 2:
+            shed = max(0, g.num_prefill - prefill_band(g.num_decode - 1, ratio)[1])
+            if shed > min(prefill, g.starting[0]):
+                break
+            g.num_prefill, g.num_decode = g.num_prefill - shed, g.num_decode - 1
+            prefill, decode = prefill - shed, decode - 1
+            g.why = Why.STARTING_FIRST
+        take = min(prefill, g.starting[0], max(0, g.num_prefill - prefill_band(g.num_decode, ratio)[0]))
+        if take:
+            g.num_prefill, prefill, g.why = g.num_prefill - take, prefill - take, Why.STARTING_FIRST
+    return prefill, decode
+
+
 def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
-                  groups: list[_Group], room, only_withdrawn: bool = False
+                  groups: list[_Group], room, only_withdrawn: bool = False, hard: bool = False
                   ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
     """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
-    whether the groups keep more than the target (`only_withdrawn`, a termination: only withdrawn replicas
-    go, and the rest of the cut stays for a later scale-in to withdraw first).
+    whether the groups keep more than the target. What a cut may take: a termination (`only_withdrawn`),
+    withdrawn replicas; a soft scale-in, replicas still starting, each group its own; the rest of the cut stays
+    (for a later scale-in to withdraw first). A hard scale-in (`hard`: no observation window configured) cuts
+    where place()'s scale-in rule chooses.
 
     Every group holds at least one instance of each role, so a target below the number of groups removes
     whole groups (those with the fewest routable decode instances first; for a termination, only groups
@@ -168,9 +196,9 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
     (removing one would open it again elsewhere next cycle)."""
     out, terminate, withdrawing = [], [], []
     surplus = len(groups) - min(target)
-    if surplus > 0:
-        candidates = [g for g in groups if not only_withdrawn or
-                      (g.withdrawn_prefill, g.withdrawn_decode) == (g.num_prefill, g.num_decode)]
+    if surplus > 0:  # a soft cut takes only groups with nothing ready: wholly withdrawn (termination) or starting
+        candidates = [g for g in groups if hard or (g.num_prefill, g.num_decode) ==
+                      ((g.withdrawn_prefill, g.withdrawn_decode) if only_withdrawn else g.starting)]
         doomed = sorted(candidates, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
                                                    g.base.name))[:surplus]
         rest = [g for g in groups if g not in doomed]
@@ -184,9 +212,12 @@ def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wi
     have_p, have_d, _, _ = _totals(groups)
     dp, dd = target[0] - have_p, target[1] - have_d
     left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
-    kept = only_withdrawn and bool(left_p or left_d)
-    if (left_p or left_d) and not only_withdrawn:  # a scale-in's cut of starting replicas
+    if (left_p or left_d) and hard:
         terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
+        left_p = left_d = 0
+    elif (left_p or left_d) and not only_withdrawn:  # a soft scale-in's cut of starting replicas
+        left_p, left_d = _cut_starting(groups, left_p, left_d, ratio)
+    kept = bool(left_p or left_d)
     if dp > 0 or dd > 0:
         out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups), ratio))
     _, _, held_p, held_d = _totals(groups)
@@ -263,7 +294,8 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         out, terminate, withdrawing, kept = _plan_service(
             config.shapes[name], ratio, target, (dec.withdraw_prefill, dec.withdraw_decode), groups,
             lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d),
-            only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN)
+            only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN,
+            hard=dec.action is Action.SCALE_IN and config.fleet.services[name].soft_scale_in_window_s == 0)
         if kept:  # a termination found fewer withdrawn replicas than its cut: the rest stays, the state follows
             raised.add(name)
         scale_out += out

@@ -10,6 +10,7 @@ import pytest
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupActionKind, GroupState, cycle
 from autoscaler.model import (
+    Action,
     FleetConfig,
     Mode,
     Observation,
@@ -18,6 +19,7 @@ from autoscaler.model import (
     Reason,
     RoleCounts,
     ScheduleWindow,
+    ServiceState,
     ServiceObservation,
     Signal,
 )
@@ -235,3 +237,21 @@ def test_a_hold_never_cuts_what_the_groups_hold():
     assert result.decision.services["svc"].reason is Reason.NO_DATA
     assert result.actions == () and counts(world) == {"svc-s1-a": (3, 2, 0, 0)}
     assert (state.services["svc"].target_prefill, state.services["svc"].target_decode) == (3, 2)
+
+
+def test_a_soft_scale_in_cancels_starting_replicas_only_in_the_groups_where_they_start():
+    """Issue 21: the cut of starting replicas a soft scale-in makes (the groups hold more than the policy's
+    target) comes from the groups where replicas start, never from a serving group, even when place()'s
+    scale-in rule would take the most precious tier first (s1-b here: a serving group)."""
+    serving = GroupState(dg("a", "s1-b", 1, 2), RoleCounts(1), RoleCounts(2))
+    starting = GroupState(dg("b", "s1-a", 1, 2), RoleCounts(1), RoleCounts(1, pending=1))
+    view = ClusterView(NODES, {"svc": (serving, starting)})
+    state = PolicyState({"svc": ServiceState(target_prefill=2, target_decode=3)})
+    obs = Observation({"svc": ServiceObservation(decode_tps=Signal(50.0, 1000.0), ttft_s=Signal(0.1, 1000.0),
+                                                 prefill=RoleCounts(2), decode=RoleCounts(3, pending=1))})
+    result, _ = cycle(state, obs, view, 1000.0, config())
+    assert result.decision.services["svc"].action is Action.SCALE_IN
+    cuts = {a.group.name: (a.group.num_prefill, a.group.num_decode) for a in result.actions
+            if a.kind is GroupActionKind.SCALE}
+    assert cuts == {"b": (1, 1)}, result.actions
+    assert all(a.group.name != "a" or a.kind is GroupActionKind.WITHDRAW for a in result.actions)
