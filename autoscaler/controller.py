@@ -293,10 +293,10 @@ class _Metrics:
         tags = {"service": self.service}
         for role in ("prefill", "decode"):
             counts = entry["observation"][role]
-            for state in ("ready", "pending", "withdrawn"):
+            for state in ("ready", "pending", "withdrawn", "stuck"):
                 self.replicas.set(counts[state], tags={**tags, "role": role, "state": state})
             self.replicas.set(entry[f"target_{role}"], tags={**tags, "role": role, "state": "target"})
-            self.gpus.set(sum(counts[s] for s in ("ready", "pending", "withdrawn")) * self.gpus_per_replica[role],
+            self.gpus.set(sum(counts[s] for s in ("ready", "pending", "withdrawn", "stuck")) * self.gpus_per_replica[role],
                           tags={**tags, "role": role})
         if entry["observation"]["decode_tps"] is not None:
             self.decode_tps.set(entry["observation"]["decode_tps"], tags=tags)

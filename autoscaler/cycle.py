@@ -8,7 +8,10 @@ holds that contract and the one driver loop.
 Per service, from the policy's absolute targets and what the service's deployment groups (DGs) hold:
 - more of both roles (or of one) -> one scale-out request to `place()`: grow DGs or create new ones;
 - fewer -> terminate: first the replicas the DGs already hold withdrawn (chosen by `place()` when they were
-  withdrawn), the rest through a `place()` scale-in request (most precious RDMA tier first);
+  withdrawn), then (a soft scale-in) replicas still starting, each DG only its own; a hard scale-in (no
+  observation window) cuts the rest through a `place()` scale-in request (most precious RDMA tier first);
+- replicas the world reports stuck (not Ready past its bound) are cancelled first, every DG kept in its band,
+  and their capacity is placed again like any shortfall (the state lets go of what finds no room);
 - one role up and the other down (a schedule changed the ratio) -> terminations first, then growth over what
   they left (one group is never shrunk and grown from the same old counts);
 - every request carries the ratio in force (`policy.ratio_in_force`): `place()` keeps each DG inside its band;
@@ -31,8 +34,9 @@ from enum import Enum
 from typing import Mapping, Sequence
 
 from autoscaler.model import Action, Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
+from autoscaler.plan import FreeIndex, WorkingGroup, cancel_stuck, plan_service, room, totals
 from autoscaler.policy import decide, ratio_in_force
-from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, NodeInfo, Scope
+from common.vocab import DeploymentGroup, NodeInfo
 from placement.scheduler import (
     ActionKind as PlaceKind,
     Placement,
@@ -43,7 +47,6 @@ from placement.scheduler import (
     Unplaced,
     Why,
     place,
-    prefill_band,
 )
 from placement.topology import build_tree
 
@@ -115,175 +118,30 @@ class CycleResult:
     failed: tuple[GroupAction, ...] = ()  # actions the world could not make real (`autoscaler.port.step`)
 
 
-@dataclass
-class _Group:
-    """Mutable working copy of one DG during a cycle."""
-
-    base: GroupState
-    num_prefill: int
-    num_decode: int
-    withdrawn_prefill: int
-    withdrawn_decode: int
-    why: Why | None = None
-    placement: PlacementAction | None = None
-
-    @classmethod
-    def of(cls, gs: GroupState) -> _Group:
-        return cls(gs, gs.group.num_prefill, gs.group.num_decode, gs.prefill.withdrawn, gs.decode.withdrawn)
-
-    @property
-    def starting(self) -> tuple[int, int]:
-        """Replicas of each role still starting (what a scale-in may cancel at once), as the view saw them less
-        what this cycle already cut."""
-        return (min(self.base.prefill.pending, self.num_prefill - self.withdrawn_prefill),
-                min(self.base.decode.pending, self.num_decode - self.withdrawn_decode))
-
-    def routable(self) -> DeploymentGroup:
-        return replace(self.base.group, num_prefill=self.num_prefill - self.withdrawn_prefill,
-                       num_decode=self.num_decode - self.withdrawn_decode)
-
-    def current(self) -> DeploymentGroup:
-        return replace(self.base.group, num_prefill=self.num_prefill, num_decode=self.num_decode)
-
-
-def _totals(groups: Sequence[_Group]) -> tuple[int, int, int, int]:
-    return (sum(g.num_prefill for g in groups), sum(g.num_decode for g in groups),
-            sum(g.withdrawn_prefill for g in groups), sum(g.withdrawn_decode for g in groups))
-
-
-def _terminate_withdrawn(groups: Sequence[_Group], prefill: int, decode: int) -> tuple[int, int]:
-    """Terminate up to (prefill, decode) replicas that DGs hold withdrawn; returns what is left to terminate.
-    (The withdrawal chose them inside each DG's band, so terminating them leaves every DG in its band.)"""
-    for g in groups:
-        take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
-        g.num_prefill, g.withdrawn_prefill = g.num_prefill - take_p, g.withdrawn_prefill - take_p
-        g.num_decode, g.withdrawn_decode = g.num_decode - take_d, g.withdrawn_decode - take_d
-        prefill, decode = prefill - take_p, decode - take_d
-    return prefill, decode
-
-
-def _cut_starting(groups: Sequence[_Group], prefill: int, decode: int, ratio: float | None) -> tuple[int, int]:
-    """Cancel up to (prefill, decode) replicas still starting, each group only its own (Serve stops a
-    deployment's not-yet-running replicas first), every group kept with one of each role and inside its band;
-    returns what is left to cut."""
-    for g in sorted(groups, key=lambda g: (-sum(g.starting), g.base.name)):
-        while decode and g.starting[1] and g.num_decode >= 2:
-            shed = max(0, g.num_prefill - prefill_band(g.num_decode - 1, ratio)[1])
-            if shed > min(prefill, g.starting[0]):
-                break
-            g.num_prefill, g.num_decode = g.num_prefill - shed, g.num_decode - 1
-            prefill, decode = prefill - shed, decode - 1
-            g.why = Why.STARTING_FIRST
-        take = min(prefill, g.starting[0], max(0, g.num_prefill - prefill_band(g.num_decode, ratio)[0]))
-        if take:
-            g.num_prefill, prefill, g.why = g.num_prefill - take, prefill - take, Why.STARTING_FIRST
-    return prefill, decode
-
-
-def _plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
-                  groups: list[_Group], room, only_withdrawn: bool = False, hard: bool = False
-                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
-    """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
-    whether the groups keep more than the target. What a cut may take: a termination (`only_withdrawn`),
-    withdrawn replicas; a soft scale-in, replicas still starting, each group its own; the rest of the cut stays
-    (for a later scale-in to withdraw first). A hard scale-in (`hard`: no observation window configured) cuts
-    where place()'s scale-in rule chooses.
-
-    Every group holds at least one instance of each role, so a target below the number of groups removes
-    whole groups (those with the fewest routable decode instances first; for a termination, only groups
-    wholly withdrawn) when the other groups' domains have room for what the target then adds to them
-    (`room(groups, prefill, decode)`); otherwise the groups stay and each role keeps one instance per group
-    (removing one would open it again elsewhere next cycle)."""
-    out, terminate, withdrawing = [], [], []
-    surplus = len(groups) - min(target)
-    if surplus > 0:  # a soft cut takes only groups with nothing ready: wholly withdrawn (termination) or starting
-        candidates = [g for g in groups if hard or (g.num_prefill, g.num_decode) ==
-                      ((g.withdrawn_prefill, g.withdrawn_decode) if only_withdrawn else g.starting)]
-        doomed = sorted(candidates, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
-                                                   g.base.name))[:surplus]
-        rest = [g for g in groups if g not in doomed]
-        rest_p, rest_d, _, _ = _totals(rest)
-        if doomed and room(rest, max(0, target[0] - rest_p), max(0, target[1] - rest_d)):
-            terminate.append(ScaleRequest(shape, -sum(g.num_prefill for g in doomed),
-                                          -sum(g.num_decode for g in doomed), tuple(g.current() for g in doomed)))
-            groups = rest
-        else:
-            target = (max(target[0], len(groups)), max(target[1], len(groups)))
-    have_p, have_d, _, _ = _totals(groups)
-    dp, dd = target[0] - have_p, target[1] - have_d
-    left_p, left_d = _terminate_withdrawn(groups, max(0, -dp), max(0, -dd))
-    if (left_p or left_d) and hard:
-        terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
-        left_p = left_d = 0
-    elif (left_p or left_d) and not only_withdrawn:  # a soft scale-in's cut of starting replicas
-        left_p, left_d = _cut_starting(groups, left_p, left_d, ratio)
-    kept = bool(left_p or left_d)
-    if dp > 0 or dd > 0:
-        out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups), ratio))
-    _, _, held_p, held_d = _totals(groups)
-    if (held_p, held_d) != withdraw:
-        if withdraw[0] < held_p or withdraw[1] < held_d:  # restore (all), then withdraw afresh if still asked
-            for g in groups:
-                g.withdrawn_prefill = g.withdrawn_decode = 0
-            held_p = held_d = 0
-        more_p, more_d = withdraw[0] - held_p, withdraw[1] - held_d
-        if more_p or more_d:
-            routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
-            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable, ratio))
-    return out, terminate, withdrawing, kept
-
-
 _CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # the decisions that may lower what groups hold
-
-
-class _FreeIndex:
-    """Free GPUs per (scope, domain, GPU type) of a cluster view, built on first use."""
-
-    def __init__(self, view: ClusterView):
-        self.view, self._free = view, None
-
-    def of(self, scope: str, domain: str, gpu_type: str) -> int:
-        if self._free is None:
-            self._free = {}
-            for n in self.view.nodes:
-                for key in ((Scope.S1, n.s1), (Scope.S2, n.s2), (Scope.CLUSTER, CLUSTER_DOMAIN)):
-                    k = (*key, n.gpu_type)
-                    self._free[k] = self._free.get(k, 0) + n.free_gpus
-        return self._free.get((scope, domain, gpu_type), 0)
-
-
-def _room(index: _FreeIndex, shape: ServiceShape, groups: Sequence[_Group], prefill: int, decode: int) -> bool:
-    """Whether the groups' domains have free GPUs for `prefill` and `decode` more instances (each role on its
-    groups' GPU types; a first check, place() decides)."""
-    if prefill == 0 and decode == 0:
-        return True
-    domains = {(g.base.group.scope, g.base.group.domain) for g in groups}
-    types = {g.base.group.prefill_gpu_type for g in groups}, {g.base.group.decode_gpu_type for g in groups}
-    free = {t: sum(index.of(scope, name, t) for scope, name in domains) for t in types[0] | types[1]}
-    need: dict[str, int] = {}
-    for role_types, count, per in ((types[0], prefill, shape.gpus_per_prefill), (types[1], decode, shape.gpus_per_decode)):
-        if count:
-            kind = max(role_types, key=lambda t: free.get(t, 0))  # the type with the most room
-            need[kind] = need.get(kind, 0) + count * per
-    return all(free.get(t, 0) >= n for t, n in need.items())
 
 
 def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s: float, config: CycleConfig
           ) -> tuple[CycleResult, PolicyState]:
     """One control cycle for every service of the fleet (see module docstring). Pure and deterministic."""
     decision, new_state = decide(state, observation, now_s, config.fleet)
-    working: dict[str, dict[str, _Group]] = {}
+    working: dict[str, dict[str, WorkingGroup]] = {}
     scale_out: list[ScaleRequest] = []
     scale_in: list[ScaleRequest] = []
     withdraw_requests: list[ScaleRequest] = []
-    index = _FreeIndex(view)
+    index = FreeIndex(view)
     raised: set[str] = set()
+    let_go: set[str] = set()  # services whose stuck replicas were cancelled
     for name in sorted(config.fleet.services):
         dec = decision.services[name]
-        groups = [_Group.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
+        groups = [WorkingGroup.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
         target = (dec.target_prefill, dec.target_decode)
-        held_p, held_d, _, _ = _totals(groups)
+        stuck = cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target))
+        if any(stuck):  # placed again below where there is room; what is not, the state lets go (`_realized`)
+            let_go.add(name)
+            groups = [g for g in groups if g.num_prefill or g.num_decode]
+        held_p, held_d, _, _ = totals(groups)
         if dec.action not in _CUTS and (held_p > target[0] or held_d > target[1]):
             # Only a scale-in decision terminates: a hold, restore or scale-out never lowers what the groups
             # hold (the policy's state follows them, `_realized`); a group over the target (one opened
@@ -291,9 +149,9 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             target = (max(target[0], held_p), max(target[1], held_d))
             raised.add(name)
         ratio = ratio_in_force(config.fleet.services[name], now_s, *target)
-        out, terminate, withdrawing, kept = _plan_service(
+        out, terminate, withdrawing, kept = plan_service(
             config.shapes[name], ratio, target, (dec.withdraw_prefill, dec.withdraw_decode), groups,
-            lambda rest, p, d, s=config.shapes[name]: _room(index, s, rest, p, d),
+            lambda rest, p, d, s=config.shapes[name]: room(index, s, rest, p, d),
             only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN,
             hard=dec.action is Action.SCALE_IN and config.fleet.services[name].soft_scale_in_window_s == 0)
         if kept:  # a termination found fewer withdrawn replicas than its cut: the rest stays, the state follows
@@ -302,7 +160,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         scale_in += terminate
         withdraw_requests += withdrawing
 
-    created: dict[str, _Group] = {}
+    created: dict[str, WorkingGroup] = {}
 
     def apply(placement: Placement) -> None:
         for act in placement.actions:
@@ -310,7 +168,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             if act.kind is PlaceKind.CREATE:
                 group = DeploymentGroup(act.group, act.service, act.scope, act.domain, act.prefill_gpu_type,
                                         act.decode_gpu_type, act.num_prefill, act.num_decode)
-                created[act.group] = groups[act.group] = _Group(GroupState(group), act.num_prefill, act.num_decode,
+                created[act.group] = groups[act.group] = WorkingGroup(GroupState(group), act.num_prefill, act.num_decode,
                                                                 0, 0, act.why, act)
                 continue
             g = groups[act.group]
@@ -367,20 +225,21 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
                                        g.why, g.placement, dec.advisory))
     paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
-    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired | raised)
+    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired | raised,
+                                                                      let_go)
 
 
-def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplaced: Sequence[Unplaced],
-              paired: set[str]) -> PolicyState:
+def _realized(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], unplaced: Sequence[Unplaced],
+              paired: set[str], let_go: set[str] = frozenset()) -> PolicyState:
     """The policy's state follows what was placed, so the next step starts from the real size:
     - a scale-out that did not (fully) fit leaves the policy at the size that was placed (without this the
       target ran away to the bounds, each latency step added to a size that never existed, while the fleet
-      was full);
+      was full); so do stuck replicas cancelled and not placed again (`let_go`);
     - groups holding more than the target (`paired`: a group opened with more of one role than asked,
       `Why.PAIRED`, because the groups' domains had no room inside the band; or a decision that may not cut
       found more than its target) raise the target to what runs, so no later cycle cuts what it never had a
       scale-in decision for (a scale-in of the extra goes through withdraw like any other)."""
-    short = {u.service for u in unplaced if u.num_prefill > 0 or u.num_decode > 0}
+    short = {u.service for u in unplaced if u.num_prefill > 0 or u.num_decode > 0} | let_go
     if not short and not paired:
         return state
     services = dict(state.services)
@@ -388,7 +247,7 @@ def _realized(state: PolicyState, working: dict[str, dict[str, _Group]], unplace
         st = services.get(name)
         if st is None or st.soft is not None:
             continue
-        have_p, have_d, _, _ = _totals(list(working[name].values()))
+        have_p, have_d, _, _ = totals(list(working[name].values()))
         p, d = st.target_prefill, st.target_decode
         if name in short:
             p, d = min(p, max(have_p, 1)), min(d, max(have_d, 1))

@@ -224,12 +224,14 @@ class RoleCounts:
     ready: int = 0
     pending: int = 0  # starting, not yet Ready
     withdrawn: int = 0  # running but out of routing (soft scale-in)
+    stuck: int = 0  # not Ready for longer than the world's bound (unplaceable, stuck recovering): not starting
 
     @staticmethod
     def total(parts: Iterable[RoleCounts]) -> RoleCounts:
         """The counts of several groups added up (a service's, from its deployment groups')."""
         parts = list(parts)
-        return RoleCounts(sum(p.ready for p in parts), sum(p.pending for p in parts), sum(p.withdrawn for p in parts))
+        return RoleCounts(sum(p.ready for p in parts), sum(p.pending for p in parts), sum(p.withdrawn for p in parts),
+                          sum(p.stuck for p in parts))
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,10 @@ class RayWorld:
         self.probe_failures = 0
         self.last_supply: tuple | None = None  # the shape last asked of the cluster autoscaler
         self.observed = False  # Serve's replicas seen at least once
+        # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
+        # to be the oldest): past `pending_timeout_s` a replica is stuck, not starting.
+        self.pending_since: dict[tuple[str, Role], list[float]] = {}
+        self.now_s = 0.0
 
     def supply(self, plan: SupplyPlan) -> bool:
         """Ask the cluster autoscaler for the plan's shape when it differs from the last request (a request
@@ -208,6 +212,7 @@ class RayWorld:
                 if states is not None:
                     self.states[name] = states
                     self._update_members(record, states)
+            self._age_pending(now_s)
             running = {role: [i for s in self.states.values() for i in s[role].running] for role in Role}
             if self.source is None:
                 sig = self.store.signals(running, now_s, self.settings.signal_window_s,
@@ -373,9 +378,24 @@ class RayWorld:
             withdrawn = sum(1 for i in running if i in record.members.withdrawn.get(role, frozenset()))
             ready = len(running) - withdrawn if self.advisory else \
                 sum(1 for i in running if record.members.routable(role, i))
-            out.append(RoleCounts(ready=ready, pending=max(0, record.group.count(role) - ready - withdrawn),
-                                  withdrawn=withdrawn))
+            waiting = max(0, record.group.count(role) - ready - withdrawn)
+            bound = self.now_s - self.settings.pending_timeout_s
+            stuck = min(waiting, sum(1 for t in self.pending_since.get((name, role), ()) if t < bound))
+            out.append(RoleCounts(ready=ready, pending=waiting - stuck, withdrawn=withdrawn, stuck=stuck))
         return out[0], out[1]
+
+    def _age_pending(self, now_s: float) -> None:
+        """Keep one start time per not-Ready replica of each DG role: new ones now, the oldest leave first."""
+        self.now_s = now_s
+        self.pending_since = {key: v for key, v in self.pending_since.items() if key[0] in self.records}
+        for name, record in self.records.items():
+            states = self.states.get(name)
+            for role in Role:
+                running = len(states[role].running) if states else 0
+                waiting = max(0, record.group.count(role) - running)
+                since = self.pending_since.setdefault((name, role), [])
+                del since[:max(0, len(since) - waiting)]
+                since += [now_s] * (waiting - len(since))
 
     def _counts(self, role: Role) -> RoleCounts:
         return RoleCounts.total(self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records)

@@ -29,6 +29,7 @@ class ControllerSettings:
     probe_timeout_s: float
     serve_call_timeout_s: float
     deploy_timeout_s: float
+    pending_timeout_s: float
     decision_log: str | None
     decision_log_max_mb: float
     advisory: bool
@@ -67,6 +68,7 @@ def controller_settings(spec: ServiceSpec) -> ControllerSettings:
         ready_ratio_tolerance_fraction=a.ready_ratio_tolerance_fraction,
         graceful_shutdown_timeout_s=spec.drain_timeout_s(), probe_timeout_s=a.probe_timeout_s,
         serve_call_timeout_s=a.serve_call_timeout_s, deploy_timeout_s=a.deploy_timeout_s,
+        pending_timeout_s=a.pending_timeout_s,
         decision_log=a.decision_log, decision_log_max_mb=a.decision_log_max_mb, advisory=a.advisory,
         signal_source=a.signal_source, prometheus_url=a.prometheus_url,
         node_supply=tuple(SupplyNodeType(t.gpu_type, t.num_gpus, t.s1, t.s2, t.max_nodes)

@@ -311,6 +311,9 @@ class AutoscalingSpec(_Strict):
         30.0, gt=0, description="a call to Serve's controller (replica details, a target); past it the tick fails "
         "and the next one retries, never a frozen loop")
     deploy_timeout_s: float = Field(300.0, gt=0, description="building and submitting a new DG's application")
+    pending_timeout_s: float = Field(
+        900.0, gt=0, description="a replica not Ready for longer (unplaceable, stuck recovering) is stuck, not "
+        "starting: it is cancelled and its capacity placed again where there is room")
     signal_source: Literal["push", "prometheus"] = Field(
         "push", description="push: replicas and the ingress report to the controller; prometheus: PromQL")
     prometheus_url: str | None = Field(None, description="the Prometheus server for signal_source: prometheus")

@@ -216,12 +216,12 @@ def format_status(report: dict) -> str:
                  f"targets P={ctl['target_prefill']} D={ctl['target_decode']}"
                  + (f", soft scale-in since {ctl['soft_scale_in']['started_s']:.0f}" if ctl["soft_scale_in"] else "")
                  + (f", errors {ctl['errors']}" if ctl["errors"] else ""))
-    lines.append(f"  {'group':<20} {'domain':<8} {'types (P/D)':<12} {'prefill r/w/p':<14} {'decode r/w/p':<14} target")
+    counts = lambda c: f"{c['ready']}/{c['withdrawn']}/{c['pending']}/{c.get('stuck', 0)}"  # noqa: E731
+    lines.append(f"  {'group':<20} {'domain':<8} {'types (P/D)':<12} {'prefill r/w/p/s':<16} {'decode r/w/p/s':<16} "
+                 "target   (ready/withdrawn/pending/stuck)")
     for g in ctl["groups"]:
-        p, d = g["prefill"], g["decode"]
         lines.append(f"  {g['name']:<20} {g['domain']:<8} {g['prefill_gpu_type']}/{g['decode_gpu_type']:<8} "
-                     f"{p['ready']}/{p['withdrawn']}/{p['pending']:<10} {d['ready']}/{d['withdrawn']}/{d['pending']:<10} "
-                     f"{g['target_prefill']}P {g['target_decode']}D")
+                     f"{counts(g['prefill']):<16} {counts(g['decode']):<16} {g['target_prefill']}P {g['target_decode']}D")
     lines.append("  last decisions:")
     for e in ctl["last_decisions"][-5:]:
         acts = ", ".join(f"{a['kind']} {a['group']} -> {a['num_prefill']}P/{a['num_decode']}D"

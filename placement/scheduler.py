@@ -89,6 +89,7 @@ class Why(str, Enum):
     PAIRED = "paired"  # one role's growth no group could take: a new group, with one of the other role
     SCALE_IN_PRECIOUS_FIRST = "scale_in_precious_first"
     STARTING_FIRST = "starting_first"  # a scale-in cancels replicas still starting, each group only its own
+    STUCK = "stuck"  # replicas not Ready past the world's bound were cancelled (the cycle places them again)
     NO_DOMAIN_WITH_TYPES = "no_domain_with_types"  # no domain at the service's scope has both roles' GPU types
     NO_CAPACITY = "no_capacity"  # domains with the types exist, but none has room now
     INVALID_REQUEST = "invalid_request"

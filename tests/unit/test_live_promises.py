@@ -309,3 +309,27 @@ def test_a_running_replica_without_prometheus_series_makes_the_rate_missing_not_
     assert both.prefill_kv_miss_tps.value == 150.0
     one = source.signals({Role.DECODE: ["d1"], Role.PREFILL: ["p1"]}, 100.0, 20, 10, 0.9)
     assert one.decode_tps.value == 150.0
+
+
+def test_a_replica_pending_past_the_bound_is_stuck_not_starting_and_its_group_is_cancelled():
+    """Long-pending replicas (defect 7): a group whose replicas never start (unplaceable, stuck recovering)
+    counted as starting forever, which switched the latency safety net off. Past `pending_timeout_s` they
+    count as stuck, the cycle cancels them (a group left without one role goes whole) and the policy's state
+    lets go of them, so the next scale-out places that capacity again."""
+    from tests.unit.test_live_stateful import FaultyServe
+    from tests.unit.test_controller import DG_A
+
+    serve = FaultyServe()
+    serve.deploy_group(None, DG_A, 0, "/m")
+    h = Harness(serve=serve, pending_timeout_s=60)
+    serve.stuck = True
+    entries = h.run(60, decode_tps_each=180)  # scale-out to (2, 2): a second group in s1-b that never starts
+    assert entries[0]["actions"][0]["kind"] == "create"
+    assert all(e["observation"]["decode"] == {"ready": 1, "pending": 1, "withdrawn": 0, "stuck": 0}
+               for e in entries[1:])  # starting (the latency safety net waits for it)
+    entries = h.run(30, decode_tps_each=180)
+    cancel = next(e for e in entries if e["observation"]["decode"]["stuck"])
+    assert cancel["observation"]["decode"]["pending"] == 0  # stuck is not starting
+    assert [(a["kind"], a["group"], a["why"]) for a in cancel["actions"]] == [("remove", "tiny-chat-s1-b", "stuck")]
+    after = entries[entries.index(cancel) + 1]  # the state let go: the demand opens a group again
+    assert after["action"] == "scale_out" and after["actions"][0]["kind"] == "create"

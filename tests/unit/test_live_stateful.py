@@ -1,8 +1,9 @@
 """The live controller's promises under faults (issue 21): a hypothesis state machine interleaves load, report
 gaps, probe failures, failing Serve calls, replicas stuck starting and a lost policy state with control ticks
 of the real controller and RayWorld over a fake Serve (no Ray), and checks after every tick:
-- nothing shrinks unless the tick decided a scale-in or a termination; a termination removes only replicas
-  its group had withdrawn (or never started), a scale-in cuts of a group's role only replicas it has starting;
+- nothing shrinks unless the tick decided a scale-in or a termination, or cancelled a group's stuck replicas
+  (never started within `pending_timeout_s`); a termination removes only replicas its group had withdrawn
+  (or never started), a scale-in cuts of a group's role only replicas it has starting;
 - every deployment group holding both roles is inside the ratio band;
 - missing data is never zero: after a gap in the reports decode tokens/s is missing, and the policy holds;
 - the policy's state holds what happened: outside a soft scale-in its targets are what the groups hold.
@@ -73,7 +74,7 @@ class LiveController(RuleBasedStateMachine):
         self.serve = FaultyServe()
         self.serve.deploy_group(None, DG_A, 0, "/m")
         self.serve.calls.clear()
-        self.h = Harness(serve=self.serve)
+        self.h = Harness(serve=self.serve, pending_timeout_s=10)  # stuck for two ticks: cancelled
         self.ticks = 0
 
     def _tick(self, reports: int, tps: float):
@@ -90,15 +91,18 @@ class LiveController(RuleBasedStateMachine):
         after = self.serve.snapshot()
         cuts = {key: before[key][0] - after.get(key, (0, 0))[0] for key in before
                 if after.get(key, (0, 0))[0] < before[key][0]}
-        if cuts:
+        stuck = {a["group"] for a in entry["actions"] if a["why"] == "stuck"}  # cancelled: never started in time
+        for (app, dep), n in cuts.items():
+            group, role = app.split("--", 1)[1], Role(dep.rsplit(":", 1)[1])
+            never_started = before[(app, dep)][0] - before[(app, dep)][1]
+            if group in stuck:
+                assert n <= never_started, (app, dep, n, before)
+                continue
             assert entry["action"] in ("scale_in", "terminate_withdrawn"), (entry["action"], cuts)
-            for (app, dep), n in cuts.items():
-                group, role = app.split("--", 1)[1], Role(dep.rsplit(":", 1)[1])
-                never_started = before[(app, dep)][0] - before[(app, dep)][1]
-                if entry["action"] == "terminate_withdrawn":  # per group: only what it had withdrawn
-                    assert n <= withdrawn.get(group, {}).get(role, 0) + never_started, (app, dep, n)
-                else:  # a scale-in's cancel of starting replicas: per group, never more than it has starting
-                    assert n <= never_started, (app, dep, n, before)
+            if entry["action"] == "terminate_withdrawn":  # per group: only what it had withdrawn
+                assert n <= withdrawn.get(group, {}).get(role, 0) + never_started, (app, dep, n)
+            else:  # a scale-in's cancel of starting replicas: per group, never more than it has starting
+                assert n <= never_started, (app, dep, n, before)
         for record in world.records.values():
             g = record.group
             if g.num_prefill and g.num_decode:
