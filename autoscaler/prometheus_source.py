@@ -5,7 +5,8 @@ Per service (the `service` label every engine and ingress series carries):
 - decode tokens/s: the sum of the decode replicas' `ray_heteroscale_engine_decode_tokens_per_second`;
 - KV-miss prefill tokens/s: the sum of the prefill replicas' `…_prefill_computed_tokens_per_second`;
 - TTFT: the quantile of the ingress histogram `heteroscale_ingress_ttft_seconds` over the signal window;
-- TBT: the highest `…_tbt_p90_seconds` of the decode replicas (each replica's own window quantile);
+- TBT: the configured quantile of the decode replicas' merged histogram `…_tbt_seconds` over the signal
+  window (the push path's buckets, `common.histogram`), as the push path merges their pushed counts;
 - shed demand: requests the ingress refused (`heteroscale_ingress_shed_total`) are demand the engines never saw:
   decode tokens/s is scaled by offered / admitted requests over the window (`…_routed_total` is admitted), as
   the push path does, so a pool capped by its own admission bound still scales out; the admitted rate goes
@@ -55,8 +56,9 @@ def service_queries(service: str, quantile: float, window_s: float) -> dict[str,
         "ttft_s": Query(f"histogram_quantile({quantile}, sum by (le) "
                         f"(rate(heteroscale_ingress_ttft_seconds_bucket{{{sel}}}[{window}])))",
                         f"max(timestamp(heteroscale_ingress_ttft_seconds_count{{{sel}}}))"),
-        "tbt_s": Query(f'max({engine}tbt_p90_seconds{{{sel},role="decode"}})',
-                       f'max(timestamp({engine}tbt_p90_seconds{{{sel},role="decode"}}))'),
+        "tbt_s": Query(f"histogram_quantile({quantile}, sum by (le) "
+                       f'(rate({engine}tbt_seconds_bucket{{{sel},role="decode"}}[{window}])))',
+                       f'max(timestamp({engine}tbt_seconds_count{{{sel},role="decode"}}))'),
     }
 
 

@@ -37,6 +37,13 @@ def add(counts: list[int], values_s: Iterable[float]) -> None:
             counts[bucket_of(v)] += 1
 
 
+def inside(i: int) -> float:
+    """A value that falls in bucket i (re-recording bucketed counts into a recorder with the same bounds)."""
+    lo = 0.0 if i == 0 else BOUNDS_S[i - 1]
+    hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1] * 2
+    return (lo + hi) / 2
+
+
 def merge(many: Iterable[Sequence[int]]) -> list[int]:
     out = empty()
     for counts in many:

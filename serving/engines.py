@@ -46,6 +46,7 @@ from ray.serve._private.http_util import session_id_from_headers
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.util import metrics as ray_metrics
 
+from common import histogram
 from serving.engine_stats import ENGINE_STATS
 from serving.gpu_telemetry import open_sampler
 from serving.reporting import report_forever
@@ -97,6 +98,13 @@ class _StatsMixin:
                 "replica": self._replica_id}
         for gauge in self._gauges.values():
             gauge.set_default_tags(tags)
+        # TBT as a histogram on the push path's buckets: the Prometheus signal source takes any quantile of the
+        # decode replicas' merged counts over its window, as the push path does (a gauge fixed one quantile).
+        self._tbt_hist = ray_metrics.Histogram(
+            "heteroscale_engine_tbt_seconds", description="time between tokens (common.histogram buckets)",
+            boundaries=list(histogram.BOUNDS_S), tag_keys=("service", "role", "deployment_group"))
+        self._tbt_hist.set_default_tags({k: tags[k] for k in ("service", "role", "deployment_group")})
+        self._tbt_published = histogram.empty()
         loop = asyncio.get_running_loop()
         self._publisher = loop.create_task(self._publish_loop())
         self._reporter = loop.create_task(report_forever(
@@ -121,6 +129,11 @@ class _StatsMixin:
         for name, gauge in self._gauges.items():
             if name in values:  # a latency without a sample stays unset, never 0
                 gauge.set(values[name])
+        counts = ENGINE_STATS.histograms()["tbt"]
+        for i, n in enumerate(histogram.delta(counts, self._tbt_published)):
+            for _ in range(n):  # the same bucket on both sides: any value inside it stands for its samples
+                self._tbt_hist.observe(histogram.inside(i))
+        self._tbt_published = counts
 
     def _report(self) -> dict[str, Any]:
         snap = ENGINE_STATS.snapshot(STATS_WINDOW_S)

@@ -11,6 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from autoscaler.model import Action, Observation, PolicyConfig, Reason, ServiceObservation
 from autoscaler.policy import decide_service
 from autoscaler.prometheus_source import PrometheusSource
+from autoscaler.signals import ReplicaReport, SignalStore
+from common import histogram
+from common.vocab import Role
 from heteroscale_ray import prometheus
 
 PROM_PORT = 9393
@@ -26,13 +29,12 @@ def stack(tmp_path_factory):
     labels = ("service", "role", "deployment_group")
     decode = Gauge("ray_heteroscale_engine_decode_tokens_per_second", "", labels, registry=registry)
     prefill = Gauge("ray_heteroscale_engine_prefill_computed_tokens_per_second", "", labels, registry=registry)
-    tbt = Gauge("ray_heteroscale_engine_tbt_p90_seconds", "", labels, registry=registry)
+    tbt = Histogram("ray_heteroscale_engine_tbt_seconds", "", labels, registry=registry, buckets=histogram.BOUNDS_S)
     ttft = Histogram("heteroscale_ingress_ttft_seconds", "", ("service", "deployment_group"), registry=registry,
                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4))
     for replica, tps in (("dg-a", 300.0), ("dg-b", 150.0)):
         decode.labels(SERVICE, "decode", replica).set(tps)
         prefill.labels(SERVICE, "prefill", replica).set(1000.0)
-        tbt.labels(SERVICE, "decode", replica).set(0.02 if replica == "dg-a" else 0.04)
     decode.labels("other-service", "decode", "dg-a").set(9999.0)  # another service's series stays out
     decode.labels(SHEDDING, "decode", "dg-a").set(100.0)  # a service whose ingress sheds a quarter of its load
     routed = Counter("heteroscale_ingress_routed", "", ("service", "deployment_group"), registry=registry)
@@ -48,6 +50,9 @@ def stack(tmp_path_factory):
     def observe_ttft():
         for _ in range(200):
             ttft.labels(SERVICE, "dg-a").observe(0.3)
+        for group, samples in TBT_SAMPLES.items():  # what the engines re-record from their pushed counts
+            for v in samples:
+                tbt.labels(SERVICE, "decode", group).observe(v)
     yield {"url": url, "server": server, "observe_ttft": observe_ttft, "temp": temp, "offer": offer}
     server.shutdown()
     from heteroscale_ray.local_cluster import down
@@ -55,8 +60,23 @@ def stack(tmp_path_factory):
     down(str(temp), progress=lambda *_: None)  # Prometheus runs under that temp dir
 
 
-def signals(source: PrometheusSource, now_s: float = 1000.0):
-    return source.signals((), now_s, window_s=30.0, staleness_limit_s=STALE_S, quantile=0.9)
+TBT_SAMPLES = {"dg-a": [0.02] * 80, "dg-b": [0.04] * 20}  # per step: two decode replicas, one slower
+
+
+def signals(source: PrometheusSource, now_s: float = 1000.0, quantile: float = 0.9):
+    return source.signals((), now_s, window_s=30.0, staleness_limit_s=STALE_S, quantile=quantile)
+
+
+def push_path_tbt(quantile: float) -> float:
+    """The push path's TBT on the same samples: each replica's pushed cumulative counts, merged (SignalStore)."""
+    store = SignalStore(keep_s=60)
+    for t in (0.0, 5.0):
+        for group, samples in TBT_SAMPLES.items():
+            counts = histogram.empty()
+            histogram.add(counts, samples * int(t))
+            store.add_replica(ReplicaReport(group, group, Role.DECODE, t, generation_tokens=int(t),
+                                            prompt_computed_tokens=0, tbt_hist=tuple(counts)))
+    return store.signals({Role.DECODE: list(TBT_SAMPLES)}, 5.0, 10.0, 5.0, quantile).tbt_s.value
 
 
 def test_shed_requests_count_as_decode_demand(stack):
@@ -84,7 +104,10 @@ def test_values_arrive_then_a_dead_exporter_turns_stale_and_the_policy_holds(sta
         time.sleep(2)
     assert sig.decode_tps.fresh(1000.0, STALE_S) == 450.0  # both DGs' decode replicas, not the other service
     assert sig.prefill_kv_miss_tps.fresh(1000.0, STALE_S) == 2000.0
-    assert sig.tbt_s.fresh(1000.0, STALE_S) == 0.04  # the worst decode replica
+    for q in (0.5, 0.9, 0.99):  # the configured quantile of the merged counts, as the push path gives it
+        push = push_path_tbt(q)
+        assert signals(source, quantile=q).tbt_s.fresh(1000.0, STALE_S) == pytest.approx(push, rel=0.02), q
+    assert push_path_tbt(0.5) < 0.03 < push_path_tbt(0.99)  # p50 in the fast replica's bucket, p99 the slow one's
     assert 0.25 < sig.ttft_s.fresh(1000.0, STALE_S) <= 0.5  # p90 of 0.3 s observations, bucket-interpolated
     assert sig.note == ""
 
