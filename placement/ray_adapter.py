@@ -102,32 +102,55 @@ def selectors_for(action: PlacementAction) -> dict[str, dict[str, str]]:
 SUPPLY_KV_PREFIX = "heteroscale/supply/"
 
 
-def request_supply(service: str, bundles: list[dict], selectors: list[dict]) -> int:
+_SUPPLY_ROUNDS = 5  # re-requests while other services' parts keep changing (each round reads them afresh)
+
+
+def request_supply(service: str, bundles: list[dict], selectors: list[dict], kv=None, request=None) -> int:
     """Ask Ray's cluster autoscaler for `service`'s whole target shape. A request replaces the cluster's previous
     one, so every service's latest shape is kept in Ray's internal KV and the request is their union; empty
-    bundles withdraw the service's part. Returns how many bundles the cluster-wide request holds."""
+    bundles withdraw the service's part. Returns how many bundles the cluster-wide request holds.
+
+    Several services' controllers call this at once, with no lock between them: after its request, each reads
+    the parts again and asks again while they changed, so the last request made always holds every part
+    written before it (a writer that raced ahead of this one's read re-requests after its own write, and one
+    that wrote after is later still). `kv` and `request` stand in for the internal KV and the autoscaler call
+    in tests."""
     import json
 
-    from ray.experimental import internal_kv
-
+    if kv is None:
+        from ray.experimental import internal_kv as kv
+    request = request or (lambda b, s: request_target_shape(b, s, enabled=True))
     if len(bundles) != len(selectors):
         raise ValueError(f"{len(bundles)} bundles but {len(selectors)} label selectors (one per bundle)")
     key = (SUPPLY_KV_PREFIX + service).encode()
     if bundles:
-        internal_kv._internal_kv_put(key, json.dumps([bundles, selectors]).encode(), overwrite=True)
+        kv._internal_kv_put(key, json.dumps([bundles, selectors]).encode(), overwrite=True)
     else:
-        internal_kv._internal_kv_del(key)
-    all_bundles, all_selectors = [], []
-    for other in sorted(internal_kv._internal_kv_list(SUPPLY_KV_PREFIX.encode())):
-        raw = internal_kv._internal_kv_get(other)
-        if raw:
-            b, s = json.loads(raw)
-            all_bundles += b
-            all_selectors += s
-    request_target_shape(all_bundles, all_selectors, enabled=True)
+        kv._internal_kv_del(key)
+
+    def union() -> tuple[list, list]:
+        all_bundles, all_selectors = [], []
+        for other in sorted(kv._internal_kv_list(SUPPLY_KV_PREFIX.encode())):
+            raw = kv._internal_kv_get(other)
+            if raw:
+                b, s = json.loads(raw)
+                all_bundles += b
+                all_selectors += s
+        return all_bundles, all_selectors
+
+    asked = union()
+    for _ in range(_SUPPLY_ROUNDS):
+        request(*asked)
+        now = union()
+        if now == asked:
+            break
+        asked = now
+    else:
+        logger.warning("node supply: the services' parts kept changing over %d requests; the next tick asks "
+                       "again", _SUPPLY_ROUNDS)
     logger.info("node supply: %s asks for %d instances; the cluster-wide request holds %d", service, len(bundles),
-                len(all_bundles))
-    return len(all_bundles)
+                len(asked[0]))
+    return len(asked[0])
 
 
 def withdraw_supply(service: str) -> bool:

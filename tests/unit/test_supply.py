@@ -70,3 +70,42 @@ def test_the_next_cycle_places_the_group_on_the_joined_nodes():
     assert [(a.kind.value, a.group.domain) for a in result.actions] == [("create", "s1-b")] and not result.unplaced
     plan = plan_supply("svc", view, result, SHAPE, SUPPLY, config.scheduler)
     assert plan.added == () and len(plan.bundles) == 4  # the request now equals what the groups hold
+
+
+class DictKV:
+    """Ray's internal KV calls `request_supply` makes, over a dict."""
+
+    def __init__(self):
+        self.d: dict[bytes, bytes] = {}
+
+    def _internal_kv_put(self, key, value, overwrite=True):
+        self.d[key] = value
+
+    def _internal_kv_del(self, key):
+        self.d.pop(key, None)
+
+    def _internal_kv_list(self, prefix):
+        return [k for k in self.d if k.startswith(prefix)]
+
+    def _internal_kv_get(self, key):
+        return self.d.get(key)
+
+
+def test_two_services_asking_at_once_leave_the_union_as_the_last_request():
+    """The supply-request race (issue 21, defect 11): service B read the parts before A wrote its own, and B's
+    request lands after A's; without a lock, A's part was lost until A's next change. A reads again after its
+    request and asks again while the parts changed, so the last request holds both."""
+    from placement.ray_adapter import request_supply
+
+    kv, requests = DictKV(), []
+    a_part, b_part = [{"GPU": 1}], [{"GPU": 2}]
+
+    def request(bundles, selectors):
+        requests.append(bundles)
+        if len(requests) == 1:  # B, concurrently: wrote its part after reading none of A's, and asks now
+            kv._internal_kv_put(b"heteroscale/supply/b", b'[[{"GPU": 2}], [{}]]')
+            requests.append(list(b_part))
+
+    assert request_supply("a", a_part, [{}], kv=kv, request=request) == 2
+    assert requests[1] == b_part  # B's stale request came after A's first
+    assert sorted(map(str, requests[-1])) == sorted(map(str, a_part + b_part))  # the last one holds both
