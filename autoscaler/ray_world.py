@@ -106,6 +106,11 @@ class LiveServe:
 
         return realize(action, shape, scale, timeout_s=timeout_s)
 
+    def sweep_probes(self, service: str) -> int:
+        from placement.ray_adapter import sweep_probes
+
+        return sweep_probes(service)
+
     def request_nodes(self, service: str, bundles: list[dict], selectors: list[dict]) -> None:
         from placement.ray_adapter import request_supply
 
@@ -202,6 +207,11 @@ class RayWorld:
     # ---- the port ------------------------------------------------------------------------------------------------
 
     def observe(self, now_s: float) -> Observation:
+        if not self.observed and not self.advisory:  # a controller starting: what a dead one's probe left
+            try:
+                self.serve.sweep_probes(self.spec.name)
+            except Exception:  # noqa: BLE001 (never keeps the controller from starting; logged)
+                logger.exception("removing leftover probe placement groups of %s failed", self.spec.name)
         details = self.serve.details()
         if not self.advisory:
             self._reconcile(details)

@@ -33,6 +33,8 @@ class _Strict(BaseModel):
 def _check_name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(f"{kind} {value!r} must be lowercase letters, digits and '-', 1-42 chars")
+    if "--" in value:  # it joins a service and a group in Serve application names (`<service>--<group>`)
+        raise ValueError(f"{kind} {value!r} must not contain '--' (it separates service and group in app names)")
     return value
 
 

@@ -62,6 +62,27 @@ def probe_bundles(action: PlacementAction, service: ServiceShape) -> tuple[list[
                            (action.decode_gpu_type, action.num_decode, service.gpus_per_decode)))
 
 
+PROBE_PREFIX = "heteroscale-probe-"
+
+
+def sweep_probes(service: str, table: Callable[[], dict] | None = None, remove: Callable | None = None) -> int:
+    """Remove the probe placement groups a controller of `service` left (it died between creating one and
+    removing it, or its node went away). Called when a controller starts; returns how many it removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    table = table or placement_group_table
+    remove = remove or (lambda pg_id: remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id))))
+    prefix, removed = f"{PROBE_PREFIX}{service}--", 0  # `--` ends a service name (common.vocab.group_app_name)
+    for pg_id, info in table().items():
+        if str(info.get("name", "")).startswith(prefix) and info.get("state") != "REMOVED":
+            remove(pg_id)
+            removed += 1
+    if removed:
+        logger.warning("removed %d probe placement group(s) a previous controller of %s left", removed, service)
+    return removed
+
+
 def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.0, keep: bool = False):
     """Reserve the action's instances all-or-nothing in its domain. Returns the ready placement group if
     `keep`, True if it fit (and was released), False if it did not (nothing is left behind)."""
@@ -72,10 +93,13 @@ def probe(action: PlacementAction, service: ServiceShape, timeout_s: float = 10.
     if domain_label(action.scope) is not None:
         kwargs["topology_strategy"] = {domain_label(action.scope): "STRICT_PACK"}
     pg = placement_group(bundles, bundle_label_selector=selectors,
-                         name=f"heteroscale-probe-{action.service}-{action.group}", **kwargs)
-    ready = pg.wait(timeout_s)
-    if not ready or not keep:
-        remove_placement_group(pg)
+                         name=f"{PROBE_PREFIX}{action.service}--{action.group}", **kwargs)
+    ready = False
+    try:
+        ready = pg.wait(timeout_s)
+    finally:  # whatever happens while waiting (a timeout, a GCS error), nothing stays reserved
+        if not ready or not keep:
+            remove_placement_group(pg)
     logger.info("probe %s %s in %s: %s", action.kind.value, action.group, action.domain,
                 "fits" if ready else "does not fit")
     if ready and keep:

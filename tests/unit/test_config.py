@@ -68,6 +68,7 @@ def test_cluster_errors_name_the_bad_field(mutate, expected):
         (lambda s: s["engine"].update(kv_buffer_device="tpu"), "engine.kv_buffer_device"),
         (lambda s: s["deployment_groups"].append(dict(s["deployment_groups"][0])), "repeated"),
         (lambda s: s["ingress"].update(request_timeout_s=0), "ingress.request_timeout_s"),
+        (lambda s: s.update(name="chat--b"), "'chat--b' must not contain '--'"),
     ],
 )
 def test_service_errors_name_the_bad_field(mutate, expected):

@@ -72,6 +72,10 @@ class FakeServe:
         return [NodeInfo(n.node_id, n.gpu_type, 1, max(0, 1 - used.get((n.s1, n.gpu_type), 0)), n.s1, n.s2)
                 for n in NODES]
 
+    def sweep_probes(self, service):
+        self.calls.append(("sweep", service))
+        return 0
+
     def realize(self, action, shape, scale, timeout_s):
         self.calls.append(("probe", action.group, action.num_prefill, action.num_decode))
         if self.fits:
@@ -239,7 +243,8 @@ def test_a_restarted_controller_resumes_its_state_and_takes_no_spurious_action()
     # before its first look at Serve it announces no routing table (never weight 0 for DGs it has not seen)
     assert asyncio.run(again.report_ingress({"ingress_id": "i", "ttft_hist": {}}))["groups"] is None
     entry = again.tick()  # no reports yet since the restart: hold, never scale in
-    assert entry["action"] == "hold" and entry["reason"] == "no_data" and h.serve.calls == calls_before
+    assert entry["action"] == "hold" and entry["reason"] == "no_data"
+    assert h.serve.calls == calls_before + [("sweep", SERVICE)]  # only the leftover-probe sweep of a start
     status = asyncio.run(again.status())
     assert status["soft_scale_in"] is not None
 

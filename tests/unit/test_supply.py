@@ -109,3 +109,18 @@ def test_two_services_asking_at_once_leave_the_union_as_the_last_request():
     assert request_supply("a", a_part, [{}], kv=kv, request=request) == 2
     assert requests[1] == b_part  # B's stale request came after A's first
     assert sorted(map(str, requests[-1])) == sorted(map(str, a_part + b_part))  # the last one holds both
+
+
+def test_a_starting_controller_removes_the_probe_groups_a_dead_one_left_and_only_its_own():
+    """Probe placement-group leaks (issue 21, defect 9): a controller that died between creating a probe and
+    removing it left GPUs reserved; the next one removes its service's leftovers (and no other service's)."""
+    from placement.ray_adapter import PROBE_PREFIX, sweep_probes
+
+    table = {"01": {"name": f"{PROBE_PREFIX}svc--dg-b", "state": "CREATED"},
+             "02": {"name": f"{PROBE_PREFIX}svc--dg-c", "state": "PENDING"},
+             "03": {"name": f"{PROBE_PREFIX}svc--dg-d", "state": "REMOVED"},
+             "04": {"name": f"{PROBE_PREFIX}svc-2--dg-a", "state": "CREATED"},
+             "05": {"name": "somebody-elses", "state": "CREATED"}}
+    removed = []
+    assert sweep_probes("svc", table=lambda: table, remove=removed.append) == 2
+    assert removed == ["01", "02"]
