@@ -33,7 +33,7 @@ from bench.load import loadgen  # noqa: E402
 from bench.load.stats import summarize  # noqa: E402
 from bench.results_io import write_result  # noqa: E402
 from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402
-from autoscaler.ray_world import role_states  # noqa: E402
+from autoscaler.serve_client import role_states  # noqa: E402
 from common.vocab import Role, group_app_name  # noqa: E402
 from heteroscale_ray import autoscale_demo, local_cluster  # noqa: E402
 from heteroscale_ray import service as svc  # noqa: E402

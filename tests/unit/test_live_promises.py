@@ -229,7 +229,7 @@ def test_every_wait_on_serve_is_bounded(monkeypatch):
     import ray
     import ray.serve.context
 
-    from autoscaler.ray_world import LiveServe
+    from autoscaler.serve_client import LiveServe
 
     waits = []
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: waits.append(timeout) or {})
