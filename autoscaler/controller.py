@@ -24,6 +24,7 @@ from pathlib import Path
 from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
 from autoscaler.model import FleetConfig, PolicyState
+from autoscaler.orphans import group_key
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.settings import controller_settings, policy_config
@@ -63,7 +64,8 @@ class HeteroScaleController:
         self.state = saved.policy if saved else PolicyState()
         self.ticks = saved.ticks if saved else 0
         self.resumed = saved is not None
-        self.world = RayWorld(spec, self.settings, model_path, records, serve=serve, advisory=self.settings.advisory)
+        self.world = RayWorld(spec, self.settings, model_path, records, serve=serve, advisory=self.settings.advisory,
+                              kv=self._kv)
         self.errors: Counter[str] = Counter()
         self.decisions: deque[dict] = deque(maxlen=MAX_DECISIONS)
         # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
@@ -264,6 +266,11 @@ class RayKV:
 
         internal_kv._internal_kv_del(key, namespace=CONTROLLER_NAMESPACE)
 
+    def keys(self, prefix: bytes) -> list[bytes]:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_list(prefix, namespace=CONTROLLER_NAMESPACE)
+
 
 class _Metrics:
     """Prometheus metrics of the controller (labels: service, role, state, action, reason, stage: bounded)."""
@@ -351,7 +358,10 @@ def stop(service: str) -> bool:
         found = True
     except ValueError:
         found = False
-    RayKV().delete(_kv_key(service))
+    kv = RayKV()
+    kv.delete(_kv_key(service))
+    for key in kv.keys(group_key(service, "")):  # the created groups' own records (autoscaler.orphans)
+        kv.delete(key)
     from placement.ray_adapter import withdraw_supply
 
     withdraw_supply(service)  # its part of the cluster autoscaler's request, if it asked for nodes

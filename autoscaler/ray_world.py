@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupState
 from autoscaler.membership import GroupMembers, update_members
 from autoscaler.model import Observation, RoleCounts, ServiceObservation
+from autoscaler.orphans import decode_group, encode_group, group_key, unknown_groups
 from autoscaler.prometheus_source import PrometheusSource
 from autoscaler.serve_client import LiveServe, RoleState, role_states
 from autoscaler.settings import ControllerSettings
@@ -55,7 +56,8 @@ class RayWorld:
     """One service's live world. Thread-safe: reports arrive on the actor's event loop, ticks run in a thread."""
 
     def __init__(self, spec: ServiceSpec, settings: ControllerSettings, model_path: str,
-                 records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False):
+                 records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False,
+                 kv=None):
         self.spec, self.settings, self.model_path = spec, settings, model_path
         self.shape = service_shape(spec)
         self.serve = serve or LiveServe(settings.serve_call_timeout_s, settings.deploy_timeout_s)
@@ -71,6 +73,8 @@ class RayWorld:
         self.probe_failures = 0
         self.last_supply: tuple | None = None  # the shape last asked of the cluster autoscaler
         self.observed = False  # Serve's replicas seen at least once
+        self.kv = kv  # get/put/delete of bytes: each created group's own record, for adoption (autoscaler.orphans)
+        self.retiring: dict[str, float] = {}  # orphan DG -> when its drain is over and its app is deleted
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
         # to be the oldest): past `pending_timeout_s` a replica is stuck, not starting.
         self.pending_since: dict[tuple[str, Role], list[float]] = {}
@@ -124,6 +128,7 @@ class RayWorld:
         details = self.serve.details()
         if not self.advisory:
             self._reconcile(details)
+            self._orphans(details, now_s)
         with self.lock:
             self.states = {}
             for name, record in self.records.items():
@@ -181,6 +186,8 @@ class RayWorld:
                         self.serve.delete_app(group_app_name(self.spec.name, name))
                         with self.lock:
                             self.records.pop(name, None)
+                        if self.kv is not None:
+                            self.kv.delete(group_key(self.spec.name, name))
                     done = True
                 else:
                     done = self._scale(action)
@@ -206,12 +213,56 @@ class RayWorld:
                     self.serve.set_target(group_app_name(self.spec.name, name),
                                           deployment_name(self.spec.name, name, role), record.group.count(role))
 
+    def _orphans(self, details: dict, now_s: float) -> None:
+        """Adopt the service's DG applications this world has no record of, or retire them softly
+        (`autoscaler.orphans`): out of routing now, deleted once the drain time has passed."""
+        with self.lock:
+            known = set(self.records)
+        unknown = unknown_groups(details, self.spec.name, known)
+        self.retiring = {n: t for n, t in self.retiring.items() if n in unknown}
+        for name in unknown:
+            if name in self.retiring:
+                if now_s >= self.retiring[name]:
+                    self.serve.delete_app(group_app_name(self.spec.name, name))
+                    del self.retiring[name]
+                    logger.warning("orphan DG %s: drained, its application deleted", name)
+                continue
+            why = self._adopt(details, name)
+            if why:
+                self.retiring[name] = now_s + self.settings.graceful_shutdown_timeout_s
+                logger.warning("DG application %s runs without a record here (%s): out of routing, deleted "
+                               "after %.0f s of drain", group_app_name(self.spec.name, name), why,
+                               self.settings.graceful_shutdown_timeout_s)
+
+    def _adopt(self, details: dict, name: str) -> str:
+        """Adopt an unknown DG from its own record; returns why not ('' when adopted)."""
+        raw = self.kv.get(group_key(self.spec.name, name)) if self.kv is not None else None
+        if not raw:
+            return "no group record"
+        try:
+            group, slot = decode_group(raw)
+        except ValueError as exc:
+            return str(exc)
+        states = role_states(details, self.spec.name, name)
+        if (group.name, group.service) != (name, self.spec.name) or states is None:
+            return f"its record names {group.service}/{group.name}"
+        group = replace(group, num_prefill=states[Role.PREFILL].target, num_decode=states[Role.DECODE].target)
+        with self.lock:
+            if slot in {r.slot for r in self.records.values()}:
+                return f"its port slot {slot} is another group's"
+            self.records[name] = GroupRecord(group, slot)
+        logger.warning("adopted DG %s (%dP/%dD in %s, slot %d) from its own record", name, group.num_prefill,
+                       group.num_decode, group.domain, slot)
+        return ""
+
     def _create(self, action: GroupAction) -> bool:
         with self.lock:
             used = {r.slot for r in self.records.values()}
         slot = min(set(range(len(used) + 1)) - used)
 
         def deploy(_placement) -> None:
+            if self.kv is not None:  # before the deploy: one that times out here but goes through is adopted
+                self.kv.put(group_key(self.spec.name, action.group.name), encode_group(action.group, slot))
             self.serve.deploy_group(self.spec, action.group, slot, self.model_path)
 
         if not self.serve.realize(action.placement, self.shape, deploy, self.settings.probe_timeout_s):

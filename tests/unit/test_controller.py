@@ -90,6 +90,9 @@ class FakeKV(dict):
     def put(self, key, value):
         self[key] = value
 
+    def delete(self, key):
+        self.pop(key, None)
+
 
 class NoMetrics:
     def export(self, entry):

@@ -333,3 +333,35 @@ def test_a_replica_pending_past_the_bound_is_stuck_not_starting_and_its_group_is
     assert [(a["kind"], a["group"], a["why"]) for a in cancel["actions"]] == [("remove", "tiny-chat-s1-b", "stuck")]
     after = entries[entries.index(cancel) + 1]  # the state let go: the demand opens a group again
     assert after["action"] == "scale_out" and after["actions"][0]["kind"] == "create"
+
+
+def test_a_controller_that_lost_its_state_adopts_the_groups_it_created_and_retires_strays():
+    """Orphans (defect 9): groups created at run time were unknown to a controller whose saved state was
+    unreadable and held GPUs forever. Each created group has its own record: the new controller adopts it at
+    Serve's targets and cuts nothing; an application without a record leaves routing and is deleted only
+    after the drain time."""
+    from autoscaler.controller import HeteroScaleController, _kv_key
+    from autoscaler.orphans import group_key
+    from common.vocab import Role, deployment_name
+    from tests.unit.test_controller import DG_A, NoMetrics
+
+    h = two_groups()  # dg-a from the service file, tiny-chat-s1-b created by the controller
+    assert group_key(SERVICE, "tiny-chat-s1-b") in h.kv and group_key(SERVICE, "dg-a") not in h.kv
+    stray = group_app_name(SERVICE, "stray")  # deployed by hand, never the controller's
+    h.serve.apps[stray] = {deployment_name(SERVICE, "stray", r): h.serve._ids(1) for r in Role}
+    h.kv[_kv_key(SERVICE)] = b"{not json"  # an unreadable state
+    h.ctl = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
+                                  metrics=NoMetrics(), autostart=False)
+    assert not h.ctl.resumed and set(h.ctl.world.records) == {"dg-a"}
+    h.serve.calls.clear()
+    entry = h.ctl.tick()
+    assert set(h.ctl.world.records) == {"dg-a", "tiny-chat-s1-b"}  # adopted
+    assert h.ctl.world.records["tiny-chat-s1-b"].group.domain == "s1-b"
+    assert entry["action"] == "hold" and not [c for c in h.serve.calls if c[0] in ("set_target", "delete")]
+    entries = h.run(20, decode_tps_each=90)  # reports again: both groups routed, the stray one not
+    assert set(h.table["groups"]) == {"dg-a", "tiny-chat-s1-b"} and stray in h.serve.apps
+    assert not any(a["kind"] == "remove" for e in entries for a in e["actions"])
+    drain = h.ctl.settings.graceful_shutdown_timeout_s
+    h.run(drain, decode_tps_each=90)
+    assert stray not in h.serve.apps and ("delete", stray) in h.serve.calls  # retired after its drain
+    assert set(h.ctl.world.records) == {"dg-a", "tiny-chat-s1-b"}
