@@ -6,13 +6,14 @@ Pure: no Ray, no clock, no environment.
 
 from __future__ import annotations
 
+from common.defaults import AUTOSCALING as DEFAULTS
 from common.vocab import Role
 
 BOTH = frozenset({Role.PREFILL, Role.DECODE})
 
 
 def admitted_roles(ready_prefill: int, ready_decode: int, prefill_per_decode: float,
-                   tolerance_instances: int = 1, tolerance_fraction: float = 0.2) -> frozenset[Role]:
+                   tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"], tolerance_fraction: float = DEFAULTS["ready_ratio_tolerance_fraction"]) -> frozenset[Role]:
     """Roles whose newly Ready replicas may join routing now.
 
     Tolerance (assumed default, paper gives none): +/- `tolerance_instances` or +/- `tolerance_fraction` of the

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from autoscaler.gating import admitted_roles
+from common.defaults import AUTOSCALING as DEFAULTS
 from common.vocab import Role
 
 
@@ -35,8 +36,8 @@ class GroupMembers:
 
 
 def update_members(members: GroupMembers, live: Mapping[Role, frozenset[str]], num_withdrawn: Mapping[Role, int],
-                   load: Mapping[str, int], prefill_per_decode: float, tolerance_instances: int = 1,
-                   tolerance_fraction: float = 0.2) -> GroupMembers:
+                   load: Mapping[str, int], prefill_per_decode: float, tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"],
+                   tolerance_fraction: float = DEFAULTS["ready_ratio_tolerance_fraction"]) -> GroupMembers:
     """The DG's membership after this tick, given the live (RUNNING) replica ids per role and how many of each
     role the cycle wants withdrawn. Dead replicas drop out of both sets."""
     admitted = {role: set(members.admitted.get(role, frozenset()) & live.get(role, frozenset())) for role in Role}

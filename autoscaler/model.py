@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping
 
+from common.defaults import AUTOSCALING as DEFAULTS
 from common.vocab import Role
 
 
@@ -96,22 +97,22 @@ class PolicyConfig:
     """One service's scaling policy. Validated at construction; every message names the value and the rule."""
 
     target_decode_tps_per_instance: float  # (paper) from stress tests; (assumed) 0.7 x saturation decode TPS
-    prefill_per_decode: float = 1 / 3  # (assumed) P:D = 1:3, an example ratio; set from the stress test
-    min_prefill: int = 1  # (assumed) min 1 per role
-    max_prefill: int = 64
-    min_decode: int = 1
-    max_decode: int = 192
-    hysteresis_band: float = 0.10  # (assumed) act when desired/current leaves [0.9, 1.1]
-    scale_out_cooldown_s: float = 180.0  # (assumed)
-    scale_in_cooldown_s: float = 600.0  # (assumed); also counted from the last scale-out
-    max_step_fraction: float = 0.5  # (assumed) one proportional step changes a pool by <= 50 %
+    prefill_per_decode: float = DEFAULTS["prefill_per_decode"]  # set from the stress test
+    min_prefill: int = DEFAULTS["min_prefill"]
+    max_prefill: int = DEFAULTS["max_prefill"]
+    min_decode: int = DEFAULTS["min_decode"]
+    max_decode: int = DEFAULTS["max_decode"]
+    hysteresis_band: float = DEFAULTS["hysteresis_band"]
+    scale_out_cooldown_s: float = DEFAULTS["scale_out_cooldown_s"]
+    scale_in_cooldown_s: float = DEFAULTS["scale_in_cooldown_s"]  # also counted from the last scale-out
+    max_step_fraction: float = DEFAULTS["max_step_fraction"]
     max_step_count: int | None = None  # optional absolute cap on one proportional step (decode instances)
     tbt_slo_s: float | None = None  # latency SLOs (percentile as observed); None = that signal is not used
     ttft_slo_s: float | None = None
     latency_tiers: tuple[LatencyTier, ...] = (LatencyTier(1.1, 0.10), LatencyTier(1.5, 0.20))  # (paper) +10/+20 %
-    latency_cooldown_s: float = 60.0  # (assumed) repeated latency steps wait for new instances to start
-    soft_scale_in_window_s: float = 300.0  # (assumed) 5 min observation; 0 = terminate at once
-    staleness_limit_s: float = 60.0  # (assumed) 2 x the 30 s policy period
+    latency_cooldown_s: float = DEFAULTS["latency_cooldown_s"]
+    soft_scale_in_window_s: float = DEFAULTS["soft_scale_in_window_s"]  # 0 = terminate at once
+    staleness_limit_s: float = DEFAULTS["staleness_limit_s"]
     mode: Mode = Mode.METRICS
     schedule: tuple[ScheduleWindow, ...] = ()
     advisory: bool = False  # compute and export decisions, never actuate

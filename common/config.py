@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.defaults import AUTOSCALING as D
 from common.vocab import LABEL_GPU_TYPE, LABEL_NODE, LABEL_S1, LABEL_S2, DeploymentGroup, gpu_resource
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
@@ -284,25 +285,25 @@ class AutoscalingSpec(_Strict):
     control_period_s: float = Field(5.0, gt=0, le=600, description="one observe -> decide -> act tick")
     target_decode_tps_per_instance: float = Field(
         gt=0, description="decode tokens/s one decode replica should carry (from a stress test at the SLOs)")
-    prefill_per_decode: float = Field(1.0, gt=0, description="P:D ratio that meets the SLOs (stress test)")
+    prefill_per_decode: float = Field(D["prefill_per_decode"], gt=0, description="P:D ratio that meets the SLOs (stress test)")
     ttft_slo_s: float | None = Field(None, gt=0, description="TTFT SLO as users see it (at the ingress)")
     tbt_slo_s: float | None = Field(None, gt=0, description="time-between-tokens SLO")
     slo_quantile: float = Field(0.9, gt=0, lt=1, description="the percentile the SLOs are stated at")
-    min_prefill: int = Field(1, ge=1)
-    max_prefill: int = Field(8, ge=1)
-    min_decode: int = Field(1, ge=1)
-    max_decode: int = Field(8, ge=1)
-    hysteresis_band: float = Field(0.1, ge=0, lt=1)
-    scale_out_cooldown_s: float = Field(15.0, ge=0)
-    scale_in_cooldown_s: float = Field(60.0, ge=0)
-    latency_cooldown_s: float = Field(30.0, ge=0)
-    max_step_fraction: float = Field(0.5, gt=0)
-    soft_scale_in_window_s: float = Field(30.0, ge=0, description="observe SLOs this long before terminating")
+    min_prefill: int = Field(D["min_prefill"], ge=1)
+    max_prefill: int = Field(D["max_prefill"], ge=1)
+    min_decode: int = Field(D["min_decode"], ge=1)
+    max_decode: int = Field(D["max_decode"], ge=1)
+    hysteresis_band: float = Field(D["hysteresis_band"], ge=0, lt=1)
+    scale_out_cooldown_s: float = Field(D["scale_out_cooldown_s"], ge=0)
+    scale_in_cooldown_s: float = Field(D["scale_in_cooldown_s"], ge=0)
+    latency_cooldown_s: float = Field(D["latency_cooldown_s"], ge=0)
+    max_step_fraction: float = Field(D["max_step_fraction"], gt=0)
+    soft_scale_in_window_s: float = Field(D["soft_scale_in_window_s"], ge=0, description="observe SLOs this long before terminating")
     signal_window_s: float = Field(20.0, gt=0, description="look-back of rates and percentiles")
-    staleness_limit_s: float = Field(15.0, gt=0, description="older signals count as missing: hold")
+    staleness_limit_s: float = Field(D["staleness_limit_s"], gt=0, description="older signals count as missing: hold")
     report_interval_s: float = Field(1.0, gt=0, le=60, description="replicas and ingress report this often")
-    ready_ratio_tolerance_instances: int = Field(1, ge=0)
-    ready_ratio_tolerance_fraction: float = Field(0.2, ge=0)
+    ready_ratio_tolerance_instances: int = Field(D["ready_ratio_tolerance_instances"], ge=0)
+    ready_ratio_tolerance_fraction: float = Field(D["ready_ratio_tolerance_fraction"], ge=0)
     graceful_shutdown_timeout_s: float | None = Field(
         None, gt=0, description="drain time of a terminated replica; None = the ingress request timeout + 10 s")
     decision_log: str | None = Field(None, description="JSONL path on the controller's node; None = none")

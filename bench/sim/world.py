@@ -50,7 +50,7 @@ def policy_config(svc: SimService, stress: Stress) -> PolicyConfig:
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
                         ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=svc.tp_prefill,
                         gpus_per_decode=svc.tp_decode, scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0,
-                        soft_scale_in_window_s=120.0, staleness_limit_s=90.0)
+                        soft_scale_in_window_s=120.0, staleness_limit_s=90.0, latency_cooldown_s=60.0)
 
 
 def service_shape(svc: SimService) -> ServiceShape:

@@ -26,8 +26,10 @@ from autoscaler.model import (
 from autoscaler.policy import decide, decide_service
 
 NOW = 10_000.0
+# The paper-scale timings these scenarios are written against (minutes, not the small-cluster defaults)
 CFG = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=1 / 3, max_prefill=10, max_decode=30,
-                   tbt_slo_s=0.05, ttft_slo_s=1.0)
+                   tbt_slo_s=0.05, ttft_slo_s=1.0, scale_out_cooldown_s=180.0, scale_in_cooldown_s=600.0,
+                   latency_cooldown_s=60.0, soft_scale_in_window_s=300.0, staleness_limit_s=60.0)
 
 
 def obs(tps=None, age=0.0, tbt=None, ttft=None, admitted=None):
