@@ -13,7 +13,8 @@ BOTH = frozenset({Role.PREFILL, Role.DECODE})
 
 
 def admitted_roles(ready_prefill: int, ready_decode: int, prefill_per_decode: float,
-                   tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"], tolerance_fraction: float = DEFAULTS["ready_ratio_tolerance_fraction"]) -> frozenset[Role]:
+                   tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"],
+                   tolerance_fraction: float = DEFAULTS["ready_ratio_tolerance_fraction"]) -> frozenset[Role]:
     """Roles whose newly Ready replicas may join routing now.
 
     Tolerance (assumed default, paper gives none): +/- `tolerance_instances` or +/- `tolerance_fraction` of the

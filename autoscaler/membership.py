@@ -36,7 +36,8 @@ class GroupMembers:
 
 
 def update_members(members: GroupMembers, live: Mapping[Role, frozenset[str]], num_withdrawn: Mapping[Role, int],
-                   load: Mapping[str, int], prefill_per_decode: float, tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"],
+                   load: Mapping[str, int], prefill_per_decode: float,
+                   tolerance_instances: int = DEFAULTS["ready_ratio_tolerance_instances"],
                    tolerance_fraction: float = DEFAULTS["ready_ratio_tolerance_fraction"]) -> GroupMembers:
     """The DG's membership after this tick, given the live (RUNNING) replica ids per role and how many of each
     role the cycle wants withdrawn. Dead replicas drop out of both sets."""
