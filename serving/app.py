@@ -13,17 +13,16 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.server.builder import build_llm_deployment
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
-from ray.serve.llm import LLMConfig
+from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from common.config import ServiceSpec
 from common.vocab import INGRESS_DEPLOYMENT, DeploymentGroup, NodeInfo, controller_name, group_app_name
 from serving.deployment_groups import RolePlan, plan_group
 from serving.engines import DecodeServer, PrefillServer
 from serving.ingress import PDIngressDeployment, RoutingEntry
+from serving.ray_llm import to_model_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +117,9 @@ def build_group_app(service: ServiceSpec, group: DeploymentGroup, slot: int, mod
 
 def run_group_app(service: ServiceSpec, built: GroupApp) -> None:
     """Deploy one DG's application without waiting for it (the caller watches its status)."""
-    from ray.serve.api import _run  # serve.run always waits for RUNNING
+    from serving.ray_llm import run_app  # serve.run always waits for RUNNING
 
-    _run(built.app, _blocking=False, name=built.app_name, route_prefix=None,
+    run_app(built.app, _blocking=False, name=built.app_name, route_prefix=None,
          external_scaler_enabled=_controlled(service))
 
 

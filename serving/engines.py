@@ -37,18 +37,14 @@ from typing import Any, AsyncGenerator
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.llm._internal.common.patches.vllm.tokenize_once import reuse_prompt_token_ids
-from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, ErrorInfo, ErrorResponse
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.llm._internal.serve.serving_patterns.prefill_decode.pd_server import PDDecodeServer, PDPrefillServer
-from ray.serve._private.constants import SERVE_NAMESPACE
-from ray.serve._private.http_util import session_id_from_headers
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.util import metrics as ray_metrics
 
 from common import histogram
 from serving.engine_stats import ENGINE_STATS
 from serving.gpu_telemetry import open_sampler
+from serving.ray_llm import (ChatCompletionRequest, ErrorInfo, ErrorResponse, LLMServer, PDDecodeServer,
+                             PDPrefillServer, reuse_prompt_token_ids, session_id_from_headers)
 from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
@@ -207,7 +203,8 @@ async def _name_kv_holder(gen: AsyncGenerator, holder: list[str]) -> AsyncGenera
 class PrefillServer(_StatsMixin, PDPrefillServer):
     async def __init__(self, llm_config, **kwargs):
         await super().__init__(llm_config, **kwargs)
-        self._holder = [SERVE_NAMESPACE, ray.get_runtime_context().get_actor_name()]  # (the job's is another)
+        ctx = ray.get_runtime_context()
+        self._holder = [ctx.namespace, ctx.get_actor_name()]  # (the job's is another)
         self._init_stats()
 
     async def completions(self, request, raw_request_info=None):

@@ -28,26 +28,15 @@ from typing import Any, Mapping
 
 from fastapi import HTTPException, Request, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    OpenAIHTTPException,
-)
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress, init, make_fastapi_ingress
-from ray.llm._internal.serve.core.ingress.utils import (
-    NON_STREAMING_RESPONSE_TYPES,
-    _openai_json_wrapper,
-    _peek_at_generator,
-    _sanitize_chat_completion_request,
-)
-from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common import histogram
 from common.vocab import DeploymentGroup
 from serving.openai_http import body_error, error, with_idle_timeout
+from serving.ray_llm import (NON_STREAMING_RESPONSE_TYPES, ChatCompletionRequest, CompletionRequest, ErrorResponse,
+                             OpenAiIngress, OpenAIHTTPException, RawRequestInfo, init, make_fastapi_ingress,
+                             openai_json_wrapper, peek_at_generator, sanitize_chat_completion_request)
 from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
@@ -151,7 +140,7 @@ class PDIngress(OpenAiIngress):
                  retry_after_s: float = 1.0, api_key: str | None = None, controller: str | None = None,
                  report_interval_s: float = 1.0, handles: Mapping[str, DeploymentHandle] | None = None,
                  service: str = "unknown"):
-        from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+        from serving.ray_llm import ModelCard
 
         if not groups:
             raise ValueError("PDIngress needs at least one deployment group")
@@ -300,7 +289,7 @@ class PDIngress(OpenAiIngress):
         group = self._pick_group()
         handle = self._groups[group]
         if isinstance(body, ChatCompletionRequest):
-            body = _sanitize_chat_completion_request(body)
+            body = sanitize_chat_completion_request(body)
         info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
         self._inflight[group] += 1
         self._routed[group] += 1
@@ -327,7 +316,7 @@ class PDIngress(OpenAiIngress):
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=raw_request)
             try:
-                first, gen = await asyncio.wait_for(_peek_at_generator(gen), self._request_timeout_s)
+                first, gen = await asyncio.wait_for(peek_at_generator(gen), self._request_timeout_s)
             except asyncio.TimeoutError:
                 raise _Timeout() from None
             first_chunk = first[0] if isinstance(first, list) else first
@@ -339,7 +328,7 @@ class PDIngress(OpenAiIngress):
                 _REQUESTS.labels(route, "ok").inc()
                 return JSONResponse(content=first_chunk.model_dump())
             _REQUESTS.labels(route, "stream").inc()
-            stream = with_idle_timeout(_openai_json_wrapper(gen), self._stream_idle_timeout_s)
+            stream = with_idle_timeout(openai_json_wrapper(gen), self._stream_idle_timeout_s)
             return StreamingResponse(stream, media_type="text/event-stream")
         except _Overloaded:
             _REQUESTS.labels(route, "shed").inc()
