@@ -44,7 +44,7 @@ from common import histogram
 from serving.engine_stats import ENGINE_STATS
 from serving.gpu_telemetry import open_sampler
 from serving.ray_llm import (ChatCompletionRequest, ErrorInfo, ErrorResponse, LLMServer, PDDecodeServer,
-                             PDPrefillServer, reuse_prompt_token_ids, session_id_from_headers)
+                             PDPrefillServer, SERVE_NAMESPACE, reuse_prompt_token_ids, session_id_from_headers)
 from serving.reporting import report_forever
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,7 @@ async def _name_kv_holder(gen: AsyncGenerator, holder: list[str]) -> AsyncGenera
 class PrefillServer(_StatsMixin, PDPrefillServer):
     async def __init__(self, llm_config, **kwargs):
         await super().__init__(llm_config, **kwargs)
-        ctx = ray.get_runtime_context()
-        self._holder = [ctx.namespace, ctx.get_actor_name()]  # (the job's is another)
+        self._holder = [SERVE_NAMESPACE, ray.get_runtime_context().get_actor_name()]  # (the job's is another)
         self._init_stats()
 
     async def completions(self, request, raw_request_info=None):

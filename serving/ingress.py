@@ -9,7 +9,8 @@ configurable timeouts (whole request, or first token plus idle gap when streamin
 DG's decode deployment (its own Serve application) drives its own DG's prefill.
 
 With a controller, the ingress reports every `report_interval_s`: per-DG TTFT histograms as clients see them
-(request arrival to first streamed chunk: queueing, remote prefill and the KV pull included) and in-flight
+(request arrival to first streamed chunk: queueing, remote prefill and the KV pull included; non-streaming
+requests are asked of the engines as streams and answered whole, `serving.aggregate`) and in-flight
 counts; the answer is the routing table (DGs, their applications and weights), so DGs the controller adds or
 removes are discovered at run time. While the controller cannot be reached the last table stands.
 """
@@ -33,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common import histogram
 from common.vocab import DeploymentGroup
+from serving.aggregate import as_stream, assemble, chunks_of, collect, unmeasured_reason
 from serving.openai_http import body_error, error, with_idle_timeout
 from serving.ray_llm import (NON_STREAMING_RESPONSE_TYPES, ChatCompletionRequest, CompletionRequest, ErrorResponse,
                              OpenAiIngress, OpenAIHTTPException, RawRequestInfo, init, make_fastapi_ingress,
@@ -56,6 +58,8 @@ _SHED = Counter("heteroscale_ingress_shed", "requests refused by admission contr
 _TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first streamed chunk, per deployment "
                   "group", ("service", "deployment_group"), registry=_REGISTRY,
                   buckets=histogram.BOUNDS_S)  # the pushed histogram's buckets: both signal sources agree
+_UNMEASURED = Counter("heteroscale_ingress_ttft_unmeasured", "non-streaming requests served whole, so without a "
+                      "TTFT (serving.aggregate): why", ("service", "reason"), registry=_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,12 @@ class PDIngress(OpenAiIngress):
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
         route = call_method
         start = time.monotonic()
+        whole = not getattr(body, "stream", False)  # the client wants one response
+        reason = unmeasured_reason(body) if whole else None
+        if whole and reason is None:  # asked as a stream, so its first token is seen (serving.aggregate)
+            body = as_stream(body)
+        elif whole:
+            _UNMEASURED.labels(self._service, reason).inc()
         try:
             gen = self._get_response(body=body, call_method=call_method, raw_request=raw_request)
             try:
@@ -323,6 +333,19 @@ class PDIngress(OpenAiIngress):
             if isinstance(first_chunk, ErrorResponse):
                 raise OpenAIHTTPException(message=first_chunk.error.message, status_code=first_chunk.error.code,
                                           type=first_chunk.error.type)
+            if whole and reason is None:
+                left = max(0.0, self._request_timeout_s - (time.monotonic() - start))
+                try:
+                    items = await asyncio.wait_for(collect(gen), left)
+                    content = assemble((c for item in items for c in chunks_of(item)), chat=call_method == "chat")
+                except asyncio.TimeoutError:
+                    raise _Timeout() from None
+                except ValueError as exc:  # an error event mid-stream: the engine failed after the first chunk
+                    raise OpenAIHTTPException(status_code=status.HTTP_502_BAD_GATEWAY, type="upstream_error",
+                                              message=f"the response failed: {exc}") from None
+                _LATENCY.labels(route).observe(time.monotonic() - start)
+                _REQUESTS.labels(route, "ok").inc()
+                return JSONResponse(content=content)
             _LATENCY.labels(route).observe(time.monotonic() - start)
             if isinstance(first_chunk, NON_STREAMING_RESPONSE_TYPES):
                 _REQUESTS.labels(route, "ok").inc()

@@ -4,7 +4,7 @@ imported on first use (PEP 562), so the ingress never imports what only the engi
 upgrade that moves or drops one fails in one place: `tests/integration/test_upstream_contract.py` imports
 each name and checks the signatures we call, and `tests/unit/test_private_apis.py` fails when a module
 outside this one imports a private API. Public equivalents are used wherever 2.60 has one
-(`ray.serve.llm.build_llm_deployment`, the replica's namespace from its runtime context).
+(`ray.serve.llm.build_llm_deployment`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ PRIVATE: dict[str, str | tuple[str, str]] = {
     "RawRequestInfo": f"{_LLM}.serve.core.protocol",
     # Serve: the session-affinity header (its name is configurable by env var) and a non-blocking run
     "session_id_from_headers": "ray.serve._private.http_util",
+    # the namespace Serve's replicas are named in (a replica's runtime context reports its job's, not this)
+    "SERVE_NAMESPACE": "ray.serve._private.constants",
     "run_app": ("ray.serve.api", "_run"),
 }
 # Upstream private members the engines override or call on their base classes (checked by the contract test)

@@ -47,9 +47,11 @@ def _stub_decode():
 
         async def _answer(self, body, kind):
             ChatCompletionResponse, CompletionResponse = self.models
-            if getattr(body, "stream", False):
-                for i in range(3):
-                    yield f'data: {{"id": "x", "object": "{kind}.chunk", "choices": [{{"index": 0, "text": "{i}"}}]}}\n\n'
+            if getattr(body, "stream", False):  # the ingress asks non-streaming requests as streams too
+                for piece in ("o", "k"):
+                    choice = {"index": 0, "delta": {"content": piece}} if kind == "chat.completion" else \
+                        {"index": 0, "text": piece}
+                    yield f'data: {json.dumps({"id": "x", "object": f"{kind}.chunk", "choices": [choice]})}\n\n'
                 return
             if kind == "chat.completion":
                 yield ChatCompletionResponse(model=body.model, choices=[{
