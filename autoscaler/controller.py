@@ -30,6 +30,7 @@ from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.settings import controller_settings, policy_config
 from autoscaler.signals import IngressReport, ReplicaReport
 from autoscaler.supply import plan_supply
+from common import wire
 from common.config import ServiceSpec
 from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup, Role, controller_name
 
@@ -53,7 +54,8 @@ class HeteroScaleController:
     """The actor class (wrapped with `ray.remote` by `start()`)."""
 
     def __init__(self, spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]],
-                 clock=time.time, serve=None, kv=None, metrics=None, autostart: bool = True):
+                 clock=time.time, serve=None, kv=None, metrics=None, autostart: bool = True,
+                 deployer: str | None = None):
         self.spec = spec
         self.settings = controller_settings(spec)
         self.config = self.cycle_config(spec)
@@ -65,7 +67,7 @@ class HeteroScaleController:
         self.ticks = saved.ticks if saved else 0
         self.resumed = saved is not None
         self.world = RayWorld(spec, self.settings, model_path, records, serve=serve, advisory=self.settings.advisory,
-                              kv=self._kv)
+                              kv=self._kv, deployer=deployer)
         self.errors: Counter[str] = Counter()
         self.decisions: deque[dict] = deque(maxlen=MAX_DECISIONS)
         # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
@@ -165,28 +167,25 @@ class HeteroScaleController:
 
     async def report_replica(self, payload: dict) -> dict:
         try:
-            role = Role(payload["role"])
-            report = ReplicaReport(str(payload["replica_id"]), str(payload["group"]), role, self._clock(),
-                                   int(payload["generation_tokens"]), int(payload["prompt_computed_tokens"]),
-                                   int(payload.get("num_running", 0)), int(payload.get("num_waiting", 0)),
-                                   float(payload.get("kv_cache_usage", 0.0)), tuple(payload.get("tbt_hist", ())),
-                                   tuple(payload.get("ttft_hist", ())))
+            msg = wire.ReplicaReport.from_wire(payload)
+            role = Role(msg.role)
+            report = ReplicaReport(msg.replica_id, msg.group, role, self._clock(), msg.generation_tokens,
+                                   msg.prompt_computed_tokens, msg.num_running, msg.num_waiting, msg.kv_cache_usage,
+                                   msg.tbt_hist, msg.ttft_hist)
         except (KeyError, ValueError, TypeError) as exc:
             self._count("bad_report")
-            raise ValueError(f"bad replica report ({exc}): {sorted(payload)}") from None
+            raise ValueError(f"bad replica report ({exc})") from None
         with self.world.lock:
             self.world.store.add_replica(report)
         return {"routable": self.world.routable(report.group, role, report.replica_id)}
 
     async def report_ingress(self, payload: dict) -> dict:
         try:
-            report = IngressReport(str(payload["ingress_id"]), self._clock(),
-                                   {str(g): tuple(int(x) for x in c) for g, c in (payload.get("ttft_hist") or {}).items()},
-                                   {str(g): int(n) for g, n in (payload.get("inflight") or {}).items()},
-                                   int(payload.get("admitted", 0)), int(payload.get("shed", 0)))
+            msg = wire.IngressReport.from_wire(payload)
+            report = IngressReport(msg.ingress_id, self._clock(), msg.ttft_hist, msg.inflight, msg.admitted, msg.shed)
         except (KeyError, ValueError, TypeError) as exc:
             self._count("bad_report")
-            raise ValueError(f"bad ingress report ({exc}): {sorted(payload)}") from None
+            raise ValueError(f"bad ingress report ({exc})") from None
         with self.world.lock:
             self.world.store.add_ingress(report)
         return {"groups": self.world.routing_table()}
@@ -316,10 +315,12 @@ class _Metrics:
         self.errors.inc(1, tags={"service": self.service, "stage": stage})
 
 
-def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]]):
+def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]], deployer: str | None = None):
     """Start the service's detached controller actor (its loop starts with it). A controller already running
     for the service (a re-deploy) is replaced so the new spec takes effect; its saved state is kept, so the
-    new one resumes where the old one was. Returns the handle."""
+    new one resumes where the old one was. `deployer` ("module:function") builds and runs a new DG's
+    application; the wiring layer passes it, so this package never imports the serving layer. Returns the
+    handle."""
     import ray
 
     name = controller_name(spec.name)
@@ -338,7 +339,7 @@ def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup
     actor = ray.remote(HeteroScaleController).options(
         name=name, namespace=CONTROLLER_NAMESPACE, lifetime="detached", max_restarts=-1, max_concurrency=64,
         num_cpus=0)
-    handle = actor.remote(spec, model_path, groups)
+    handle = actor.remote(spec, model_path, groups, deployer=deployer)
     ray.get(handle.ping.remote())
     return handle
 

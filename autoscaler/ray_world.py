@@ -30,6 +30,7 @@ from autoscaler.signals import ServiceSignals, SignalStore
 from autoscaler.supply import SupplyPlan
 from common.config import ServiceSpec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
+from common.wire import RoutingEntry
 from placement.scheduler import ServiceShape
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ class RayWorld:
 
     def __init__(self, spec: ServiceSpec, settings: ControllerSettings, model_path: str,
                  records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False,
-                 kv=None):
+                 kv=None, deployer: str | None = None):
         self.spec, self.settings, self.model_path = spec, settings, model_path
         self.shape = service_shape(spec)
-        self.serve = serve or LiveServe(settings.serve_call_timeout_s, settings.deploy_timeout_s)
+        self.serve = serve or LiveServe(settings.serve_call_timeout_s, settings.deploy_timeout_s, deployer)
         self.advisory = advisory
         self.records: dict[str, GroupRecord] = dict(records)
         self.store = SignalStore(keep_s=max(3 * settings.signal_window_s, 60.0))
@@ -112,9 +113,9 @@ class RayWorld:
                 live = self.states.get(name, {}).get(Role.DECODE)
                 running = live.running if live else frozenset()
                 weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
-                table[name] = {"app_name": group_app_name(self.spec.name, name),
-                               "decode_deployment": deployment_name(self.spec.name, name, Role.DECODE),
-                               "weight": float(weight), "group": r.group}
+                table[name] = RoutingEntry(group_app_name(self.spec.name, name),
+                                           deployment_name(self.spec.name, name, Role.DECODE), float(weight),
+                                           r.group).to_wire()
             return table
 
     # ---- the port ------------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ class LiveServe:
     new DG's application (ray.exceptions.GetTimeoutError past it: the tick fails or the action is returned as
     not done, and the next tick retries)."""
 
-    def __init__(self, call_timeout_s: float = 30.0, deploy_timeout_s: float = 300.0):
+    def __init__(self, call_timeout_s: float = 30.0, deploy_timeout_s: float = 300.0, deployer: str | None = None):
         self.call_timeout_s, self.deploy_timeout_s = call_timeout_s, deploy_timeout_s
+        self.deployer = deployer  # "module:function" that builds and runs a DG's application (the wiring layer's)
 
     def details(self) -> dict:
         import ray
@@ -56,8 +57,10 @@ class LiveServe:
         """Build and deploy the DG's application in a one-shot worker (vLLM is imported there, not here)."""
         import ray
 
-        task = ray.remote(num_cpus=0, max_calls=1)(_deploy_group)
-        ray.get(task.remote(spec, group, slot, model_path), timeout=self.deploy_timeout_s)
+        if self.deployer is None:
+            raise RuntimeError("this controller was started without a DG deployer: it cannot create groups")
+        task = ray.remote(num_cpus=0, max_calls=1)(_run_deployer)
+        ray.get(task.remote(self.deployer, spec, group, slot, model_path), timeout=self.deploy_timeout_s)
 
     def nodes(self) -> list[NodeInfo]:
         from placement.ray_adapter import live_nodes
@@ -80,13 +83,12 @@ class LiveServe:
         request_supply(service, bundles, selectors)
 
 
-def _deploy_group(spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> DeploymentGroup:
-    from placement.ray_adapter import live_nodes
-    from serving.app import build_group_app, run_group_app
+def _run_deployer(deployer: str, spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str):
+    """The one-shot task's body: import the wiring layer's deployer by its path and call it."""
+    import importlib
 
-    built = build_group_app(spec, group, slot, model_path, live_nodes())
-    run_group_app(spec, built)
-    return built.group
+    module, _, name = deployer.partition(":")
+    return getattr(importlib.import_module(module), name)(spec, group, slot, model_path)
 
 
 def role_states(details: dict, service: str, group: str) -> dict[Role, RoleState] | None:

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from common.config import ServiceSpec
-from common.vocab import Role, controller_name, deployment_name, group_app_name
+from common.vocab import DeploymentGroup, Role, controller_name, deployment_name, group_app_name
 from heteroscale_ray import console
 from heteroscale_ray.tiny_model import ensure_tiny_model
 
@@ -109,7 +109,7 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     if service.autoscaling is not None and service.autoscaling.enabled:
         from autoscaler import controller
 
-        controller.start(service, path, [(g.group, g.slot) for g in groups])
+        controller.start(service, path, [(g.group, g.slot) for g in groups], deployer=DEPLOYER)
         mode = "advisory" if service.autoscaling.advisory else "active"
         progress(f"controller {controller_name(service.name)} started ({mode}, every "
                  f"{service.autoscaling.control_period_s:g}s)")
@@ -160,6 +160,20 @@ def engine_handles(service: ServiceSpec):
         group = app_name[len(prefix):]
         for role in Role:
             yield group, role, serve.get_deployment_handle(deployment_name(service.name, group, role), app_name)
+
+
+def deploy_group(spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> DeploymentGroup:
+    """Build and run one DG's application on the cluster's live nodes: the controller's deployer (it runs in a
+    one-shot Ray task, so neither the controller nor the autoscaler package imports the serving layer)."""
+    from placement.ray_adapter import live_nodes
+    from serving.app import build_group_app, run_group_app
+
+    built = build_group_app(spec, group, slot, model_path, live_nodes())
+    run_group_app(spec, built)
+    return built.group
+
+
+DEPLOYER = f"{__name__}:{deploy_group.__name__}"  # what `controller.start` is given
 
 
 def placements(service: ServiceSpec) -> list[dict]:

@@ -19,9 +19,10 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from common.config import ServiceSpec
 from common.vocab import INGRESS_DEPLOYMENT, DeploymentGroup, NodeInfo, controller_name, group_app_name
+from common.wire import ENGINE_OPTIONS_KEY, EngineOptions, RoutingEntry
 from serving.deployment_groups import RolePlan, plan_group
 from serving.engines import DecodeServer, PrefillServer
-from serving.ingress import PDIngressDeployment, RoutingEntry
+from serving.ingress import PDIngressDeployment
 from serving.ray_llm import to_model_metadata
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,9 @@ def llm_config_for(service: ServiceSpec, plan: RolePlan, model_path: str,
             **({"stream_batching_interval_ms": service.engine.stream_batching_interval_ms}
                if service.engine.stream_batching_interval_ms is not None else {}),
             "NIXL_SIDE_CHANNEL_PORT_BASE": plan.nixl_port_base,
-            "heteroscale_service": service.name,
-            "heteroscale_role": plan.role.value,
-            "heteroscale_group": plan.group,
-            "heteroscale_controller": controller_name(service.name) if controlled else None,
-            "heteroscale_report_interval_s": interval,
-            "heteroscale_prefill_attempts": service.engine.prefill_attempts,
-            "heteroscale_prefill_probe_interval_s": service.engine.prefill_probe_interval_s,
+            ENGINE_OPTIONS_KEY: EngineOptions(
+                service.name, plan.role.value, plan.group, controller_name(service.name) if controlled else None,
+                interval, service.engine.prefill_attempts, service.engine.prefill_probe_interval_s).to_wire(),
         },
         log_engine_metrics=True,
     )

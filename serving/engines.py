@@ -41,6 +41,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.util import metrics as ray_metrics
 
 from common import histogram
+from common.wire import ENGINE_OPTIONS_KEY, EngineOptions, ReplicaReport
 from serving.engine_stats import ENGINE_STATS
 from serving.gpu_telemetry import open_sampler
 from serving.ray_llm import (ChatCompletionRequest, ErrorInfo, ErrorResponse, LLMServer, PDDecodeServer,
@@ -69,12 +70,10 @@ class _StatsMixin:
     _group = "unknown"
 
     def _init_stats(self) -> None:
-        extra = self._llm_config.experimental_configs
-        self._role = str(extra.get("heteroscale_role", self._role))
-        self._group = str(extra.get("heteroscale_group", self._group))
-        self._service = str(extra.get("heteroscale_service", "unknown"))
-        self._controller_name = extra.get("heteroscale_controller")  # None: fixed replica counts, always routable
-        self._report_interval_s = float(extra.get("heteroscale_report_interval_s", 1.0))
+        opts = self._options()
+        self._role, self._group, self._service = opts.role, opts.group, opts.service
+        self._controller_name = opts.controller  # None: fixed replica counts, always routable
+        self._report_interval_s = opts.report_interval_s
         self._routable = self._controller_name is None
         from ray import serve
 
@@ -121,6 +120,10 @@ class _StatsMixin:
                 logger.exception("publishing engine metrics failed")
             await asyncio.sleep(_PUBLISH_INTERVAL_S)
 
+    def _options(self) -> EngineOptions:
+        """This replica's options from its deployment (`common.wire.EngineOptions`, set by `serving.app`)."""
+        return EngineOptions.from_wire(self._llm_config.experimental_configs.get(ENGINE_OPTIONS_KEY))
+
     def _publish(self, values: dict[str, float]) -> None:
         for name, gauge in self._gauges.items():
             if name in values:  # a latency without a sample stays unset, never 0
@@ -134,13 +137,11 @@ class _StatsMixin:
     def _report(self) -> dict[str, Any]:
         snap = ENGINE_STATS.snapshot(STATS_WINDOW_S)
         hists = ENGINE_STATS.histograms()
-        return {"replica_id": self._replica_id, "group": self._group, "role": self._role,
-                "generation_tokens": snap.total_generation_tokens,
-                "prompt_computed_tokens": snap.total_prompt_computed_tokens,
-                "num_running": int(snap.num_running), "num_waiting": int(snap.num_waiting),
-                "kv_cache_usage": snap.kv_cache_usage, "tbt_hist": hists["tbt"], "ttft_hist": hists["ttft"],
-                "gpu_utilization": self._gpu_sample.gpu_utilization if self._gpu_sample else None,
-                "sm_activity": self._gpu_sample.sm_activity if self._gpu_sample else None}
+        return ReplicaReport(self._replica_id, self._group, self._role, snap.total_generation_tokens,
+                             snap.total_prompt_computed_tokens, int(snap.num_running), int(snap.num_waiting),
+                             snap.kv_cache_usage, tuple(hists["tbt"]), tuple(hists["ttft"]),
+                             self._gpu_sample.gpu_utilization if self._gpu_sample else None,
+                             self._gpu_sample.sm_activity if self._gpu_sample else None).to_wire()
 
     def _on_answer(self, answer: dict) -> None:
         """The controller's answer says whether this replica is routable (the last answer stands meanwhile)."""
@@ -216,9 +217,8 @@ class PrefillServer(_StatsMixin, PDPrefillServer):
 class DecodeServer(_StatsMixin, PDDecodeServer):
     async def __init__(self, llm_config, *, prefill_server, **kwargs):
         await super().__init__(llm_config, prefill_server=prefill_server, **kwargs)
-        extra = self._llm_config.experimental_configs
-        self._prefill_attempts = int(extra.get("heteroscale_prefill_attempts", 3))
-        self._probe_interval_s = float(extra.get("heteroscale_prefill_probe_interval_s", 0.5))
+        opts = self._options()
+        self._prefill_attempts, self._probe_interval_s = opts.prefill_attempts, opts.prefill_probe_interval_s
         self._liveness: dict[tuple[str, str], tuple[float, asyncio.Future]] = {}
         self._prefill_tries_lost = 0  # prefill tries lost to a dead replica (each retried or, if the last, failed)
         self._prefill_failures = 0  # requests failed after every try was lost

@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from common import histogram
-from common.vocab import DeploymentGroup
+from common.wire import IngressReport, RoutingEntry, WireError
 from serving.aggregate import as_stream, assemble, chunks_of, collect, unmeasured_reason
 from serving.openai_http import body_error, error, with_idle_timeout
 from serving.ray_llm import (NON_STREAMING_RESPONSE_TYPES, ChatCompletionRequest, CompletionRequest, ErrorResponse,
@@ -61,16 +61,6 @@ _TTFT = Histogram("heteroscale_ingress_ttft_seconds", "request arrival to first 
 _UNMEASURED = Counter("heteroscale_ingress_ttft_unmeasured", "non-streaming requests served whole, so without a "
                       "TTFT (serving.aggregate): why", ("service", "reason"), registry=_REGISTRY)
 
-
-@dataclass(frozen=True)
-class RoutingEntry:
-    """Where one DG's requests go: its Serve application and decode deployment, and its routing weight (the
-    number of routable decode replicas; 0 = no new requests)."""
-
-    app_name: str
-    decode_deployment: str
-    weight: float
-    group: DeploymentGroup | None = None
 
 _OPEN_PATHS = ("/health", "/metrics")
 _API_KEY: dict[str, str | None] = {"value": None}  # set by the replica's __init__; read by the middleware
@@ -225,14 +215,19 @@ class PDIngress(OpenAiIngress):
                 pass
 
     def _ingress_report(self) -> dict:
-        return {"ingress_id": self._ingress_id, "inflight": dict(self._inflight),
-                "admitted": self._routed_gone + sum(self._routed.values()), "shed": self._shed,
-                "ttft_hist": {g: list(c) for g, c in self._ttft_hist.items()}}
+        return IngressReport(self._ingress_id, {g: tuple(c) for g, c in self._ttft_hist.items()},
+                             dict(self._inflight), self._routed_gone + sum(self._routed.values()),
+                             self._shed).to_wire()
 
     def _on_answer(self, answer: dict) -> None:
         table = answer.get("groups")
         if table:  # None until the controller has looked at Serve: keep the last table
-            self._set_table({name: RoutingEntry(**entry) for name, entry in table.items()})
+            try:
+                entries = {name: RoutingEntry.from_wire(entry) for name, entry in table.items()}
+            except WireError as exc:  # a controller of another version: keep routing on the last table
+                logger.error("routing table refused: %s", exc)
+                return
+            self._set_table(entries)
 
     # ---- routing across deployment groups ---------------------------------------------------------------------
 
@@ -293,7 +288,11 @@ class PDIngress(OpenAiIngress):
         group = self._pick_group()
         handle = self._groups[group]
         if isinstance(body, ChatCompletionRequest):
-            body = sanitize_chat_completion_request(body)
+            try:
+                body = sanitize_chat_completion_request(body)
+            except ValueError as exc:  # a message whose content is no string, None or list of parts: the client's
+                raise OpenAIHTTPException(status_code=status.HTTP_400_BAD_REQUEST, type="invalid_request_error",
+                                          message=str(exc)) from None
         info = RawRequestInfo.from_starlette_request(raw_request) if raw_request is not None else None
         self._inflight[group] += 1
         self._routed[group] += 1

@@ -76,7 +76,8 @@ def _stub_decode():
 def endpoint():
     from ray import serve
 
-    from serving.ingress import PDIngressDeployment, RoutingEntry
+    from common.wire import RoutingEntry
+    from serving.ingress import PDIngressDeployment
 
     state = local_cluster.up(SPEC, temp_dir=TEMP_DIR)
     try:

@@ -68,6 +68,7 @@ def _stub(role: Role):
     from ray.serve.config import RequestRouterConfig
 
     from common import histogram
+    from common.wire import ReplicaReport
     from serving.reporting import report_forever
 
     @serve.deployment(name=deployment_name(SERVICE, GROUP, role), num_replicas=1, max_ongoing_requests=64,
@@ -84,10 +85,8 @@ def _stub(role: Role):
                 controller_name(SERVICE), "report_replica", 0.5, self._report, self._on_answer))
 
         def _report(self) -> dict:
-            return {"replica_id": self.id, "group": GROUP, "role": role.value, "generation_tokens": self.tokens,
-                    "prompt_computed_tokens": 0, "num_running": self.running, "num_waiting": 0,
-                    "kv_cache_usage": 0.0, "tbt_hist": histogram.empty(), "ttft_hist": histogram.empty(),
-                    "gpu_utilization": None, "sm_activity": None}
+            return ReplicaReport(self.id, GROUP, role.value, self.tokens, 0, self.running,
+                                 tbt_hist=tuple(histogram.empty())).to_wire()
 
         def _on_answer(self, answer: dict) -> None:
             self.routable = bool(answer.get("routable", self.routable))
@@ -127,7 +126,8 @@ def service():
     from ray.serve.api import _run
 
     from autoscaler import controller
-    from serving.ingress import PDIngressDeployment, RoutingEntry
+    from common.wire import RoutingEntry
+    from serving.ingress import PDIngressDeployment
 
     state = local_cluster.up(CLUSTER, temp_dir=TEMP_DIR)
     Path(DECISIONS).unlink(missing_ok=True)

@@ -71,7 +71,8 @@ def test_the_ingress_measures_ttft_of_a_non_streaming_request_and_answers_it_who
     import asyncio
 
     from common import histogram
-    from serving.ingress import PDIngress, RoutingEntry
+    from common.wire import RoutingEntry
+    from serving.ingress import PDIngress
 
     asked = []
 

@@ -17,13 +17,13 @@ PACKAGES = ("heteroscale_ray", "common", "serving", "autoscaler", "placement", "
 ALLOWED = {
     "heteroscale_ray": {"common", "serving", "autoscaler", "placement", "bench"},
     "serving": {"common"},
-    "autoscaler": {"common", "placement", "serving"},  # the controller deploys DGs through serving.app
+    "autoscaler": {"common", "placement"},  # the wiring layer passes the DG deployer (serving.app.DEPLOYER)
     "placement": {"common"},
     "bench": {"common", "autoscaler", "placement"},
     "common": set(),
 }
 # The pure cores: no Ray, vLLM, HTTP, clock, randomness, environment or I/O, and only pure cores below them.
-PURE = {"common.vocab", "common.histogram", "common.defaults", "autoscaler.model", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan",
+PURE = {"common.vocab", "common.histogram", "common.defaults", "common.wire", "autoscaler.model", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan",
         "autoscaler.cycle", "autoscaler.port", "autoscaler.signals", "autoscaler.membership", "autoscaler.supply",
         "placement.topology", "placement.scheduler"}
 IMPURE_ROOTS = {"ray", "vllm", "time", "datetime", "os", "sys", "random", "socket", "subprocess", "threading",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from autoscaler.controller import HeteroScaleController
-from common import histogram
+from common import histogram, wire
 from common.config import parse_service_spec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
 from tests.conftest import EXAMPLES
@@ -138,16 +138,15 @@ class Harness:
         for role in Role:
             for group, rid in self.replicas(role):
                 self.tokens[rid] = self.tokens.get(rid, 0) + int(decode_tps_each * dt)
-                answers[rid] = asyncio.run(self.ctl.report_replica({
-                    "replica_id": rid, "group": group, "role": role.value,
-                    "generation_tokens": self.tokens[rid] if role is Role.DECODE else 0,
-                    "prompt_computed_tokens": self.tokens[rid] if role is Role.PREFILL else 0,
-                    "tbt_hist": histogram.empty()}))["routable"]
+                answers[rid] = asyncio.run(self.ctl.report_replica(wire.ReplicaReport(
+                    rid, group, role.value, self.tokens[rid] if role is Role.DECODE else 0,
+                    self.tokens[rid] if role is Role.PREFILL else 0,
+                    tbt_hist=tuple(histogram.empty())).to_wire()))["routable"]
         histogram.add(self.ttft, [ttft_s] * 5)
         self.offered["admitted"] += int(10 * dt)
         self.offered["shed"] += round(10 * dt * shed_fraction / (1 - shed_fraction))
-        self.table = asyncio.run(self.ctl.report_ingress({"ingress_id": "i", "ttft_hist": {"dg-a": list(self.ttft)},
-                                                          **self.offered}))
+        self.table = asyncio.run(self.ctl.report_ingress(wire.IngressReport(
+            "i", {"dg-a": tuple(self.ttft)}, admitted=self.offered["admitted"], shed=self.offered["shed"]).to_wire()))
         return answers
 
     def run(self, seconds: float, decode_tps_each: float, ttft_s: float = 0.1, shed_fraction: float = 0.0
@@ -244,7 +243,7 @@ def test_a_restarted_controller_resumes_its_state_and_takes_no_spurious_action()
                                   metrics=NoMetrics(), autostart=False)
     assert again.resumed and set(again.world.records) == set(h.ctl.world.records)
     # before its first look at Serve it announces no routing table (never weight 0 for DGs it has not seen)
-    assert asyncio.run(again.report_ingress({"ingress_id": "i", "ttft_hist": {}}))["groups"] is None
+    assert asyncio.run(again.report_ingress(wire.IngressReport("i").to_wire()))["groups"] is None
     entry = again.tick()  # no reports yet since the restart: hold, never scale in
     assert entry["action"] == "hold" and entry["reason"] == "no_data"
     assert h.serve.calls == calls_before + [("sweep", SERVICE)]  # only the leftover-probe sweep of a start
@@ -279,8 +278,12 @@ def test_a_failing_world_is_counted_and_the_next_tick_runs():
 
 def test_bad_reports_are_refused_with_the_field():
     h = Harness()
-    with pytest.raises(ValueError, match="bad replica report"):
-        asyncio.run(h.ctl.report_replica({"replica_id": "x", "role": "nope"}))
+    with pytest.raises(ValueError, match="bad replica report.*missing field 'group'"):
+        asyncio.run(h.ctl.report_replica({"v": 1, "replica_id": "x", "role": "decode"}))
+    with pytest.raises(ValueError, match="bad replica report.*version 7"):
+        asyncio.run(h.ctl.report_replica({"v": 7}))
+    with pytest.raises(ValueError, match="bad ingress report.*'admitted' = 'lots'"):
+        asyncio.run(h.ctl.report_ingress({"v": 1, "ingress_id": "i", "admitted": "lots"}))
 
 
 def test_what_the_controller_recorded_replays_through_the_simulators_driver_to_the_same_actions():

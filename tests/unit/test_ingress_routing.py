@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from serving.ingress import PDIngress, RoutingEntry
+from common.wire import RoutingEntry
+from serving.ingress import PDIngress
 from serving.openai_http import with_idle_timeout
 
 CARD = {"id": "m", "object": "model", "owned_by": "me", "permission": [], "metadata": {}}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import pytest
+
 from autoscaler.cycle import GroupAction, GroupActionKind
 from autoscaler.model import (Action, PolicyConfig, Reason, RoleCounts, ServiceObservation, ServiceState,
                               Signal)
@@ -242,11 +244,13 @@ def test_every_wait_on_serve_is_bounded(monkeypatch):
     client = type("Client", (), {"_controller": type("Controller", (), {
         "get_serve_instance_details": Remote(), "update_deployment_replicas": Remote()})()})()
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: client)
-    serve = LiveServe(call_timeout_s=7.0, deploy_timeout_s=70.0)
+    serve = LiveServe(call_timeout_s=7.0, deploy_timeout_s=70.0, deployer="heteroscale_ray.service:deploy_group")
     serve.details()
     serve.set_target("app", "dep", 2)
     serve.deploy_group(None, None, 0, "/m")
     assert waits == [7.0, 7.0, 70.0]
+    with pytest.raises(RuntimeError, match="without a DG deployer"):  # the wiring layer must give one
+        LiveServe().deploy_group(None, None, 0, "/m")
 
 
 def test_the_decision_log_file_is_bounded(tmp_path):
