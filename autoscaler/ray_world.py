@@ -24,7 +24,7 @@ from autoscaler.membership import GroupMembers, update_members
 from autoscaler.model import Observation, RoleCounts, ServiceObservation
 from autoscaler.orphans import decode_group, encode_group, group_key, unknown_groups
 from autoscaler.prometheus_source import PrometheusSource
-from autoscaler.serve_client import LiveServe, RoleState, role_states
+from autoscaler.serve_client import KV, LiveServe, RoleState, ServeClient, role_states
 from autoscaler.settings import ControllerSettings
 from autoscaler.signals import ServiceSignals, SignalStore
 from autoscaler.supply import SupplyPlan
@@ -57,8 +57,8 @@ class RayWorld:
     """One service's live world. Thread-safe: reports arrive on the actor's event loop, ticks run in a thread."""
 
     def __init__(self, spec: ServiceSpec, settings: ControllerSettings, model_path: str,
-                 records: Mapping[str, GroupRecord], serve: LiveServe | None = None, advisory: bool = False,
-                 kv=None, deployer: str | None = None):
+                 records: Mapping[str, GroupRecord], serve: ServeClient | None = None, advisory: bool = False,
+                 kv: KV | None = None, deployer: str | None = None):
         self.spec, self.settings, self.model_path = spec, settings, model_path
         self.shape = service_shape(spec)
         self.serve = serve or LiveServe(settings.serve_call_timeout_s, settings.deploy_timeout_s, deployer)

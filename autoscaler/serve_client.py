@@ -5,7 +5,7 @@ Imports Ray only inside its methods, so the controller's module imports stay lig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from common.config import ServiceSpec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
@@ -19,6 +19,27 @@ class RoleState:
     target: int
     running: frozenset[str]
     holding: int  # replicas that hold their resources (placed)
+
+
+class ServeClient(Protocol):
+    """What the live world needs of Serve and the cluster (`LiveServe`; `tests.fakes.FakeServe` in tests)."""
+
+    def details(self) -> dict: ...
+    def set_target(self, app: str, deployment: str, num_replicas: int) -> None: ...
+    def delete_app(self, app: str) -> None: ...
+    def deploy_group(self, spec: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str) -> None: ...
+    def nodes(self) -> list[NodeInfo]: ...
+    def realize(self, action, shape: ServiceShape, scale: Callable, timeout_s: float) -> bool: ...
+    def sweep_probes(self, service: str) -> int: ...
+    def request_nodes(self, service: str, bundles: list[dict], selectors: list[dict]) -> None: ...
+
+
+class KV(Protocol):
+    """A byte key-value store that outlives the controller (Ray's internal KV; `tests.fakes.FakeKV`)."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+    def put(self, key: bytes, value: bytes) -> None: ...
+    def delete(self, key: bytes) -> None: ...
 
 
 class LiveServe:

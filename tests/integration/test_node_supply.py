@@ -16,7 +16,7 @@ from common.vocab import LABEL_GPU_TYPE, LABEL_S1, Role, group_app_name
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
 from placement.ray_adapter import live_nodes, realize, request_supply
-from tests.unit.test_controller import DG_A, SERVICE, FakeServe, Harness
+from tests.fakes import DG_A, SERVICE, FakeServe, Harness
 
 TEMP_DIR = "/tmp/hsray-supply"
 NODE = {"num_gpus": 1, "s2": "s2-0", "num_cpus": 1, "memory_gb": 1}

@@ -1,5 +1,5 @@
 """The live controller's promises (issue 21), each defect with the test that failed before its fix: against the
-fake Serve, KV and clock of `tests/unit/test_controller.py` (no Ray)."""
+fake Serve, KV and clock of `tests/fakes.py` (no Ray)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from autoscaler.model import (Action, PolicyConfig, Reason, RoleCounts, ServiceO
                               Signal)
 from autoscaler.policy import decide_service
 from common.vocab import group_app_name
-from tests.unit.test_controller import SERVICE, Harness, two_groups
+from tests.fakes import SERVICE, Harness, two_groups
 
 
 def status(h: Harness) -> dict:
@@ -271,7 +271,7 @@ def test_the_saved_state_is_versioned_json_and_an_unreadable_one_is_refused_by_n
     from autoscaler import persistence
     from autoscaler.controller import HeteroScaleController, _kv_key
     from autoscaler.ray_world import GroupRecord
-    from tests.unit.test_controller import DG_A, NoMetrics
+    from tests.fakes import DG_A, NoMetrics
 
     h = two_groups()
     h.run(10, decode_tps_each=20)  # a soft scale-in in progress: withdrawn replicas, members, soft state
@@ -320,8 +320,7 @@ def test_a_replica_pending_past_the_bound_is_stuck_not_starting_and_its_group_is
     counted as starting forever, which switched the latency safety net off. Past `pending_timeout_s` they
     count as stuck, the cycle cancels them (a group left without one role goes whole) and the policy's state
     lets go of them, so the next scale-out places that capacity again."""
-    from tests.unit.test_live_stateful import FaultyServe
-    from tests.unit.test_controller import DG_A
+    from tests.fakes import DG_A, FaultyServe
 
     serve = FaultyServe()
     serve.deploy_group(None, DG_A, 0, "/m")
@@ -347,7 +346,7 @@ def test_a_controller_that_lost_its_state_adopts_the_groups_it_created_and_retir
     from autoscaler.controller import HeteroScaleController, _kv_key
     from autoscaler.orphans import group_key
     from common.vocab import Role, deployment_name
-    from tests.unit.test_controller import DG_A, NoMetrics
+    from tests.fakes import DG_A, NoMetrics
 
     h = two_groups()  # dg-a from the service file, tiny-chat-s1-b created by the controller
     assert group_key(SERVICE, "tiny-chat-s1-b") in h.kv and group_key(SERVICE, "dg-a") not in h.kv

@@ -16,56 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from autoscaler.model import PolicyState
-from common.vocab import Role, deployment_name, group_app_name
+from common.vocab import Role
 from placement.scheduler import in_band
-from tests.unit.test_controller import DG_A, SERVICE, FakeServe, Harness
+from tests.fakes import DG_A, SERVICE, FaultyServe, Harness
 
-RATIO = 1.0  # the harness's service (tests.unit.test_controller.spec)
-
-
-class FaultyServe(FakeServe):
-    """The fake Serve with faults: set_target calls that raise, and replicas that never start (`stuck`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.targets: dict[tuple[str, str], int] = {}
-        self.fail_calls = False
-        self.stuck = False
-
-    def details(self):
-        out = super().details()
-        for app, a in out["applications"].items():
-            for dep, d in a["deployments"].items():
-                d["target_num_replicas"] = self.targets.get((app, dep), d["target_num_replicas"])
-        return out
-
-    def set_target(self, app, deployment, n):
-        if self.fail_calls:
-            raise ConnectionError("serve controller unreachable")
-        self.targets[(app, deployment)] = n
-        ids = self.apps[app][deployment]
-        if n < len(ids) or not self.stuck:
-            super().set_target(app, deployment, n)
-
-    def deploy_group(self, spec, group, slot, model_path):
-        if self.fail_calls:
-            raise ConnectionError("serve controller unreachable")
-        super().deploy_group(spec, group, slot, model_path)
-        app = group_app_name(SERVICE, group.name)
-        for role in Role:
-            dep = deployment_name(SERVICE, group.name, role)
-            self.targets[(app, dep)] = group.count(role)
-            if self.stuck:
-                self.apps[app][dep] = []
-
-    def delete_app(self, app):
-        super().delete_app(app)
-        self.targets = {k: v for k, v in self.targets.items() if k[0] != app}
-
-    def snapshot(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(target, running) per deployment."""
-        return {(app, dep): (self.targets.get((app, dep), len(ids)), len(ids))
-                for app, deps in self.apps.items() for dep, ids in deps.items()}
+RATIO = 1.0  # the harness's service (tests.fakes.spec)
 
 
 class LiveController(RuleBasedStateMachine):

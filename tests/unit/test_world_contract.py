@@ -24,8 +24,7 @@ from bench.sim.scenarios import TraceRate
 from bench.sim.world import SimWorld, service_shape
 from common.vocab import NodeInfo, Role
 from placement.scheduler import in_band
-from tests.unit.test_controller import DG_A, Harness
-from tests.unit.test_live_stateful import FaultyServe
+from tests.fakes import DG_A, FaultyServe, Harness
 
 DEMAND = (0.5, 2.0, 2.0, 4.0, 4.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.2, 3.0, 3.0, 0.0, 0.0)  # decode instances' worth
 CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)
