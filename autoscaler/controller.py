@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import pickle
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
-from autoscaler.model import FleetConfig, PolicyState
+from autoscaler.model import FleetConfig, PolicyState, ServiceDecision, ServiceObservation
 from autoscaler.orphans import group_key
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
@@ -137,7 +138,9 @@ class HeteroScaleController:
                 with self._log_lock:
                     self.decisions.append(entry)
                 self._write_log(entry)
-                self._metrics.export(entry)
+                self._metrics.export(now, observation.services[self.spec.name],
+                                     result.decision.services[self.spec.name],
+                                     self.config.fleet.services[self.spec.name].target_decode_tps_per_instance)
                 stage = "persist"
                 self.ticks += 1
                 self._save()
@@ -295,21 +298,22 @@ class _Metrics:
                                        "when the last tick completed (Unix s): time() minus this grows while the "
                                        "loop is stuck", tag_keys=("service",))
 
-    def export(self, entry: dict) -> None:
+    def export(self, now_s: float, obs: ServiceObservation, dec: ServiceDecision, tps_per_instance: float) -> None:
+        """One tick's gauges from the typed observation and decision (not from the decision-log row)."""
         tags = {"service": self.service}
-        for role in ("prefill", "decode"):
-            counts = entry["observation"][role]
-            for state in ("ready", "pending", "withdrawn", "stuck"):
-                self.replicas.set(counts[state], tags={**tags, "role": role, "state": state})
-            self.replicas.set(entry[f"target_{role}"], tags={**tags, "role": role, "state": "target"})
-            self.gpus.set(sum(counts[s] for s in ("ready", "pending", "withdrawn", "stuck")) * self.gpus_per_replica[role],
-                          tags={**tags, "role": role})
-        if entry["observation"]["decode_tps"] is not None:
-            self.decode_tps.set(entry["observation"]["decode_tps"], tags=tags)
-        if entry.get("target_decode_tps_per_instance") is not None:
-            self.target_tps.set(entry["target_decode"] * entry["target_decode_tps_per_instance"], tags=tags)
-        self.decisions.inc(1, tags={**tags, "action": entry["action"], "reason": entry["reason"]})
-        self.last_tick.set(entry["t"], tags=tags)
+        for role, counts, target in (("prefill", obs.prefill, dec.target_prefill),
+                                     ("decode", obs.decode, dec.target_decode)):
+            states = {s: getattr(counts, s) for s in ("ready", "pending", "withdrawn", "stuck")}
+            for state, n in states.items():
+                self.replicas.set(n, tags={**tags, "role": role, "state": state})
+            self.replicas.set(target, tags={**tags, "role": role, "state": "target"})
+            self.gpus.set(sum(states.values()) * self.gpus_per_replica[role], tags={**tags, "role": role})
+        tps = obs.decode_tps.value
+        if tps is not None and math.isfinite(tps):
+            self.decode_tps.set(tps, tags=tags)
+        self.target_tps.set(dec.target_decode * tps_per_instance, tags=tags)
+        self.decisions.inc(1, tags={**tags, "action": dec.action.value, "reason": dec.reason.value})
+        self.last_tick.set(now_s, tags=tags)
 
     def error(self, stage: str) -> None:
         self.errors.inc(1, tags={"service": self.service, "stage": stage})

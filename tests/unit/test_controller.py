@@ -203,3 +203,38 @@ def test_the_prometheus_source_needs_its_url():
 
     with pytest.raises(ConfigError, match="signal_source 'prometheus' needs prometheus_url"):
         spec(signal_source="prometheus")
+
+
+def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(monkeypatch):
+    """Metrics export reads the typed cycle result (it read the decision-log dict): replicas per state (stuck
+    included), GPUs held, the decode tokens/s the targets can carry, the decision and the tick time."""
+    from ray.util import metrics
+
+    from autoscaler.controller import _Metrics
+    from autoscaler.model import Action, Reason, RoleCounts, ServiceDecision, ServiceObservation, Signal
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, name, *args, **kwargs):
+            self.name = name
+
+        def set(self, value, tags=None):
+            seen.append((self.name, value, tuple(sorted((tags or {}).items()))))
+
+        def inc(self, value=1, tags=None):
+            self.set(value, tags)
+
+    monkeypatch.setattr(metrics, "Gauge", Recorder)
+    monkeypatch.setattr(metrics, "Counter", Recorder)
+    m = _Metrics("svc", {"prefill": 1, "decode": 2})
+    obs = ServiceObservation(decode_tps=Signal(120.0, 1.0), prefill=RoleCounts(1), decode=RoleCounts(2, 1, 0, 1))
+    m.export(5.0, obs, ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3), 100.0)
+    values = {(n, dict(t).get("role"), dict(t).get("state")): v for n, v, t in seen}
+    assert values[("heteroscale_controller_replicas", "decode", "stuck")] == 1
+    assert values[("heteroscale_controller_replicas", "decode", "target")] == 3
+    assert values[("heteroscale_controller_allocated_gpus", "decode", None)] == 8  # 4 replicas x 2 GPUs
+    assert values[("heteroscale_controller_target_decode_tokens_per_second", None, None)] == 300.0
+    assert values[("heteroscale_controller_decode_tokens_per_second", None, None)] == 120.0
+    assert ("heteroscale_controller_decisions_total", 1, (("action", "hold"), ("reason", "no_data"),
+                                                          ("service", "svc"))) in seen
