@@ -2,7 +2,8 @@
 
 A world (the fleet simulator's `bench.sim.world.SimWorld`, the live Ray controller) implements `World`: it reports
 what it observes and what its cluster looks like, and applies actions. `step()` is the whole loop body: observe,
-run the pure `cycle()`, apply. No other module writes an observe/decide/place loop. `decision_entry` is one
+run the pure `cycle()`, apply — after `reconcile(now_s)` for a world that has one (the live world sets back
+what drifted and adopts or retires what it has no record of; `observe` only reads). No other module writes an observe/decide/place loop. `decision_entry` is one
 decision-log row (the live controller's log and the simulated twin's, `bench.sim.twin`). Pure: the clock is the
 caller's `now_s`; I/O happens only inside the world's methods.
 """
@@ -18,6 +19,9 @@ from autoscaler.model import Observation, PolicyState
 
 
 class World(Protocol):
+    """A world may also have `reconcile(now_s)`, which `step` calls first: set back what drifted from what was
+    applied, with no decision of its own (the live world; the simulated ones cannot drift)."""
+
     def observe(self, now_s: float) -> Observation:
         """Windowed signals per service (missing or stale values stay missing)."""
 
@@ -34,6 +38,9 @@ def step(world: World, state: PolicyState, now_s: float, config: CycleConfig
     """One control period: observe, decide and place, apply what is not advisory. Returns the cycle's result
     (with the actions the world could not make real in `failed`) and the new state, which holds what happened
     (`unapplied`), and what it observed (for the decision log and the parity replay)."""
+    reconcile = getattr(world, "reconcile", None)
+    if reconcile is not None:  # a world whose actuator can drift (the live one): set it back first, explicitly
+        reconcile(now_s)
     observation = world.observe(now_s)
     view = world.cluster_view(now_s)
     result, new_state = cycle(state, observation, view, now_s, config)

@@ -74,6 +74,7 @@ class RayWorld:
         self.probe_failures = 0
         self.last_supply: tuple | None = None  # the shape last asked of the cluster autoscaler
         self.observed = False  # Serve's replicas seen at least once
+        self.swept = False  # leftover probes of a dead controller removed (`reconcile`, once)
         self.kv = kv  # get/put/delete of bytes: each created group's own record, for adoption (autoscaler.orphans)
         self.retiring: dict[str, float] = {}  # orphan DG -> when its drain is over and its app is deleted
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
@@ -120,16 +121,25 @@ class RayWorld:
 
     # ---- the port ------------------------------------------------------------------------------------------------
 
-    def observe(self, now_s: float) -> Observation:
-        if not self.observed and not self.advisory:  # a controller starting: what a dead one's probe left
+    def reconcile(self, now_s: float) -> None:
+        """The step's first stage (`autoscaler.port.step`), the only one besides `apply` that writes: Serve
+        targets that drifted are set back, DG applications without a record adopted or retired, and (once,
+        at start) the probe placement groups a dead controller left removed. Advisory mode writes nothing."""
+        if self.advisory:
+            return
+        if not self.swept:  # a controller starting: what a dead one's probe left
             try:
                 self.serve.sweep_probes(self.spec.name)
             except Exception:  # noqa: BLE001 (never keeps the controller from starting; logged)
                 logger.exception("removing leftover probe placement groups of %s failed", self.spec.name)
+            self.swept = True
         details = self.serve.details()
-        if not self.advisory:
-            self._reconcile(details)
-            self._orphans(details, now_s)
+        self._reconcile(details)
+        self._orphans(details, now_s)
+
+    def observe(self, now_s: float) -> Observation:
+        """Reads only: Serve's replicas, the signals, the counts (writes are `reconcile` and `apply`)."""
+        details = self.serve.details()
         with self.lock:
             self.states = {}
             for name, record in self.records.items():

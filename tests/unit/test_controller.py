@@ -159,6 +159,8 @@ def test_a_target_changed_behind_the_controllers_back_is_set_back():
     h.serve.set_target(app, dep, 2)  # someone scales decode by hand
     h.serve.calls.clear()
     h.report(20)
+    h.ctl.world.observe(h.clock.t)  # observing only reads (issue 21): reconciling is the step's own stage
+    assert h.serve.calls == [] and len(h.serve.apps[app][dep]) == 2
     h.ctl.tick()
     assert ("set_target", app, dep, 1) in h.serve.calls and len(h.serve.apps[app][dep]) == 1
     h.serve.calls.clear()
