@@ -12,20 +12,18 @@ absolute and level-triggered; with no fresh signals yet the policy holds). Decis
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import pickle
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
-from autoscaler.model import FleetConfig, PolicyState, ServiceDecision, ServiceObservation
+from autoscaler.model import FleetConfig, PolicyState
 from autoscaler.orphans import group_key
+from autoscaler.outputs import ControllerMetrics, append_decision
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.settings import controller_settings, policy_config
@@ -77,7 +75,7 @@ class HeteroScaleController:
         # the decision log, the parity records and the error counts are written by the tick thread and the
         # event loop (reports) and read on the event loop (status): one short lock around each touch
         self._log_lock = threading.Lock()
-        self._metrics = metrics if metrics is not None else _Metrics(
+        self._metrics = metrics if metrics is not None else ControllerMetrics(
             spec.name, {"prefill": spec.roles.prefill.gpus_per_replica, "decode": spec.roles.decode.gpus_per_replica})
         self._stop = threading.Event()
         # The loop runs in a thread started here, so a controller that Ray restarts resumes by itself.
@@ -240,14 +238,8 @@ class HeteroScaleController:
         self._kv.put(_kv_key(self.spec.name), blob)
 
     def _write_log(self, entry: dict) -> None:
-        """Append to the JSONL decision log; past `decision_log_max_mb` it rotates to `<path>.1` first."""
         if self.settings.decision_log:
-            path = Path(self.settings.decision_log)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and path.stat().st_size >= self.settings.decision_log_max_mb * 1e6:
-                path.replace(path.with_name(path.name + ".1"))
-            with path.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_decision(self.settings.decision_log, entry, self.settings.decision_log_max_mb)
 
 
 class RayKV:
@@ -272,51 +264,6 @@ class RayKV:
         from ray.experimental import internal_kv
 
         return internal_kv._internal_kv_list(prefix, namespace=CONTROLLER_NAMESPACE)
-
-
-class _Metrics:
-    """Prometheus metrics of the controller (labels: service, role, state, action, reason, stage: bounded)."""
-
-    def __init__(self, service: str, gpus_per_replica: dict[str, int]):
-        from ray.util import metrics
-
-        self.service, self.gpus_per_replica = service, gpus_per_replica
-        self.replicas = metrics.Gauge("heteroscale_controller_replicas", "replicas per role and state",
-                                      tag_keys=("service", "role", "state"))
-        self.gpus = metrics.Gauge("heteroscale_controller_allocated_gpus", "GPUs held per role (ready, starting "
-                                  "and withdrawn replicas x GPUs per replica): integrate for GPU-hours",
-                                  tag_keys=("service", "role"))
-        self.decode_tps = metrics.Gauge("heteroscale_controller_decode_tokens_per_second",
-                                        "observed decode tokens/s (unset when missing)", tag_keys=("service",))
-        self.target_tps = metrics.Gauge("heteroscale_controller_target_decode_tokens_per_second",
-                                        "target decode tokens/s of the current decode target", tag_keys=("service",))
-        self.decisions = metrics.Counter("heteroscale_controller_decisions_total", "decisions by action and reason",
-                                         tag_keys=("service", "action", "reason"))
-        self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
-                                      tag_keys=("service", "stage"))
-        self.last_tick = metrics.Gauge("heteroscale_controller_last_tick_timestamp_seconds",
-                                       "when the last tick completed (Unix s): time() minus this grows while the "
-                                       "loop is stuck", tag_keys=("service",))
-
-    def export(self, now_s: float, obs: ServiceObservation, dec: ServiceDecision, tps_per_instance: float) -> None:
-        """One tick's gauges from the typed observation and decision (not from the decision-log row)."""
-        tags = {"service": self.service}
-        for role, counts, target in (("prefill", obs.prefill, dec.target_prefill),
-                                     ("decode", obs.decode, dec.target_decode)):
-            states = {s: getattr(counts, s) for s in ("ready", "pending", "withdrawn", "stuck")}
-            for state, n in states.items():
-                self.replicas.set(n, tags={**tags, "role": role, "state": state})
-            self.replicas.set(target, tags={**tags, "role": role, "state": "target"})
-            self.gpus.set(sum(states.values()) * self.gpus_per_replica[role], tags={**tags, "role": role})
-        tps = obs.decode_tps.value
-        if tps is not None and math.isfinite(tps):
-            self.decode_tps.set(tps, tags=tags)
-        self.target_tps.set(dec.target_decode * tps_per_instance, tags=tags)
-        self.decisions.inc(1, tags={**tags, "action": dec.action.value, "reason": dec.reason.value})
-        self.last_tick.set(now_s, tags=tags)
-
-    def error(self, stage: str) -> None:
-        self.errors.inc(1, tags={"service": self.service, "stage": stage})
 
 
 def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]], deployer: str | None = None):

@@ -212,7 +212,7 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     included), GPUs held, the decode tokens/s the targets can carry, the decision and the tick time."""
     from ray.util import metrics
 
-    from autoscaler.controller import _Metrics
+    from autoscaler.outputs import ControllerMetrics
     from autoscaler.model import Action, Reason, RoleCounts, ServiceDecision, ServiceObservation, Signal
 
     seen = []
@@ -229,7 +229,7 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
 
     monkeypatch.setattr(metrics, "Gauge", Recorder)
     monkeypatch.setattr(metrics, "Counter", Recorder)
-    m = _Metrics("svc", {"prefill": 1, "decode": 2})
+    m = ControllerMetrics("svc", {"prefill": 1, "decode": 2})
     obs = ServiceObservation(decode_tps=Signal(120.0, 1.0), prefill=RoleCounts(1), decode=RoleCounts(2, 1, 0, 1))
     m.export(5.0, obs, ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3), 100.0)
     values = {(n, dict(t).get("role"), dict(t).get("state")): v for n, v, t in seen}
