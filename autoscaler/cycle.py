@@ -137,8 +137,9 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         groups = [WorkingGroup.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
         target = (dec.target_prefill, dec.target_decode)
-        stuck = cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target))
-        if any(stuck):  # placed again below where there is room; what is not, the state lets go (`_realized`)
+        if any(g.base.prefill.stuck or g.base.decode.stuck for g in groups) and \
+                cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target)):
+            # cancelled now, placed again below where there is room; what is not, the state lets go (`_realized`)
             let_go.add(name)
             groups = [g for g in groups if g.num_prefill or g.num_decode]
         held_p, held_d, _, _ = totals(groups)

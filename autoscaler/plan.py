@@ -69,11 +69,11 @@ def terminate_withdrawn(groups: Sequence[WorkingGroup], prefill: int, decode: in
     return prefill, decode
 
 
-def cancel_stuck(groups: Sequence[WorkingGroup], ratio: float | None) -> tuple[int, int]:
+def cancel_stuck(groups: Sequence[WorkingGroup], ratio: float | None) -> bool:
     """Cancel the replicas the world reports stuck (not Ready past its bound: never served), every group kept
     inside its band; a group left without one role goes whole (nothing can be served there: KV never leaves a
-    group). Returns how many of each role went; the cycle places that capacity again where there is room."""
-    gone_p = gone_d = 0
+    group). Returns whether any went; the cycle places that capacity again where there is room."""
+    cancelled = False
     for g in groups:
         sp, sd = g.base.prefill.stuck, g.base.decode.stuck
         if not (sp or sd):
@@ -88,10 +88,10 @@ def cancel_stuck(groups: Sequence[WorkingGroup], ratio: float | None) -> tuple[i
                 lo, hi = prefill_band(d, ratio)
             p = max(p, min(lo, g.num_prefill))
         if (p, d) != (g.num_prefill, g.num_decode):
-            gone_p, gone_d = gone_p + g.num_prefill - p, gone_d + g.num_decode - d
             g.num_prefill, g.num_decode, g.why = p, d, Why.STUCK
             g.withdrawn_prefill, g.withdrawn_decode = min(g.withdrawn_prefill, p), min(g.withdrawn_decode, d)
-    return gone_p, gone_d
+            cancelled = True
+    return cancelled
 
 
 def cut_starting(groups: Sequence[WorkingGroup], prefill: int, decode: int, ratio: float | None) -> tuple[int, int]:
@@ -113,8 +113,8 @@ def cut_starting(groups: Sequence[WorkingGroup], prefill: int, decode: int, rati
 
 
 def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
-                  groups: list[WorkingGroup], room, only_withdrawn: bool = False, hard: bool = False
-                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
+                 groups: list[WorkingGroup], room, only_withdrawn: bool = False, hard: bool = False
+                 ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
     """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
     whether the groups keep more than the target. What a cut may take: a termination (`only_withdrawn`),
     withdrawn replicas; a soft scale-in, replicas still starting, each group its own; the rest of the cut stays
