@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
 from autoscaler.model import FleetConfig, PolicyState
-from autoscaler.orphans import group_key
 from autoscaler.outputs import ControllerMetrics, append_decision
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
+from autoscaler.serve_client import RayKV
 from autoscaler.settings import controller_settings, policy_config
 from autoscaler.signals import IngressReport, ReplicaReport
 from autoscaler.supply import plan_supply
 from common import wire
 from common.config import ServiceSpec
-from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup, Role, controller_name
+from common.vocab import DeploymentGroup, Role
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,8 @@ class Persisted:
     ticks: int = 0
 
 
-def _kv_key(service: str) -> bytes:
-    return f"heteroscale/{service}/controller-state".encode()
-
-
 class HeteroScaleController:
-    """The actor class (wrapped with `ray.remote` by `start()`)."""
+    """The actor class (wrapped with `ray.remote` by `autoscaler.lifecycle.start()`)."""
 
     def __init__(self, spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]],
                  clock=time.time, serve=None, kv=None, metrics=None, autostart: bool = True,
@@ -223,7 +219,7 @@ class HeteroScaleController:
     def _load(self) -> Persisted | None:
         """The saved state (versioned JSON, `autoscaler.persistence`); an unreadable one is logged and the
         controller starts from what it sees (the policy is seeded from the groups, never below them)."""
-        raw = self._kv.get(_kv_key(self.spec.name))
+        raw = self._kv.get(persistence.state_key(self.spec.name))
         if not raw:
             return None
         try:
@@ -235,86 +231,8 @@ class HeteroScaleController:
     def _save(self) -> None:
         with self.world.lock:
             blob = persistence.encode(self.state, dict(self.world.records), self.ticks)
-        self._kv.put(_kv_key(self.spec.name), blob)
+        self._kv.put(persistence.state_key(self.spec.name), blob)
 
     def _write_log(self, entry: dict) -> None:
         if self.settings.decision_log:
             append_decision(self.settings.decision_log, entry, self.settings.decision_log_max_mb)
-
-
-class RayKV:
-    """Ray's internal KV (in the GCS: survives the controller actor, not the cluster)."""
-
-    def get(self, key: bytes) -> bytes | None:
-        from ray.experimental import internal_kv
-
-        return internal_kv._internal_kv_get(key, namespace=CONTROLLER_NAMESPACE)
-
-    def put(self, key: bytes, value: bytes) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=CONTROLLER_NAMESPACE)
-
-    def delete(self, key: bytes) -> None:
-        from ray.experimental import internal_kv
-
-        internal_kv._internal_kv_del(key, namespace=CONTROLLER_NAMESPACE)
-
-    def keys(self, prefix: bytes) -> list[bytes]:
-        from ray.experimental import internal_kv
-
-        return internal_kv._internal_kv_list(prefix, namespace=CONTROLLER_NAMESPACE)
-
-
-def start(spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]], deployer: str | None = None):
-    """Start the service's detached controller actor (its loop starts with it). A controller already running
-    for the service (a re-deploy) is replaced so the new spec takes effect; its saved state is kept, so the
-    new one resumes where the old one was. `deployer` ("module:function") builds and runs a new DG's
-    application; the wiring layer passes it, so this package never imports the serving layer. Returns the
-    handle."""
-    import ray
-
-    name = controller_name(spec.name)
-    try:
-        old = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
-        ray.kill(old, no_restart=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the name is free once the old actor is dead
-            try:
-                ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
-                time.sleep(0.2)
-            except ValueError:
-                break
-    except ValueError:
-        pass
-    actor = ray.remote(HeteroScaleController).options(
-        name=name, namespace=CONTROLLER_NAMESPACE, lifetime="detached", max_restarts=-1, max_concurrency=64,
-        num_cpus=0)
-    handle = actor.remote(spec, model_path, groups, deployer=deployer)
-    ray.get(handle.ping.remote())
-    return handle
-
-
-def find(service: str):
-    import ray
-
-    return ray.get_actor(controller_name(service), namespace=CONTROLLER_NAMESPACE)
-
-
-def stop(service: str) -> bool:
-    """Kill the controller for good and forget its saved state. Returns whether one was running."""
-    import ray
-
-    try:
-        ray.kill(find(service), no_restart=True)
-        found = True
-    except ValueError:
-        found = False
-    kv = RayKV()
-    kv.delete(_kv_key(service))
-    for key in kv.keys(group_key(service, "")):  # the created groups' own records (autoscaler.orphans)
-        kv.delete(key)
-    from placement.ray_adapter import withdraw_supply
-
-    withdraw_supply(service)  # its part of the cluster autoscaler's request, if it asked for nodes
-    return found

@@ -27,6 +27,11 @@ from common.vocab import DeploymentGroup, Role
 STATE_VERSION = 1
 
 
+def state_key(service: str) -> bytes:
+    """The internal-KV key of a service's controller state."""
+    return f"heteroscale/{service}/controller-state".encode()
+
+
 class StateError(ValueError):
     """A saved state this controller cannot read (another version, a missing or bad field)."""
 

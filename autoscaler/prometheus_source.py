@@ -27,11 +27,10 @@ from __future__ import annotations
 import json
 import math
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
+
+import httpx
 
 from autoscaler.model import Signal
 from autoscaler.signals import ServiceSignals
@@ -76,12 +75,14 @@ def demand_queries(service: str, window_s: float) -> tuple[str, str]:
 
 
 def http_query(url: str, promql: str, timeout_s: float) -> list[dict]:
-    target = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
     try:
-        with urllib.request.urlopen(target, timeout=timeout_s) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        body = json.loads(err.read() or b"{}")
+        resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout_s)
+    except httpx.HTTPError as exc:  # unreachable or too slow: an OSError like any other I/O failure
+        raise ConnectionError(f"Prometheus at {url}: {type(exc).__name__}: {exc}") from exc
+    try:
+        body = resp.json()
+    except json.JSONDecodeError:
+        body = {"errorType": f"HTTP {resp.status_code}", "error": resp.text[:200]}
     if body.get("status") != "success":
         raise ValueError(f"PromQL {promql!r} failed: {body.get('errorType')}: {body.get('error')}")
     return body["data"]["result"]

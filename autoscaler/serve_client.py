@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from common.config import ServiceSpec
-from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
+from common.vocab import CONTROLLER_NAMESPACE, DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
 from placement.scheduler import ServiceShape
 
 _HOLDING = {"STARTING", "UPDATING", "RECOVERING", "RUNNING", "PENDING_MIGRATION"}  # replica states holding GPUs
@@ -126,3 +126,27 @@ def role_states(details: dict, service: str, group: str) -> dict[Role, RoleState
                               frozenset(r["replica_id"] for r in replicas if state(r) == "RUNNING"),
                               sum(1 for r in replicas if state(r) in _HOLDING))
     return out
+
+
+class RayKV:
+    """Ray's internal KV (in the GCS: survives the controller actor, not the cluster)."""
+
+    def get(self, key: bytes) -> bytes | None:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(key, namespace=CONTROLLER_NAMESPACE)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=CONTROLLER_NAMESPACE)
+
+    def delete(self, key: bytes) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(key, namespace=CONTROLLER_NAMESPACE)
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_list(prefix, namespace=CONTROLLER_NAMESPACE)

@@ -13,6 +13,8 @@ import bisect
 import math
 from typing import Iterable, Sequence
 
+import numpy as np
+
 PER_DECADE = 16
 LOW_S, HIGH_S = 5e-4, 120.0
 BOUNDS_S: tuple[float, ...] = tuple(
@@ -76,3 +78,13 @@ def quantile(counts: Sequence[int], q: float) -> float | None:
             return lo + (hi - lo) * max(rank - seen, 0) / c
         seen += c
     return BOUNDS_S[-1] * 2
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The exact sample quantile `q` in [0, 1] of raw samples (numpy's linear interpolation); NaN for none.
+    The one percentile of the project: engines' windows, the load bench and the simulators use it."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"q ({q}) must be in [0, 1]")
+    if len(values) == 0:
+        return math.nan
+    return float(np.percentile(np.asarray(values, dtype=float), q * 100))

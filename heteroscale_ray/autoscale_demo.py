@@ -69,14 +69,14 @@ def _replay(url: str, service: ServiceSpec, trace, out: Path, progress, started:
 
 def _watch(service: ServiceSpec, stop: threading.Event, progress, interval_s: float = 10.0) -> None:
     """Print the controller's targets and groups every `interval_s` while the load runs."""
-    from autoscaler import controller
+    from autoscaler import lifecycle
 
     import ray
 
     last = None
     while not stop.wait(interval_s):
         try:
-            st = ray.get(controller.find(service.name).status.remote(), timeout=20)
+            st = ray.get(lifecycle.find(service.name).status.remote(), timeout=20)
         except Exception as exc:  # report and keep watching: the controller may be restarting
             progress(f"  (controller status unavailable: {exc})")
             continue
@@ -160,7 +160,7 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
         runs_dir: str | Path = "runs") -> int:
     import ray
 
-    from autoscaler import controller
+    from autoscaler import lifecycle
 
     if service.autoscaling is None or not service.autoscaling.enabled:
         raise ValueError(f"service {service.name!r} has no enabled `autoscaling` section; the autoscaling demo "
@@ -174,7 +174,7 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
         address = local_cluster.up(cluster, progress=progress).address
     try:
         url = svc.deploy(service, address, progress=progress)
-        handle = controller.find(service.name)
+        handle = lifecycle.find(service.name)
         first_tick = ray.get(handle.ping.remote())["ticks"]
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(service, stop, progress), daemon=True)

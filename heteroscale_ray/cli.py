@@ -93,7 +93,7 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_undeploy(args) -> int:
-    from heteroscale_ray import local_cluster, service
+    from heteroscale_ray import service
 
     spec = load_service_spec(args.service)
     address = _cluster_address(args)  # never "auto": that would find whichever Ray cluster runs on this machine

@@ -5,9 +5,9 @@ through the official `openai` client, print what each deployment group served, t
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import time
-import urllib.request
+
+import httpx
 
 from heteroscale_ray import local_cluster, service as svc
 from common.config import ClusterSpec, ServiceSpec, check_service_fits_cluster
@@ -51,10 +51,10 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
         results = _burst(url, service.model.id, service.api_key())
         for r in results:
             progress(f"  #{r['i']:02d} {r['kind']:<12} {r['latency_s']*1000:7.0f} ms  {r['text'][:48]!r}")
-        request = urllib.request.Request(f"{url}/v1/heteroscale/stats")
-        if service.api_key():
-            request.add_header("Authorization", f"Bearer {service.api_key()}")
-        routed = json.loads(urllib.request.urlopen(request, timeout=10).read())["routed"]
+        headers = {"Authorization": f"Bearer {service.api_key()}"} if service.api_key() else {}
+        stats_resp = httpx.get(f"{url}/v1/heteroscale/stats", headers=headers, timeout=10)
+        stats_resp.raise_for_status()
+        routed = stats_resp.json()["routed"]
         progress("what each deployment group served:")
         for group, role, handle in svc.engine_handles(service):
             labels = handle.placement.remote().result(timeout_s=30)["labels"]

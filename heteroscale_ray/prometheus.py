@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
+
+import httpx
 
 from heteroscale_ray.local_cluster import system_binary
 
@@ -61,9 +62,8 @@ def start(temp_dir: str, ingress_targets: list[str], port: int = DEFAULT_PORT, p
 
 def _ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
         return False
 
 

@@ -107,9 +107,9 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     for name in [g.app_name for g in groups] + [service.name]:
         wait_running(name, timeout_s=timeout_s, progress=progress)
     if service.autoscaling is not None and service.autoscaling.enabled:
-        from autoscaler import controller
+        from autoscaler import lifecycle
 
-        controller.start(service, path, [(g.group, g.slot) for g in groups], deployer=DEPLOYER)
+        lifecycle.start(service, path, [(g.group, g.slot) for g in groups], deployer=DEPLOYER)
         mode = "advisory" if service.autoscaling.advisory else "active"
         progress(f"controller {controller_name(service.name)} started ({mode}, every "
                  f"{service.autoscaling.control_period_s:g}s)")
@@ -173,7 +173,7 @@ def deploy_group(spec: ServiceSpec, group: DeploymentGroup, slot: int, model_pat
     return built.group
 
 
-DEPLOYER = f"{__name__}:{deploy_group.__name__}"  # what `controller.start` is given
+DEPLOYER = f"{__name__}:{deploy_group.__name__}"  # what `lifecycle.start` is given
 
 
 def placements(service: ServiceSpec) -> list[dict]:
@@ -185,10 +185,10 @@ def undeploy(service_name: str, address: str | None = None) -> list[str]:
     """Stop the controller (forgetting its state), then delete the ingress and every DG application."""
     from ray import serve
 
-    from autoscaler import controller
+    from autoscaler import lifecycle
 
     connect(address)
-    controller.stop(service_name)
+    lifecycle.stop(service_name)
     apps = [a for a in [service_name, *group_apps(service_name)] if a in serve.status().applications]
     for name in apps:
         serve.delete(name)
@@ -200,7 +200,7 @@ def status(service: ServiceSpec, address: str | None = None) -> dict:
     import ray
     from ray import serve
 
-    from autoscaler import controller
+    from autoscaler import lifecycle
 
     connect(address)
     apps = serve.status().applications
@@ -210,7 +210,7 @@ def status(service: ServiceSpec, address: str | None = None) -> dict:
         report["applications"][name] = {dep: {"status": str(d.status), "replicas": dict(d.replica_states)}
                                         for dep, d in apps[name].deployments.items()}
     try:
-        report["controller"] = ray.get(controller.find(service.name).status.remote(), timeout=30)
+        report["controller"] = ray.get(lifecycle.find(service.name).status.remote(), timeout=30)
     except ValueError:
         report["controller"] = None  # fixed replica counts, or not deployed
     return report

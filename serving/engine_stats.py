@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from common import histogram
+from common.histogram import percentile
 
 try:  # The logger base class is vLLM's; the counters work without vLLM (unit tests).
     from vllm.v1.metrics.loggers import StatLoggerBase as _Base
@@ -59,15 +60,6 @@ class StatsSnapshot:
         never 0, which would read as perfect latency)."""
         return {key: float(value) for key, value in self.__dict__.items()
                 if not (isinstance(value, float) and math.isnan(value))}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = q * (len(ordered) - 1)
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 class EngineStats:
@@ -144,10 +136,10 @@ class EngineStats:
                 decode_tokens_per_s=(current[1] - start[1]) / span,
                 prefill_computed_tokens_per_s=(current[2] - start[2]) / span,
                 prompt_external_tokens_per_s=(current[3] - start[3]) / span,
-                ttft_p50_s=_percentile(ttft, 0.5),
-                ttft_p90_s=_percentile(ttft, 0.9),
-                tbt_p50_s=_percentile(tbt, 0.5),
-                tbt_p90_s=_percentile(tbt, 0.9),
+                ttft_p50_s=percentile(ttft, 0.5),
+                ttft_p90_s=percentile(ttft, 0.9),
+                tbt_p50_s=percentile(tbt, 0.5),
+                tbt_p90_s=percentile(tbt, 0.9),
                 num_running=float(self.num_running),
                 num_waiting=float(self.num_waiting),
                 kv_cache_usage=float(self.kv_cache_usage),

@@ -24,7 +24,6 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fastapi import HTTPException, Request, status

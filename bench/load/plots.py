@@ -13,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.load.stats import RequestResult, percentile  # noqa: E402
+from bench.load.stats import RequestResult  # noqa: E402
+from common.histogram import percentile  # noqa: E402
 
 
 def _bins(results: Sequence[RequestResult], bin_s: float):

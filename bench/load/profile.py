@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from bench.load.stats import RequestResult, percentile
+from bench.load.stats import RequestResult
+from common.histogram import percentile
 
 
 @dataclass(frozen=True)

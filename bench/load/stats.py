@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from common.histogram import percentile
 
 
 @dataclass
@@ -29,18 +30,6 @@ class RequestResult:
 
     def tbt_p90_s(self) -> float | None:
         return percentile(self.itls_s, 0.9) if self.itls_s else None
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default); NaN for no values."""
-    if not 0 <= q <= 1:
-        raise ValueError(f"q ({q}) must be in [0, 1]")
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = q * (len(ordered) - 1)
-    lo, hi = math.floor(rank), math.ceil(rank)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 def _dist_ms(values: Sequence[float]) -> dict:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import loadgen  # noqa: E402
-from bench.load.stats import percentile  # noqa: E402
+from common.histogram import percentile  # noqa: E402
 from bench.load.traces import TraceRequest  # noqa: E402
 from bench.results_io import merge_result  # noqa: E402
 from common.config import parse_cluster_spec, parse_service_spec  # noqa: E402

@@ -58,9 +58,9 @@ def _load(stop: threading.Event, model: str, workers: int = 4) -> None:
 def _status(spec):
     import ray
 
-    from autoscaler import controller
+    from autoscaler import lifecycle
 
-    return ray.get(controller.find(spec.name).status.remote(), timeout=30)
+    return ray.get(lifecycle.find(spec.name).status.remote(), timeout=30)
 
 
 def _ready(st) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from bench.sim.model import PREFILL_CHUNK_TOKENS, Capacity, SimService, evaluate, size_bins
 from bench.sim.perf_model import GPUS, MODELS, kv_transfer_time_s
-from bench.load.stats import percentile
+from common.histogram import percentile
 
 
 @dataclass

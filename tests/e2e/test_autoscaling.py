@@ -26,7 +26,8 @@ import ray
 import yaml
 from openai import OpenAI
 
-from autoscaler import controller
+from autoscaler import lifecycle
+from autoscaler.controller import HeteroScaleController
 from bench.sim.replay import replay
 from common.config import parse_cluster_spec, parse_service_spec
 from heteroscale_ray import local_cluster, prometheus
@@ -89,11 +90,11 @@ class Load:
 
 
 def status(spec) -> dict:
-    return ray.get(controller.find(spec.name).status.remote(), timeout=60)
+    return ray.get(lifecycle.find(spec.name).status.remote(), timeout=60)
 
 
 def decisions(spec, since_tick: int = 0) -> list[dict]:
-    return ray.get(controller.find(spec.name).decision_log.remote(since_tick), timeout=60)
+    return ray.get(lifecycle.find(spec.name).decision_log.remote(since_tick), timeout=60)
 
 
 def wait_for(what: str, predicate, timeout_s: float, spec) -> dict:
@@ -153,11 +154,11 @@ def test_load_step_scales_out_a_second_group_then_withdraws_restores_and_termina
         st = wait_for("the new DG serving", lambda s: len(s["groups"]) == 2 and ready(s, "decode") == 2 and
                       ready(s, "prefill") == 2, 300, spec)
         time.sleep(6)  # both DGs take traffic
-        parity_records = pickle.loads(ray.get(controller.find(spec.name).recorded_cycles.remote()))
+        parity_records = pickle.loads(ray.get(lifecycle.find(spec.name).recorded_cycles.remote()))
 
         # the controller killed mid-run: Ray restarts it, it resumes its state and acts on nothing spurious
         before = status(spec)
-        ray.kill(controller.find(spec.name), no_restart=False)
+        ray.kill(lifecycle.find(spec.name), no_restart=False)
         after = wait_for("the controller back", lambda s: s["resumed"] and s["ticks"] > before["ticks"] + 2, 90, spec)
         assert (after["target_prefill"], after["target_decode"]) == (2, 2) and len(after["groups"]) == 2
         resumed_log = decisions(spec, before["ticks"])
@@ -188,7 +189,7 @@ def test_load_step_scales_out_a_second_group_then_withdraws_restores_and_termina
     assert len(svc.group_apps(spec.name)) == 1
 
     # parity: what the live controller observed, replayed through the simulator's driver, gives its actions
-    replayed = replay(parity_records, controller.HeteroScaleController.cycle_config(spec))
+    replayed = replay(parity_records, HeteroScaleController.cycle_config(spec))
     assert [a for _, a in replayed] == [r[3] for r in parity_records]
     assert any(r[3] for r in parity_records)
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from autoscaler import controller
+from autoscaler import lifecycle
 from common.config import parse_cluster_spec, parse_service_spec
 from heteroscale_ray import local_cluster
 from heteroscale_ray import service as svc
@@ -62,7 +62,7 @@ def test_a_controller_without_state_cuts_nothing_before_a_scale_in_and_its_windo
     s = spec()
     svc.deploy(s, cluster.address, timeout_s=900)  # waits for every engine, then starts the controller
     try:
-        ctl = controller.find(s.name)
+        ctl = lifecycle.find(s.name)
         seen, deadline = [], time.monotonic() + 120  # bounded: the window, a few periods, slack for a slow CI
         while time.monotonic() < deadline:
             st = ray.get(ctl.status.remote(), timeout=60)

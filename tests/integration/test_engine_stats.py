@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from serving.engine_stats import EngineStats, _percentile
+from serving.engine_stats import EngineStats
 
 
 class FakeClock:
@@ -53,11 +53,6 @@ def test_old_samples_leave_the_window():
     snap = stats.snapshot(10.0)
     assert snap.ttft_p90_s == pytest.approx(0.2)
     assert snap.decode_tokens_per_s < 10.0
-
-
-def test_percentile_interpolates():
-    assert _percentile([1, 2, 3, 4], 0.5) == 2.5
-    assert math.isnan(_percentile([], 0.9))
 
 
 def test_logger_reads_real_vllm_stat_objects():

@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from autoscaler.model import Action, Observation, PolicyConfig, Reason, ServiceObservation
+from autoscaler.model import Action, PolicyConfig, Reason, ServiceObservation
 from autoscaler.policy import decide_service
 from autoscaler.prometheus_source import PrometheusSource
 from autoscaler.signals import ReplicaReport, SignalStore

@@ -125,7 +125,7 @@ def service():
     from ray import serve
     from ray.serve.api import _run
 
-    from autoscaler import controller
+    from autoscaler import lifecycle
     from common.wire import RoutingEntry
     from serving.ingress import PDIngressDeployment
 
@@ -137,7 +137,7 @@ def service():
         group = DeploymentGroup(GROUP, SERVICE, "s1", "s1-a", "L20", "H20", 1, 1)
         app = _stub(Role.DECODE).bind(_stub(Role.PREFILL).bind())
         _run(app, _blocking=True, name=group_app_name(SERVICE, GROUP), route_prefix=None, external_scaler_enabled=True)
-        controller.start(SPEC, "unused", [(group, 0)])
+        lifecycle.start(SPEC, "unused", [(group, 0)])
         card = {"id": "stub", "object": "model", "owned_by": "test", "permission": [], "metadata": {}}
         ingress = serve.deployment(PDIngressDeployment, name="ingress", ray_actor_options={"num_cpus": 0},
                                    max_ongoing_requests=1000)
@@ -148,7 +148,7 @@ def service():
             report_interval_s=0.5, service=SERVICE), name=SERVICE, route_prefix="/")
         yield SPEC
     finally:
-        controller.stop(SERVICE)
+        lifecycle.stop(SERVICE)
         svc.disconnect()
         local_cluster.down(temp_dir=TEMP_DIR)
 
@@ -177,7 +177,6 @@ def test_scale_in_under_load_loses_no_request_and_survives_controller_and_gcs_re
     planned = loadgen.plan(cfg, trace)
     load = threading.Thread(target=lambda: asyncio.run(loadgen.replay(cfg, planned, ["hi"] * len(planned))),
                             daemon=True)
-    start = time.monotonic()
     load.start()
     # the controller actor, then Serve's controller, killed mid-run (Ray restarts both; the first resumes)
     time.sleep(3.3 * PHASE_S)

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from bench.load.plots import read_series, write_plots
-from bench.load.stats import RequestResult, percentile, summarize
+from bench.load.stats import RequestResult, summarize
+from common.histogram import percentile
 
 
 def test_percentile_matches_linear_interpolation():

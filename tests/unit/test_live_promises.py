@@ -269,13 +269,14 @@ def test_the_saved_state_is_versioned_json_and_an_unreadable_one_is_refused_by_n
     import pytest
 
     from autoscaler import persistence
-    from autoscaler.controller import HeteroScaleController, _kv_key
+    from autoscaler.controller import HeteroScaleController
+    from autoscaler.persistence import state_key
     from autoscaler.ray_world import GroupRecord
     from tests.fakes import DG_A, NoMetrics
 
     h = two_groups()
     h.run(10, decode_tps_each=20)  # a soft scale-in in progress: withdrawn replicas, members, soft state
-    raw = h.kv[_kv_key(SERVICE)]
+    raw = h.kv[state_key(SERVICE)]
     saved = json.loads(raw)
     assert saved["version"] == persistence.STATE_VERSION and set(saved["records"]) == set(h.ctl.world.records)
     policy, records, ticks = persistence.decode(raw, GroupRecord)
@@ -286,7 +287,7 @@ def test_the_saved_state_is_versioned_json_and_an_unreadable_one_is_refused_by_n
     del broken["records"]["dg-a"]["slot"]
     with pytest.raises(persistence.StateError, match="records.dg-a.*slot"):
         persistence.decode(json.dumps(broken).encode(), GroupRecord)
-    h.kv[_kv_key(SERVICE)] = pickle.dumps({"an": "older format"})
+    h.kv[state_key(SERVICE)] = pickle.dumps({"an": "older format"})
     again = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
                                   metrics=NoMetrics(), autostart=False)
     assert not again.resumed and "ignoring the saved controller state" in caplog.text
@@ -343,7 +344,8 @@ def test_a_controller_that_lost_its_state_adopts_the_groups_it_created_and_retir
     unreadable and held GPUs forever. Each created group has its own record: the new controller adopts it at
     Serve's targets and cuts nothing; an application without a record leaves routing and is deleted only
     after the drain time."""
-    from autoscaler.controller import HeteroScaleController, _kv_key
+    from autoscaler.controller import HeteroScaleController
+    from autoscaler.persistence import state_key
     from autoscaler.orphans import group_key
     from common.vocab import Role, deployment_name
     from tests.fakes import DG_A, NoMetrics
@@ -352,7 +354,7 @@ def test_a_controller_that_lost_its_state_adopts_the_groups_it_created_and_retir
     assert group_key(SERVICE, "tiny-chat-s1-b") in h.kv and group_key(SERVICE, "dg-a") not in h.kv
     stray = group_app_name(SERVICE, "stray")  # deployed by hand, never the controller's
     h.serve.apps[stray] = {deployment_name(SERVICE, "stray", r): h.serve._ids(1) for r in Role}
-    h.kv[_kv_key(SERVICE)] = b"{not json"  # an unreadable state
+    h.kv[state_key(SERVICE)] = b"{not json"  # an unreadable state
     h.ctl = HeteroScaleController(h.spec, "/m", [(DG_A, 0)], clock=h.clock, serve=h.serve, kv=h.kv,
                                   metrics=NoMetrics(), autostart=False)
     assert not h.ctl.resumed and set(h.ctl.world.records) == {"dg-a"}

@@ -13,10 +13,10 @@ from tests.conftest import ROOT
 PACKAGES = ("autoscaler", "serving", "placement", "heteroscale_ray", "common", "bench")
 KV = "ray.experimental.internal_kv._internal_kv_"
 ALLOWED = {
-    # the controller's saved state and the created groups' records (Ray's internal KV has no public API)
-    "autoscaler/controller.py": {KV + "get", KV + "put", KV + "del", KV + "list"},
-    # Serve's external scaling call and bounded instance details (the REST endpoint needs the dashboard)
-    "autoscaler/serve_client.py": {"ray.serve._private.common.DeploymentID", "ray.serve.context._get_global_client"},
+    # Serve's external scaling call and bounded instance details (the REST endpoint needs the dashboard); the
+    # controller's saved state and the created groups' records (Ray's internal KV has no public API)
+    "autoscaler/serve_client.py": {"ray.serve._private.common.DeploymentID", "ray.serve.context._get_global_client",
+                                   KV + "get", KV + "put", KV + "del", KV + "list"},
     # free GPUs per node and the node-supply parts shared by the services' controllers
     "placement/ray_adapter.py": {"ray._private.state", KV + "get", KV + "put", KV + "del", KV + "list",
                                  KV + "exists"},
