@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 from autoscaler.model import Action, Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
 from autoscaler.plan import FreeIndex, WorkingGroup, cancel_stuck, plan_service, room, totals
-from autoscaler.policy import decide, ratio_in_force
+from autoscaler.policy import current_ratio, decide, ratio_in_force
 from common.vocab import DeploymentGroup, NodeInfo
 from placement.scheduler import (
     ActionKind as PlaceKind,
@@ -46,6 +46,7 @@ from placement.scheduler import (
     ServiceShape,
     Unplaced,
     Why,
+    nearest_ratio_in_band,
     place,
 )
 from placement.topology import build_tree
@@ -121,6 +122,11 @@ class CycleResult:
 _CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # the decisions that may lower what groups hold
 
 
+def _soft_ratio(st) -> float | None:
+    """The adaptive ratio a soft scale-in in progress withdraws towards (None: the ratio in force)."""
+    return st.soft.to_ratio if st is not None and st.soft is not None else None
+
+
 def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s: float, config: CycleConfig
           ) -> tuple[CycleResult, PolicyState]:
     """One control cycle for every service of the fleet (see module docstring). Pure and deterministic."""
@@ -138,7 +144,8 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
         working[name] = {g.base.name: g for g in groups}
         target = (dec.target_prefill, dec.target_decode)
         if any(g.base.prefill.stuck or g.base.decode.stuck for g in groups) and \
-                cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target)):
+                cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target,
+                                                     new_state.services.get(name))):
             # cancelled now, placed again below where there is room; what is not, the state lets go (`_realized`)
             let_go.add(name)
             groups = [g for g in groups if g.num_prefill or g.num_decode]
@@ -149,12 +156,13 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             # with more of a role than asked) is scaled in later through withdraw like any other.
             target = (max(target[0], held_p), max(target[1], held_d))
             raised.add(name)
-        ratio = ratio_in_force(config.fleet.services[name], now_s, *target)
+        ratio = ratio_in_force(config.fleet.services[name], now_s, *target, new_state.services.get(name))
         out, terminate, withdrawing, kept = plan_service(
             config.shapes[name], ratio, target, (dec.withdraw_prefill, dec.withdraw_decode), groups,
             lambda rest, p, d, s=config.shapes[name]: room(index, s, rest, p, d),
             only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN,
-            hard=dec.action is Action.SCALE_IN and config.fleet.services[name].soft_scale_in_window_s == 0)
+            hard=dec.action is Action.SCALE_IN and config.fleet.services[name].soft_scale_in_window_s == 0,
+            withdraw_ratio=_soft_ratio(new_state.services.get(name)))
         if kept:  # a termination found fewer withdrawn replicas than its cut: the rest stays, the state follows
             raised.add(name)
         scale_out += out
@@ -226,8 +234,28 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
                                        g.why, g.placement, dec.advisory))
     paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
-    return CycleResult(decision, tuple(actions), unplaced), _realized(new_state, working, unplaced, paired | raised,
-                                                                      let_go)
+    realized = _realized(new_state, working, unplaced, paired | raised, let_go)
+    return CycleResult(decision, tuple(actions), unplaced), _ratio_follows_groups(realized, working, config)
+
+
+def _ratio_follows_groups(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], config: CycleConfig
+                          ) -> PolicyState:
+    """An adaptive ratio in force that the groups as placed do not all hold (a domain without room for the
+    prefill a rising ratio asked, a scale-out that could not take prefill back) moves to the nearest ratio
+    they all hold, so the band place() keeps them in is the ratio they run at; the policy's estimate goes on
+    asking for its own. None exists: the ratio stays, and the groups outside its band are counted by the
+    worlds. Skipped while a soft scale-in runs (its groups hold the old ratio until terminated)."""
+    services = dict(state.services)
+    for name, st in state.services.items():
+        cfg = config.fleet.services.get(name)
+        if cfg is None or not cfg.adaptive_ratio or st.soft is not None:
+            continue
+        in_force = current_ratio(cfg, st)
+        counts = [(g.num_prefill, g.num_decode) for g in working.get(name, {}).values() if g.num_prefill and g.num_decode]
+        ratio = nearest_ratio_in_band(counts, in_force) if counts else None
+        if ratio is not None and ratio != in_force:
+            services[name] = replace(st, prefill_per_decode=ratio)
+    return PolicyState(services=services) if services != dict(state.services) else state
 
 
 def _realized(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], unplaced: Sequence[Unplaced],

@@ -42,6 +42,7 @@ class Reason(str, Enum):
     SOFT_SCALE_IN_SLO_DEGRADED = "soft_scale_in_slo_degraded"  # restore withdrawn instances
     CANCEL_STARTING = "cancel_starting"  # a scale-in while replicas still start: those go first, at once
     BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
+    RATIO = "ratio"  # decode inside its band, the adaptive P:D ratio moved: prefill follows its own demand
 
 
 class Mode(str, Enum):
@@ -119,10 +120,27 @@ class PolicyConfig:
     priority: int = 0  # higher first when the fleet GPU budget is short
     gpus_per_prefill: int = 1
     gpus_per_decode: int = 1
+    # Adaptive P:D ratio (`autoscaler.policy`, "Adaptive ratio"): KV-miss prompt tokens/s one prefill instance
+    # carries within the TTFT SLO (from the stress test, as the decode target is); None = the fixed ratio.
+    target_prefill_tps_per_instance: float | None = None
+    ratio_range: float = DEFAULTS["ratio_range"]
+    ratio_window_s: float = DEFAULTS["ratio_window_s"]
+    ratio_hysteresis: float = DEFAULTS["ratio_hysteresis"]
 
     def __post_init__(self) -> None:
         _positive("target_decode_tps_per_instance", self.target_decode_tps_per_instance)
         _positive("prefill_per_decode", self.prefill_per_decode)
+        if self.target_prefill_tps_per_instance is not None:
+            _positive("target_prefill_tps_per_instance", self.target_prefill_tps_per_instance)
+            if self.mode is not Mode.METRICS:
+                raise ValueError(f"target_prefill_tps_per_instance (the adaptive ratio) needs mode 'metrics', not "
+                                 f"{self.mode.value!r}: a schedule sets its own ratio")
+        if not (isinstance(self.ratio_range, (int, float)) and math.isfinite(self.ratio_range)
+                and self.ratio_range >= 1):
+            raise ValueError(f"ratio_range ({self.ratio_range}) must be a finite number >= 1")
+        _non_negative("ratio_window_s", self.ratio_window_s)
+        if not 0 <= self.ratio_hysteresis < 1:
+            raise ValueError(f"ratio_hysteresis ({self.ratio_hysteresis}) must be in [0, 1)")
         for name in ("min_prefill", "max_prefill", "min_decode", "max_decode", "gpus_per_prefill", "gpus_per_decode"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -159,6 +177,15 @@ class PolicyConfig:
         for (a_start, a_end), (b_start, _) in zip(spans, spans[1:]):
             if b_start < a_end:
                 raise ValueError(f"schedule windows overlap: [{a_start}, {a_end}) and one starting at {b_start}")
+
+    @property
+    def adaptive_ratio(self) -> bool:
+        return self.target_prefill_tps_per_instance is not None
+
+    @property
+    def ratio_bounds(self) -> tuple[float, float]:
+        """The adaptive ratio's bounds: the configured ratio divided and multiplied by `ratio_range`."""
+        return self.prefill_per_decode / self.ratio_range, self.prefill_per_decode * self.ratio_range
 
     def pair_for_decode(self, num_decode: int, prefill_per_decode: float | None = None) -> tuple[int, int]:
         """The ratio rule: (P, D) with D clamped to its bounds and P = clamp(ceil(D x ratio))."""
@@ -262,6 +289,7 @@ class SoftScaleIn:
     from_decode: int
     to_prefill: int
     to_decode: int
+    to_ratio: float | None = None  # the adaptive ratio in force once the withdrawn instances are terminated
 
 
 @dataclass(frozen=True)
@@ -272,6 +300,10 @@ class ServiceState:
     last_scale_in_s: float | None = None
     last_latency_step_s: float | None = None
     soft: SoftScaleIn | None = None
+    # adaptive ratio: the ratio in force (None: the configured one) and its smoothed estimate
+    prefill_per_decode: float | None = None
+    ratio_estimate: float | None = None
+    ratio_sampled_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +321,9 @@ class Diagnostics:
     dampened: bool = False
     latency_breach: float | None = None  # worst observed/SLO multiple
     budget_gpus: int | None = None
+    prefill_kv_miss_tps: float | None = None
+    prefill_per_decode: float | None = None  # the ratio in force after the decision
+    ratio_estimate: float | None = None  # adaptive ratio: what the signals ask for, smoothed
     note: str = ""
 
 

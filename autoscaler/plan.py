@@ -113,7 +113,8 @@ def cut_starting(groups: Sequence[WorkingGroup], prefill: int, decode: int, rati
 
 
 def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
-                 groups: list[WorkingGroup], room, only_withdrawn: bool = False, hard: bool = False
+                 groups: list[WorkingGroup], room, only_withdrawn: bool = False, hard: bool = False,
+                 withdraw_ratio: float | None = None
                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
     """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
     whether the groups keep more than the target. What a cut may take: a termination (`only_withdrawn`),
@@ -125,7 +126,9 @@ def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wit
     whole groups (those with the fewest routable decode instances first; for a termination, only groups
     wholly withdrawn) when the other groups' domains have room for what the target then adds to them
     (`room(groups, prefill, decode)`); otherwise the groups stay and each role keeps one instance per group
-    (removing one would open it again elsewhere next cycle)."""
+    (removing one would open it again elsewhere next cycle). `withdraw_ratio`: the ratio a soft scale-in
+    withdraws towards (an adaptive ratio that falls), so the groups' routable replicas, and once terminated
+    the groups, sit inside its band; default `ratio`."""
     out, terminate, withdrawing = [], [], []
     surplus = len(groups) - min(target)
     if surplus > 0:  # a soft cut takes only groups with nothing ready: wholly withdrawn (termination) or starting
@@ -161,7 +164,8 @@ def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wit
         more_p, more_d = withdraw[0] - held_p, withdraw[1] - held_d
         if more_p or more_d:
             routable = tuple(r for r in (g.routable() for g in groups) if r.num_prefill or r.num_decode)
-            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable, ratio))
+            withdrawing.append(ScaleRequest(shape, -more_p, -more_d, routable,
+                                            ratio if withdraw_ratio is None else withdraw_ratio))
     return out, terminate, withdrawing, kept
 
 

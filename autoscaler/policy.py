@@ -15,6 +15,20 @@ Per service, in order:
 4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
 5. a fleet GPU budget, if set, is shared by priority and never exceeded.
 Scale-in never happens at once: the Decision withdraws instances from routing first.
+
+Adaptive ratio (when `target_prefill_tps_per_instance` is set; otherwise the ratio is the configured one, as in
+the paper). Decode demand is x = decode tokens/s / decode target, prefill demand y = KV-miss prefill tokens/s
+/ prefill target (both targets SLO-feasible, from the stress test); the ratio the workload asks for is y / x,
+clipped to `ratio_bounds`. Its estimate rises at once (prefill short of its demand costs TTFT now) and falls
+with time constant `ratio_window_s` (a prompt-heavy spell is not forgotten in one quiet window). The ratio in
+force moves to the estimate only when the estimate leaves +/- `ratio_hysteresis` of it. Invariants:
+- both pools still move in one decision; a decision's targets hold at the ratio it puts in force
+  (`PolicyConfig.ratio_holds`), so every DG is kept inside that ratio's band by `place()`;
+- a ratio that rises grows prefill at once (a scale-out: decode never shrinks in it); a ratio that falls sheds
+  prefill only through a soft scale-in, and is in force only once the withdrawn prefill is terminated (until
+  then the old ratio's band holds the groups); a scale-out never cuts either role: where decode grows while
+  the ratio falls, prefill stays and the ratio put in force is the lowest that the new targets hold at;
+- missing prefill or decode tokens/s leaves the estimate where it was.
 """
 
 from __future__ import annotations
@@ -45,6 +59,51 @@ def _elapsed(now_s: float, since_s: float | None) -> float:
     return math.inf if since_s is None else now_s - since_s
 
 
+def current_ratio(cfg: PolicyConfig, st: ServiceState | None) -> float:
+    """The P:D ratio in force for a service: the adaptive one its state holds, else the configured one."""
+    return st.prefill_per_decode if st is not None and st.prefill_per_decode is not None else cfg.prefill_per_decode
+
+
+def _estimate_ratio(cfg: PolicyConfig, st: ServiceState, tps: float | None, prefill_tps: float | None,
+                    now_s: float) -> ServiceState:
+    """The smoothed ratio the workload asks for (module docstring); unchanged without both signals."""
+    if not cfg.adaptive_ratio or not tps or prefill_tps is None:
+        return st
+    lo, hi = cfg.ratio_bounds
+    instant = (prefill_tps / cfg.target_prefill_tps_per_instance) / (tps / cfg.target_decode_tps_per_instance)
+    instant = min(max(instant, lo), hi)
+    old = st.ratio_estimate
+    if old is None or instant >= old or st.ratio_sampled_s is None:
+        estimate = instant
+    else:
+        dt = max(0.0, now_s - st.ratio_sampled_s)
+        alpha = 1.0 if cfg.ratio_window_s == 0 else 1.0 - math.exp(-dt / cfg.ratio_window_s)
+        estimate = old + alpha * (instant - old)
+    return replace(st, ratio_estimate=estimate, ratio_sampled_s=now_s)
+
+
+def _wanted_ratio(cfg: PolicyConfig, st: ServiceState) -> float:
+    """The ratio this decision sizes at: the estimate once it leaves the hysteresis band of the one in force."""
+    ratio = current_ratio(cfg, st)
+    est = st.ratio_estimate
+    if cfg.adaptive_ratio and est is not None and abs(est / ratio - 1) > cfg.ratio_hysteresis:
+        return est
+    return ratio
+
+
+def _prefill_in_band(cfg: PolicyConfig, decode_demand: float, num_decode: int, ratio: float) -> int:
+    """Prefill for `decode_demand` at `ratio`, kept inside the ratio band of `num_decode` decode instances."""
+    lo = math.ceil((num_decode - 1) * ratio - 1e-9)
+    hi = math.ceil(num_decode * ratio - 1e-9)
+    p = min(max(math.ceil(decode_demand * ratio - 1e-9), lo), hi)
+    return min(max(p, cfg.min_prefill), cfg.max_prefill)
+
+
+def _holding_ratio(cfg: PolicyConfig, pair: tuple[int, int], ratio: float) -> float:
+    """`ratio` if the targets `pair` hold at it, else P/D (which they always hold at)."""
+    return ratio if cfg.ratio_holds(*pair, ratio) else pair[0] / pair[1]
+
+
 def _initial_state(cfg: PolicyConfig, obs: ServiceObservation | None) -> ServiceState:
     """A service with no state (first start, or a lost one) starts from what its groups hold (within the
     bounds), never from what the ratio implies: a seed below the view would be a cut nobody decided."""
@@ -65,12 +124,15 @@ def _schedule_pair(cfg: PolicyConfig, now_s: float) -> tuple[int, int] | None:
     return None
 
 
-def ratio_in_force(cfg: PolicyConfig, now_s: float, num_prefill: int, num_decode: int) -> float:
+def ratio_in_force(cfg: PolicyConfig, now_s: float, num_prefill: int, num_decode: int,
+                   state: ServiceState | None = None) -> float:
     """The P:D ratio a service's targets were sized at, which every deployment group is kept at (each inside
-    `placement.scheduler.prefill_band` of it): the schedule window's where a schedule set targets that follow
-    it, else the policy's own. Never the targets' quotient: P = ceil(D x r) swings P/D by up to 1/D from one
-    size to the next, and groups that each need one prefill push it up further, so a band on the quotient
-    moves under groups that did not change."""
+    `placement.scheduler.prefill_band` of it): the adaptive ratio in force (`state`), the schedule window's
+    where a schedule set targets that follow it, else the policy's own. Never the targets' quotient: P =
+    ceil(D x r) swings P/D by up to 1/D from one size to the next, and groups that each need one prefill push
+    it up further, so a band on the quotient moves under groups that did not change."""
+    if cfg.adaptive_ratio:
+        return current_ratio(cfg, state)
     if cfg.mode is not Mode.METRICS and not cfg.ratio_holds(num_prefill, num_decode):
         second = now_s % SECONDS_PER_DAY
         for window in cfg.schedule:
@@ -92,39 +154,56 @@ def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: fl
 
 def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyConfig, diag: Diagnostics,
               withdraw: tuple[int, int] = (0, 0)) -> ServiceDecision:
+    if cfg.adaptive_ratio:
+        diag = replace(diag, prefill_per_decode=current_ratio(cfg, state))
     return ServiceDecision(action=action, reason=reason, target_prefill=state.target_prefill,
                            target_decode=state.target_decode, withdraw_prefill=withdraw[0],
                            withdraw_decode=withdraw[1], advisory=cfg.advisory, diagnostics=diag)
 
 
 def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
-              diag: Diagnostics) -> tuple[ServiceDecision, ServiceState]:
+              diag: Diagnostics, ratio: float | None = None) -> tuple[ServiceDecision, ServiceState]:
     """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0). A role that
-    grows in the same step (a schedule raised the ratio) grows now; only the shrinking roles are withdrawn."""
+    grows in the same step (a schedule raised the ratio) grows now; only the shrinking roles are withdrawn.
+    `ratio`: the adaptive ratio `pair` was sized at, in force once the withdrawn instances are terminated."""
+    to_ratio = _holding_ratio(cfg, pair, ratio) if cfg.adaptive_ratio and ratio is not None else None
     if cfg.soft_scale_in_window_s == 0:
-        new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s)
+        new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s,
+                      prefill_per_decode=to_ratio if to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.SCALE_IN, reason, new, cfg, diag), new
     keep = (max(st.target_prefill, pair[0]), max(st.target_decode, pair[1]))
-    soft = SoftScaleIn(now_s, keep[0], keep[1], pair[0], pair[1])
+    soft = SoftScaleIn(now_s, keep[0], keep[1], pair[0], pair[1], to_ratio)
     new = replace(st, target_prefill=keep[0], target_decode=keep[1], soft=soft)
     withdraw = (keep[0] - pair[0], keep[1] - pair[1])
     return _decision(Action.SCALE_IN, reason, new, cfg, diag, withdraw), new
 
 
 def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
-               diag: Diagnostics, latency: bool = False) -> tuple[ServiceDecision, ServiceState]:
+               diag: Diagnostics, latency: bool = False, ratio: float | None = None
+               ) -> tuple[ServiceDecision, ServiceState]:
+    """Grow to `pair`. With the adaptive ratio no role shrinks here, and the ratio put in force is `ratio` (the
+    one `pair` was sized at) if the grown targets hold at it, else the lowest they hold at (P/D)."""
+    in_force = st.prefill_per_decode
+    if cfg.adaptive_ratio:
+        pair = (max(pair[0], st.target_prefill), max(pair[1], st.target_decode))
+        ratio = current_ratio(cfg, st) if ratio is None else ratio
+        in_force = _holding_ratio(cfg, pair, ratio)
     new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
-                  last_latency_step_s=now_s if latency else st.last_latency_step_s)
+                  last_latency_step_s=now_s if latency else st.last_latency_step_s, prefill_per_decode=in_force)
     return _decision(Action.SCALE_OUT, reason, new, cfg, diag), new
 
 
 def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
-                  diag: Diagnostics, stalled: bool) -> tuple[ServiceDecision, ServiceState]:
+                  diag: Diagnostics, stalled: bool, prefill_tps: float | None = None
+                  ) -> tuple[ServiceDecision, ServiceState]:
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
     load_back = cfg.mode is not Mode.PERIODIC and tps is not None and \
         tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)  # schedule alone: no
+    if cfg.adaptive_ratio and prefill_tps is not None and withdraw[0] > 0:  # prefill's own demand came back
+        load_back = load_back or prefill_tps / cfg.target_prefill_tps_per_instance > \
+            soft.to_prefill * (1 + cfg.hysteresis_band)
     if (breach is not None and breach > first_tier) or load_back:
         new = replace(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
                       last_scale_in_s=now_s)
@@ -134,12 +213,13 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
         return _decision(Action.HOLD, reason, st, cfg, diag, withdraw), st
     if now_s - soft.started_s >= cfg.soft_scale_in_window_s:
         new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
-                      last_scale_in_s=now_s)
+                      last_scale_in_s=now_s,
+                      prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.SOFT_SCALE_IN_DONE, new, cfg, diag), new
     return _decision(Action.HOLD, Reason.SOFT_SCALE_IN_OBSERVING, st, cfg, diag, withdraw), st
 
 
-def _latency_step(cfg: PolicyConfig, st: ServiceState, breach: float | None, now_s: float
+def _latency_step(cfg: PolicyConfig, st: ServiceState, breach: float | None, now_s: float, ratio: float
                   ) -> tuple[Reason, tuple[int, int]] | None:
     if breach is None or _elapsed(now_s, st.last_latency_step_s) < cfg.latency_cooldown_s:
         return None
@@ -150,7 +230,7 @@ def _latency_step(cfg: PolicyConfig, st: ServiceState, breach: float | None, now
     reason = Reason.LATENCY_SEVERE if tier_index == len(cfg.latency_tiers) - 1 and tier_index > 0 \
         else Reason.LATENCY_MODERATE
     num_decode = max(st.target_decode + 1, math.ceil(st.target_decode * (1 + tier.step_fraction) - 1e-9))
-    return reason, cfg.pair_for_decode(num_decode)
+    return reason, cfg.pair_for_decode(num_decode, ratio)
 
 
 def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObservation | None, now_s: float
@@ -166,9 +246,15 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     if stalled:  # requests went in and no token came out: the zero is missing data, not an idle service
         tps = None
         diag = replace(diag, decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
+    prefill_tps = None
+    if cfg.adaptive_ratio and obs is not None:
+        prefill_tps = obs.prefill_kv_miss_tps.fresh(now_s, cfg.staleness_limit_s)
+        st = _estimate_ratio(cfg, st, tps, prefill_tps, now_s)
+        diag = replace(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
+    ratio, wanted = current_ratio(cfg, st), _wanted_ratio(cfg, st)
 
     if st.soft is not None:
-        return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled)
+        return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled, prefill_tps)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
     schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None
@@ -181,12 +267,15 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         raw = tps / cfg.target_decode_tps_per_instance
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         if tps == 0:
-            desired, reason, dampen = cfg.pair_for_demand(0.0), Reason.ZERO_TRAFFIC, False
-        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:
+            desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False
+        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band and wanted == ratio:
             desired, reason = current, Reason.WITHIN_BAND
+        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:  # decode holds; the ratio moved
+            desired = (_prefill_in_band(cfg, raw, st.target_decode, wanted), st.target_decode)
+            reason = Reason.RATIO if desired != current else Reason.WITHIN_BAND
         else:
             unclamped = math.ceil(raw - 1e-9)
-            desired = cfg.pair_for_demand(raw)
+            desired = cfg.pair_for_demand(raw, wanted)
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
                 reason = Reason.WITHIN_BAND  # outside the band, but it rounds to the current size
                 diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
@@ -198,15 +287,15 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
 
     # --- latency safety net: scale out only, overrides a hold or a scale-in ----------------------------------------
     starting = obs is not None and (obs.prefill.pending > 0 or obs.decode.pending > 0)
-    step = None if starting else _latency_step(cfg, st, breach, now_s)  # capacity on its way: wait for it
+    step = None if starting else _latency_step(cfg, st, breach, now_s, wanted)  # capacity on its way: wait
     if step is not None:
         latency_reason, pair = step
-        wanted = desired or current
+        asked = desired or current
         if pair == current:  # at the max bound: nothing to add, and latency still forbids a scale-in
-            if wanted[1] <= current[1]:
+            if asked[1] <= current[1]:
                 return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
-        elif pair[1] > wanted[1]:
-            return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True)
+        elif pair[1] > asked[1]:
+            return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True, ratio=wanted)
 
     if desired is None:
         note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.note
@@ -220,17 +309,22 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     max_step = max(1, math.floor(st.target_decode * cfg.max_step_fraction))
     if cfg.max_step_count is not None:
         max_step = min(max_step, cfg.max_step_count)
-    if desired[1] > current[1] or (desired[1] == current[1] and desired[0] > current[0]):
+    grows = desired[1] > current[1] or (desired[1] == current[1] and desired[0] > current[0])
+    if cfg.adaptive_ratio:  # any role that grows makes it a scale-out, in which nothing shrinks
+        grows = desired[0] > current[0] or desired[1] > current[1]
+    if grows:
         if reason is not Reason.SCHEDULE and _elapsed(now_s, st.last_scale_out_s) < cfg.scale_out_cooldown_s:
             return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
         if dampen and desired[1] - current[1] > max_step:
-            desired, diag = cfg.pair_for_decode(current[1] + max_step), replace(diag, dampened=True)
-        return _scale_out(cfg, st, desired, now_s, reason, diag)
+            desired, diag = cfg.pair_for_decode(current[1] + max_step, wanted), replace(diag, dampened=True)
+        return _scale_out(cfg, st, desired, now_s, reason, diag, ratio=wanted)
     since_last = min(_elapsed(now_s, st.last_scale_in_s), _elapsed(now_s, st.last_scale_out_s))
     if reason is not Reason.SCHEDULE and since_last < cfg.scale_in_cooldown_s:
         return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
     if dampen and current[1] - desired[1] > max_step:
-        desired, diag = cfg.pair_for_decode(current[1] - max_step), replace(diag, dampened=True)
+        desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), replace(diag, dampened=True)
+        if cfg.adaptive_ratio:  # a scale-in never grows a role (a ratio that rose grows prefill in a scale-out)
+            desired = (min(desired[0], current[0]), desired[1])
     # Replicas still starting hold no request: a scale-in lowers the targets by them first, at once (Serve stops
     # replicas that are not running first), and withdraws no ready one meanwhile -- withdrawing the last ready
     # replica of a role while its replacements start left nothing routable. The rest waits for the next cycle.
@@ -240,7 +334,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     if any(c < have for c, have in zip(cut, current)):
         new = replace(st, target_prefill=cut[0], target_decode=cut[1], last_scale_in_s=now_s)
         return _decision(Action.SCALE_IN, Reason.CANCEL_STARTING, new, cfg, diag), new
-    return _scale_in(cfg, st, desired, now_s, reason, diag)
+    return _scale_in(cfg, st, desired, now_s, reason, diag, ratio=wanted)
 
 
 def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], states: dict[str, ServiceState]
@@ -254,10 +348,10 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
     remaining = budget - sum(mins[n] for n in decisions)
     for name in sorted(decisions, key=lambda n: (-config.services[n].priority, n)):
         cfg, dec, st = config.services[name], decisions[name], states[name]
-        want_d = dec.target_decode
-        grant = cfg.pair_for_decode(want_d)
+        want_d, ratio = dec.target_decode, current_ratio(cfg, st)
+        grant = cfg.pair_for_decode(want_d, ratio)
         while cfg.gpus(*grant) - mins[name] > remaining and grant[1] > cfg.min_decode:
-            grant = cfg.pair_for_decode(grant[1] - 1)
+            grant = cfg.pair_for_decode(grant[1] - 1, ratio)
         remaining -= cfg.gpus(*grant) - mins[name]
         if grant == (dec.target_prefill, dec.target_decode):
             continue

@@ -74,9 +74,21 @@ def demand_queries(service: str, window_s: float) -> tuple[str, str]:
             f"sum(rate(heteroscale_ingress_shed_total{{{sel}}}[{window}]))")
 
 
+_CLIENT: httpx.Client | None = None
+
+
+def _client() -> httpx.Client:
+    """One client for every query (thread-safe, pooled): a client per call builds an SSL context each time,
+    ~45 ms of CPU under the GIL, which starved the controller actor's event loop."""
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = httpx.Client()
+    return _CLIENT
+
+
 def http_query(url: str, promql: str, timeout_s: float) -> list[dict]:
     try:
-        resp = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout_s)
+        resp = _client().get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}, timeout=timeout_s)
     except httpx.HTTPError as exc:  # unreachable or too slow: an OSError like any other I/O failure
         raise ConnectionError(f"Prometheus at {url}: {type(exc).__name__}: {exc}") from exc
     try:

@@ -22,6 +22,10 @@ AUTOSCALING = MappingProxyType({
     "max_step_fraction": 0.5,  # one proportional step changes a pool by <= 50 %
     "soft_scale_in_window_s": 30.0,  # observe the SLOs this long before terminating; 0 = at once
     "staleness_limit_s": 15.0,  # older signals count as missing: hold
+    # adaptive P:D ratio (on when a prefill target is set): bounds, smoothing and hysteresis
+    "ratio_range": 4.0,  # the ratio stays within [prefill_per_decode / this, prefill_per_decode x this]
+    "ratio_window_s": 120.0,  # a falling ratio estimate follows the workload with this time constant
+    "ratio_hysteresis": 0.15,  # the ratio in force moves when the estimate leaves +/- this share of it
     "ready_ratio_tolerance_instances": 1,  # ready-ratio gate: +/- this many instances ...
     "ready_ratio_tolerance_fraction": 0.2,  # ... or this share of the ideal count
 })

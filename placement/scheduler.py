@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from common.vocab import CLUSTER_DOMAIN, DeploymentGroup, Scope
 from placement.topology import Domain, Tier, TopologyTree
@@ -259,6 +259,21 @@ def in_band(num_prefill: int, num_decode: int, prefill_per_decode: float | None)
     return lo <= num_prefill <= hi
 
 
+def nearest_ratio_in_band(counts: Sequence[tuple[int, int]], ratio: float) -> float | None:
+    """The ratio nearest `ratio` at which every (prefill, decode) group of `counts` is in band (`prefill_band`):
+    a group is in band for r in ((P-1)/D, P/(D-1)] (P = 1 or D = 1 lift the respective end), so the groups
+    together for the intersection of those intervals. `ratio` itself when it already holds; None when no ratio
+    holds them all."""
+    if all(in_band(p, d, ratio) for p, d in counts):
+        return ratio
+    lo = max([(p - 1) / d for p, d in counts if p > 1 and d > 0], default=0.0)
+    hi = min([p / (d - 1) for p, d in counts if d > 1], default=math.inf)
+    candidate = min(max(ratio, lo * (1 + 1e-6) + 1e-9), hi)
+    if candidate <= 0 or not all(in_band(p, d, candidate) for p, d in counts):
+        return None
+    return candidate
+
+
 _NO_LIMIT = 1 << 30
 
 
@@ -372,10 +387,13 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
         p_left, d_left = max(0, p_left - p), max(0, d_left - d)
 
     why = Why.LOWEST_TIER
+    # Prefill the groups below their band need to reach it (a ratio that rose) is kept for them (step 2), so
+    # the decode placed first does not take it all to its own band's top.
+    reserve = sum(max(0, prefill_band(g.num_decode, r)[0] - g.num_prefill) for g in req.groups) if r else 0
     for _ in range(cfg.max_batch_splits):  # 1. decode with its prefill
         if d_left == 0:
             break
-        fits = _banded_candidates(tree, svc, list(groups.values()), d_left, p_left, p_left, r)
+        fits = _banded_candidates(tree, svc, list(groups.values()), d_left, max(0, p_left - reserve), p_left, r)
         if not fits and cfg.max_batch_splits > 1 and d_left > 1:
             lo, hi, best = 1, d_left - 1, None  # the largest whole sub-batch some domain holds
             while lo <= hi:
@@ -397,18 +415,20 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
     else:
         p_short = 0
 
-    for g in sorted(groups.values(), key=lambda g: (g.num_prefill >= prefill_band(g.num_decode, r)[0],
-                                                    _tier_of(tree, g), g.name)):  # 2. leftover prefill
-        room = min(p_left, prefill_band(g.num_decode, r)[1] - g.num_prefill)
-        domain = tree.domains.get((g.scope, g.domain))
-        if domain is not None and svc.moe is None:  # the most the domain holds, at once
-            room = min(room, _capacity(domain, g.prefill_gpu_type, svc.gpus_per_prefill, tree.free))
-        while room > 0:  # MoE prefill: the largest batch that allocates
-            fit = _group_fit(tree, svc, g, room, 0)
-            if fit:
-                commit(fit, room, 0, why)
-                break
-            room -= 1
+    for end in (0, 1):  # 2. leftover prefill: every group up to its band's bottom first, then to its top
+        for name in sorted(groups, key=lambda n: (groups[n].num_prefill >= prefill_band(groups[n].num_decode, r)[0],
+                                                  _tier_of(tree, groups[n]), n)):
+            g = groups[name]
+            room = min(p_left, prefill_band(g.num_decode, r)[end] - g.num_prefill)
+            domain = tree.domains.get((g.scope, g.domain))
+            if domain is not None and svc.moe is None:  # the most the domain holds, at once
+                room = min(room, _capacity(domain, g.prefill_gpu_type, svc.gpus_per_prefill, tree.free))
+            while room > 0:  # MoE prefill: the largest batch that allocates
+                fit = _group_fit(tree, svc, g, room, 0)
+                if fit:
+                    commit(fit, room, 0, why)
+                    break
+                room -= 1
     pair = None
     if d_left == 0 and p_left > 0:  # 3. prefill beyond every group's band: decode beside it
         d_pair = max(1, math.ceil(p_left / r - 1e-9)) if r else 1
@@ -446,7 +466,8 @@ def _tier_of(tree: TopologyTree, g: DeploymentGroup) -> Tier:
 def _scale_in(tree: TopologyTree, req: ScaleRequest, actions: list, unplaced: list) -> None:
     """Take from the most precious tier first, every surviving group kept inside the ratio band:
     0. whole groups while what is asked covers them (fewest decode first within a tier);
-    1. decode one at a time from the first group that can give it up with the prefill its band then sheds;
+    1. decode one at a time from the first group that can give it up with the prefill its band then sheds
+       (groups below their band's bottom first);
     2. prefill from the groups over their band's top first, then from the others' room above their bottom."""
     r = req.prefill_per_decode
     p_left, d_left = -req.delta_prefill, -req.delta_decode
@@ -457,7 +478,8 @@ def _scale_in(tree: TopologyTree, req: ScaleRequest, actions: list, unplaced: li
             p_left, d_left = p_left - g.num_prefill, d_left - g.num_decode
             have[g.name] = [0, 0]
     while d_left > 0:
-        for g in order:
+        # groups below their band (more decode than their prefill feeds: a ratio that rose) give decode first
+        for g in sorted(order, key=lambda g: have[g.name][0] >= prefill_band(have[g.name][1], r)[0]):
             p, d = have[g.name]
             if d >= 2:
                 shed = max(0, p - prefill_band(d - 1, r)[1])

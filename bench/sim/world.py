@@ -43,9 +43,13 @@ class SimGroup(Instances):
                           RoleCounts(self.ready_decode - self.withdrawn_decode, pending_d, self.withdrawn_decode))
 
 
-def policy_config(svc: SimService, stress: Stress) -> PolicyConfig:
-    """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio."""
-    return PolicyConfig(target_decode_tps_per_instance=stress.target_decode_tps_per_instance,
+def policy_config(svc: SimService, stress: Stress, adaptive: bool = False) -> PolicyConfig:
+    """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio; with
+    `adaptive`, the ratio follows the workload (`autoscaler.policy`, "Adaptive ratio") from the stress test's
+    prefill target in KV-miss tokens, smoothed over the scale-in cooldown with the hysteresis band's width."""
+    adaptive_fields = dict(target_prefill_tps_per_instance=stress.target_prefill_tps_per_instance * svc.kv_miss,
+                           ratio_window_s=300.0, ratio_hysteresis=stress.hysteresis_band) if adaptive else {}
+    return PolicyConfig(**adaptive_fields, target_decode_tps_per_instance=stress.target_decode_tps_per_instance,
                         prefill_per_decode=stress.prefill_per_decode, hysteresis_band=stress.hysteresis_band,
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
                         ttft_slo_s=svc.ttft_slo_s, priority=svc.priority, gpus_per_prefill=svc.tp_prefill,
@@ -58,8 +62,8 @@ def service_shape(svc: SimService) -> ServiceShape:
                         priority=svc.priority, gpus_per_prefill=svc.tp_prefill, gpus_per_decode=svc.tp_decode)
 
 
-def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom: float | None = None
-                 ) -> CycleConfig:
+def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom: float | None = None,
+                 adaptive: bool = False) -> CycleConfig:
     """Our policy's configuration for `scenario`, curated on `tuned_on` (default: the scenario itself). With
     `headroom`, every service's decode target is that share of its measured capacity instead of the curated
     one (a point of ours' front; the ratio stays the curated one)."""
@@ -68,7 +72,7 @@ def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom:
         stress = {name: replace(st, target_decode_tps_per_instance=headroom * st.max_decode_tps_per_instance,
                                 hysteresis_band=min(st.hysteresis_band, max(0.0, 1 / headroom - 1.005)))
                   for name, st in stress.items()}
-    fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name]) for s in scenario.services})
+    fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name], adaptive) for s in scenario.services})
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
 
 
@@ -264,10 +268,10 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
 
 
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None, tuned_on: Scenario | None = None,
-                    headroom: float | None = None) -> PolicyResult:
+                    headroom: float | None = None, adaptive: bool = False) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
     settings curated on `tuned_on` (default: this scenario), see `cycle_config`."""
-    world, config = SimWorld(scenario), cycle_config(scenario, tuned_on, headroom)
+    world, config = SimWorld(scenario), cycle_config(scenario, tuned_on, headroom, adaptive)
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
     t = 0.0
@@ -280,9 +284,9 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
             policy = config.fleet.services[name]
-            if not policy.ratio_holds(dec.target_prefill, dec.target_decode):
+            ratio = ratio_in_force(policy, t, dec.target_prefill, dec.target_decode, state.services.get(name))
+            if not policy.ratio_holds(dec.target_prefill, dec.target_decode, ratio):
                 result.ratio_violations += 1
-            ratio = ratio_in_force(policy, t, dec.target_prefill, dec.target_decode)
             result.dg_ratio_violations += sum(not in_band(g.group.num_prefill, g.group.num_decode, ratio)
                                               for g in world.groups[name].values())
         result.unplaced += len(cycle_result.unplaced)
