@@ -23,6 +23,7 @@ from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
 from autoscaler.model import FleetConfig, PolicyState
 from autoscaler.outputs import ControllerMetrics, append_decision
+from autoscaler.policy import current_ratio
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.serve_client import RayKV
@@ -63,6 +64,7 @@ class HeteroScaleController:
         self.resumed = saved is not None
         self.world = RayWorld(spec, self.settings, model_path, records, serve=serve, advisory=self.settings.advisory,
                               kv=self._kv, deployer=deployer)
+        self.world.ratio_in_force = self._ratio()  # a resumed adaptive ratio gates from the first tick
         self.errors: Counter[str] = Counter()
         self.decisions: deque[dict] = deque(maxlen=MAX_DECISIONS)
         # (now_s, observation, cluster view, actions) of recent ticks: the parity replay's input
@@ -103,6 +105,7 @@ class HeteroScaleController:
             now, entry = self._clock(), None
             try:
                 result, self.state, observation, view = step(self.world, self.state, now, self.config)
+                self.world.ratio_in_force = self._ratio()
                 with self._log_lock:
                     self.recorded.append((now, observation, view, result.actions, result.failed))
             except Exception as exc:
@@ -134,7 +137,8 @@ class HeteroScaleController:
                 self._write_log(entry)
                 self._metrics.export(now, observation.services[self.spec.name],
                                      result.decision.services[self.spec.name],
-                                     self.config.fleet.services[self.spec.name].target_decode_tps_per_instance)
+                                     self.config.fleet.services[self.spec.name].target_decode_tps_per_instance,
+                                     self.world.ratio_in_force)
                 stage = "persist"
                 self.ticks += 1
                 self._save()
@@ -189,6 +193,10 @@ class HeteroScaleController:
 
     # ---- inspection ----------------------------------------------------------------------------------------------
 
+    def _ratio(self) -> float:
+        """The P:D ratio in force (the adaptive one the policy's state holds, else the configured one)."""
+        return current_ratio(self.config.fleet.services[self.spec.name], self.state.services.get(self.spec.name))
+
     async def status(self) -> dict:
         groups = self.world.group_summary()
         svc = self.state.services.get(self.spec.name)
@@ -197,6 +205,8 @@ class HeteroScaleController:
                 "target_prefill": svc.target_prefill if svc else None,
                 "target_decode": svc.target_decode if svc else None,
                 "soft_scale_in": asdict(svc.soft) if svc and svc.soft else None,
+                "prefill_per_decode": self._ratio(), "ratio_estimate": svc.ratio_estimate if svc else None,
+                "adaptive_ratio": self.config.fleet.services[self.spec.name].adaptive_ratio,
                 "groups": groups, "errors": self._errors(), "probe_failures": self.world.probe_failures,
                 "last_decisions": self._decisions()[-10:]}
 

@@ -37,6 +37,12 @@ class ControllerMetrics:
                                         "observed decode tokens/s (unset when missing)", tag_keys=("service",))
         self.target_tps = metrics.Gauge("heteroscale_controller_target_decode_tokens_per_second",
                                         "target decode tokens/s of the current decode target", tag_keys=("service",))
+        self.ratio = metrics.Gauge("heteroscale_controller_prefill_per_decode_ratio",
+                                   "P:D ratio: in_force (every DG kept in its band) and, with the adaptive "
+                                   "ratio, the estimate the workload asks for", tag_keys=("service", "kind"))
+        self.prefill_tps = metrics.Gauge("heteroscale_controller_prefill_kv_miss_tokens_per_second",
+                                         "observed KV-miss prefill tokens/s (unset when missing)",
+                                         tag_keys=("service",))
         self.decisions = metrics.Counter("heteroscale_controller_decisions_total", "decisions by action and reason",
                                          tag_keys=("service", "action", "reason"))
         self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
@@ -45,7 +51,8 @@ class ControllerMetrics:
                                        "when the last tick completed (Unix s): time() minus this grows while the "
                                        "loop is stuck", tag_keys=("service",))
 
-    def export(self, now_s: float, obs: ServiceObservation, dec: ServiceDecision, tps_per_instance: float) -> None:
+    def export(self, now_s: float, obs: ServiceObservation, dec: ServiceDecision, tps_per_instance: float,
+               ratio_in_force: float) -> None:
         """One tick's gauges from the typed observation and decision (not from the decision-log row)."""
         tags = {"service": self.service}
         for role, counts, target in (("prefill", obs.prefill, dec.target_prefill),
@@ -59,6 +66,12 @@ class ControllerMetrics:
         if tps is not None and math.isfinite(tps):
             self.decode_tps.set(tps, tags=tags)
         self.target_tps.set(dec.target_decode * tps_per_instance, tags=tags)
+        self.ratio.set(ratio_in_force, tags={**tags, "kind": "in_force"})
+        if dec.diagnostics.ratio_estimate is not None:
+            self.ratio.set(dec.diagnostics.ratio_estimate, tags={**tags, "kind": "estimate"})
+        prefill_tps = obs.prefill_kv_miss_tps.value
+        if prefill_tps is not None and math.isfinite(prefill_tps):
+            self.prefill_tps.set(prefill_tps, tags=tags)
         self.decisions.inc(1, tags={**tags, "action": dec.action.value, "reason": dec.reason.value})
         self.last_tick.set(now_s, tags=tags)
 

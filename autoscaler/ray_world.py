@@ -75,6 +75,7 @@ class RayWorld:
         self.last_supply: tuple | None = None  # the shape last asked of the cluster autoscaler
         self.observed = False  # Serve's replicas seen at least once
         self.swept = False  # leftover probes of a dead controller removed (`reconcile`, once)
+        self.ratio_in_force: float | None = None  # the policy's P:D ratio (set by the controller each tick)
         self.kv = kv  # get/put/delete of bytes: each created group's own record, for adoption (autoscaler.orphans)
         self.retiring: dict[str, float] = {}  # orphan DG -> when its drain is over and its app is deleted
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
@@ -349,6 +350,9 @@ class RayWorld:
             return out
 
     def _ratio(self) -> float:
+        """The ratio the ready-ratio gate holds the groups' admitted replicas to: the one in force."""
+        if self.ratio_in_force is not None:
+            return self.ratio_in_force
         return self.spec.autoscaling.prefill_per_decode if self.spec.autoscaling else 1.0
 
     def _group_counts(self, name: str) -> tuple[RoleCounts, RoleCounts]:

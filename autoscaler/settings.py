@@ -53,7 +53,8 @@ def policy_config(spec: ServiceSpec) -> PolicyConfig:
             staleness_limit_s=a.staleness_limit_s, mode=Mode(a.mode),
             schedule=tuple(ScheduleWindow(w.start_s, w.end_s, w.total_instances, w.prefill_per_decode)
                            for w in a.schedule),
-            advisory=a.advisory,
+            advisory=a.advisory, target_prefill_tps_per_instance=a.target_prefill_tps_per_instance,
+            ratio_range=a.ratio_range, ratio_window_s=a.ratio_window_s, ratio_hysteresis=a.ratio_hysteresis,
             gpus_per_prefill=spec.roles.prefill.gpus_per_replica, gpus_per_decode=spec.roles.decode.gpus_per_replica)
     except ValueError as err:
         raise ConfigError(f"{spec.source_path or spec.name}: autoscaling: {err}") from None

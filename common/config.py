@@ -286,6 +286,15 @@ class AutoscalingSpec(_Strict):
     target_decode_tps_per_instance: float = Field(
         gt=0, description="decode tokens/s one decode replica should carry (from a stress test at the SLOs)")
     prefill_per_decode: float = Field(D["prefill_per_decode"], gt=0, description="P:D ratio that meets the SLOs (stress test)")
+    target_prefill_tps_per_instance: float | None = Field(
+        None, gt=0, description="KV-miss prompt tokens/s one prefill replica carries within the TTFT SLO (stress "
+        "test); set: the P:D ratio adapts to the workload, prefill sized from its own demand; None: fixed ratio")
+    ratio_range: float = Field(D["ratio_range"], ge=1, description="the adaptive ratio stays within "
+                               "[prefill_per_decode / this, prefill_per_decode x this]")
+    ratio_window_s: float = Field(D["ratio_window_s"], ge=0, description="a falling ratio estimate follows the "
+                                  "workload with this time constant (a rising one at once)")
+    ratio_hysteresis: float = Field(D["ratio_hysteresis"], ge=0, lt=1, description="the ratio in force moves when "
+                                    "the estimate leaves +/- this share of it")
     ttft_slo_s: float | None = Field(None, gt=0, description="TTFT SLO as users see it (at the ingress)")
     tbt_slo_s: float | None = Field(None, gt=0, description="time-between-tokens SLO")
     slo_quantile: float = Field(0.9, gt=0, lt=1, description="the percentile the SLOs are stated at")

@@ -228,6 +228,9 @@ def format_status(report: dict) -> str:
     mode = "advisory" if ctl["advisory"] else "active"
     lines.append(f"  controller: {mode}, {ctl['ticks']} ticks, every {ctl['control_period_s']:g}s, "
                  f"targets P={ctl['target_prefill']} D={ctl['target_decode']}"
+                 + (f", P:D {ctl['prefill_per_decode']:.3g}" if ctl.get("prefill_per_decode") is not None else "")
+                 + (f" (adaptive, asked {ctl['ratio_estimate']:.3g})" if ctl.get("adaptive_ratio")
+                    and ctl.get("ratio_estimate") is not None else " (adaptive)" if ctl.get("adaptive_ratio") else "")
                  + (f", soft scale-in since {ctl['soft_scale_in']['started_s']:.0f}" if ctl["soft_scale_in"] else "")
                  + (f", errors {ctl['errors']}" if ctl["errors"] else ""))
     counts = lambda c: f"{c['ready']}/{c['withdrawn']}/{c['pending']}/{c.get('stuck', 0)}"  # noqa: E731
@@ -241,8 +244,8 @@ def format_status(report: dict) -> str:
         acts = ", ".join(f"{a['kind']} {a['group']} -> {a['num_prefill']}P/{a['num_decode']}D"
                          + (f" (withdrawn {a['withdrawn_prefill']}P/{a['withdrawn_decode']}D)"
                             if a["withdrawn_prefill"] or a["withdrawn_decode"] else "") for a in e["actions"])
-        tps = e["observation"]["decode_tps"]
+        tps, ratio = e["observation"]["decode_tps"], e.get("diagnostics", {}).get("prefill_per_decode")
         lines.append(f"    t={e['t']:.0f} {e['action']} ({e['reason']}) decode_tps="
                      f"{'missing' if tps is None else f'{tps:.0f}'} -> P={e['target_prefill']} D={e['target_decode']}"
-                     + (f": {acts}" if acts else ""))
+                     + (f" at P:D {ratio:.3g}" if ratio is not None else "") + (f": {acts}" if acts else ""))
     return "\n".join(lines)

@@ -72,6 +72,9 @@ def analyze(steps: Sequence[Step], num_prefill: int, num_decode: int, ttft_slo_s
         "prefill_limit_reached": ok_ttft[-1] is not ordered[-1],
         "autoscaling": {"target_decode_tps_per_instance": round(target, 1),
                         "prefill_per_decode": round(max(ratio, 0.01), 3),
+                        # the adaptive ratio's prefill target: prompt tokens/s per prefill replica within the
+                        # TTFT SLO (the profile's prompts share no prefix, so all of them are KV misses)
+                        "target_prefill_tps_per_instance": round(prefill_cap, 1),
                         "ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s},
         "headroom": headroom, "replicas": {"prefill": num_prefill, "decode": num_decode},
         "steps": [asdict(s) for s in ordered],

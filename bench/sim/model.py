@@ -779,3 +779,14 @@ def peak_counts(scenario: Scenario, caps: dict[str, ServiceCapacities]) -> dict[
                 for t in (i * scenario.tick_s for i in range(steps))]
         out[svc.name] = (max(p for p, _ in need), max(d for _, d in need))
     return out
+
+
+def attainment(summary: dict) -> float:
+    return min(summary["slo_attainment_ttft"], summary["slo_attainment_tbt"])
+
+
+def choose(tried: list[dict], goal: float = TTFT_GOAL) -> dict:
+    """Of settings tried on a tuning day ({setting, gpu_hours, attainment}), the cheapest meeting `goal`, else the
+    one with the best attainment: the rule our curation and every baseline's tuning follow."""
+    meeting = [t for t in tried if t["attainment"] >= goal]
+    return min(meeting, key=lambda t: t["gpu_hours"]) if meeting else max(tried, key=lambda t: t["attainment"])

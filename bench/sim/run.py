@@ -9,8 +9,8 @@ from typing import Sequence
 from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import curate
 from bench.sim.days import tuning_and_scoring
-from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario
-from bench.sim.world import run_heteroscale
+from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose  # noqa: F401 (re-exported)
+from bench.sim.world import ratio_mode, run_heteroscale
 
 
 def _baseline(name: str):
@@ -25,10 +25,6 @@ POLICIES = {"heteroscale": lambda scenario, tuned_on=None: run_heteroscale(scena
             "oracle": lambda scenario, tuned_on=None: run_oracle(scenario)}
 
 
-def attainment(summary: dict) -> float:
-    return min(summary["slo_attainment_ttft"], summary["slo_attainment_tbt"])
-
-
 def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[dict, list[dict]]:
     """A baseline's setting chosen on the tuning day: the cheapest of its grid meeting `goal` (else the best
     attainment), the same rule our curation follows. Returns (setting, every tried setting's numbers)."""
@@ -39,13 +35,6 @@ def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[d
     return choose(tried, goal)["setting"], tried
 
 
-def choose(tried: list[dict], goal: float = TTFT_GOAL) -> dict:
-    """Of settings tried on a tuning day ({setting, gpu_hours, attainment}), the cheapest meeting `goal`, else the
-    one with the best attainment: the rule our curation and every baseline's tuning follow."""
-    meeting = [t for t in tried if t["attainment"] >= goal]
-    return min(meeting, key=lambda t: t["gpu_hours"]) if meeting else max(tried, key=lambda t: t["attainment"])
-
-
 def _simulate_one(job: tuple) -> tuple[str, PolicyResult, float, dict | None]:
     """One policy on the scoring day (in a worker); ours also returns its curation report."""
     import time
@@ -53,7 +42,11 @@ def _simulate_one(job: tuple) -> tuple[str, PolicyResult, float, dict | None]:
     name, scoring_day, tuning_day = job
     began = time.perf_counter()
     result = POLICIES[name](scoring_day, tuning_day)
-    report = {k: v for k, v in curate(tuning_day).items() if k != "stress"} if name == "heteroscale" else None
+    report = None
+    if name == "heteroscale":
+        adaptive, tried = ratio_mode(tuning_day)
+        report = {**{k: v for k, v in curate(tuning_day).items() if k != "stress"},
+                  "ratio_mode": {"chosen": "adaptive" if adaptive else "fixed", "tried_on_tuning_day": tried}}
     return name, result, time.perf_counter() - began, report
 
 

@@ -26,14 +26,14 @@ from pathlib import Path
 
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
 from bench.sim.days import tuning_and_scoring
-from bench.sim.model import TTFT_GOAL, Scenario
-from bench.sim.run import attainment, choose
+from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.scenarios import load_scenario
 from bench.sim.world import run_heteroscale
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
 OURS_FRONT = (1.02, 1.06, 1.1, 1.2)  # decode headrooms of ours' front (its curated point is the other one)
+OURS_RATIO = ({"adaptive": False}, {"adaptive": True})  # the fixed and the adaptive ratio: the tuning day chooses
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
         "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
 
@@ -63,7 +63,7 @@ def _run(task: tuple) -> tuple[dict, float]:
     _, tune, score = _days(path)
     scenario = tune if day == "tune" else score
     if policy == "heteroscale":
-        result = run_heteroscale(scenario, tuned_on=tune, headroom=setting)
+        result = run_heteroscale(scenario, tuned_on=tune, **setting)
     elif policy == "oracle":
         result = run_oracle(scenario, setting)
     elif policy == "static_peak":
@@ -88,7 +88,9 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 
 def _tasks(path: str) -> list[tuple]:
-    tasks = [(path, "heteroscale", "score", None)] + [(path, "heteroscale", "score", 1 / h) for h in OURS_FRONT]
+    tasks = [(path, "heteroscale", "tune", _key(ours)) for ours in OURS_RATIO]
+    tasks += [(path, "heteroscale", "score", _key(ours | {"headroom": h})) for ours in OURS_RATIO
+              for h in (None, *(1 / h for h in OURS_FRONT))]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:
@@ -131,10 +133,21 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
         return {"attainment": attainment(summary), "gpu_hours": summary["gpu_hours"], "setting": setting}
 
     policies: dict[str, dict] = {}
-    ours = done[(path, "heteroscale", "score", None)]
-    ours_front = [point(ours, "curated")] + [point(done[(path, "heteroscale", "score", 1 / h)], {"headroom": h})
-                                             for h in OURS_FRONT]
-    policies["heteroscale"] = {**ours, "setting": "curated on the tuning day", "front": pareto(ours_front)}
+    tried = [point(done[(path, "heteroscale", "tune", _key(r))], r) for r in OURS_RATIO]
+    mode = choose(tried)["setting"]  # as `bench.sim.world.ratio_mode` chooses
+    scored = {(r["adaptive"], h): done[(path, "heteroscale", "score", _key(r | {"headroom": h}))]
+              for r in OURS_RATIO for h in (None, *(1 / h for h in OURS_FRONT))}
+    ours = scored[(mode["adaptive"], None)]
+    ours_front = [point(s, {"adaptive": a, "headroom": "curated" if h is None else round(1 / h, 3)})
+                  for (a, h), s in scored.items()]
+    policies["heteroscale"] = {
+        **ours, "setting": f"curated on the tuning day ({'adaptive' if mode['adaptive'] else 'fixed'} ratio)",
+        "ratio_mode": {"chosen": "adaptive" if mode["adaptive"] else "fixed",
+                       "tuning_day": {("adaptive" if t["setting"]["adaptive"] else "fixed"):
+                                      {"gpu_hours": t["gpu_hours"], "attainment": t["attainment"]} for t in tried},
+                       "scoring_day_curated": {("adaptive" if a else "fixed"): point(s, None)
+                                               for (a, h), s in scored.items() if h is None}},
+        "front": pareto(ours_front)}
     oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]
     policies["oracle"] = {**done[(path, "oracle", "score", TTFT_GOAL)], "setting": {"per_tick_goal": TTFT_GOAL},
                           "front": pareto(oracle)}

@@ -19,7 +19,7 @@ from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyCon
 from autoscaler.policy import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
-from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account,
+from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account, attainment, choose,
                              combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import ServiceShape, in_band
@@ -268,9 +268,12 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
 
 
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None, tuned_on: Scenario | None = None,
-                    headroom: float | None = None, adaptive: bool = False) -> PolicyResult:
+                    headroom: float | None = None, adaptive: bool | None = None) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
-    settings curated on `tuned_on` (default: this scenario), see `cycle_config`."""
+    settings curated on `tuned_on` (default: this scenario), see `cycle_config`; `adaptive`: the adaptive or
+    the fixed ratio, None: the one `ratio_mode` chooses on `tuned_on`."""
+    if adaptive is None:
+        adaptive = ratio_mode(tuned_on or scenario)[0]
     world, config = SimWorld(scenario), cycle_config(scenario, tuned_on, headroom, adaptive)
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
@@ -294,3 +297,21 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
         t += scenario.tick_s
     result.max_unheld_gpus = world.max_unheld_gpus
     return result
+
+
+_RATIO_MODES: dict[Scenario, tuple[bool, list[dict]]] = {}
+
+
+def ratio_mode(tuning_day: Scenario) -> tuple[bool, list[dict]]:
+    """Curation's choice between the fixed and the adaptive ratio (paper Algorithm 1's rule, on the tuning day
+    only): both run at the curated setting on `tuning_day`; the cheaper one meeting the goal, else the one with
+    the better attainment. (adaptive?, what was tried); memoized per day."""
+    if tuning_day not in _RATIO_MODES:
+        tried = []
+        for adaptive in (False, True):
+            s = run_heteroscale(tuning_day, tuned_on=tuning_day, adaptive=adaptive).summary()
+            tried.append({"setting": {"adaptive": adaptive}, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
+        if len(_RATIO_MODES) >= 4:
+            _RATIO_MODES.pop(next(iter(_RATIO_MODES)))
+        _RATIO_MODES[tuning_day] = (choose(tried)["setting"]["adaptive"], tried)
+    return _RATIO_MODES[tuning_day]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -213,7 +214,8 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     from ray.util import metrics
 
     from autoscaler.outputs import ControllerMetrics
-    from autoscaler.model import Action, Reason, RoleCounts, ServiceDecision, ServiceObservation, Signal
+    from autoscaler.model import (Action, Diagnostics, Reason, RoleCounts, ServiceDecision, ServiceObservation,
+                                  Signal)
 
     seen = []
 
@@ -231,12 +233,17 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     monkeypatch.setattr(metrics, "Counter", Recorder)
     m = ControllerMetrics("svc", {"prefill": 1, "decode": 2})
     obs = ServiceObservation(decode_tps=Signal(120.0, 1.0), prefill=RoleCounts(1), decode=RoleCounts(2, 1, 0, 1))
-    m.export(5.0, obs, ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3), 100.0)
+    m.export(5.0, replace(obs, prefill_kv_miss_tps=Signal(900.0, 1.0)),
+             ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3, diagnostics=Diagnostics(ratio_estimate=0.4)), 100.0,
+             0.5)
     values = {(n, dict(t).get("role"), dict(t).get("state")): v for n, v, t in seen}
     assert values[("heteroscale_controller_replicas", "decode", "stuck")] == 1
     assert values[("heteroscale_controller_replicas", "decode", "target")] == 3
     assert values[("heteroscale_controller_allocated_gpus", "decode", None)] == 8  # 4 replicas x 2 GPUs
     assert values[("heteroscale_controller_target_decode_tokens_per_second", None, None)] == 300.0
     assert values[("heteroscale_controller_decode_tokens_per_second", None, None)] == 120.0
+    kinds = {dict(t).get("kind"): v for n, v, t in seen if n == "heteroscale_controller_prefill_per_decode_ratio"}
+    assert kinds == {"in_force": 0.5, "estimate": 0.4}
+    assert values[("heteroscale_controller_prefill_kv_miss_tokens_per_second", None, None)] == 900.0
     assert ("heteroscale_controller_decisions_total", 1, (("action", "hold"), ("reason", "no_data"),
                                                           ("service", "svc"))) in seen

@@ -55,5 +55,10 @@ def test_status_text_shows_groups_replicas_targets_and_decisions():
     text = format_status(report)
     assert "dg-a" in text and "s1-a" in text and "L20/H20" in text and "targets P=2 D=2" in text
     assert "scale_in (proportional) decode_tps=42" in text and "withdrawn 0P/1D" in text
+    ctl = report["controller"]
+    ctl.update(prefill_per_decode=1.5, ratio_estimate=1.62, adaptive_ratio=True)
+    ctl["last_decisions"][0]["diagnostics"] = {"prefill_per_decode": 1.5}
+    text = format_status(report)
+    assert "P:D 1.5 (adaptive, asked 1.62)" in text and "-> P=1 D=1 at P:D 1.5" in text
     report["controller"] = None
     assert "no controller" in format_status(report)

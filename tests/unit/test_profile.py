@@ -20,6 +20,10 @@ def test_capacities_come_from_the_highest_step_within_each_slo():
     a = r["autoscaling"]
     assert a["target_decode_tps_per_instance"] == 171.0  # 0.9 headroom
     assert a["prefill_per_decode"] == pytest.approx(171.0 / 96 * 200 / 800, abs=1e-3)
+    assert a["target_prefill_tps_per_instance"] == 800.0
+    # at the profile's own mix the adaptive ratio asks for the profile's ratio
+    asked = (200 / a["target_prefill_tps_per_instance"]) / (96 / a["target_decode_tps_per_instance"])
+    assert asked == pytest.approx(a["prefill_per_decode"], abs=1e-3)
     assert r["decode_limit_reached"] and r["prefill_limit_reached"]
 
 
