@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping
 
+from autoscaler.forecast import Profile
 from common.defaults import AUTOSCALING as DEFAULTS
 from common.vocab import Role
 
@@ -43,6 +44,7 @@ class Reason(str, Enum):
     CANCEL_STARTING = "cancel_starting"  # a scale-in while replicas still start: those go first, at once
     BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
     RATIO = "ratio"  # decode inside its band, the adaptive P:D ratio moved: prefill follows its own demand
+    FORECAST = "forecast"  # demand forecast one measured start-up ahead asks for more than is observed now
 
 
 class Mode(str, Enum):
@@ -126,6 +128,10 @@ class PolicyConfig:
     ratio_range: float = DEFAULTS["ratio_range"]
     ratio_window_s: float = DEFAULTS["ratio_window_s"]
     ratio_hysteresis: float = DEFAULTS["ratio_hysteresis"]
+    # Start-up-aware forecast (`autoscaler.forecast`): the period the demand repeats over (86400: a day), None
+    # = reactive only; the profile's bin width.
+    forecast_period_s: float | None = None
+    forecast_bin_s: float = DEFAULTS["forecast_bin_s"]
 
     def __post_init__(self) -> None:
         _positive("target_decode_tps_per_instance", self.target_decode_tps_per_instance)
@@ -139,6 +145,14 @@ class PolicyConfig:
                 and self.ratio_range >= 1):
             raise ValueError(f"ratio_range ({self.ratio_range}) must be a finite number >= 1")
         _non_negative("ratio_window_s", self.ratio_window_s)
+        if self.forecast_period_s is not None:
+            _positive("forecast_period_s", self.forecast_period_s)
+            if self.mode is Mode.PERIODIC:
+                raise ValueError("forecast_period_s needs mode 'metrics' or 'metrics_with_schedule_floor'")
+        _positive("forecast_bin_s", self.forecast_bin_s)
+        if self.forecast_period_s is not None and self.forecast_bin_s > self.forecast_period_s:
+            raise ValueError(f"forecast_bin_s ({self.forecast_bin_s}) must be <= forecast_period_s "
+                             f"({self.forecast_period_s})")
         if not 0 <= self.ratio_hysteresis < 1:
             raise ValueError(f"ratio_hysteresis ({self.ratio_hysteresis}) must be in [0, 1)")
         for name in ("min_prefill", "max_prefill", "min_decode", "max_decode", "gpus_per_prefill", "gpus_per_decode"):
@@ -268,6 +282,7 @@ class ServiceObservation:
 
     decode_tps: Signal = Signal()
     prefill_kv_miss_tps: Signal = Signal()
+    startup_s: Signal = Signal()  # measured start-up of a new replica (the slower role): the forecast's horizon
     ttft_s: Signal = Signal()
     tbt_s: Signal = Signal()
     prefill: RoleCounts = RoleCounts()
@@ -304,6 +319,7 @@ class ServiceState:
     prefill_per_decode: float | None = None
     ratio_estimate: float | None = None
     ratio_sampled_s: float | None = None
+    profile: Profile | None = None  # the start-up-aware forecast's seasonal profile (`autoscaler.forecast`)
 
 
 @dataclass(frozen=True)
@@ -324,6 +340,8 @@ class Diagnostics:
     prefill_kv_miss_tps: float | None = None
     prefill_per_decode: float | None = None  # the ratio in force after the decision
     ratio_estimate: float | None = None  # adaptive ratio: what the signals ask for, smoothed
+    forecast_decode_tps: float | None = None  # demand one start-up ahead, widened by the forecast's error
+    forecast_error: float | None = None
     note: str = ""
 
 

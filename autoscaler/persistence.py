@@ -5,13 +5,18 @@ Format (version 1):
     {"version": 1, "ticks": 12,
      "policy": {"<service>": {"target_prefill": 1, "target_decode": 2, "last_scale_out_s": 1.0e9 | null,
                               "last_scale_in_s": ..., "last_latency_step_s": ..., "soft": null |
-                              {"started_s", "from_prefill", "from_decode", "to_prefill", "to_decode"}}},
+                              {"started_s", "from_prefill", "from_decode", "to_prefill", "to_decode", "to_ratio"},
+                              "prefill_per_decode": null | 1.5, "ratio_estimate": ..., "ratio_sampled_s": ...,
+                              "profile": null | {"period_s", "bin_s", "prev", "cur", "cur_n", "period_index",
+                                                 "error", "errors_seen", "pending": [[t, forecast], ...]}}},
      "records": {"<group>": {"group": {"name", "service", "scope", "domain", "prefill_gpu_type",
                                        "decode_gpu_type", "num_prefill", "num_decode"},
                              "slot": 0, "withdrawn": {"prefill": 0, "decode": 1},
                              "members": {"admitted": {"prefill": ["<replica id>", ...], ...},
                                          "withdrawn": {"decode": ["<replica id>"]}}}}}
-A state of another version, or one missing a field, is refused with a `StateError` naming what.
+A state of another version, or one missing a field, is refused with a `StateError` naming what. (The adaptive
+ratio's and the forecast's fields came later within version 1: a state without them reads as fixed-ratio and
+cold history.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 from dataclasses import asdict, fields
 from typing import Mapping
 
+from autoscaler.forecast import Profile
 from autoscaler.membership import GroupMembers
 from autoscaler.model import PolicyState, ServiceState, SoftScaleIn
 from common.vocab import DeploymentGroup, Role
@@ -40,8 +46,10 @@ def encode(policy: PolicyState, records: Mapping[str, object], ticks: int) -> by
     """`records`: group name -> `autoscaler.ray_world.GroupRecord`."""
     return json.dumps({
         "version": STATE_VERSION, "ticks": ticks,
-        "policy": {name: {**{f.name: getattr(st, f.name) for f in fields(ServiceState) if f.name != "soft"},
-                          "soft": asdict(st.soft) if st.soft else None}
+        "policy": {name: {**{f.name: getattr(st, f.name) for f in fields(ServiceState)
+                             if f.name not in ("soft", "profile")},
+                          "soft": asdict(st.soft) if st.soft else None,
+                          "profile": asdict(st.profile) if st.profile else None}
                    for name, st in policy.services.items()},
         "records": {name: {"group": asdict(r.group), "slot": r.slot,
                            "withdrawn": {role.value: n for role, n in r.withdrawn.items()},
@@ -50,6 +58,11 @@ def encode(policy: PolicyState, records: Mapping[str, object], ticks: int) -> by
                                                      for role, ids in r.members.withdrawn.items()}}}
                     for name, r in records.items()},
     }, sort_keys=True).encode()
+
+
+def _profile(d: dict) -> Profile:
+    return Profile(**{**d, **{k: tuple(d[k]) for k in ("prev", "cur", "cur_n")},
+                      "pending": tuple((float(t), float(f)) for t, f in d["pending"])})
 
 
 def decode(raw: bytes, record_type) -> tuple[PolicyState, dict[str, object], int]:
@@ -66,8 +79,9 @@ def decode(raw: bytes, record_type) -> tuple[PolicyState, dict[str, object], int
         policy = {}
         for name, st in data["policy"].items():
             where = f"policy.{name}"
-            soft = st.pop("soft", None)
-            policy[name] = ServiceState(**st, soft=SoftScaleIn(**soft) if soft else None)
+            soft, profile = st.pop("soft", None), st.pop("profile", None)
+            policy[name] = ServiceState(**st, soft=SoftScaleIn(**soft) if soft else None,
+                                        profile=_profile(profile) if profile else None)
         records = {}
         for name, r in data["records"].items():
             where = f"records.{name}"

@@ -29,6 +29,13 @@ force moves to the estimate only when the estimate leaves +/- `ratio_hysteresis`
   then the old ratio's band holds the groups); a scale-out never cuts either role: where decode grows while
   the ratio falls, prefill stays and the ratio put in force is the lowest that the new targets hold at;
 - missing prefill or decode tokens/s leaves the estimate where it was.
+
+Start-up-aware forecast (when `forecast_period_s` is set; `autoscaler.forecast`): every fresh decode tokens/s
+feeds the service's seasonal profile; demand one measured start-up ahead (the observation's `startup_s`) is
+forecast from earlier periods at today's level, widened by the tracked forecast error, and floors the decode
+demand the proportional rule sizes from (reason FORECAST where it decides). A forecast only ever raises the
+demand: it scales out ahead of a ramp and holds capacity a ramp is about to need, never cuts alone. No earlier
+period, no measured start-up or missing data: no forecast, the rule is reactive.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from autoscaler.forecast import Profile
 from autoscaler.model import (
     Action,
     Decision,
@@ -102,6 +110,22 @@ def _prefill_in_band(cfg: PolicyConfig, decode_demand: float, num_decode: int, r
 def _holding_ratio(cfg: PolicyConfig, pair: tuple[int, int], ratio: float) -> float:
     """`ratio` if the targets `pair` hold at it, else P/D (which they always hold at)."""
     return ratio if cfg.ratio_holds(*pair, ratio) else pair[0] / pair[1]
+
+
+def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps: float, now_s: float
+              ) -> tuple[ServiceState, float | None]:
+    """Feed the profile with `tps` and forecast one measured start-up ahead (module docstring): (state, the
+    widened forecast or None)."""
+    profile = st.profile or Profile.empty(cfg.forecast_period_s, cfg.forecast_bin_s, now_s)
+    profile = profile.observe(now_s, tps)
+    startup = obs.startup_s.value if obs is not None else None
+    widened = None
+    if startup is not None and startup >= 0 and tps > 0:
+        raw = profile.forecast(now_s, startup, tps)
+        if raw is not None:
+            profile = profile.remember(now_s + startup, raw)
+            widened = profile.widened(raw)
+    return replace(st, profile=profile), widened
 
 
 def _initial_state(cfg: PolicyConfig, obs: ServiceObservation | None) -> ServiceState:
@@ -252,6 +276,11 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         st = _estimate_ratio(cfg, st, tps, prefill_tps, now_s)
         diag = replace(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
     ratio, wanted = current_ratio(cfg, st), _wanted_ratio(cfg, st)
+    forecast = None
+    if cfg.forecast_period_s is not None and tps is not None:
+        st, forecast = _forecast(cfg, st, obs, tps, now_s)
+        if forecast is not None:
+            diag = replace(diag, forecast_decode_tps=forecast, forecast_error=st.profile.error)
 
     if st.soft is not None:
         return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled, prefill_tps)
@@ -265,6 +294,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         desired, reason, dampen = schedule, Reason.SCHEDULE, False
     elif tps is not None:
         raw = tps / cfg.target_decode_tps_per_instance
+        if forecast is not None and forecast > tps:  # demand a start-up ahead: floors what is sized now
+            # not dampened: like a schedule, it is the history's answer, not a spike
+            raw, reason, dampen = forecast / cfg.target_decode_tps_per_instance, Reason.FORECAST, False
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         if tps == 0:
             desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False

@@ -104,7 +104,7 @@ def decision_entry(now_s: float, service: str, observation: Observation, result:
     return {
         "t": round(now_s, 3), "service": service,
         "observation": {"decode_tps": _signal(obs.decode_tps), "prefill_kv_miss_tps": _signal(obs.prefill_kv_miss_tps),
-                        "ttft_s": _signal(obs.ttft_s), "tbt_s": _signal(obs.tbt_s),
+                        "ttft_s": _signal(obs.ttft_s), "tbt_s": _signal(obs.tbt_s), "startup_s": _signal(obs.startup_s),
                         "prefill": asdict(obs.prefill), "decode": asdict(obs.decode), "note": note},
         "action": dec.action.value, "reason": dec.reason.value,
         "target_prefill": dec.target_prefill, "target_decode": dec.target_decode,

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupState
 from autoscaler.membership import GroupMembers, update_members
-from autoscaler.model import Observation, RoleCounts, ServiceObservation
+from autoscaler.model import Observation, RoleCounts, ServiceObservation, Signal
 from autoscaler.orphans import decode_group, encode_group, group_key, unknown_groups
 from autoscaler.prometheus_source import PrometheusSource
 from autoscaler.serve_client import KV, LiveServe, RoleState, ServeClient, role_states
@@ -81,6 +81,8 @@ class RayWorld:
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
         # to be the oldest): past `pending_timeout_s` a replica is stuck, not starting.
         self.pending_since: dict[tuple[str, Role], list[float]] = {}
+        self._running: dict[tuple[str, Role], int] = {}  # Ready replicas per DG role at the last observation
+        self.startup_s: dict[Role, float] = {}  # the last measured start-up per role (the forecast's horizon)
         self.now_s = 0.0
 
     def supply(self, plan: SupplyPlan) -> bool:
@@ -160,10 +162,11 @@ class RayWorld:
             self.last_signals = sig
             self.observed = True
             counts = {role: self._counts(role) for role in Role}
+            startup = self.measured_startup()
         return Observation(services={self.spec.name: ServiceObservation(
             decode_tps=sig.decode_tps, prefill_kv_miss_tps=sig.prefill_kv_miss_tps, ttft_s=sig.ttft_s,
             tbt_s=sig.tbt_s, prefill=counts[Role.PREFILL], decode=counts[Role.DECODE],
-            admitted_rps=sig.admitted_rps)})
+            admitted_rps=sig.admitted_rps, startup_s=Signal() if startup is None else Signal(startup, now_s))})
 
     def cluster_view(self, now_s: float) -> ClusterView:
         nodes = {n.node_id: n for n in self.serve.nodes()}
@@ -370,7 +373,8 @@ class RayWorld:
         return out[0], out[1]
 
     def _age_pending(self, now_s: float) -> None:
-        """Keep one start time per not-Ready replica of each DG role: new ones now, the oldest leave first."""
+        """Keep one start time per not-Ready replica of each DG role: new ones now, the oldest leave first.
+        A replica that became Ready (running grew) measures a start-up: now minus its start time."""
         self.now_s = now_s
         self.pending_since = {key: v for key, v in self.pending_since.items() if key[0] in self.records}
         for name, record in self.records.items():
@@ -379,8 +383,16 @@ class RayWorld:
                 running = len(states[role].running) if states else 0
                 waiting = max(0, record.group.count(role) - running)
                 since = self.pending_since.setdefault((name, role), [])
+                became_ready = max(0, running - self._running.get((name, role), running))
+                for started in since[:min(became_ready, len(since))]:
+                    self.startup_s[role] = now_s - started
+                self._running[(name, role)] = running
                 del since[:max(0, len(since) - waiting)]
                 since += [now_s] * (waiting - len(since))
+
+    def measured_startup(self) -> float | None:
+        """The last measured start-up of a replica, the slower role's (None before any was measured)."""
+        return max(self.startup_s.values()) if self.startup_s else None
 
     def _counts(self, role: Role) -> RoleCounts:
         return RoleCounts.total(self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records)

@@ -295,6 +295,10 @@ class AutoscalingSpec(_Strict):
                                   "workload with this time constant (a rising one at once)")
     ratio_hysteresis: float = Field(D["ratio_hysteresis"], ge=0, lt=1, description="the ratio in force moves when "
                                     "the estimate leaves +/- this share of it")
+    forecast_period_s: float | None = Field(
+        None, gt=0, description="the period the load repeats over (86400: a day): the controller learns its "
+        "profile and scales out one measured start-up ahead of a ramp seen in an earlier period; None: reactive")
+    forecast_bin_s: float = Field(D["forecast_bin_s"], gt=0, description="the forecast profile's bin width")
     ttft_slo_s: float | None = Field(None, gt=0, description="TTFT SLO as users see it (at the ingress)")
     tbt_slo_s: float | None = Field(None, gt=0, description="time-between-tokens SLO")
     slo_quantile: float = Field(0.9, gt=0, lt=1, description="the percentile the SLOs are stated at")

@@ -26,6 +26,7 @@ AUTOSCALING = MappingProxyType({
     "ratio_range": 4.0,  # the ratio stays within [prefill_per_decode / this, prefill_per_decode x this]
     "ratio_window_s": 120.0,  # a falling ratio estimate follows the workload with this time constant
     "ratio_hysteresis": 0.15,  # the ratio in force moves when the estimate leaves +/- this share of it
+    "forecast_bin_s": 300.0,  # the forecast's seasonal profile: one mean per bin of its period
     "ready_ratio_tolerance_instances": 1,  # ready-ratio gate: +/- this many instances ...
     "ready_ratio_tolerance_fraction": 0.2,  # ... or this share of the ideal count
 })

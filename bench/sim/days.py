@@ -268,7 +268,20 @@ def day_of(scenario: Scenario, day: int) -> Scenario:
         services = tuple(replace(s, kv_miss=round(sum(p.kv_miss for p in s.phases) / len(s.phases), 4))
                          if s.phases else s for s in services)
     base_name = scenario.name.split("@")[0]
-    return replace(scenario, name=f"{base_name}@day{day}", services=services)
+    out = replace(scenario, name=f"{base_name}@day{day}", services=services)
+    _DAYS[out.name] = (scenario, day)
+    return out
+
+
+_DAYS: dict[str, tuple[Scenario, int]] = {}  # "<name>@day<k>" -> (the scenario it is a day of, k)
+
+
+def previous_day(day: Scenario) -> Scenario:
+    """The day before a day made by `day_of` (what a controller running on `day` learned its history on)."""
+    if day.name not in _DAYS:
+        raise ValueError(f"scenario {day.name!r} is not a day made by day_of: it has no previous day")
+    base, k = _DAYS[day.name]
+    return day_of(base, k - 1)
 
 
 def tuning_and_scoring(scenario: Scenario) -> tuple[Scenario, Scenario]:

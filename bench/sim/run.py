@@ -10,7 +10,7 @@ from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import curate
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose  # noqa: F401 (re-exported)
-from bench.sim.world import ratio_mode, run_heteroscale
+from bench.sim.world import ours_mode, run_heteroscale
 
 
 def _baseline(name: str):
@@ -44,9 +44,9 @@ def _simulate_one(job: tuple) -> tuple[str, PolicyResult, float, dict | None]:
     result = POLICIES[name](scoring_day, tuning_day)
     report = None
     if name == "heteroscale":
-        adaptive, tried = ratio_mode(tuning_day)
+        chosen, tried = ours_mode(tuning_day)
         report = {**{k: v for k, v in curate(tuning_day).items() if k != "stress"},
-                  "ratio_mode": {"chosen": "adaptive" if adaptive else "fixed", "tried_on_tuning_day": tried}}
+                  "mode": {"chosen": chosen, "tried_on_tuning_day": tried}}
     return name, result, time.perf_counter() - began, report
 
 

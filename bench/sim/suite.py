@@ -28,12 +28,14 @@ from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, r
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.scenarios import load_scenario
-from bench.sim.world import run_heteroscale
+from bench.sim.world import MODES, run_heteroscale
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
 OURS_FRONT = (1.02, 1.06, 1.1, 1.2)  # decode headrooms of ours' front (its curated point is the other one)
-OURS_RATIO = ({"adaptive": False}, {"adaptive": True})  # the fixed and the adaptive ratio: the tuning day chooses
+# ours' modes (fixed or adaptive ratio, with or without the forecast): the tuning day chooses; the fronts over
+# the decode headroom are run for the paper's mode and for both additions together
+FRONT_MODES = ({"adaptive": False, "predict": False}, {"adaptive": True, "predict": True})
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
         "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
 
@@ -88,9 +90,10 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 
 def _tasks(path: str) -> list[tuple]:
-    tasks = [(path, "heteroscale", "tune", _key(ours)) for ours in OURS_RATIO]
-    tasks += [(path, "heteroscale", "score", _key(ours | {"headroom": h})) for ours in OURS_RATIO
-              for h in (None, *(1 / h for h in OURS_FRONT))]
+    tasks = [(path, "heteroscale", "tune", _key(mode)) for mode in MODES]
+    tasks += [(path, "heteroscale", "score", _key(mode | {"headroom": None})) for mode in MODES]
+    tasks += [(path, "heteroscale", "score", _key(mode | {"headroom": 1 / h})) for mode in FRONT_MODES
+              for h in OURS_FRONT]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:
@@ -126,6 +129,11 @@ def gpu_hours_at(front: list[dict], target: float) -> float | None:
     return round(lo["gpu_hours"] + share * (hi["gpu_hours"] - lo["gpu_hours"]), 1)
 
 
+def mode_name(mode: dict) -> str:
+    """"fixed" / "adaptive" ratio, "+forecast" with the forecast."""
+    return ("adaptive" if mode["adaptive"] else "fixed") + ("+forecast" if mode["predict"] else "")
+
+
 def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
     scenario, tune, score = _days(path)
 
@@ -133,21 +141,18 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
         return {"attainment": attainment(summary), "gpu_hours": summary["gpu_hours"], "setting": setting}
 
     policies: dict[str, dict] = {}
-    tried = [point(done[(path, "heteroscale", "tune", _key(r))], r) for r in OURS_RATIO]
-    mode = choose(tried)["setting"]  # as `bench.sim.world.ratio_mode` chooses
-    scored = {(r["adaptive"], h): done[(path, "heteroscale", "score", _key(r | {"headroom": h}))]
-              for r in OURS_RATIO for h in (None, *(1 / h for h in OURS_FRONT))}
-    ours = scored[(mode["adaptive"], None)]
-    ours_front = [point(s, {"adaptive": a, "headroom": "curated" if h is None else round(1 / h, 3)})
-                  for (a, h), s in scored.items()]
+    tried = [point(done[(path, "heteroscale", "tune", _key(m))], m) for m in MODES]
+    mode = choose(tried)["setting"]  # as `bench.sim.world.ours_mode` chooses
+    scored = [(m | {"headroom": h}, done[(path, "heteroscale", "score", _key(m | {"headroom": h}))])
+              for m in MODES for h in [None] + ([1 / h for h in OURS_FRONT] if m in FRONT_MODES else [])]
+    ours = next(s for m, s in scored if m == mode | {"headroom": None})
     policies["heteroscale"] = {
-        **ours, "setting": f"curated on the tuning day ({'adaptive' if mode['adaptive'] else 'fixed'} ratio)",
-        "ratio_mode": {"chosen": "adaptive" if mode["adaptive"] else "fixed",
-                       "tuning_day": {("adaptive" if t["setting"]["adaptive"] else "fixed"):
-                                      {"gpu_hours": t["gpu_hours"], "attainment": t["attainment"]} for t in tried},
-                       "scoring_day_curated": {("adaptive" if a else "fixed"): point(s, None)
-                                               for (a, h), s in scored.items() if h is None}},
-        "front": pareto(ours_front)}
+        **ours, "setting": f"curated on the tuning day ({mode_name(mode)})",
+        "mode": {"chosen": mode_name(mode),
+                 "tuning_day": {mode_name(t["setting"]): {"gpu_hours": t["gpu_hours"], "attainment": t["attainment"]}
+                                for t in tried},
+                 "scoring_day_curated": {mode_name(m): point(s, None) for m, s in scored if m["headroom"] is None}},
+        "front": pareto([point(s, m) for m, s in scored])}
     oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]
     policies["oracle"] = {**done[(path, "oracle", "score", TTFT_GOAL)], "setting": {"per_tick_goal": TTFT_GOAL},
                           "front": pareto(oracle)}

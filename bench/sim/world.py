@@ -19,6 +19,7 @@ from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyCon
 from autoscaler.policy import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
+from bench.sim.days import previous_day
 from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account, attainment, choose,
                              combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
@@ -43,12 +44,15 @@ class SimGroup(Instances):
                           RoleCounts(self.ready_decode - self.withdrawn_decode, pending_d, self.withdrawn_decode))
 
 
-def policy_config(svc: SimService, stress: Stress, adaptive: bool = False) -> PolicyConfig:
+def policy_config(svc: SimService, stress: Stress, adaptive: bool = False, predict: bool = False) -> PolicyConfig:
     """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio; with
     `adaptive`, the ratio follows the workload (`autoscaler.policy`, "Adaptive ratio") from the stress test's
-    prefill target in KV-miss tokens, smoothed over the scale-in cooldown with the hysteresis band's width."""
+    prefill target in KV-miss tokens, smoothed over the scale-in cooldown with the hysteresis band's width;
+    with `predict`, the start-up-aware forecast over a day's profile in 5-minute bins."""
     adaptive_fields = dict(target_prefill_tps_per_instance=stress.target_prefill_tps_per_instance * svc.kv_miss,
                            ratio_window_s=300.0, ratio_hysteresis=stress.hysteresis_band) if adaptive else {}
+    if predict:
+        adaptive_fields |= dict(forecast_period_s=86_400.0, forecast_bin_s=300.0)
     return PolicyConfig(**adaptive_fields, target_decode_tps_per_instance=stress.target_decode_tps_per_instance,
                         prefill_per_decode=stress.prefill_per_decode, hysteresis_band=stress.hysteresis_band,
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
@@ -63,7 +67,7 @@ def service_shape(svc: SimService) -> ServiceShape:
 
 
 def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom: float | None = None,
-                 adaptive: bool = False) -> CycleConfig:
+                 adaptive: bool = False, predict: bool = False) -> CycleConfig:
     """Our policy's configuration for `scenario`, curated on `tuned_on` (default: the scenario itself). With
     `headroom`, every service's decode target is that share of its measured capacity instead of the curated
     one (a point of ours' front; the ratio stays the curated one)."""
@@ -72,7 +76,8 @@ def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom:
         stress = {name: replace(st, target_decode_tps_per_instance=headroom * st.max_decode_tps_per_instance,
                                 hysteresis_band=min(st.hysteresis_band, max(0.0, 1 / headroom - 1.005)))
                   for name, st in stress.items()}
-    fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name], adaptive) for s in scenario.services})
+    fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name], adaptive, predict)
+                                  for s in scenario.services})
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
 
 
@@ -119,7 +124,8 @@ class SimWorld:
                 else Signal(),
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
                 tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
-                prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states))
+                prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states),
+                startup_s=Signal(max(self.services[name].startup(self.scenario.startup_s)), now_s))
         return Observation(services=services)
 
     def cluster_view(self, now_s: float) -> ClusterView:
@@ -268,15 +274,28 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
 
 
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None, tuned_on: Scenario | None = None,
-                    headroom: float | None = None, adaptive: bool | None = None) -> PolicyResult:
+                    headroom: float | None = None, adaptive: bool | None = None, predict: bool | None = None
+                    ) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
     settings curated on `tuned_on` (default: this scenario), see `cycle_config`; `adaptive`: the adaptive or
-    the fixed ratio, None: the one `ratio_mode` chooses on `tuned_on`."""
-    if adaptive is None:
-        adaptive = ratio_mode(tuned_on or scenario)[0]
-    world, config = SimWorld(scenario), cycle_config(scenario, tuned_on, headroom, adaptive)
+    the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' run on the day before,
+    `history`); None: what `ours_mode` chooses on `tuned_on`."""
+    if adaptive is None or predict is None:
+        chosen = ours_mode(tuned_on or scenario)[0]
+        adaptive = chosen["adaptive"] if adaptive is None else adaptive
+        predict = chosen["predict"] if predict is None else predict
+    history = _history(scenario, tuned_on or scenario, adaptive) if predict else None
+    return _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict), record, history)[0]
+
+
+def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | None = None,
+         history: dict | None = None) -> tuple[PolicyResult, PolicyState]:
+    world = SimWorld(scenario)
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
+    if history:  # the forecast's profiles as the day before left them: a new period begins at t = 0
+        state = PolicyState(services={name: replace(st, profile=history[name].next_period(-1))
+                                      if name in history else st for name, st in state.services.items()})
     t = 0.0
     while t < scenario.duration_s:
         world.advance(t)
@@ -296,22 +315,46 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
         world.serve(t, result)
         t += scenario.tick_s
     result.max_unheld_gpus = world.max_unheld_gpus
-    return result
+    return result, state
 
 
-_RATIO_MODES: dict[Scenario, tuple[bool, list[dict]]] = {}
+_HISTORY: dict[tuple[str, str, bool], dict] = {}
 
 
-def ratio_mode(tuning_day: Scenario) -> tuple[bool, list[dict]]:
-    """Curation's choice between the fixed and the adaptive ratio (paper Algorithm 1's rule, on the tuning day
-    only): both run at the curated setting on `tuning_day`; the cheaper one meeting the goal, else the one with
-    the better attainment. (adaptive?, what was tried); memoized per day."""
-    if tuning_day not in _RATIO_MODES:
+def _history(day: Scenario, tuned_on: Scenario, adaptive: bool) -> dict | None:
+    """The forecast profiles ours learned running the day before `day` (settings from `tuned_on`, its own
+    forecast cold): service -> Profile; None where `day` has no day before (not made by `day_of`)."""
+    try:
+        before = previous_day(day)
+    except ValueError:
+        return None
+    key = (before.name, tuned_on.name, adaptive)
+    if key not in _HISTORY:
+        _, state = _run(before, cycle_config(before, tuned_on, None, adaptive, True))
+        if len(_HISTORY) >= 8:
+            _HISTORY.pop(next(iter(_HISTORY)))
+        _HISTORY[key] = {name: st.profile for name, st in state.services.items() if st.profile is not None}
+    return _HISTORY[key]
+
+
+_MODES: dict[str, tuple[dict, list[dict]]] = {}
+MODES = tuple({"adaptive": a, "predict": p} for a in (False, True) for p in (False, True))
+
+
+def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
+    """Curation's choice among the fixed or adaptive ratio, with or without the forecast (paper Algorithm 1's
+    rule, on the tuning day only, the forecast's history from the day before it): each runs at the curated
+    setting on `tuning_day`; the cheapest meeting the goal, else the best attainment. ({adaptive, predict},
+    what was tried); memoized per day. A scenario that is not a day (no day before) tries no forecast."""
+    if tuning_day.name not in _MODES:
+        has_history = _history(tuning_day, tuning_day, False) is not None
         tried = []
-        for adaptive in (False, True):
-            s = run_heteroscale(tuning_day, tuned_on=tuning_day, adaptive=adaptive).summary()
-            tried.append({"setting": {"adaptive": adaptive}, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
-        if len(_RATIO_MODES) >= 4:
-            _RATIO_MODES.pop(next(iter(_RATIO_MODES)))
-        _RATIO_MODES[tuning_day] = (choose(tried)["setting"]["adaptive"], tried)
-    return _RATIO_MODES[tuning_day]
+        for mode in MODES:
+            if mode["predict"] and not has_history:
+                continue
+            s = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
+            tried.append({"setting": mode, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
+        if len(_MODES) >= 4:
+            _MODES.pop(next(iter(_MODES)))
+        _MODES[tuning_day.name] = (choose(tried)["setting"], tried)
+    return _MODES[tuning_day.name]

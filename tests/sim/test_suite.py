@@ -115,11 +115,12 @@ def test_a_small_suite_writes_every_policy_tuned_on_one_day_and_scored_on_anothe
         assert p["front"] and all(0 <= q["attainment"] <= 1 for q in p["front"])
     assert policies["heteroscale"]["dg_ratio_violations"] == 0
     assert len(policies["heteroscale"]["front"]) >= 2
-    # ours' ratio (fixed or adaptive) is chosen on the tuning day by the baselines' rule; its point is that mode's
-    mode = policies["heteroscale"]["ratio_mode"]
+    # ours' mode (ratio fixed or adaptive, forecast or not) is chosen on the tuning day by the baselines' rule
+    mode = policies["heteroscale"]["mode"]
     tried = [{"setting": m, "gpu_hours": v["gpu_hours"], "attainment": v["attainment"]}
              for m, v in mode["tuning_day"].items()]
-    assert set(mode["tuning_day"]) == {"fixed", "adaptive"} and mode["chosen"] == choose(tried)["setting"]
+    assert set(mode["tuning_day"]) == {"fixed", "adaptive", "fixed+forecast", "adaptive+forecast"}
+    assert mode["chosen"] == choose(tried)["setting"]
     assert policies["heteroscale"]["gpu_hours"] == mode["scoring_day_curated"][mode["chosen"]]["gpu_hours"]
     # the point a baseline reports is the one its tuning day chose, scored on the scoring day
     assert policies["sla_planner"]["setting"] in [{"headroom": h} for h in (1.0, 1.02, 1.04, 1.06, 1.1, 1.15, 1.2)]

@@ -1,0 +1,93 @@
+"""Start-up-aware demand forecast of one service: a seasonal profile learned from the service's own earlier
+periods (days), corrected by today's level, looked up one measured start-up ahead. Pure: no clock, no I/O.
+
+The profile holds, per bin of the period (`bin_s`), the mean decode tokens/s observed in that bin on earlier
+periods (`prev`, blended over periods) and on the current one (`cur`, a running mean). A forecast for time
+t + h is `prev[bin(t + h)]` scaled by the level now (what is observed now over `prev[bin(t)]`, clipped to
+[1/LEVEL_CLIP, LEVEL_CLIP]) and widened by the tracked relative forecast error. Cold history (no earlier
+period in the bins concerned) forecasts nothing: the policy is reactive there.
+
+Forecast error: every forecast made is kept (at most `MAX_PENDING`) with the time it is for; once that time
+has come, |forecast - observed| / observed updates an exponentially weighted mean (`ERROR_WEIGHT`), capped at
+`ERROR_CAP`, which widens every later forecast (a poor forecast costs headroom, never the SLO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+LEVEL_CLIP = 2.0  # today's level scales the profile by at most x2 either way
+PERIOD_WEIGHT = 0.5  # a new period's bin mean blends into the earlier periods' with this weight
+ERROR_WEIGHT = 0.1  # exponential weight of each new forecast error
+ERROR_CAP = 0.5  # the headroom a poor forecast adds is at most +50 %
+MAX_PENDING = 64  # forecasts awaiting their time
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One service's seasonal profile and forecast-error record (part of the policy's state)."""
+
+    period_s: float
+    bin_s: float
+    prev: tuple[float | None, ...]  # earlier periods' mean per bin (None: never seen)
+    cur: tuple[float | None, ...]  # this period's running mean per bin
+    cur_n: tuple[int, ...]  # samples in `cur`
+    period_index: int  # the period `cur` belongs to
+    error: float = 0.0  # relative forecast error, exponentially weighted
+    errors_seen: int = 0
+    pending: tuple[tuple[float, float], ...] = ()  # (for time, forecast) awaiting their time
+
+    @staticmethod
+    def empty(period_s: float, bin_s: float, now_s: float) -> Profile:
+        n = max(1, int(round(period_s / bin_s)))
+        return Profile(period_s, period_s / n, (None,) * n, (None,) * n, (0,) * n, int(now_s // period_s))
+
+    def _bin(self, t_s: float) -> int:
+        return int((t_s % self.period_s) // self.bin_s) % len(self.prev)
+
+    def observe(self, now_s: float, value: float) -> Profile:
+        """Record an observed demand at `now_s` (a new period first folds `cur` into `prev`), and score the
+        forecasts made for times that have come."""
+        p = self
+        index = int(now_s // self.period_s)
+        if index > p.period_index:
+            p = replace(p.next_period(index), pending=p.pending)
+        b = p._bin(now_s)
+        n = p.cur_n[b] + 1
+        mean = value if p.cur[b] is None else p.cur[b] + (value - p.cur[b]) / n
+        p = replace(p, cur=p.cur[:b] + (mean,) + p.cur[b + 1:], cur_n=p.cur_n[:b] + (n,) + p.cur_n[b + 1:])
+        due = [(t, f) for t, f in p.pending if t <= now_s]
+        if due and value > 0:
+            error, seen = p.error, p.errors_seen
+            for _, f in due:
+                error = min(ERROR_CAP, (1 - ERROR_WEIGHT) * error + ERROR_WEIGHT * abs(f - value) / value)
+                seen += 1
+            p = replace(p, error=error, errors_seen=seen)
+        if due:
+            p = replace(p, pending=tuple(x for x in p.pending if x[0] > now_s))
+        return p
+
+    def forecast(self, now_s: float, horizon_s: float, observed: float) -> float | None:
+        """Demand expected at now + horizon (decode tokens/s), before the error's widening (`widened`); None
+        where the profile has no earlier period for now or for then (cold history)."""
+        here, there = self.prev[self._bin(now_s)], self.prev[self._bin(now_s + horizon_s)]
+        if here is None or there is None or here <= 0:
+            return None
+        level = min(max(observed / here, 1 / LEVEL_CLIP), LEVEL_CLIP)
+        return there * level
+
+    def widened(self, forecast: float) -> float:
+        return forecast * (1 + self.error)
+
+    def next_period(self, index: int) -> Profile:
+        """This period's bins folded into the earlier periods', a new period `index` begun (also how a history
+        learned elsewhere, e.g. the simulator's tuning day, is carried into a run)."""
+        prev = tuple(c if q is None else (q if c is None else (1 - PERIOD_WEIGHT) * q + PERIOD_WEIGHT * c)
+                     for q, c in zip(self.prev, self.cur))
+        return replace(self, prev=prev, cur=(None,) * len(self.cur), cur_n=(0,) * len(self.cur), period_index=index,
+                       pending=())
+
+    def remember(self, for_s: float, value: float) -> Profile:
+        """Keep a forecast made for `for_s` (its error is scored once that time has come)."""
+        pending = (self.pending + ((for_s, value),))[-MAX_PENDING:]
+        return replace(self, pending=pending)
+

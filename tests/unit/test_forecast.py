@@ -1,0 +1,146 @@
+"""The start-up-aware forecast (`autoscaler.forecast`, `autoscaler.policy`): a seasonal profile learned from
+earlier periods, looked up one measured start-up ahead; it raises capacity before a ramp that repeats, never
+cuts, tracks its own error, and is silent on cold history."""
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from autoscaler import persistence
+from autoscaler.forecast import ERROR_CAP, Profile
+from autoscaler.model import Action, PolicyConfig, PolicyState, Reason, ServiceObservation, ServiceState, Signal
+from autoscaler.policy import decide_service
+
+PERIOD = 3_600.0
+CFG = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=1.0, max_prefill=100, max_decode=100,
+                   scale_out_cooldown_s=60.0, scale_in_cooldown_s=300.0, soft_scale_in_window_s=120.0,
+                   staleness_limit_s=60.0, forecast_period_s=PERIOD, forecast_bin_s=60.0)
+
+
+def demand(t):
+    """A ramp at minute 30 of every hour: 200 tokens/s, then 1,000."""
+    return 1_000.0 if (t % PERIOD) >= 1_800 else 200.0
+
+
+def run(cfg, periods, startup_s=180.0, tick_s=30.0, start_state=None):
+    """The policy alone, every tick observing `demand` (served as asked); returns (t, decision) of the last period."""
+    st, out = start_state, []
+    t = 0.0
+    while t < periods * PERIOD:
+        obs = ServiceObservation(decode_tps=Signal(demand(t), t), startup_s=Signal(startup_s, t))
+        dec, st = decide_service(cfg, st, obs, t)
+        if t >= (periods - 1) * PERIOD:
+            out.append((t, dec))
+        t += tick_s
+    return out, st
+
+
+def first_scale_out(decisions, after_s):
+    return next(t for t, d in decisions if d.action is Action.SCALE_OUT and t % PERIOD >= after_s)
+
+
+def test_a_ramp_seen_in_an_earlier_period_is_met_one_startup_ahead():
+    reactive, _ = run(replace(CFG, forecast_period_s=None), periods=2)
+    ahead, st = run(CFG, periods=2)
+    t_reactive = first_scale_out(reactive, 1_000)
+    t_ahead = first_scale_out(ahead, 1_000)
+    assert t_reactive % PERIOD >= 1_800  # reactive: when the ramp is there
+    assert 1_800 - 180 - 60 <= t_ahead % PERIOD < 1_800  # one start-up (plus a bin) ahead of it
+    dec = next(d for t, d in ahead if t == t_ahead)
+    assert dec.reason is Reason.FORECAST and dec.target_decode >= 10
+    assert dec.diagnostics.forecast_decode_tps >= 1_000
+
+
+def test_cold_history_is_reactive():
+    ahead, _ = run(CFG, periods=1)
+    reactive, _ = run(replace(CFG, forecast_period_s=None), periods=1)
+    assert [(t, d.action, d.target_decode) for t, d in ahead] == [(t, d.action, d.target_decode) for t, d in reactive]
+    assert all(d.reason is not Reason.FORECAST for _, d in ahead)
+
+
+def test_no_measured_startup_no_forecast():
+    ahead, _ = run(CFG, periods=2, startup_s=None)
+    assert all(d.reason is not Reason.FORECAST for _, d in ahead)
+
+
+def test_a_forecast_never_cuts_alone():
+    # a profile that expects a trough an instant later: the decision is the reactive one
+    profile = Profile.empty(PERIOD, 60.0, 0.0)
+    profile = replace(profile, prev=tuple(10.0 if i == 5 else 1_000.0 for i in range(60)), period_index=1)
+    st = ServiceState(10, 10, profile=profile)
+    obs = ServiceObservation(decode_tps=Signal(1_000.0, PERIOD + 120), startup_s=Signal(180.0, PERIOD + 120))
+    dec, _ = decide_service(CFG, st, obs, PERIOD + 120)
+    assert (dec.action, dec.reason) == (Action.HOLD, Reason.WITHIN_BAND)
+
+
+def test_the_forecast_error_is_tracked_and_widens_the_forecast():
+    p = Profile.empty(PERIOD, 60.0, 0.0)
+    p = replace(p, prev=(100.0,) * 60, period_index=0)
+    p = p.remember(100.0, 100.0)
+    p = p.observe(120.0, 200.0)  # what came was twice the forecast: relative error 0.5
+    assert p.error == pytest.approx(0.1 * 0.5) and p.errors_seen == 1 and p.pending == ()
+    assert p.widened(100.0) == pytest.approx(105.0)
+    for i in range(200):
+        p = p.remember(200.0 + i, 10.0).observe(200.0 + i, 1_000.0)
+    assert p.error == pytest.approx(ERROR_CAP)
+
+
+def test_a_new_period_folds_this_ones_bins_into_history():
+    p = Profile.empty(PERIOD, 60.0, 0.0)
+    for t in range(0, 3_600, 30):
+        p = p.observe(float(t), 100.0 + t / 36)
+    assert all(v is None for v in p.prev)
+    p = p.observe(PERIOD, 500.0)
+    assert p.prev[0] == pytest.approx(100.0 + 15 / 36, rel=1e-6) and p.prev[59] > p.prev[0]
+    assert p.cur[0] == 500.0 and p.cur[1] is None
+    # today's level scales the profile (clipped to x2)
+    assert p.forecast(PERIOD, 60.0, observed=2 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+    assert p.forecast(PERIOD, 60.0, observed=100 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+
+
+def test_the_profile_survives_the_saved_state():
+    _, st = run(CFG, periods=1)
+    raw = persistence.encode(PolicyState(services={"svc": st}), {}, 3)
+    policy, _, _ = persistence.decode(raw, object)
+    assert policy.services["svc"] == st
+    assert not math.isnan(st.profile.error)
+
+
+def test_the_live_world_measures_a_new_replicas_startup_for_the_horizon():
+    """RayWorld: a replica that turns Ready measures now minus when it appeared; replicas Ready when the
+    controller started measure nothing. The observation (and the decision log) carry the slower role's."""
+    from tests.fakes import DG_A, FakeServe, Harness
+
+    class SlowStart(FakeServe):
+        def __init__(self, clock, startup_s):
+            super().__init__()
+            self.clock, self.startup_s, self.born = clock, startup_s, {}
+
+        def _ids(self, n):
+            ids = super()._ids(n)
+            self.born.update({i: self.clock.t for i in ids})
+            return ids
+
+        def details(self):
+            d = super().details()
+            for app in d["applications"].values():
+                for dep in app["deployments"].values():
+                    for r in dep["replicas"]:
+                        young = self.clock.t - self.born.get(r["replica_id"], -1e9) < self.startup_s
+                        r["state"] = "STARTING" if young else "RUNNING"
+            return d
+
+    from tests.fakes import Clock
+
+    serve = SlowStart(Clock(), 40.0)
+    serve.deploy_group(None, DG_A, 0, "/m")
+    serve.born.clear()  # the deployed group was Ready before the controller started
+    h = Harness(serve=serve)
+    serve.clock = h.clock
+    entries = h.run(10, decode_tps_each=180)
+    assert h.ctl.world.measured_startup() is None and entries[0]["observation"]["startup_s"] is None
+    assert entries[0]["action"] == "scale_out"
+    entries = h.run(60, decode_tps_each=180)
+    assert 35.0 <= h.ctl.world.measured_startup() <= 45.0  # seen a control period (5 s) apart at both ends
+    assert entries[-1]["observation"]["startup_s"] == h.ctl.world.measured_startup()
