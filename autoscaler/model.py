@@ -45,6 +45,7 @@ class Reason(str, Enum):
     BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
     RATIO = "ratio"  # decode inside its band, the adaptive P:D ratio moved: prefill follows its own demand
     FORECAST = "forecast"  # demand forecast one measured start-up ahead asks for more than is observed now
+    BURST = "burst"  # requests queue at the engines (or are shed): withdrawn replicas back first, else a step out
 
 
 class Mode(str, Enum):
@@ -132,6 +133,9 @@ class PolicyConfig:
     # = reactive only; the profile's bin width.
     forecast_period_s: float | None = None
     forecast_bin_s: float = DEFAULTS["forecast_bin_s"]
+    # Burst path: queued requests per ready decode replica past which the policy acts at once (restores a
+    # soft scale-in's withdrawn replicas, else steps out like the severe latency tier); None = off.
+    burst_queue_per_decode: float | None = None
 
     def __post_init__(self) -> None:
         _positive("target_decode_tps_per_instance", self.target_decode_tps_per_instance)
@@ -150,6 +154,8 @@ class PolicyConfig:
             if self.mode is Mode.PERIODIC:
                 raise ValueError("forecast_period_s needs mode 'metrics' or 'metrics_with_schedule_floor'")
         _positive("forecast_bin_s", self.forecast_bin_s)
+        if self.burst_queue_per_decode is not None:
+            _positive("burst_queue_per_decode", self.burst_queue_per_decode)
         if self.forecast_period_s is not None and self.forecast_bin_s > self.forecast_period_s:
             raise ValueError(f"forecast_bin_s ({self.forecast_bin_s}) must be <= forecast_period_s "
                              f"({self.forecast_period_s})")
@@ -283,6 +289,7 @@ class ServiceObservation:
     decode_tps: Signal = Signal()
     prefill_kv_miss_tps: Signal = Signal()
     startup_s: Signal = Signal()  # measured start-up of a new replica (the slower role): the forecast's horizon
+    queued: Signal = Signal()  # requests waiting at the engines now + shed lately: the burst path's trigger
     ttft_s: Signal = Signal()
     tbt_s: Signal = Signal()
     prefill: RoleCounts = RoleCounts()

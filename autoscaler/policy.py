@@ -36,6 +36,12 @@ forecast from earlier periods at today's level, widened by the tracked forecast 
 demand the proportional rule sizes from (reason FORECAST where it decides). A forecast only ever raises the
 demand: it scales out ahead of a ramp and holds capacity a ramp is about to need, never cuts alone. No earlier
 period, no measured start-up or missing data: no forecast, the rule is reactive.
+
+Burst path (when `burst_queue_per_decode` is set): requests waiting at the engines now plus those the ingress
+shed, per ready decode replica, past the threshold act at once, without the rate window: a soft scale-in in
+progress is restored (withdrawn replicas serve again in a moment, a cold start takes minutes); otherwise both
+pools step out like the severe latency tier (sharing its cooldown, waiting while replicas start), and no
+scale-in happens while requests queue.
 """
 
 from __future__ import annotations
@@ -110,6 +116,15 @@ def _prefill_in_band(cfg: PolicyConfig, decode_demand: float, num_decode: int, r
 def _holding_ratio(cfg: PolicyConfig, pair: tuple[int, int], ratio: float) -> float:
     """`ratio` if the targets `pair` hold at it, else P/D (which they always hold at)."""
     return ratio if cfg.ratio_holds(*pair, ratio) else pair[0] / pair[1]
+
+
+def _burst(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: float) -> float | None:
+    """Queued requests per ready decode replica when past `burst_queue_per_decode` (fresh data), else None."""
+    if cfg.burst_queue_per_decode is None or obs is None:
+        return None
+    queued = obs.queued.fresh(now_s, cfg.staleness_limit_s)
+    per = None if queued is None else queued / max(1, obs.decode.ready)
+    return per if per is not None and per > cfg.burst_queue_per_decode else None
 
 
 def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps: float, now_s: float
@@ -282,7 +297,14 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         if forecast is not None:
             diag = replace(diag, forecast_decode_tps=forecast, forecast_error=st.profile.error)
 
+    burst = _burst(cfg, obs, now_s)
+    if burst is not None:
+        diag = replace(diag, note=f"{burst:.1f} requests queued per ready decode replica")
     if st.soft is not None:
+        if burst is not None:  # withdrawn replicas are the first capacity back (a restore takes no start-up)
+            new = replace(st, target_prefill=st.soft.from_prefill, target_decode=st.soft.from_decode, soft=None,
+                          last_scale_in_s=now_s)
+            return _decision(Action.RESTORE, Reason.BURST, new, cfg, diag), new
         return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled, prefill_tps)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
@@ -328,6 +350,17 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
                 return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
         elif pair[1] > asked[1]:
             return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True, ratio=wanted)
+
+    # --- burst path: requests queue now; do not wait for the rate window (or a latency breach) ------------------
+    if burst is not None:
+        if not starting and _elapsed(now_s, st.last_latency_step_s) >= cfg.latency_cooldown_s:
+            severe = cfg.latency_tiers[-1].step_fraction if cfg.latency_tiers else 0.2
+            pair = cfg.pair_for_decode(max(st.target_decode + 1, math.ceil(st.target_decode * (1 + severe) - 1e-9)),
+                                       wanted)
+            if pair[1] > (desired or current)[1]:
+                return _scale_out(cfg, st, pair, now_s, Reason.BURST, diag, latency=True, ratio=wanted)
+        if desired is not None and desired[1] < current[1]:  # never a scale-in while requests queue
+            return _decision(Action.HOLD, Reason.BURST, st, cfg, diag), st
 
     if desired is None:
         note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.note

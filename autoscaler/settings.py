@@ -56,6 +56,7 @@ def policy_config(spec: ServiceSpec) -> PolicyConfig:
             advisory=a.advisory, target_prefill_tps_per_instance=a.target_prefill_tps_per_instance,
             ratio_range=a.ratio_range, ratio_window_s=a.ratio_window_s, ratio_hysteresis=a.ratio_hysteresis,
             forecast_period_s=a.forecast_period_s, forecast_bin_s=a.forecast_bin_s,
+            burst_queue_per_decode=a.burst_queue_per_decode,
             gpus_per_prefill=spec.roles.prefill.gpus_per_replica, gpus_per_decode=spec.roles.decode.gpus_per_replica)
     except ValueError as err:
         raise ConfigError(f"{spec.source_path or spec.name}: autoscaling: {err}") from None

@@ -69,6 +69,7 @@ class ServiceSignals:
     ttft_s_by_group: Mapping[str, float] = field(default_factory=dict)
     note: str = ""  # why a signal is missing, or how it was corrected
     admitted_rps: Signal = Signal()  # requests/s the ingress routed to engines (the policy's cross-check)
+    queued: Signal = Signal()  # requests waiting in the engines now + shed in the window (the burst path)
 
 
 class SignalStore:
@@ -126,6 +127,7 @@ class SignalStore:
         since: dict[Role, float] = {}
         tbt_counts = []
         notes = []
+        waiting, waiting_at = 0, None
         for role in (Role.DECODE, Role.PREFILL):
             ids = sorted(running.get(role, ()))
             total, oldest, ok = 0.0, now_s, bool(ids)
@@ -141,6 +143,8 @@ class SignalStore:
                 grown = getattr(last, counter) - getattr(first, counter)
                 total += max(grown, 0) / dt if dt > 0 else 0.0
                 oldest = min(oldest, last.received_s)
+                waiting += last.num_waiting
+                waiting_at = last.received_s if waiting_at is None else min(waiting_at, last.received_s)
                 if role is Role.DECODE and last.tbt_hist and first.tbt_hist:
                     tbt_counts.append(histogram.delta(last.tbt_hist, first.tbt_hist))
             if not ids:
@@ -186,4 +190,5 @@ class SignalStore:
             prefill_kv_miss_tps=signal(rates[Role.PREFILL], since[Role.PREFILL]),
             ttft_s=signal(ttft, ingress_fresh),
             tbt_s=signal(tbt, since[Role.DECODE] if rates[Role.DECODE] is not None else None),
-            ttft_s_by_group=per_group, note="; ".join(notes), admitted_rps=signal(admitted_rps, ingress_fresh))
+            ttft_s_by_group=per_group, note="; ".join(notes), admitted_rps=signal(admitted_rps, ingress_fresh),
+            queued=signal(float(waiting + shed), waiting_at))

@@ -299,6 +299,9 @@ class AutoscalingSpec(_Strict):
         None, gt=0, description="the period the load repeats over (86400: a day): the controller learns its "
         "profile and scales out one measured start-up ahead of a ramp seen in an earlier period; None: reactive")
     forecast_bin_s: float = Field(D["forecast_bin_s"], gt=0, description="the forecast profile's bin width")
+    burst_queue_per_decode: float | None = Field(
+        None, gt=0, description="requests queued at the engines (and shed) per ready decode replica past which "
+        "the controller acts at once: withdrawn replicas back first, else a step out; None: off")
     ttft_slo_s: float | None = Field(None, gt=0, description="TTFT SLO as users see it (at the ingress)")
     tbt_slo_s: float | None = Field(None, gt=0, description="time-between-tokens SLO")
     slo_quantile: float = Field(0.9, gt=0, lt=1, description="the percentile the SLOs are stated at")

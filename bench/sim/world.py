@@ -48,11 +48,11 @@ def policy_config(svc: SimService, stress: Stress, adaptive: bool = False, predi
     """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio; with
     `adaptive`, the ratio follows the workload (`autoscaler.policy`, "Adaptive ratio") from the stress test's
     prefill target in KV-miss tokens, smoothed over the scale-in cooldown with the hysteresis band's width;
-    with `predict`, the start-up-aware forecast over a day's profile in 5-minute bins."""
+    with `predict`, the start-up-aware forecast over a day's profile in 5-minute bins and the burst path."""
     adaptive_fields = dict(target_prefill_tps_per_instance=stress.target_prefill_tps_per_instance * svc.kv_miss,
                            ratio_window_s=300.0, ratio_hysteresis=stress.hysteresis_band) if adaptive else {}
-    if predict:
-        adaptive_fields |= dict(forecast_period_s=86_400.0, forecast_bin_s=300.0)
+    if predict:  # and the burst path: two requests queued per ready decode instance act at once
+        adaptive_fields |= dict(forecast_period_s=86_400.0, forecast_bin_s=300.0, burst_queue_per_decode=2.0)
     return PolicyConfig(**adaptive_fields, target_decode_tps_per_instance=stress.target_decode_tps_per_instance,
                         prefill_per_decode=stress.prefill_per_decode, hysteresis_band=stress.hysteresis_band,
                         max_prefill=100_000, max_decode=100_000, tbt_slo_s=svc.tbt_slo_s,
@@ -125,7 +125,10 @@ class SimWorld:
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
                 tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
                 prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states),
-                startup_s=Signal(max(self.services[name].startup(self.scenario.startup_s)), now_s))
+                startup_s=Signal(max(self.services[name].startup(self.scenario.startup_s)), now_s),
+                # the burst path's queue: requests of the last tick the decode pool did not serve
+                queued=Signal(max(0.0, tick.demand_tps - tick.decode_tps) / self.services[name].at(now_s).mean_output
+                              * self.scenario.tick_s, now_s) if tick else Signal())
         return Observation(services=services)
 
     def cluster_view(self, now_s: float) -> ClusterView:

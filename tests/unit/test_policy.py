@@ -249,9 +249,9 @@ def test_invariants_over_random_observation_sequences(sequence, budget):
 
 
 def test_every_reason_is_covered_by_a_test():
-    # RATIO: tests/unit/test_adaptive_ratio.py; FORECAST: tests/unit/test_forecast.py
+    # RATIO: test_adaptive_ratio.py; FORECAST: test_forecast.py; BURST: test_burst.py
     covered = {row[3][1] for row in SCENARIOS} | {Reason.SCHEDULE, Reason.BUDGET_LIMITED, Reason.RATIO,
-                                                    Reason.FORECAST}
+                                                    Reason.FORECAST, Reason.BURST}
     assert covered == set(Reason)
 
 
