@@ -197,6 +197,17 @@ class HeteroScaleController:
         """The P:D ratio in force (the adaptive one the policy's state holds, else the configured one)."""
         return current_ratio(self.config.fleet.services[self.spec.name], self.state.services.get(self.spec.name))
 
+    def _forecast_status(self, svc) -> dict | None:
+        """The forecast as the last decision saw it (None when the service has no forecast configured)."""
+        if self.config.fleet.services[self.spec.name].forecast_period_s is None:
+            return None
+        last = self._decisions()[-1:] or [{}]
+        diag = last[0].get("diagnostics", {})
+        profile = svc.profile if svc else None
+        return {"decode_tps": diag.get("forecast_decode_tps"), "error": profile.error if profile else None,
+                "startup_s": last[0].get("observation", {}).get("startup_s"),
+                "history_bins": sum(v is not None for v in profile.prev) if profile else 0}
+
     async def status(self) -> dict:
         groups = self.world.group_summary()
         svc = self.state.services.get(self.spec.name)
@@ -206,6 +217,7 @@ class HeteroScaleController:
                 "target_decode": svc.target_decode if svc else None,
                 "soft_scale_in": asdict(svc.soft) if svc and svc.soft else None,
                 "prefill_per_decode": self._ratio(), "ratio_estimate": svc.ratio_estimate if svc else None,
+                "forecast": self._forecast_status(svc),
                 "adaptive_ratio": self.config.fleet.services[self.spec.name].adaptive_ratio,
                 "groups": groups, "errors": self._errors(), "probe_failures": self.world.probe_failures,
                 "last_decisions": self._decisions()[-10:]}

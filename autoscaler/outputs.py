@@ -43,6 +43,9 @@ class ControllerMetrics:
         self.prefill_tps = metrics.Gauge("heteroscale_controller_prefill_kv_miss_tokens_per_second",
                                          "observed KV-miss prefill tokens/s (unset when missing)",
                                          tag_keys=("service",))
+        self.forecast = metrics.Gauge("heteroscale_controller_forecast_decode_tokens_per_second",
+                                      "decode tokens/s forecast one measured start-up ahead, widened by the "
+                                      "forecast's error (unset without a forecast)", tag_keys=("service",))
         self.decisions = metrics.Counter("heteroscale_controller_decisions_total", "decisions by action and reason",
                                          tag_keys=("service", "action", "reason"))
         self.errors = metrics.Counter("heteroscale_controller_tick_errors_total", "failed ticks by stage",
@@ -69,6 +72,8 @@ class ControllerMetrics:
         self.ratio.set(ratio_in_force, tags={**tags, "kind": "in_force"})
         if dec.diagnostics.ratio_estimate is not None:
             self.ratio.set(dec.diagnostics.ratio_estimate, tags={**tags, "kind": "estimate"})
+        if dec.diagnostics.forecast_decode_tps is not None:
+            self.forecast.set(dec.diagnostics.forecast_decode_tps, tags=tags)
         prefill_tps = obs.prefill_kv_miss_tps.value
         if prefill_tps is not None and math.isfinite(prefill_tps):
             self.prefill_tps.set(prefill_tps, tags=tags)

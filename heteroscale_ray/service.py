@@ -216,6 +216,14 @@ def status(service: ServiceSpec, address: str | None = None) -> dict:
     return report
 
 
+def _forecast_text(f: dict) -> str:
+    if f["decode_tps"] is None:
+        return f", forecast: none yet ({f['history_bins']} bins of history" + \
+            (", no start-up measured)" if f["startup_s"] is None else ")")
+    return (f", forecast {f['decode_tps']:.0f} decode tokens/s {f['startup_s']:.0f}s ahead "
+            f"(error {100 * (f['error'] or 0):.0f} %)")
+
+
 def format_status(report: dict) -> str:
     lines = [f"service {report['service']}: ingress {report['ingress']}"]
     ctl = report.get("controller")
@@ -231,6 +239,7 @@ def format_status(report: dict) -> str:
                  + (f", P:D {ctl['prefill_per_decode']:.3g}" if ctl.get("prefill_per_decode") is not None else "")
                  + (f" (adaptive, asked {ctl['ratio_estimate']:.3g})" if ctl.get("adaptive_ratio")
                     and ctl.get("ratio_estimate") is not None else " (adaptive)" if ctl.get("adaptive_ratio") else "")
+                 + (_forecast_text(ctl["forecast"]) if ctl.get("forecast") else "")
                  + (f", soft scale-in since {ctl['soft_scale_in']['started_s']:.0f}" if ctl["soft_scale_in"] else "")
                  + (f", errors {ctl['errors']}" if ctl["errors"] else ""))
     counts = lambda c: f"{c['ready']}/{c['withdrawn']}/{c['pending']}/{c.get('stuck', 0)}"  # noqa: E731

@@ -234,7 +234,8 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     m = ControllerMetrics("svc", {"prefill": 1, "decode": 2})
     obs = ServiceObservation(decode_tps=Signal(120.0, 1.0), prefill=RoleCounts(1), decode=RoleCounts(2, 1, 0, 1))
     m.export(5.0, replace(obs, prefill_kv_miss_tps=Signal(900.0, 1.0)),
-             ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3, diagnostics=Diagnostics(ratio_estimate=0.4)), 100.0,
+             ServiceDecision(Action.HOLD, Reason.NO_DATA, 1, 3,
+                             diagnostics=Diagnostics(ratio_estimate=0.4, forecast_decode_tps=321.0)), 100.0,
              0.5)
     values = {(n, dict(t).get("role"), dict(t).get("state")): v for n, v, t in seen}
     assert values[("heteroscale_controller_replicas", "decode", "stuck")] == 1
@@ -245,5 +246,6 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     kinds = {dict(t).get("kind"): v for n, v, t in seen if n == "heteroscale_controller_prefill_per_decode_ratio"}
     assert kinds == {"in_force": 0.5, "estimate": 0.4}
     assert values[("heteroscale_controller_prefill_kv_miss_tokens_per_second", None, None)] == 900.0
+    assert values[("heteroscale_controller_forecast_decode_tokens_per_second", None, None)] == 321.0
     assert ("heteroscale_controller_decisions_total", 1, (("action", "hold"), ("reason", "no_data"),
                                                           ("service", "svc"))) in seen

@@ -60,5 +60,9 @@ def test_status_text_shows_groups_replicas_targets_and_decisions():
     ctl["last_decisions"][0]["diagnostics"] = {"prefill_per_decode": 1.5}
     text = format_status(report)
     assert "P:D 1.5 (adaptive, asked 1.62)" in text and "-> P=1 D=1 at P:D 1.5" in text
+    ctl["forecast"] = {"decode_tps": 420.0, "error": 0.08, "startup_s": 165.0, "history_bins": 12}
+    assert "forecast 420 decode tokens/s 165s ahead (error 8 %)" in format_status(report)
+    ctl["forecast"] = {"decode_tps": None, "error": None, "startup_s": None, "history_bins": 0}
+    assert "forecast: none yet (0 bins of history, no start-up measured)" in format_status(report)
     report["controller"] = None
     assert "no controller" in format_status(report)
