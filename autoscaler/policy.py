@@ -34,7 +34,8 @@ Start-up-aware forecast (when `forecast_period_s` is set; `autoscaler.forecast`)
 feeds the service's seasonal profile; demand one measured start-up ahead (the observation's `startup_s`) is
 forecast from earlier periods at today's level, widened by the tracked forecast error, and floors the decode
 demand the proportional rule sizes from (reason FORECAST where it decides). A forecast only ever raises the
-demand: it scales out ahead of a ramp and holds capacity a ramp is about to need, never cuts alone. No earlier
+demand: it scales out ahead of a ramp, holds capacity a ramp is about to need (a soft scale-in is restored when
+the forecast says its load returns within a start-up), never cuts alone. No earlier
 period, no measured start-up or missing data: no forecast, the rule is reactive.
 
 Burst path (when `burst_queue_per_decode` is set): requests waiting at the engines now plus those the ingress
@@ -305,7 +306,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             new = replace(st, target_prefill=st.soft.from_prefill, target_decode=st.soft.from_decode, soft=None,
                           last_scale_in_s=now_s)
             return _decision(Action.RESTORE, Reason.BURST, new, cfg, diag), new
-        return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled, prefill_tps)
+        # a forecast ramp within one start-up brings the withdrawn replicas back like returning load
+        soft_tps = max(tps, forecast) if tps is not None and forecast is not None else tps
+        return _resolve_soft(cfg, st, soft_tps, breach, now_s, diag, stalled, prefill_tps)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
     schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None

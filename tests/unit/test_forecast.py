@@ -144,3 +144,18 @@ def test_the_live_world_measures_a_new_replicas_startup_for_the_horizon():
     entries = h.run(60, decode_tps_each=180)
     assert 35.0 <= h.ctl.world.measured_startup() <= 45.0  # seen a control period (5 s) apart at both ends
     assert entries[-1]["observation"]["startup_s"] == h.ctl.world.measured_startup()
+
+
+def test_a_soft_scale_in_is_restored_when_the_forecast_says_its_load_returns():
+    from autoscaler.model import SoftScaleIn
+
+    profile = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=tuple(200.0 if i < 30 else 1_000.0 for i in range(60)),
+                      period_index=1)
+    soft = SoftScaleIn(PERIOD + 1_500, 10, 10, 2, 2)
+    st = ServiceState(10, 10, profile=profile, soft=soft)
+    t = PERIOD + 1_700  # 100 s before the ramp, start-up 180 s
+    obs = ServiceObservation(decode_tps=Signal(200.0, t), startup_s=Signal(180.0, t))
+    dec, _ = decide_service(CFG, st, obs, t)
+    assert dec.action is Action.RESTORE
+    dec, _ = decide_service(replace(CFG, forecast_period_s=None), replace(st, profile=None), obs, t)
+    assert dec.action is Action.TERMINATE_WITHDRAWN  # reactive: cut 100 s before the ramp
