@@ -23,7 +23,7 @@ from autoscaler import persistence
 from autoscaler.cycle import CycleConfig
 from autoscaler.model import FleetConfig, PolicyState
 from autoscaler.outputs import ControllerMetrics, append_decision
-from autoscaler.policy import current_ratio
+from autoscaler.ratio import current_ratio
 from autoscaler.port import decision_entry, step
 from autoscaler.ray_world import GroupRecord, RayWorld, service_shape
 from autoscaler.serve_client import RayKV

@@ -35,7 +35,8 @@ from typing import Mapping, Sequence
 
 from autoscaler.model import Action, Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
 from autoscaler.plan import FreeIndex, WorkingGroup, cancel_stuck, plan_service, room, totals
-from autoscaler.policy import current_ratio, decide, ratio_in_force
+from autoscaler.policy import decide
+from autoscaler.ratio import current_ratio, ratio_in_force
 from common.vocab import DeploymentGroup, NodeInfo
 from placement.scheduler import (
     ActionKind as PlaceKind,

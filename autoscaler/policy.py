@@ -16,19 +16,7 @@ Per service, in order:
 5. a fleet GPU budget, if set, is shared by priority and never exceeded.
 Scale-in never happens at once: the Decision withdraws instances from routing first.
 
-Adaptive ratio (when `target_prefill_tps_per_instance` is set; otherwise the ratio is the configured one, as in
-the paper). Decode demand is x = decode tokens/s / decode target, prefill demand y = KV-miss prefill tokens/s
-/ prefill target (both targets SLO-feasible, from the stress test); the ratio the workload asks for is y / x,
-clipped to `ratio_bounds`. Its estimate rises at once (prefill short of its demand costs TTFT now) and falls
-with time constant `ratio_window_s` (a prompt-heavy spell is not forgotten in one quiet window). The ratio in
-force moves to the estimate only when the estimate leaves +/- `ratio_hysteresis` of it. Invariants:
-- both pools still move in one decision; a decision's targets hold at the ratio it puts in force
-  (`PolicyConfig.ratio_holds`), so every DG is kept inside that ratio's band by `place()`;
-- a ratio that rises grows prefill at once (a scale-out: decode never shrinks in it); a ratio that falls sheds
-  prefill only through a soft scale-in, and is in force only once the withdrawn prefill is terminated (until
-  then the old ratio's band holds the groups); a scale-out never cuts either role: where decode grows while
-  the ratio falls, prefill stays and the ratio put in force is the lowest that the new targets hold at;
-- missing prefill or decode tokens/s leaves the estimate where it was.
+Adaptive ratio (`target_prefill_tps_per_instance`): see `autoscaler.ratio`.
 
 Start-up-aware forecast (when `forecast_period_s` is set; `autoscaler.forecast`): every fresh decode tokens/s
 feeds the service's seasonal profile; demand one measured start-up ahead (the observation's `startup_s`) is
@@ -66,57 +54,13 @@ from autoscaler.model import (
     ServiceState,
     SoftScaleIn,
 )
+from autoscaler.ratio import (SECONDS_PER_DAY, current_ratio, estimate_ratio, holding_ratio, prefill_in_band,
+                              wanted_ratio)
 
-SECONDS_PER_DAY = 86_400.0
 
 
 def _elapsed(now_s: float, since_s: float | None) -> float:
     return math.inf if since_s is None else now_s - since_s
-
-
-def current_ratio(cfg: PolicyConfig, st: ServiceState | None) -> float:
-    """The P:D ratio in force for a service: the adaptive one its state holds, else the configured one."""
-    return st.prefill_per_decode if st is not None and st.prefill_per_decode is not None else cfg.prefill_per_decode
-
-
-def _estimate_ratio(cfg: PolicyConfig, st: ServiceState, tps: float | None, prefill_tps: float | None,
-                    now_s: float) -> ServiceState:
-    """The smoothed ratio the workload asks for (module docstring); unchanged without both signals."""
-    if not cfg.adaptive_ratio or not tps or prefill_tps is None:
-        return st
-    lo, hi = cfg.ratio_bounds
-    instant = (prefill_tps / cfg.target_prefill_tps_per_instance) / (tps / cfg.target_decode_tps_per_instance)
-    instant = min(max(instant, lo), hi)
-    old = st.ratio_estimate
-    if old is None or instant >= old or st.ratio_sampled_s is None:
-        estimate = instant
-    else:
-        dt = max(0.0, now_s - st.ratio_sampled_s)
-        alpha = 1.0 if cfg.ratio_window_s == 0 else 1.0 - math.exp(-dt / cfg.ratio_window_s)
-        estimate = old + alpha * (instant - old)
-    return replace(st, ratio_estimate=estimate, ratio_sampled_s=now_s)
-
-
-def _wanted_ratio(cfg: PolicyConfig, st: ServiceState) -> float:
-    """The ratio this decision sizes at: the estimate once it leaves the hysteresis band of the one in force."""
-    ratio = current_ratio(cfg, st)
-    est = st.ratio_estimate
-    if cfg.adaptive_ratio and est is not None and abs(est / ratio - 1) > cfg.ratio_hysteresis:
-        return est
-    return ratio
-
-
-def _prefill_in_band(cfg: PolicyConfig, decode_demand: float, num_decode: int, ratio: float) -> int:
-    """Prefill for `decode_demand` at `ratio`, kept inside the ratio band of `num_decode` decode instances."""
-    lo = math.ceil((num_decode - 1) * ratio - 1e-9)
-    hi = math.ceil(num_decode * ratio - 1e-9)
-    p = min(max(math.ceil(decode_demand * ratio - 1e-9), lo), hi)
-    return min(max(p, cfg.min_prefill), cfg.max_prefill)
-
-
-def _holding_ratio(cfg: PolicyConfig, pair: tuple[int, int], ratio: float) -> float:
-    """`ratio` if the targets `pair` hold at it, else P/D (which they always hold at)."""
-    return ratio if cfg.ratio_holds(*pair, ratio) else pair[0] / pair[1]
 
 
 def _burst(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: float) -> float | None:
@@ -164,23 +108,6 @@ def _schedule_pair(cfg: PolicyConfig, now_s: float) -> tuple[int, int] | None:
     return None
 
 
-def ratio_in_force(cfg: PolicyConfig, now_s: float, num_prefill: int, num_decode: int,
-                   state: ServiceState | None = None) -> float:
-    """The P:D ratio a service's targets were sized at, which every deployment group is kept at (each inside
-    `placement.scheduler.prefill_band` of it): the adaptive ratio in force (`state`), the schedule window's
-    where a schedule set targets that follow it, else the policy's own. Never the targets' quotient: P =
-    ceil(D x r) swings P/D by up to 1/D from one size to the next, and groups that each need one prefill push
-    it up further, so a band on the quotient moves under groups that did not change."""
-    if cfg.adaptive_ratio:
-        return current_ratio(cfg, state)
-    if cfg.mode is not Mode.METRICS and not cfg.ratio_holds(num_prefill, num_decode):
-        second = now_s % SECONDS_PER_DAY
-        for window in cfg.schedule:
-            if window.contains(second) and cfg.ratio_holds(num_prefill, num_decode, window.prefill_per_decode):
-                return window.prefill_per_decode
-    return cfg.prefill_per_decode
-
-
 def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: float) -> float | None:
     if obs is None:
         return None
@@ -206,7 +133,7 @@ def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s:
     """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0). A role that
     grows in the same step (a schedule raised the ratio) grows now; only the shrinking roles are withdrawn.
     `ratio`: the adaptive ratio `pair` was sized at, in force once the withdrawn instances are terminated."""
-    to_ratio = _holding_ratio(cfg, pair, ratio) if cfg.adaptive_ratio and ratio is not None else None
+    to_ratio = holding_ratio(cfg, pair, ratio) if cfg.adaptive_ratio and ratio is not None else None
     if cfg.soft_scale_in_window_s == 0:
         new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s,
                       prefill_per_decode=to_ratio if to_ratio is not None else st.prefill_per_decode)
@@ -227,7 +154,7 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
     if cfg.adaptive_ratio:
         pair = (max(pair[0], st.target_prefill), max(pair[1], st.target_decode))
         ratio = current_ratio(cfg, st) if ratio is None else ratio
-        in_force = _holding_ratio(cfg, pair, ratio)
+        in_force = holding_ratio(cfg, pair, ratio)
     new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
                   last_latency_step_s=now_s if latency else st.last_latency_step_s, prefill_per_decode=in_force)
     return _decision(Action.SCALE_OUT, reason, new, cfg, diag), new
@@ -289,9 +216,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     prefill_tps = None
     if cfg.adaptive_ratio and obs is not None:
         prefill_tps = obs.prefill_kv_miss_tps.fresh(now_s, cfg.staleness_limit_s)
-        st = _estimate_ratio(cfg, st, tps, prefill_tps, now_s)
+        st = estimate_ratio(cfg, st, tps, prefill_tps, now_s)
         diag = replace(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
-    ratio, wanted = current_ratio(cfg, st), _wanted_ratio(cfg, st)
+    ratio, wanted = current_ratio(cfg, st), wanted_ratio(cfg, st)
     forecast = None
     if cfg.forecast_period_s is not None and tps is not None:
         st, forecast = _forecast(cfg, st, obs, tps, now_s)
@@ -328,7 +255,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band and wanted == ratio:
             desired, reason = current, Reason.WITHIN_BAND
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:  # decode holds; the ratio moved
-            desired = (_prefill_in_band(cfg, raw, st.target_decode, wanted), st.target_decode)
+            desired = (prefill_in_band(cfg, raw, st.target_decode, wanted), st.target_decode)
             reason = Reason.RATIO if desired != current else Reason.WITHIN_BAND
         else:
             unclamped = math.ceil(raw - 1e-9)

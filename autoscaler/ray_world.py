@@ -23,6 +23,7 @@ from autoscaler.cycle import ClusterView, GroupAction, GroupActionKind, GroupSta
 from autoscaler.membership import GroupMembers, update_members
 from autoscaler.model import Observation, RoleCounts, ServiceObservation, Signal
 from autoscaler.orphans import decode_group, encode_group, group_key, unknown_groups
+from autoscaler.pending import PendingAges
 from autoscaler.prometheus_source import PrometheusSource
 from autoscaler.serve_client import KV, LiveServe, RoleState, ServeClient, role_states
 from autoscaler.settings import ControllerSettings
@@ -80,9 +81,7 @@ class RayWorld:
         self.retiring: dict[str, float] = {}  # orphan DG -> when its drain is over and its app is deleted
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
         # to be the oldest): past `pending_timeout_s` a replica is stuck, not starting.
-        self.pending_since: dict[tuple[str, Role], list[float]] = {}
-        self._running: dict[tuple[str, Role], int] = {}  # Ready replicas per DG role at the last observation
-        self.startup_s: dict[Role, float] = {}  # the last measured start-up per role (the forecast's horizon)
+        self.pending = PendingAges()  # not-Ready replicas' start times; measured start-ups
         self.now_s = 0.0
 
     def supply(self, plan: SupplyPlan) -> bool:
@@ -368,31 +367,17 @@ class RayWorld:
                 sum(1 for i in running if record.members.routable(role, i))
             waiting = max(0, record.group.count(role) - ready - withdrawn)
             bound = self.now_s - self.settings.pending_timeout_s
-            stuck = min(waiting, sum(1 for t in self.pending_since.get((name, role), ()) if t < bound))
+            stuck = min(waiting, self.pending.older_than(name, role, bound))
             out.append(RoleCounts(ready=ready, pending=waiting - stuck, withdrawn=withdrawn, stuck=stuck))
         return out[0], out[1]
 
     def _age_pending(self, now_s: float) -> None:
-        """Keep one start time per not-Ready replica of each DG role: new ones now, the oldest leave first.
-        A replica that became Ready (running grew) measures a start-up: now minus its start time."""
         self.now_s = now_s
-        self.pending_since = {key: v for key, v in self.pending_since.items() if key[0] in self.records}
-        for name, record in self.records.items():
-            states = self.states.get(name)
-            for role in Role:
-                running = len(states[role].running) if states else 0
-                waiting = max(0, record.group.count(role) - running)
-                since = self.pending_since.setdefault((name, role), [])
-                became_ready = max(0, running - self._running.get((name, role), running))
-                for started in since[:min(became_ready, len(since))]:
-                    self.startup_s[role] = now_s - started
-                self._running[(name, role)] = running
-                del since[:max(0, len(since) - waiting)]
-                since += [now_s] * (waiting - len(since))
+        self.pending.update(now_s, {n: {r: rec.group.count(r) for r in Role} for n, rec in self.records.items()},
+                            {n: {r: len(st[r].running) for r in Role} for n, st in self.states.items()})
 
     def measured_startup(self) -> float | None:
-        """The last measured start-up of a replica, the slower role's (None before any was measured)."""
-        return max(self.startup_s.values()) if self.startup_s else None
+        return self.pending.measured_startup()
 
     def _counts(self, role: Role) -> RoleCounts:
         return RoleCounts.total(self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records)

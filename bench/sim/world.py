@@ -16,7 +16,7 @@ from typing import Sequence
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupAction, GroupActionKind, GroupState
 from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
-from autoscaler.policy import ratio_in_force
+from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
 from bench.sim.days import previous_day

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from autoscaler.cycle import ClusterView, CycleConfig, GroupState, cycle
 from autoscaler.model import (Action, FleetConfig, Mode, Observation, PolicyConfig, PolicyState, Reason, RoleCounts,
                               ScheduleWindow, ServiceObservation, ServiceState, Signal)
-from autoscaler.policy import current_ratio, decide_service
+from autoscaler.policy import decide_service
+from autoscaler.ratio import current_ratio
 from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import ServiceShape, in_band, nearest_ratio_in_band
 

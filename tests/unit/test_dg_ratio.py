@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupActionKind, GroupState
 from autoscaler.model import FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
-from autoscaler.policy import ratio_in_force
+from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
 from common.vocab import DeploymentGroup, NodeInfo, Scope
 from placement.scheduler import ActionKind, ScaleRequest, ServiceShape, Why, in_band, place, prefill_band
