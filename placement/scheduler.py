@@ -262,7 +262,7 @@ def in_band(num_prefill: int, num_decode: int, prefill_per_decode: float | None)
 def nearest_ratio_in_band(counts: Sequence[tuple[int, int]], ratio: float) -> float | None:
     """The ratio nearest `ratio` at which every (prefill, decode) group of `counts` is in band (`prefill_band`):
     a group is in band for r in ((P-1)/D, P/(D-1)] (P = 1 or D = 1 lift the respective end), so the groups
-    together for the intersection of those intervals. `ratio` itself when it already holds; None when no ratio
+    together hold for the intersection of those intervals. `ratio` itself when it already holds; None when no ratio
     holds them all."""
     if all(in_band(p, d, ratio) for p, d in counts):
         return ratio
@@ -359,7 +359,8 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
     """Grow groups or open new ones, every group kept inside the request's ratio band (`prefill_band`):
     1. decode, with the prefill each group's band needs beside it (up to all that is asked), whole in the
        best-ranked group or domain, else split into the largest whole sub-batches some domain holds;
-    2. the prefill left over, into the groups (those below their band first, then by tier) up to each band's top;
+    2. the prefill left over, into the groups (those below their band first, then by tier): every group to its
+       band's bottom first, then to its top;
     3. growth of one role that no group can take inside its band: a new group with what its band needs of the
        other role (`Why.PAIRED`, over the target; the next cycle gives the extra back where it can)."""
     svc, r = req.service, req.prefill_per_decode
