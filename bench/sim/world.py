@@ -46,7 +46,7 @@ class SimGroup(Instances):
 
 def policy_config(svc: SimService, stress: Stress, adaptive: bool = False, predict: bool = False) -> PolicyConfig:
     """Our policy for a simulated service: the curated (stress-tested) decode target and P:D ratio; with
-    `adaptive`, the ratio follows the workload (`autoscaler.policy`, "Adaptive ratio") from the stress test's
+    `adaptive`, the ratio follows the workload (`autoscaler.ratio`) from the stress test's
     prefill target in KV-miss tokens, smoothed over the scale-in cooldown with the hysteresis band's width;
     with `predict`, the start-up-aware forecast over a day's profile in 5-minute bins and the burst path."""
     adaptive_fields = dict(target_prefill_tps_per_instance=stress.target_prefill_tps_per_instance * svc.kv_miss,
