@@ -201,11 +201,11 @@ class HeteroScaleController:
         """The forecast as the last decision saw it (None when the service has no forecast configured)."""
         if self.config.fleet.services[self.spec.name].forecast_period_s is None:
             return None
-        last = self._decisions()[-1:] or [{}]
-        diag = last[0].get("diagnostics", {})
+        with self._log_lock:
+            last = self.decisions[-1] if self.decisions else {}
         profile = svc.profile if svc else None
-        return {"decode_tps": diag.get("forecast_decode_tps"), "error": profile.error if profile else None,
-                "startup_s": last[0].get("observation", {}).get("startup_s"),
+        return {"decode_tps": last.get("diagnostics", {}).get("forecast_decode_tps"),
+                "error": profile.error if profile else None, "startup_s": self.world.measured_startup(),
                 "history_bins": sum(v is not None for v in profile.prev) if profile else 0}
 
     async def status(self) -> dict:

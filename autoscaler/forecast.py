@@ -55,16 +55,14 @@ class Profile:
         n = p.cur_n[b] + 1
         mean = value if p.cur[b] is None else p.cur[b] + (value - p.cur[b]) / n
         p = replace(p, cur=p.cur[:b] + (mean,) + p.cur[b + 1:], cur_n=p.cur_n[:b] + (n,) + p.cur_n[b + 1:])
-        due = [(t, f) for t, f in p.pending if t <= now_s]
-        if due and value > 0:
-            error, seen = p.error, p.errors_seen
-            for _, f in due:
-                error = min(ERROR_CAP, (1 - ERROR_WEIGHT) * error + ERROR_WEIGHT * abs(f - value) / value)
-                seen += 1
-            p = replace(p, error=error, errors_seen=seen)
-        if due:
-            p = replace(p, pending=tuple(x for x in p.pending if x[0] > now_s))
-        return p
+        due = [f for t, f in p.pending if t <= now_s]
+        if not due:
+            return p
+        error, seen = p.error, p.errors_seen
+        for f in due if value > 0 else ():
+            error = min(ERROR_CAP, (1 - ERROR_WEIGHT) * error + ERROR_WEIGHT * abs(f - value) / value)
+            seen += 1
+        return replace(p, error=error, errors_seen=seen, pending=tuple(x for x in p.pending if x[0] > now_s))
 
     def forecast(self, now_s: float, horizon_s: float, observed: float) -> float | None:
         """Demand expected at now + horizon (decode tokens/s), before the error's widening (`widened`); None

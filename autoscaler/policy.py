@@ -161,8 +161,9 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
 
 
 def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
-                  diag: Diagnostics, stalled: bool, prefill_tps: float | None = None
+                  diag: Diagnostics, stalled: bool, prefill_tps: float | None = None, burst: bool = False
                   ) -> tuple[ServiceDecision, ServiceState]:
+    """`burst`: requests queue, so the withdrawn replicas are the first capacity back (no start-up)."""
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
@@ -171,10 +172,11 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
     if cfg.adaptive_ratio and prefill_tps is not None and withdraw[0] > 0:  # prefill's own demand came back
         load_back = load_back or prefill_tps / cfg.target_prefill_tps_per_instance > \
             soft.to_prefill * (1 + cfg.hysteresis_band)
-    if (breach is not None and breach > first_tier) or load_back:
+    if burst or (breach is not None and breach > first_tier) or load_back:
         new = replace(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
                       last_scale_in_s=now_s)
-        return _decision(Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, new, cfg, diag), new
+        reason = Reason.BURST if burst else Reason.SOFT_SCALE_IN_SLO_DEGRADED
+        return _decision(Action.RESTORE, reason, new, cfg, diag), new
     if tps is None:  # terminating is a scale-in: it needs fresh decode TPS, whatever latency says
         reason = Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
         return _decision(Action.HOLD, reason, st, cfg, diag, withdraw), st
@@ -229,13 +231,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     if burst is not None:
         diag = replace(diag, note=f"{burst:.1f} requests queued per ready decode replica")
     if st.soft is not None:
-        if burst is not None:  # withdrawn replicas are the first capacity back (a restore takes no start-up)
-            new = replace(st, target_prefill=st.soft.from_prefill, target_decode=st.soft.from_decode, soft=None,
-                          last_scale_in_s=now_s)
-            return _decision(Action.RESTORE, Reason.BURST, new, cfg, diag), new
         # a forecast ramp within one start-up brings the withdrawn replicas back like returning load
         soft_tps = max(tps, forecast) if tps is not None and forecast is not None else tps
-        return _resolve_soft(cfg, st, soft_tps, breach, now_s, diag, stalled, prefill_tps)
+        return _resolve_soft(cfg, st, soft_tps, breach, now_s, diag, stalled, prefill_tps, burst is not None)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
     schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None

@@ -23,6 +23,7 @@ import math
 from dataclasses import replace
 
 from autoscaler.model import Mode, PolicyConfig, ServiceState
+from placement.scheduler import prefill_band
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -61,8 +62,7 @@ def wanted_ratio(cfg: PolicyConfig, st: ServiceState) -> float:
 
 def prefill_in_band(cfg: PolicyConfig, decode_demand: float, num_decode: int, ratio: float) -> int:
     """Prefill for `decode_demand` at `ratio`, kept inside the ratio band of `num_decode` decode instances."""
-    lo = math.ceil((num_decode - 1) * ratio - 1e-9)
-    hi = math.ceil(num_decode * ratio - 1e-9)
+    lo, hi = prefill_band(num_decode, ratio)
     p = min(max(math.ceil(decode_demand * ratio - 1e-9), lo), hi)
     return min(max(p, cfg.min_prefill), cfg.max_prefill)
 

@@ -165,7 +165,8 @@ class RayWorld:
         return Observation(services={self.spec.name: ServiceObservation(
             decode_tps=sig.decode_tps, prefill_kv_miss_tps=sig.prefill_kv_miss_tps, ttft_s=sig.ttft_s,
             tbt_s=sig.tbt_s, prefill=counts[Role.PREFILL], decode=counts[Role.DECODE],
-            admitted_rps=sig.admitted_rps, queued=sig.queued, startup_s=Signal() if startup is None else Signal(startup, now_s))})
+            admitted_rps=sig.admitted_rps, queued=sig.queued,
+            startup_s=Signal() if startup is None else Signal(startup, now_s))})
 
     def cluster_view(self, now_s: float) -> ClusterView:
         nodes = {n.node_id: n for n in self.serve.nodes()}

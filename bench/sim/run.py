@@ -9,7 +9,7 @@ from typing import Sequence
 from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import curate
 from bench.sim.days import tuning_and_scoring
-from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose  # noqa: F401 (re-exported)
+from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
 from bench.sim.world import ours_mode, run_heteroscale
 
 
