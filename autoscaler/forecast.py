@@ -2,10 +2,15 @@
 periods (days), corrected by today's level, looked up one measured start-up ahead. Pure: no clock, no I/O.
 
 The profile holds, per bin of the period (`bin_s`), the mean decode tokens/s observed in that bin on earlier
-periods (`prev`, blended over periods) and on the current one (`cur`, a running mean). A forecast for time
-t + h is `prev[bin(t + h)]` scaled by the level now (what is observed now over `prev[bin(t)]`, clipped to
-[1/LEVEL_CLIP, LEVEL_CLIP]) and widened by the tracked relative forecast error. Cold history (no earlier
-period in the bins concerned) forecasts nothing: the policy is reactive there.
+periods (`prev`, blended over periods) and on the current one (`cur`, a running mean). The expected demand at
+time u is the history of u's bin (`prev`; for a u in the next period, `prev` with this period's bin folded in,
+as the new period will hold it) scaled by the level now (what is observed now over the history of now's bin,
+clipped to [1/LEVEL_CLIP, LEVEL_CLIP]). The forecast for a horizon h is the peak of that over every bin from
+now to now + h + one bin: a replica started now serves from now + h on, and capacity cut now takes h to come
+back, so the peak up to then is what to hold; the extra bin is the profile's resolution (a ramp recorded
+inside a bin starts up to one bin before the bin's mean shows it fully). Widened by the tracked relative
+forecast error. Cold history (no earlier period for now's bin, or for none of the window's) forecasts
+nothing: the policy is reactive there.
 
 Forecast error: every forecast made is kept (at most `MAX_PENDING`) with the time it is for; once that time
 has come, |forecast - observed| / observed updates an exponentially weighted mean (`ERROR_WEIGHT`), capped at
@@ -13,6 +18,7 @@ has come, |forecast - observed| / observed updates an exponentially weighted mea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 LEVEL_CLIP = 2.0  # today's level scales the profile by at most x2 either way
@@ -64,14 +70,30 @@ class Profile:
             seen += 1
         return replace(p, error=error, errors_seen=seen, pending=tuple(x for x in p.pending if x[0] > now_s))
 
-    def forecast(self, now_s: float, horizon_s: float, observed: float) -> float | None:
-        """Demand expected at now + horizon (decode tokens/s), before the error's widening (`widened`); None
-        where the profile has no earlier period for now or for then (cold history)."""
-        here, there = self.prev[self._bin(now_s)], self.prev[self._bin(now_s + horizon_s)]
+    def _history(self, now_s: float, t_s: float) -> float | None:
+        """The earlier periods' mean for `t_s`'s bin as seen from `now_s`: for a time in a later period, this
+        period's mean of that bin (where seen) is folded in, as `next_period` will."""
+        b = self._bin(t_s)
+        q = self.prev[b]
+        if int(t_s // self.period_s) <= int(now_s // self.period_s) or self.cur[b] is None:
+            return q
+        return self.cur[b] if q is None else (1 - PERIOD_WEIGHT) * q + PERIOD_WEIGHT * self.cur[b]
+
+    def expected(self, now_s: float, t_s: float, observed: float) -> float | None:
+        """Demand expected at `t_s` (decode tokens/s) from the history of its bin at today's level; None on cold
+        history for now or for then."""
+        here, there = self.prev[self._bin(now_s)], self._history(now_s, t_s)
         if here is None or there is None or here <= 0:
             return None
-        level = min(max(observed / here, 1 / LEVEL_CLIP), LEVEL_CLIP)
-        return there * level
+        return there * min(max(observed / here, 1 / LEVEL_CLIP), LEVEL_CLIP)
+
+    def forecast(self, now_s: float, horizon_s: float, observed: float) -> float | None:
+        """The peak demand expected from now to now + horizon + one bin (module docstring), before the error's
+        widening (`widened`); None where no bin of that window has history (cold history)."""
+        steps = int(math.ceil(horizon_s / self.bin_s)) + 1
+        seen = [v for v in (self.expected(now_s, now_s + k * self.bin_s, observed) for k in range(steps + 1))
+                if v is not None]
+        return max(seen) if seen else None
 
     def widened(self, forecast: float) -> float:
         return forecast * (1 + self.error)

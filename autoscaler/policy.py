@@ -19,8 +19,8 @@ Scale-in never happens at once: the Decision withdraws instances from routing fi
 Adaptive ratio (`target_prefill_tps_per_instance`): see `autoscaler.ratio`.
 
 Start-up-aware forecast (when `forecast_period_s` is set; `autoscaler.forecast`): every fresh decode tokens/s
-feeds the service's seasonal profile; demand one measured start-up ahead (the observation's `startup_s`) is
-forecast from earlier periods at today's level, widened by the tracked forecast error, and floors the decode
+feeds the service's seasonal profile; the peak demand from now to one measured start-up (the observation's
+`startup_s`) plus one profile bin ahead is forecast from earlier periods at today's level, widened by the tracked forecast error, and floors the decode
 demand the proportional rule sizes from (reason FORECAST where it decides). A forecast only ever raises the
 demand: it scales out ahead of a ramp, holds capacity a ramp is about to need (a soft scale-in is restored when
 the forecast says its load returns within a start-up), never cuts alone. No earlier
@@ -83,7 +83,8 @@ def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps:
     if startup is not None and startup >= 0 and tps > 0:
         raw = profile.forecast(now_s, startup, tps)
         if raw is not None:
-            profile = profile.remember(now_s + startup, raw)
+            point = profile.expected(now_s, now_s + startup, tps)  # scored against what comes at that time
+            profile = profile if point is None else profile.remember(now_s + startup, point)
             widened = profile.widened(raw)
     return replace(st, profile=profile), widened
 

@@ -95,8 +95,30 @@ def test_a_new_period_folds_this_ones_bins_into_history():
     assert p.prev[0] == pytest.approx(100.0 + 15 / 36, rel=1e-6) and p.prev[59] > p.prev[0]
     assert p.cur[0] == 500.0 and p.cur[1] is None
     # today's level scales the profile (clipped to x2)
-    assert p.forecast(PERIOD, 60.0, observed=2 * p.prev[0]) == pytest.approx(2 * p.prev[1])
-    assert p.forecast(PERIOD, 60.0, observed=100 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+    assert p.expected(PERIOD, PERIOD + 60.0, observed=2 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+    assert p.expected(PERIOD, PERIOD + 60.0, observed=100 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+
+
+def test_the_forecast_is_the_peak_up_to_one_startup_and_one_bin_ahead():
+    """A replica started now serves from one start-up on, and capacity cut now takes as long to come back: the
+    forecast is the highest expected demand of every bin up to the horizon plus the profile's resolution."""
+    p = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=(100.0,) * 10 + (900.0,) + (100.0,) * 49)
+    # the peak (bin 10, from 600 s) two bins past now + 120 s: not yet; one bin past: forecast
+    assert p.forecast(6 * 60.0, 120.0, observed=100.0) == pytest.approx(100.0)
+    assert p.forecast(7 * 60.0, 120.0, observed=100.0) == pytest.approx(900.0)
+    # inside the window, before its end: still held (a cut now could not come back in time)
+    assert p.forecast(10 * 60.0 - 30, 120.0, observed=100.0) == pytest.approx(900.0)
+    assert p.expected(7 * 60.0, 7 * 60.0 + 120.0, observed=100.0) == pytest.approx(100.0)  # the scored point
+
+
+def test_a_forecast_into_the_next_period_uses_this_periods_bins():
+    """Near the period's end the window reaches the next period's first bins: what this period saw in them
+    counts as `next_period` will fold it, not only the older periods' mean."""
+    p = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=(100.0,) * 60)
+    p = p.observe(30.0, 1_000.0)  # bin 0 of this period ran at 1,000
+    late = PERIOD - 90.0
+    assert p.forecast(late, 120.0, observed=100.0) == pytest.approx(0.5 * 100.0 + 0.5 * 1_000.0)
+    assert p.forecast(late - 300.0, 120.0, observed=100.0) == pytest.approx(100.0)  # window inside this period
 
 
 def test_the_profile_survives_the_saved_state():
