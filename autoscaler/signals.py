@@ -82,8 +82,11 @@ class SignalStore:
         self._max = max_reports
         self._replicas: dict[str, deque[ReplicaReport]] = {}
         self._ingress: dict[str, deque[IngressReport]] = {}
+        self._first_replica_report_s: float | None = None  # when this store (this controller) began to hear
 
     def add_replica(self, report: ReplicaReport) -> None:
+        if self._first_replica_report_s is None:
+            self._first_replica_report_s = report.received_s
         self._append(self._replicas, report.replica_id, report, report.received_s)
 
     def add_ingress(self, report: IngressReport) -> None:
@@ -122,11 +125,19 @@ class SignalStore:
 
     def signals(self, running: Mapping[Role, Iterable[str]], now_s: float, window_s: float, staleness_s: float,
                 quantile: float) -> ServiceSignals:
-        """The service's signals from the reports of the replicas Serve lists as RUNNING (`running[role]`)."""
+        """The service's signals from the reports of the replicas Serve lists as RUNNING (`running[role]`).
+
+        Token rates need half a window of history first: a controller that has just started (or restarted)
+        holds a second or two of reports, and a rate over them is one request's burst, not the load (it
+        scaled a light load out on its first tick). Until then both rates are missing (no data: hold)."""
         rates: dict[Role, float | None] = {}
         since: dict[Role, float] = {}
         tbt_counts = []
         notes = []
+        heard = None if self._first_replica_report_s is None else now_s - self._first_replica_report_s
+        filling = heard is None or heard < window_s / 2
+        if filling:
+            notes.append(f"signal window filling: {heard or 0:.0f}s of reports, rates need {window_s / 2:g}s")
         waiting, waiting_at = 0, None
         for role in (Role.DECODE, Role.PREFILL):
             ids = sorted(running.get(role, ()))
@@ -149,7 +160,7 @@ class SignalStore:
                     tbt_counts.append(histogram.delta(last.tbt_hist, first.tbt_hist))
             if not ids:
                 notes.append(f"no RUNNING {role.value} replica")
-            rates[role] = total if ok else None
+            rates[role] = total if ok and not filling else None
             since[role] = oldest
         tbt = histogram.quantile(histogram.merge(tbt_counts), quantile) if tbt_counts else None
         ttft_by_group: dict[str, list[int]] = {}

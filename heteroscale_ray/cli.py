@@ -14,6 +14,7 @@ from heteroscale_ray import console
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_CLUSTER = str(EXAMPLES / "cluster-local.yaml")
 DEFAULT_SERVICE = str(EXAMPLES / "service-local.yaml")
+DEMO_CLUSTER = str(EXAMPLES / "cluster-demo.yaml")  # one S1 with room for 2P+1D (the adaptive ratio's phase)
 
 
 def _address(args) -> str | None:
@@ -227,12 +228,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    import asyncio
-
     import yaml
     from transformers import AutoTokenizer
 
-    from bench.load import loadgen, profile
+    from bench.load import profile
     from heteroscale_ray.tiny_model import ensure_tiny_model, make_prompt
 
     try:
@@ -242,26 +241,13 @@ def cmd_profile(args) -> int:
     if not rates or min(rates) <= 0:
         print(f"error: --rates ({args.rates!r}) must be positive numbers", file=sys.stderr)
         return 2
-    _check_endpoint(args.url, args.api_key or os.environ.get("HETEROSCALE_API_KEY"))
+    api_key = args.api_key or os.environ.get("HETEROSCALE_API_KEY")
+    _check_endpoint(args.url, api_key)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or str(ensure_tiny_model()))
-    steps = []
-    for i, rate in enumerate(sorted(rates)):
-        cfg = loadgen.LoadConfig(url=args.url.rstrip("/"), model=args.model, api_key=args.api_key or
-                                 os.environ.get("HETEROSCALE_API_KEY"), request_timeout_s=args.request_timeout_s,
-                                 drain_timeout_s=args.request_timeout_s, ttft_slo_ms=1000 * args.ttft_slo_s,
-                                 tbt_slo_ms=1000 * args.tbt_slo_s)
-        planned = loadgen.plan(cfg, profile.constant_trace(rate, args.step_s, args.input_tokens, args.output_tokens,
-                                                           seed=i))
-        prompts = loadgen.build_prompts([r for r, _ in planned], tokenizer, make_prompt)
-        print(f"step {i + 1}/{len(rates)}: {rate:g} req/s for {args.step_s:g}s ({len(planned)} requests)",
-              file=sys.stderr)
-        asyncio.run(loadgen.replay(cfg, planned, prompts))
-        step = profile.Step.of(rate, [res for _, res in planned])
-        print(f"  decode {step.decode_tps:.0f} tok/s, prefill {step.prefill_tps:.0f} tok/s, TTFT p90 "
-              f"{step.ttft_p90_s}, TBT p90 {step.tbt_p90_s}, failed {step.failed}", file=sys.stderr)
-        steps.append(step)
-    result = profile.analyze(steps, args.num_prefill, args.num_decode, args.ttft_slo_s, args.tbt_slo_s,
-                             args.input_tokens, args.output_tokens, headroom=args.headroom)
+    result = profile.run(args.url, args.model, api_key, rates, args.step_s, args.input_tokens, args.output_tokens,
+                         args.num_prefill, args.num_decode, args.ttft_slo_s, args.tbt_slo_s, tokenizer,
+                         make_prompt, headroom=args.headroom, request_timeout_s=args.request_timeout_s,
+                         progress=lambda m: print(m, file=sys.stderr))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=2))
@@ -351,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["up"].add_argument("--prometheus-port", type=int, default=None, help="default 9390")
     sub.choices["up"].add_argument("--ingress-target", default="127.0.0.1:8000",
                                    help="host:port of the ingress /metrics Prometheus scrapes")
+    sub.choices["demo"].set_defaults(cluster=DEMO_CLUSTER)
     sub.choices["demo"].add_argument("--quick", action="store_true",
                                      help="instead: a burst of requests through fixed replicas (~3 min)")
     sub.choices["demo"].add_argument("--runs-dir", default="runs", help="where runs/demo-<UTC>/ goes")

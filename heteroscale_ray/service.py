@@ -86,6 +86,16 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     """Deploy the service (each deployment group its own Serve application, the ingress in front), wait until
     every application is RUNNING, then start the service's controller when its `autoscaling` section enables
     one. Returns the base URL of the ingress."""
+    url, groups = deploy_apps(service, address, timeout_s=timeout_s, progress=progress)
+    if service.autoscaling is not None and service.autoscaling.enabled:
+        start_controller(service, groups, progress=progress)
+    return url
+
+
+def deploy_apps(service: ServiceSpec, address: str | None = None, *, timeout_s: float = 600.0,
+                progress: Callable[[str], None] = print) -> tuple[str, list[tuple[DeploymentGroup, int]]]:
+    """`deploy` without the controller: (the ingress's base URL, each deployed group with its slot), the
+    groups as `start_controller` takes them (`make demo` profiles the fixed service before it starts one)."""
     from ray import serve
 
     from autoscaler.settings import check
@@ -106,16 +116,24 @@ def deploy(service: ServiceSpec, address: str | None = None, *, timeout_s: float
     serve.run(app.build_ingress_app(service, groups), name=service.name, route_prefix="/", blocking=False)
     for name in [g.app_name for g in groups] + [service.name]:
         wait_running(name, timeout_s=timeout_s, progress=progress)
-    if service.autoscaling is not None and service.autoscaling.enabled:
-        from autoscaler import lifecycle
-
-        lifecycle.start(service, path, [(g.group, g.slot) for g in groups], deployer=DEPLOYER)
-        mode = "advisory" if service.autoscaling.advisory else "active"
-        progress(f"controller {controller_name(service.name)} started ({mode}, every "
-                 f"{service.autoscaling.control_period_s:g}s)")
     url = f"http://{service.ingress.host}:{service.ingress.port}"
     progress(f"{service.name} is RUNNING at {url}/v1")
-    return url
+    return url, [(g.group, g.slot) for g in groups]
+
+
+def start_controller(service: ServiceSpec, groups: list[tuple[DeploymentGroup, int]],
+                     progress: Callable[[str], None] = print) -> None:
+    """Start (or replace) the service's controller over its deployed `groups` (`deploy_apps`)."""
+    from autoscaler import lifecycle
+    from autoscaler.settings import check
+
+    if service.autoscaling is None or not service.autoscaling.enabled:
+        raise ValueError(f"service {service.name!r} has no enabled `autoscaling` section to start a controller for")
+    check(service)
+    lifecycle.start(service, model_path(service), groups, deployer=DEPLOYER)
+    mode = "advisory" if service.autoscaling.advisory else "active"
+    progress(f"controller {controller_name(service.name)} started ({mode}, every "
+             f"{service.autoscaling.control_period_s:g}s)")
 
 
 def group_apps(service_name: str) -> list[str]:
@@ -220,7 +238,7 @@ def _forecast_text(f: dict) -> str:
     if f["decode_tps"] is None:
         return f", forecast: none yet ({f['history_bins']} bins of history" + \
             (", no start-up measured)" if f["startup_s"] is None else ")")
-    return (f", forecast {f['decode_tps']:.0f} decode tokens/s {f['startup_s']:.0f}s ahead "
+    return (f", forecast peak {f['decode_tps']:.0f} decode tokens/s within {f['startup_s']:.0f}s "
             f"(error {100 * (f['error'] or 0):.0f} %)")
 
 

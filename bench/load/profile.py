@@ -3,15 +3,16 @@ request rates, find the highest decode tokens/s per decode instance that keeps T
 highest prompt tokens/s per prefill instance that keeps TTFT within its SLO, and derive the `autoscaling`
 section: the P:D ratio that meets both SLOs and the per-instance decode target with headroom.
 
-`analyze()` is pure (steps in, numbers out); `heteroscale profile` runs the steps with the open-loop load
-generator against the endpoint (loopback in tests) and writes `profile.json`, `profile.png` and the YAML.
+`analyze()` is pure (steps in, numbers out); `run()` steps the endpoint with the open-loop load generator
+(loopback in tests) and analyzes; `heteroscale profile` and `make demo` call it (the CLI writes
+`profile.json`, `profile.png` and the YAML).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from bench.load.stats import RequestResult
 from common.histogram import percentile
@@ -79,6 +80,35 @@ def analyze(steps: Sequence[Step], num_prefill: int, num_decode: int, ttft_slo_s
         "headroom": headroom, "replicas": {"prefill": num_prefill, "decode": num_decode},
         "steps": [asdict(s) for s in ordered],
     }
+
+
+def run(url: str, model: str | None, api_key: str | None, rates: Sequence[float], step_s: float,
+        input_tokens: int, output_tokens: int, num_prefill: int, num_decode: int, ttft_slo_s: float,
+        tbt_slo_s: float, tokenizer, make_prompt: Callable[..., str], headroom: float = 0.9,
+        request_timeout_s: float = 120.0, progress: Callable[[str], None] = print) -> dict:
+    """Step the endpoint through `rates` (req/s, ascending), `step_s` each, and `analyze` what it served
+    (prompts from `make_prompt(tokenizer, num_tokens, seed=...)`, as `loadgen.build_prompts` takes it)."""
+    import asyncio
+
+    from bench.load import loadgen
+
+    if not rates or min(rates) <= 0:
+        raise ValueError(f"rates ({list(rates)}) must be positive numbers")
+    steps = []
+    for i, rate in enumerate(sorted(rates)):
+        cfg = loadgen.LoadConfig(url=url.rstrip("/"), model=model, api_key=api_key,
+                                 request_timeout_s=request_timeout_s, drain_timeout_s=request_timeout_s,
+                                 ttft_slo_ms=1000 * ttft_slo_s, tbt_slo_ms=1000 * tbt_slo_s)
+        planned = loadgen.plan(cfg, constant_trace(rate, step_s, input_tokens, output_tokens, seed=i))
+        prompts = loadgen.build_prompts([r for r, _ in planned], tokenizer, make_prompt)
+        progress(f"profile step {i + 1}/{len(rates)}: {rate:g} req/s for {step_s:g}s ({len(planned)} requests)")
+        asyncio.run(loadgen.replay(cfg, planned, prompts))
+        step = Step.of(rate, [res for _, res in planned])
+        progress(f"  decode {step.decode_tps:.0f} tok/s, prefill {step.prefill_tps:.0f} tok/s, TTFT p90 "
+                 f"{step.ttft_p90_s}, TBT p90 {step.tbt_p90_s}, failed {step.failed}")
+        steps.append(step)
+    return analyze(steps, num_prefill, num_decode, ttft_slo_s, tbt_slo_s, input_tokens, output_tokens,
+                   headroom=headroom)
 
 
 def constant_trace(rate_rps: float, duration_s: float, input_tokens: int, output_tokens: int, seed: int = 0):

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", default=str(RECORDED), help="a demo run (default: %(default)s)")
     p.add_argument("--service", default=str(ROOT / "examples" / "service-local.yaml"))
-    p.add_argument("--cluster", default=str(ROOT / "examples" / "cluster-local.yaml"))
+    p.add_argument("--cluster", default=str(ROOT / "examples" / "cluster-local.yaml"),
+                   help="the cluster the run used (the recording: this default; `make demo` now: "
+                        "examples/cluster-demo.yaml)")
     p.add_argument("--out", default=None, help="default bench/results/sim_vs_live.json")
     args = p.parse_args(argv)
     write_result("sim_vs_live", compare_run(args.run_dir, load_service_spec(args.service),
@@ -60,6 +62,10 @@ def compare_run(run_dir, service, cluster) -> dict:
     from bench.sim import twin
 
     run = twin.LiveRun.load(run_dir)
+    if "curated" in run.summary:  # the demo ran the controller on its profile's numbers, not the spec's
+        from heteroscale_ray.autoscale_demo import curated
+
+        service = curated(service, {"autoscaling": run.summary["curated"]}, run.replay.get("forecast_period_s"))
     calibration = json.loads(twin.CALIBRATION.read_text())
     startup_s = json.loads(twin.COLD_START.read_text())["cold_start_s"]
     entries, result = twin.replay(run, service, cluster, HeteroScaleController.cycle_config(service),

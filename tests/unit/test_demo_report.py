@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.load.stats import RequestResult
-from heteroscale_ray.autoscale_demo import PHASES, demo_trace, plot_timeline, summarize
+from heteroscale_ray.autoscale_demo import (PHASES, concrete_phases, curated, demo_trace, forecast_period_s,
+                                            phase_starts, plot_timeline, summarize)
 
 
-def entry(t, action, p, d, groups, tps):
+def entry(t, action, p, d, groups, tps, reason="proportional", diagnostics=None):
     counts = lambda n: {"ready": n, "pending": 0, "withdrawn": 0}  # noqa: E731
-    return {"t": t, "tick": int(t), "action": action, "reason": "proportional", "advisory": False,
+    return {"t": t, "tick": int(t), "action": action, "reason": reason, "advisory": False,
+            "diagnostics": diagnostics or {},
             "target_prefill": p, "target_decode": d, "target_decode_tps_per_instance": 100.0,
             "observation": {"decode_tps": tps, "ttft_s": 0.5, "tbt_s": None, "prefill": counts(p),
                             "decode": counts(d)},
@@ -16,9 +20,13 @@ def entry(t, action, p, d, groups, tps):
 
 
 def test_summary_counts_actions_instance_seconds_and_failures(tmp_path):
-    decisions = [entry(0, "hold", 1, 1, 1, 50.0), entry(10, "scale_out", 2, 2, 2, 250.0),
-                 entry(20, "scale_in", 2, 2, 2, 20.0), entry(30, "restore", 2, 2, 2, 200.0),
-                 entry(40, "terminate_withdrawn", 1, 1, 1, None), entry(50, "hold", 1, 1, 1, 10.0)]
+    decisions = [entry(0, "hold", 1, 1, 1, 50.0, diagnostics={"prefill_per_decode": 1.0}),
+                 entry(10, "scale_out", 2, 2, 2, 250.0, diagnostics={"prefill_per_decode": 1.0}),
+                 entry(20, "scale_in", 2, 2, 2, 20.0), entry(30, "restore", 2, 2, 2, 200.0, reason="forecast",
+                                                           diagnostics={"forecast_decode_tps": 230.0}),
+                 entry(40, "terminate_withdrawn", 1, 1, 1, None, diagnostics={"prefill_per_decode": 2.5,
+                                                                               "ratio_estimate": 2.6}),
+                 entry(50, "hold", 1, 1, 1, 10.0)]
     results = [RequestResult(i, float(i), sent_s=float(i), status="ok", ttft_s=0.2, itls_s=[0.01], e2e_s=1.0,
                              output_tokens=8) for i in range(5)]
     results.append(RequestResult(5, 5.0, sent_s=5.0, status="http_5xx"))
@@ -27,16 +35,41 @@ def test_summary_counts_actions_instance_seconds_and_failures(tmp_path):
     assert s["instance_seconds"] == {"prefill": 10 + 20 * 3 + 10, "decode": 10 + 20 * 3 + 10}
     assert s["failed_requests"] == 1 and s["requests_sent"] == 6 and s["max_deployment_groups"] == 2
     assert s["slo_attainment_ttft"] == round(5 / 6, 4)
-    plot_timeline(results, decisions, tmp_path / "timeline.png", 1.0, 0.2, load_start_s=-5.0)
+    assert (s["prefill_per_decode_min"], s["prefill_per_decode_max"], s["num_prewarm"]) == (1.0, 2.5, 1)
+    plot_timeline(results, decisions, tmp_path / "timeline.png", 1.0, 0.2, load_start_s=-5.0,
+                  phase_marks={"light": 0.0, "ramp": 20.0})
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
 
-def test_demo_trace_follows_its_phases_and_is_seeded():
-    rows = demo_trace()
-    assert rows == demo_trace() and len(rows) > 100
-    first_phase = [r for r in rows if r.timestamp_ms < PHASES[0][0] * 1000]
-    heavy = [r for r in rows if PHASES[0][0] * 1000 <= r.timestamp_ms < (PHASES[0][0] + PHASES[1][0]) * 1000]
-    assert len(heavy) / PHASES[1][0] > 3 * len(first_phase) / PHASES[0][0]
+def test_demo_trace_follows_its_phases_from_the_curated_target_and_is_seeded():
+    phases = concrete_phases(200.0)
+    rows = demo_trace(phases)
+    assert rows == demo_trace(phases) and len(rows) > 100
+    starts = phase_starts()
+    def window(name):
+        p = next(p for p in PHASES if p.name == name)
+        return [r for r in rows if starts[name] * 1000 <= r.timestamp_ms < (starts[name] + p.duration_s) * 1000]
+    light, heavy, ramp = window("light"), window("prompt-heavy"), window("ramp")
+    # the ramp asks for more than one decode replica's target; prompt-heavy keeps decode and multiplies prompts
+    assert len(ramp) * 96 / 60 > 1.2 * 200 and len(light) * 96 / 30 < 200
+    assert {r.input_length for r in heavy} == {1000} and {r.input_length for r in light} == {200}
+    assert forecast_period_s() == starts["ramp again"] - starts["ramp"] > 0
+    with pytest.raises(ValueError, match="target_decode_tps"):
+        concrete_phases(0.0)
+
+
+def test_the_demo_runs_the_controller_on_the_profiles_numbers_and_its_own_time_scale():
+    from common.config import load_service_spec
+    from tests.conftest import EXAMPLES
+
+    service = load_service_spec(EXAMPLES / "service-local.yaml")
+    profile = {"autoscaling": {"target_decode_tps_per_instance": 173.2, "prefill_per_decode": 0.9,
+                               "target_prefill_tps_per_instance": 401.0, "ttft_slo_s": 2.0, "tbt_slo_s": 0.2}}
+    a = curated(service, profile).autoscaling
+    assert (a.target_decode_tps_per_instance, a.prefill_per_decode, a.target_prefill_tps_per_instance) == \
+        (173.2, 0.9, 401.0)
+    assert a.forecast_period_s == forecast_period_s() and a.enabled and not a.advisory
+    assert a.max_decode == service.autoscaling.max_decode  # the rest as the service has it
 
 
 def test_status_text_shows_groups_replicas_targets_and_decisions():
@@ -61,7 +94,7 @@ def test_status_text_shows_groups_replicas_targets_and_decisions():
     text = format_status(report)
     assert "P:D 1.5 (adaptive, asked 1.62)" in text and "-> P=1 D=1 at P:D 1.5" in text
     ctl["forecast"] = {"decode_tps": 420.0, "error": 0.08, "startup_s": 165.0, "history_bins": 12}
-    assert "forecast 420 decode tokens/s 165s ahead (error 8 %)" in format_status(report)
+    assert "forecast peak 420 decode tokens/s within 165s (error 8 %)" in format_status(report)
     ctl["forecast"] = {"decode_tps": None, "error": None, "startup_s": None, "history_bins": 0}
     assert "forecast: none yet (0 bins of history, no start-up measured)" in format_status(report)
     report["controller"] = None

@@ -162,7 +162,7 @@ def test_the_live_world_measures_a_new_replicas_startup_for_the_horizon():
     serve.clock = h.clock
     entries = h.run(10, decode_tps_each=180)
     assert h.ctl.world.measured_startup() is None and entries[0]["observation"]["startup_s"] is None
-    assert entries[0]["action"] == "scale_out"
+    assert any(e["action"] == "scale_out" for e in entries)  # after half a signal window of reports
     entries = h.run(60, decode_tps_each=180)
     assert 35.0 <= h.ctl.world.measured_startup() <= 45.0  # seen a control period (5 s) apart at both ends
     assert entries[-1]["observation"]["startup_s"] == h.ctl.world.measured_startup()

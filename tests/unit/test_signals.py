@@ -88,6 +88,24 @@ def test_a_running_replica_without_a_fresh_report_makes_the_signal_missing_never
     assert single.signals({D: ["d1"]}, 1.0, 5.0, 3.0, 0.9).decode_tps.value is None  # one report: no rate yet
 
 
+def test_a_controller_that_just_began_to_hear_reports_has_no_rate_until_half_a_window():
+    """A rate over the first second or two of a new (or restarted) controller's reports is one request's
+    burst: live, a light load (0.6 of one decode replica) read as 1.7 on the first tick and scaled out."""
+    store = SignalStore(keep_s=60)
+    burst = [0, 0, 60]  # one request's tokens land in the second report
+    for t, tokens in enumerate(burst):
+        store.add_replica(report("d1", D, 100.0 + t, tokens))
+        store.add_replica(report("p1", P, 100.0 + t, 10 * tokens))
+    s = store.signals({D: ["d1"], P: ["p1"]}, now_s=102.0, window_s=10.0, staleness_s=3.0, quantile=0.9)
+    assert s.decode_tps.value is None and s.prefill_kv_miss_tps.value is None
+    assert "signal window filling: 2s of reports, rates need 5s" in s.note
+    for t in range(3, 6):
+        store.add_replica(report("d1", D, 100.0 + t, 60))
+        store.add_replica(report("p1", P, 100.0 + t, 600))
+    s = store.signals({D: ["d1"], P: ["p1"]}, now_s=105.0, window_s=10.0, staleness_s=3.0, quantile=0.9)
+    assert s.decode_tps.value == pytest.approx(60 / 5) and "filling" not in s.note
+
+
 def test_ttft_comes_from_the_ingress_merged_over_groups():
     store = SignalStore(keep_s=60)
     store.add_ingress(IngressReport("i", 1.0, {"dg-a": hist([0.1] * 10), "dg-b": hist([])}))
