@@ -262,6 +262,8 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
                 reason = Reason.WITHIN_BAND  # outside the band, but it rounds to the current size
                 diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
+            elif desired[1] == current[1] and desired != current and wanted != ratio:
+                reason = Reason.RATIO  # decode rounds to its size (or sits at a bound): only the ratio moved
     if schedule is not None and cfg.mode is Mode.METRICS_WITH_SCHEDULE_FLOOR:
         # The schedule is a floor: it lifts the metrics' answer, and without data it may only lift the size.
         floor_base = current if desired is None else desired

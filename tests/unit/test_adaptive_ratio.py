@@ -38,6 +38,14 @@ def test_a_prompt_heavy_phase_grows_prefill_and_not_decode():
     assert dec.diagnostics.prefill_per_decode == pytest.approx(2.0)
 
 
+def test_a_prompt_heavy_phase_on_one_decode_replica_is_a_ratio_decision():
+    # 0.6 of one decode replica (outside the band around 1, but one is the minimum) and prefill for 1.8: the
+    # live e2e case; the decision is the ratio's, not a proportional one
+    one = replace(CFG, min_decode=1, min_prefill=1)
+    dec, _ = decide_service(one, ServiceState(1, 1), obs(60.0, 1_800.0), NOW)
+    assert (dec.action, dec.reason, dec.target_prefill, dec.target_decode) == (Action.SCALE_OUT, Reason.RATIO, 2, 1)
+
+
 def test_the_fixed_ratio_is_the_paper_policy_without_a_prefill_target():
     fixed = replace(CFG, target_prefill_tps_per_instance=None)
     dec, s = decide_service(fixed, ServiceState(6, 6), obs(600.0, 12_000.0), NOW)
