@@ -199,8 +199,11 @@ def placements(service: ServiceSpec) -> list[dict]:
     return [handle.placement.remote().result(timeout_s=30) for _, _, handle in engine_handles(service)]
 
 
-def undeploy(service_name: str, address: str | None = None) -> list[str]:
-    """Stop the controller (forgetting its state), then delete the ingress and every DG application."""
+def undeploy(service_name: str, address: str | None = None, timeout_s: float = 300.0) -> list[str]:
+    """Stop the controller (forgetting its state), then delete the ingress and every DG application, waiting up
+    to `timeout_s` for all of them to be gone (Serve's own blocking delete gives up after 60 s, and a replica
+    whose engine is still starting cannot stop before its start-up ends: ~25-55 s each here, longer when
+    several start at once)."""
     from ray import serve
 
     from autoscaler import lifecycle
@@ -209,7 +212,12 @@ def undeploy(service_name: str, address: str | None = None) -> list[str]:
     lifecycle.stop(service_name)
     apps = [a for a in [service_name, *group_apps(service_name)] if a in serve.status().applications]
     for name in apps:
-        serve.delete(name)
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while (left := [a for a in apps if a in serve.status().applications]) and time.monotonic() < deadline:
+        time.sleep(1)
+    if left:
+        raise TimeoutError(f"{service_name}: applications {left} were not deleted within {timeout_s:g}s")
     return apps
 
 
