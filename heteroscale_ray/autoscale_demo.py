@@ -270,10 +270,10 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
     if service.autoscaling is None or not service.autoscaling.enabled:
         raise ValueError(f"service {service.name!r} has no enabled `autoscaling` section; the autoscaling demo "
                          "needs one (or run `heteroscale demo --quick`)")
-    if len(service.deployment_groups) != 1 or (service.deployment_groups[0].prefill_replicas,
-                                               service.deployment_groups[0].decode_replicas) != (1, 1):
+    shape = [(g.name, g.num_prefill, g.num_decode) for g in service.deployment_groups]
+    if len(shape) != 1 or shape[0][1:] != (1, 1):
         raise ValueError(f"service {service.name!r}: the demo profiles and starts from one 1P+1D deployment group, "
-                         f"got {[(g.name, g.prefill_replicas, g.decode_replicas) for g in service.deployment_groups]}")
+                         f"got {shape}")
     out = Path(runs_dir) / f"demo-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     out.mkdir(parents=True, exist_ok=True)
     started_here = False

@@ -99,3 +99,16 @@ def test_status_text_shows_groups_replicas_targets_and_decisions():
     assert "forecast: none yet (0 bins of history, no start-up measured)" in format_status(report)
     report["controller"] = None
     assert "no controller" in format_status(report)
+
+
+def test_the_demo_refuses_a_service_that_does_not_start_from_one_1p1d_group():
+    from dataclasses import replace
+
+    from common.config import load_service_spec
+    from heteroscale_ray.autoscale_demo import run
+    from tests.conftest import EXAMPLES
+
+    service = load_service_spec(EXAMPLES / "service-local.yaml")
+    two = replace(service, deployment_groups=(replace(service.deployment_groups[0], num_prefill=2),))
+    with pytest.raises(ValueError, match=r"one 1P\+1D deployment group, got \[\('dg-a', 2, 1\)\]"):
+        run(None, two, None, progress=lambda _: None)
