@@ -4,13 +4,14 @@ periods (days), corrected by today's level, looked up one measured start-up ahea
 The profile holds, per bin of the period (`bin_s`), the mean decode tokens/s observed in that bin on earlier
 periods (`prev`, blended over periods) and on the current one (`cur`, a running mean). The expected demand at
 time u is the history of u's bin (`prev`; for a u in the next period, `prev` with this period's bin folded in,
-as the new period will hold it) scaled by the level now (what is observed now over the history of now's bin,
-clipped to [1/LEVEL_CLIP, LEVEL_CLIP]). The forecast for a horizon h is the peak of that over every bin from
+as the new period will hold it) scaled by today's level: this period's means of the bins over the last h
+against the earlier periods' means of the same bins (sums: one near-empty bin, such as a trough's, cannot
+swing it), clipped to [1/LEVEL_CLIP, LEVEL_CLIP]. The forecast for a horizon h is the peak of that over every bin from
 now to now + h + one bin: a replica started now serves from now + h on, and capacity cut now takes h to come
 back, so the peak up to then is what to hold; the extra bin is the profile's resolution (a ramp recorded
 inside a bin starts up to one bin before the bin's mean shows it fully). Widened by the tracked relative
-forecast error. Cold history (no earlier period for now's bin, or for none of the window's) forecasts
-nothing: the policy is reactive there.
+forecast error. Cold history (no bin of the last h with both an earlier and this period's mean, or none of
+the window's with an earlier one) forecasts nothing: the policy is reactive there.
 
 Forecast error: every forecast made is kept (at most `MAX_PENDING`) with the time it is for; once that time
 has come, |forecast - observed| / observed updates an exponentially weighted mean (`ERROR_WEIGHT`), capped at
@@ -79,19 +80,37 @@ class Profile:
             return q
         return self.cur[b] if q is None else (1 - PERIOD_WEIGHT) * q + PERIOD_WEIGHT * self.cur[b]
 
-    def expected(self, now_s: float, t_s: float, observed: float) -> float | None:
-        """Demand expected at `t_s` (decode tokens/s) from the history of its bin at today's level; None on cold
-        history for now or for then."""
-        here, there = self.prev[self._bin(now_s)], self._history(now_s, t_s)
-        if here is None or there is None or here <= 0:
+    def level(self, now_s: float, lookback_s: float) -> float | None:
+        """Today's level against the earlier periods: this period's means of the bins from now - lookback to
+        now over the earlier periods' means of the same bins (sums, so one near-empty bin cannot swing it),
+        clipped to [1/LEVEL_CLIP, LEVEL_CLIP]; None where no such bin has both (cold history)."""
+        index = int(now_s // self.period_s)
+        num = den = 0.0
+        for k in range(int(math.ceil(lookback_s / self.bin_s)) + 1):
+            t = now_s - k * self.bin_s
+            if int(t // self.period_s) != index:
+                break
+            b = self._bin(t)
+            if self.cur[b] is not None and self.prev[b] is not None:
+                num, den = num + self.cur[b], den + self.prev[b]
+        if den <= 0:
             return None
-        return there * min(max(observed / here, 1 / LEVEL_CLIP), LEVEL_CLIP)
+        return min(max(num / den, 1 / LEVEL_CLIP), LEVEL_CLIP)
 
-    def forecast(self, now_s: float, horizon_s: float, observed: float) -> float | None:
-        """The peak demand expected from now to now + horizon + one bin (module docstring), before the error's
-        widening (`widened`); None where no bin of that window has history (cold history)."""
+    def expected(self, now_s: float, t_s: float, level: float) -> float | None:
+        """Demand expected at `t_s` (decode tokens/s): the history of its bin at today's `level`; None where
+        that bin has no history."""
+        there = self._history(now_s, t_s)
+        return None if there is None else there * level
+
+    def forecast(self, now_s: float, horizon_s: float) -> float | None:
+        """The peak demand expected from now to now + horizon + one bin (module docstring), at today's level
+        over the last horizon, before the error's widening (`widened`); None on cold history."""
+        level = self.level(now_s, horizon_s)
+        if level is None:
+            return None
         steps = int(math.ceil(horizon_s / self.bin_s)) + 1
-        seen = [v for v in (self.expected(now_s, now_s + k * self.bin_s, observed) for k in range(steps + 1))
+        seen = [v for v in (self.expected(now_s, now_s + k * self.bin_s, level) for k in range(steps + 1))
                 if v is not None]
         return max(seen) if seen else None
 

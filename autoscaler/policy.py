@@ -81,9 +81,9 @@ def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps:
     startup = obs.startup_s.value if obs is not None else None
     widened = None
     if startup is not None and startup >= 0 and tps > 0:
-        raw = profile.forecast(now_s, startup, tps)
-        if raw is not None:
-            point = profile.expected(now_s, now_s + startup, tps)  # scored against what comes at that time
+        raw = profile.forecast(now_s, startup)
+        if raw is not None:  # the point forecast at now + start-up is scored against what comes then
+            point = profile.expected(now_s, now_s + startup, profile.level(now_s, startup))
             profile = profile if point is None else profile.remember(now_s + startup, point)
             widened = profile.widened(raw)
     return replace(st, profile=profile), widened
@@ -245,9 +245,11 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         desired, reason, dampen = schedule, Reason.SCHEDULE, False
     elif tps is not None:
         raw = tps / cfg.target_decode_tps_per_instance
-        if forecast is not None and forecast > tps:  # demand a start-up ahead: floors what is sized now
-            # not dampened: like a schedule, it is the history's answer, not a spike
-            raw, reason, dampen = forecast / cfg.target_decode_tps_per_instance, Reason.FORECAST, False
+        ahead = None if forecast is None else forecast / cfg.target_decode_tps_per_instance
+        if ahead is not None and math.ceil(ahead - 1e-9) > math.ceil(raw - 1e-9):
+            # demand a start-up ahead asks for more instances than now does: it floors what is sized now; not
+            # dampened: like a schedule, it is the history's answer, not a spike
+            raw, reason, dampen = ahead, Reason.FORECAST, False
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         if tps == 0:
             desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False

@@ -43,10 +43,13 @@ class Phase:
     prompt_scale: float = 1.0  # prompt length x INPUT_TOKENS
 
 
-#: One decode replica's target is 1.0: 0.5 holds one; 1.4 asks for two (the max: the second DG); the
-#: prompt-heavy phase asks for ~0.6 of one decode replica and ~3x one prefill replica's prompt tokens/s.
-PHASES = (Phase("light", 30, 0.5), Phase("prompt-heavy", 90, 0.6, 5.0), Phase("light", 75, 0.5),
-          Phase("ramp", 60, 1.4), Phase("light", 150, 0.5), Phase("ramp again", 60, 1.4), Phase("light", 45, 0.5))
+#: One decode replica's target is 1.0: 0.5 holds one; 1.4 asks for two (the max: the second DG). The
+#: prompt-heavy phase keeps the light phases' request rate and outputs, with prompts x5 (~2x one prefill
+#: replica's prompt tokens/s). Replicas start in ~100-120 s on this machine: the first ramp lasts long enough for
+#: its new group to serve, and the gap lets it be withdrawn and terminated before the forecast starts the
+#: repeat's capacity one measured start-up ahead.
+PHASES = (Phase("light", 30, 0.5), Phase("prompt-heavy", 105, 0.5, 5.0), Phase("light", 75, 0.5),
+          Phase("ramp", 120, 1.4), Phase("light", 150, 0.5), Phase("ramp again", 105, 1.4), Phase("light", 30, 0.5))
 
 
 def phase_starts(phases: Sequence[Phase] = PHASES) -> dict[str, float]:
@@ -149,7 +152,9 @@ def _watch(service: ServiceSpec, stop: threading.Event, progress, interval_s: fl
 
 def summarize(results, decisions: list[dict], ttft_slo_s: float, tbt_slo_s: float) -> dict:
     """summary.json: SLO attainment, instance-seconds, actions by kind, the P:D ratio the controller used
-    (min, max) and `num_prewarm` (scale-outs and restores the forecast decided before the load asked)."""
+    (min, max) and `num_prewarm` (scale-outs and restores the forecast decided before the load asked: the
+    policy gives reason `forecast` only where the forecast asks for more decode replicas than the observed
+    load does)."""
     from bench.load.stats import summarize as load_summary
     from bench.sim.twin import instance_seconds
 

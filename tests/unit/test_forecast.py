@@ -94,31 +94,53 @@ def test_a_new_period_folds_this_ones_bins_into_history():
     p = p.observe(PERIOD, 500.0)
     assert p.prev[0] == pytest.approx(100.0 + 15 / 36, rel=1e-6) and p.prev[59] > p.prev[0]
     assert p.cur[0] == 500.0 and p.cur[1] is None
-    # today's level scales the profile (clipped to x2)
-    assert p.expected(PERIOD, PERIOD + 60.0, observed=2 * p.prev[0]) == pytest.approx(2 * p.prev[1])
-    assert p.expected(PERIOD, PERIOD + 60.0, observed=100 * p.prev[0]) == pytest.approx(2 * p.prev[1])
+    # today's level scales the profile, clipped to x2
+    assert p.level(PERIOD, 60.0) == 2.0  # 500 against ~100
+    assert p.expected(PERIOD, PERIOD + 60.0, 1.5) == pytest.approx(1.5 * p.prev[1])
+
+
+def test_todays_level_sums_the_last_horizons_bins_so_a_near_empty_bin_cannot_swing_it():
+    """The demo's first run: the bin before the load began held ~0 tokens/s, the single-bin level hit its clip
+    (x2) on a ramp's first tick and forecast twice the history's peak. Over the last horizon's bins the level is
+    what today ran against what the same bins ran before."""
+    prev = (0.5,) + (100.0,) * 59
+    p = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=prev)
+    for t in range(0, 300, 30):
+        p = p.observe(float(t), 120.0 if t < 60 else 100.0)  # this period: bin 0 busier than its near-zero past
+    assert p.level(270.0, 0.0) == pytest.approx(1.0)  # the current bin alone
+    assert p.level(270.0, 240.0) == pytest.approx((120 + 4 * 100) / (0.5 + 4 * 100))
+    assert p.level(30.0, 240.0) == 2.0  # only the near-empty bin: clipped, as before
+    assert Profile.empty(PERIOD, 60.0, 0.0).level(30.0, 240.0) is None  # cold
+
+
+def observed_flat(p: Profile, until_s: float, value: float = 100.0) -> Profile:
+    for t in range(0, int(until_s) + 1, 30):
+        p = p.observe(float(t), value)
+    return p
 
 
 def test_the_forecast_is_the_peak_up_to_one_startup_and_one_bin_ahead():
     """A replica started now serves from one start-up on, and capacity cut now takes as long to come back: the
     forecast is the highest expected demand of every bin up to the horizon plus the profile's resolution."""
     p = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=(100.0,) * 10 + (900.0,) + (100.0,) * 49)
+    p = observed_flat(p, 10 * 60.0 - 30)  # today ran as the history did: level 1
     # the peak (bin 10, from 600 s) two bins past now + 120 s: not yet; one bin past: forecast
-    assert p.forecast(6 * 60.0, 120.0, observed=100.0) == pytest.approx(100.0)
-    assert p.forecast(7 * 60.0, 120.0, observed=100.0) == pytest.approx(900.0)
+    assert p.forecast(6 * 60.0, 120.0) == pytest.approx(100.0)
+    assert p.forecast(7 * 60.0, 120.0) == pytest.approx(900.0)
     # inside the window, before its end: still held (a cut now could not come back in time)
-    assert p.forecast(10 * 60.0 - 30, 120.0, observed=100.0) == pytest.approx(900.0)
-    assert p.expected(7 * 60.0, 7 * 60.0 + 120.0, observed=100.0) == pytest.approx(100.0)  # the scored point
+    assert p.forecast(10 * 60.0 - 30, 120.0) == pytest.approx(900.0)
+    assert p.expected(7 * 60.0, 7 * 60.0 + 120.0, 1.0) == pytest.approx(100.0)  # the scored point
 
 
 def test_a_forecast_into_the_next_period_uses_this_periods_bins():
     """Near the period's end the window reaches the next period's first bins: what this period saw in them
     counts as `next_period` will fold it, not only the older periods' mean."""
     p = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=(100.0,) * 60)
-    p = p.observe(30.0, 1_000.0)  # bin 0 of this period ran at 1,000
+    p = observed_flat(p, PERIOD - 90.0)
+    p = replace(p, cur=(1_000.0,) + p.cur[1:])  # bin 0 of this period ran at 1,000
     late = PERIOD - 90.0
-    assert p.forecast(late, 120.0, observed=100.0) == pytest.approx(0.5 * 100.0 + 0.5 * 1_000.0)
-    assert p.forecast(late - 300.0, 120.0, observed=100.0) == pytest.approx(100.0)  # window inside this period
+    assert p.forecast(late, 120.0) == pytest.approx(0.5 * 100.0 + 0.5 * 1_000.0)
+    assert p.forecast(late - 300.0, 120.0) == pytest.approx(100.0)  # window inside this period
 
 
 def test_the_profile_survives_the_saved_state():
