@@ -251,18 +251,20 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             # dampened: like a schedule, it is the history's answer, not a spike
             raw, reason, dampen = ahead, Reason.FORECAST, False
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
+        # a hold the forecast asked for (the load alone asks fewer decode replicas) keeps reason FORECAST
+        settled = Reason.FORECAST if reason is Reason.FORECAST else Reason.WITHIN_BAND
         if tps == 0:
             desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band and wanted == ratio:
-            desired, reason = current, Reason.WITHIN_BAND
+            desired, reason = current, settled
         elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:  # decode holds; the ratio moved
             desired = (prefill_in_band(cfg, raw, st.target_decode, wanted), st.target_decode)
-            reason = Reason.RATIO if desired != current else Reason.WITHIN_BAND
+            reason = Reason.RATIO if desired != current else settled
         else:
             unclamped = math.ceil(raw - 1e-9)
             desired = cfg.pair_for_demand(raw, wanted)
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
-                reason = Reason.WITHIN_BAND  # outside the band, but it rounds to the current size
+                reason = settled  # outside the band, but it rounds to the current size
                 diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
             elif desired[1] == current[1] and desired != current and wanted != ratio:
                 reason = Reason.RATIO  # decode rounds to its size (or sits at a bound): only the ratio moved

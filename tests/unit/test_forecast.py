@@ -203,3 +203,16 @@ def test_a_soft_scale_in_is_restored_when_the_forecast_says_its_load_returns():
     assert dec.action is Action.RESTORE
     dec, _ = decide_service(replace(CFG, forecast_period_s=None), replace(st, profile=None), obs, t)
     assert dec.action is Action.TERMINATE_WITHDRAWN  # reactive: cut 100 s before the ramp
+
+
+def test_a_hold_the_forecast_asked_for_says_so():
+    """The demo's second run: between the ramps the forecast held the first ramp's capacity, and the log said
+    `within_band`; a hold the forecast asked for (the load alone asks fewer replicas) is reason `forecast`."""
+    profile = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=tuple(200.0 if i < 30 else 1_000.0 for i in range(60)),
+                      period_index=1)
+    t = PERIOD + 1_700  # 100 s before the ramp, start-up 180 s
+    obs = ServiceObservation(decode_tps=Signal(200.0, t), startup_s=Signal(180.0, t))
+    dec, _ = decide_service(CFG, ServiceState(10, 10, profile=profile), obs, t)
+    assert (dec.action, dec.reason) == (Action.HOLD, Reason.FORECAST)
+    dec, _ = decide_service(replace(CFG, forecast_period_s=None), ServiceState(10, 10), obs, t)
+    assert dec.action is Action.SCALE_IN  # the load alone: 2 of 10
