@@ -52,6 +52,9 @@ PHASES = (Phase("light", 30, 0.5), Phase("prompt-heavy", 105, 0.5, 5.0), Phase("
           Phase("ramp", 120, 1.4), Phase("light", 150, 0.5), Phase("ramp again", 105, 1.4), Phase("light", 30, 0.5))
 
 
+RAMP = next(p for p in PHASES if p.name == "ramp")
+
+
 def phase_starts(phases: Sequence[Phase] = PHASES) -> dict[str, float]:
     """Seconds from the load's start to each phase's start (by name; a repeated name keeps the first)."""
     out, t = {}, 0.0
@@ -174,8 +177,18 @@ def summarize(results, decisions: list[dict], ttft_slo_s: float, tbt_slo_s: floa
         "prefill_per_decode_min": min(ratios) if ratios else None,
         "prefill_per_decode_max": max(ratios) if ratios else None,
         "num_prewarm": sum(1 for d in acted if d["reason"] == "forecast" and d["action"] in ("scale_out", "restore")),
+        "num_forecast_holds": sum(1 for d in acted if d["reason"] == "forecast" and d["action"] == "hold"),
         "requests_sent": sent, "failed_requests": failed, "load": load,
     }
+
+
+def ready_before(decisions: list[dict], t_unix: float) -> dict[str, int] | None:
+    """Replicas Ready per role at the last decision before `t_unix` (None if none came before it)."""
+    before = [d for d in decisions if d["t"] < t_unix]
+    if not before:
+        return None
+    groups = before[-1].get("groups", [])
+    return {role: sum(g[role]["ready"] for g in groups) for role in ("prefill", "decode")}
 
 
 def plot_timeline(results, decisions: list[dict], path: Path, ttft_slo_s: float, tbt_slo_s: float,
@@ -313,6 +326,12 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
                 f.write(json.dumps(d) + "\n")
         summary = summarize(results, decisions, a.ttft_slo_s or 2.0, a.tbt_slo_s or 0.2)
         summary["curated"] = profile_result["autoscaling"]
+        starts = phase_starts()
+        summary["ready_before_repeat"] = ready_before(decisions, started[0] + starts["ramp again"])
+        summary["decode_asked_by_first_ramp"] = max(
+            (d["target_decode"] for d in decisions
+             if started[0] + starts["ramp"] <= d["t"] < started[0] + starts["ramp"] + RAMP.duration_s),
+            default=None)
         # what a replay of this run needs (bench/scripts/sim_vs_live.py): when the requests' clock began on
         # the decisions' clock, the controller's period and the load's shape
         summary["replay"] = {"service": service.name, "load_start_unix": round(started[0], 3),
@@ -328,7 +347,10 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
                  f"TTFT {summary['slo_attainment_ttft']:.3f}, TBT {summary['slo_attainment_tbt']:.3f}")
         progress(f"  scale-outs {summary['num_scale_out']} ({summary['num_prewarm']} started by the forecast before "
                  f"the load asked), scale-ins {summary['num_scale_in']}, terminations {summary['num_terminate']}, "
-                 f"restores {summary['num_restore']}; up to {summary['max_deployment_groups']} deployment groups")
+                 f"restores {summary['num_restore']}; up to {summary['max_deployment_groups']} deployment groups; "
+                 f"{summary['num_forecast_holds']} holds the forecast asked for")
+        progress(f"  Ready before the repeated ramp: {summary['ready_before_repeat']} (the first ramp asked for "
+                 f"{summary['decode_asked_by_first_ramp']} decode)")
         progress(f"  P:D the controller used: {summary['prefill_per_decode_min']} to "
                  f"{summary['prefill_per_decode_max']}; instance-seconds: prefill "
                  f"{summary['instance_seconds']['prefill']:.0f}, decode {summary['instance_seconds']['decode']:.0f}")

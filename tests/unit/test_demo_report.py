@@ -6,7 +6,7 @@ import pytest
 
 from bench.load.stats import RequestResult
 from heteroscale_ray.autoscale_demo import (PHASES, concrete_phases, curated, demo_trace, forecast_period_s,
-                                            phase_starts, plot_timeline, summarize)
+                                            phase_starts, plot_timeline, ready_before, summarize)
 
 
 def entry(t, action, p, d, groups, tps, reason="proportional", diagnostics=None):
@@ -36,6 +36,8 @@ def test_summary_counts_actions_instance_seconds_and_failures(tmp_path):
     assert s["failed_requests"] == 1 and s["requests_sent"] == 6 and s["max_deployment_groups"] == 2
     assert s["slo_attainment_ttft"] == round(5 / 6, 4)
     assert (s["prefill_per_decode_min"], s["prefill_per_decode_max"], s["num_prewarm"]) == (1.0, 2.5, 1)
+    assert s["num_forecast_holds"] == 0
+    assert ready_before(decisions, 25.0) == {"prefill": 2, "decode": 2} and ready_before(decisions, -1.0) is None
     plot_timeline(results, decisions, tmp_path / "timeline.png", 1.0, 0.2, load_start_s=-5.0,
                   phase_marks={"light": 0.0, "ramp": 20.0})
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
