@@ -6,8 +6,8 @@ periods (`prev`, blended over periods) and on the current one (`cur`, a running 
 time u is the history of u's bin (`prev`; for a u in the next period, `prev` with this period's bin folded in,
 as the new period will hold it) scaled by today's level: this period's means of the bins over the last h
 against the earlier periods' means of the same bins (sums: one near-empty bin, such as a trough's, cannot
-swing it), clipped to [1/LEVEL_CLIP, LEVEL_CLIP]. The forecast for a horizon h is the peak of that over every bin from
-now to now + h + one bin: a replica started now serves from now + h on, and capacity cut now takes h to come
+swing it), clipped to [1/LEVEL_CLIP, LEVEL_CLIP]. The forecast for a horizon h is the peak of that over
+every bin from now to now + h + one bin: a replica started now serves from now + h on, and capacity cut now takes h to come
 back, so the peak up to then is what to hold; the extra bin is the profile's resolution (a ramp recorded
 inside a bin starts up to one bin before the bin's mean shows it fully). Widened by the tracked relative
 forecast error. Cold history (no bin of the last h with both an earlier and this period's mean, or none of

@@ -20,8 +20,9 @@ Adaptive ratio (`target_prefill_tps_per_instance`): see `autoscaler.ratio`.
 
 Start-up-aware forecast (when `forecast_period_s` is set; `autoscaler.forecast`): every fresh decode tokens/s
 feeds the service's seasonal profile; the peak demand from now to one measured start-up (the observation's
-`startup_s`) plus one profile bin ahead is forecast from earlier periods at today's level, widened by the tracked forecast error, and floors the decode
-demand the proportional rule sizes from (reason FORECAST where it decides). A forecast only ever raises the
+`startup_s`) plus one profile bin ahead is forecast from earlier periods at today's level, widened by the
+tracked forecast error, and floors the decode demand the proportional rule sizes from where it asks for more
+decode replicas than the observed load (reason FORECAST, holds included). A forecast only ever raises the
 demand: it scales out ahead of a ramp, holds capacity a ramp is about to need (a soft scale-in is restored when
 the forecast says its load returns within a start-up), never cuts alone. No earlier
 period, no measured start-up or missing data: no forecast, the rule is reactive.

@@ -141,15 +141,18 @@ def _watch(service: ServiceSpec, stop: threading.Event, progress, interval_s: fl
         except Exception as exc:  # report and keep watching: the controller may be restarting
             progress(f"  (controller status unavailable: {exc})")
             continue
-        line = f"P={st['target_prefill']} D={st['target_decode']} " + " ".join(
-            f"{g['name']}[{g['prefill']['ready']}P/{g['decode']['ready']}D ready"
-            f"{', ' + str(g['prefill']['withdrawn'] + g['decode']['withdrawn']) + ' withdrawn' if g['prefill']['withdrawn'] + g['decode']['withdrawn'] else ''}]"
-            for g in st["groups"])
+        def group_text(g: dict) -> str:
+            withdrawn = g["prefill"]["withdrawn"] + g["decode"]["withdrawn"]
+            return (f"{g['name']}[{g['prefill']['ready']}P/{g['decode']['ready']}D ready"
+                    f"{f', {withdrawn} withdrawn' if withdrawn else ''}]")
+
+        line = f"P={st['target_prefill']} D={st['target_decode']} " + " ".join(map(group_text, st["groups"]))
         if line != last:
             d = st["last_decisions"][-1] if st["last_decisions"] else {}
             forecast = (st.get("forecast") or {}).get("decode_tps")
             progress(f"  controller: {line}  P:D {st.get('prefill_per_decode') or 0:.2f}"
-                     f"{f', forecast {forecast:.0f} tok/s' if forecast else ''}  (last: {d.get('action')}/{d.get('reason')})")
+                     f"{f', forecast {forecast:.0f} tok/s' if forecast else ''}"
+                     f"  (last: {d.get('action')}/{d.get('reason')})")
             last = line
 
 
