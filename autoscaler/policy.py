@@ -247,10 +247,14 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     elif tps is not None:
         raw = tps / cfg.target_decode_tps_per_instance
         ahead = None if forecast is None else forecast / cfg.target_decode_tps_per_instance
-        if ahead is not None and math.ceil(ahead - 1e-9) > math.ceil(raw - 1e-9):
-            # demand a start-up ahead asks for more instances than now does: it floors what is sized now; not
-            # dampened: like a schedule, it is the history's answer, not a spike
-            raw, reason, dampen = ahead, Reason.FORECAST, False
+        if ahead is not None and ahead > raw:  # demand a start-up ahead floors what is sized now
+            if math.ceil(ahead - 1e-9) > math.ceil(raw - 1e-9):
+                # it asks for more decode replicas than now does: not dampened; like a schedule, it is the
+                # history's answer, not a spike
+                reason, dampen = Reason.FORECAST, False
+            # else the same decode count, but prefill sizes from the fractional demand: without the floor a
+            # pending prefill the forecast wants was cancelled and asked for again a tick later (the demo)
+            raw = ahead
         diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         # a hold the forecast asked for (the load alone asks fewer decode replicas) keeps reason FORECAST
         settled = Reason.FORECAST if reason is Reason.FORECAST else Reason.WITHIN_BAND

@@ -216,3 +216,18 @@ def test_a_hold_the_forecast_asked_for_says_so():
     assert (dec.action, dec.reason) == (Action.HOLD, Reason.FORECAST)
     dec, _ = decide_service(replace(CFG, forecast_period_s=None), ServiceState(10, 10), obs, t)
     assert dec.action is Action.SCALE_IN  # the load alone: 2 of 10
+
+
+def test_the_forecast_floors_prefill_even_where_it_asks_no_more_decode_replicas():
+    """The demo's third run: after a ramp, 1.08 decode replicas' worth of load (2 replicas) and a forecast of
+    1.69 (also 2): without the floor prefill sized from 1.08 x 0.92 (1), cancelled the new group's starting
+    prefill, and the forecast asked for it again one tick later."""
+    cfg = replace(CFG, prefill_per_decode=0.92)
+    profile = replace(Profile.empty(PERIOD, 60.0, 0.0), prev=tuple(108.0 if i < 30 else 169.0 for i in range(60)),
+                      period_index=1)
+    t = PERIOD + 1_700
+    obs = ServiceObservation(decode_tps=Signal(108.0, t), startup_s=Signal(180.0, t))
+    dec, _ = decide_service(cfg, ServiceState(2, 2, profile=profile), obs, t)
+    assert (dec.action, dec.target_prefill, dec.target_decode) == (Action.HOLD, 2, 2)
+    reactive, _ = decide_service(replace(cfg, forecast_period_s=None), ServiceState(2, 2), obs, t)
+    assert (reactive.action, reactive.withdraw_prefill, reactive.withdraw_decode) == (Action.SCALE_IN, 1, 0)
