@@ -259,7 +259,7 @@ def plot_timeline(results, decisions: list[dict], path: Path, ttft_slo_s: float,
     plt.close(fig)
 
 
-def _curate(url: str, service: ServiceSpec, out: Path, progress) -> dict:
+def curate(url: str, service: ServiceSpec, out: Path, progress) -> dict:
     """`heteroscale profile`, short: the fixed 1P+1D group stepped through PROFILE_RATES (profile.json/png)."""
     from transformers import AutoTokenizer
 
@@ -306,7 +306,7 @@ def run(cluster: ClusterSpec, service: ServiceSpec, address: str | None, progres
         advisory = replace(service, autoscaling=service.autoscaling.model_copy(update={"advisory": True}))
         url, groups = svc.deploy_apps(advisory, address, progress=progress)
         svc.start_controller(advisory, groups, progress=progress)  # routes as the active one will; acts on nothing
-        profile_result = _curate(url, service, out, progress)
+        profile_result = curate(url, service, out, progress)
         lifecycle.stop(service.name)  # its state saw the profile's load: the active controller starts afresh
         service = curated(service, profile_result)
         svc.start_controller(service, groups, progress=progress)

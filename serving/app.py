@@ -18,7 +18,7 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from common.config import ServiceSpec
-from common.vocab import INGRESS_DEPLOYMENT, DeploymentGroup, NodeInfo, controller_name, group_app_name
+from common.vocab import INGRESS_DEPLOYMENT, DeploymentGroup, NodeInfo, Role, controller_name, group_app_name
 from common.wire import ENGINE_OPTIONS_KEY, EngineOptions, RoutingEntry
 from serving.deployment_groups import RolePlan, plan_group
 from serving.engines import DecodeServer, PrefillServer
@@ -96,12 +96,18 @@ class GroupApp:
 
 
 def build_group_app(service: ServiceSpec, group: DeploymentGroup, slot: int, model_path: str,
-                    nodes: Iterable[NodeInfo], serve_autoscaling: Mapping[str, Any] | None = None) -> GroupApp:
+                    nodes: Iterable[NodeInfo],
+                    serve_autoscaling: Mapping[Role, Mapping[str, Any]] | None = None) -> GroupApp:
+    """`serve_autoscaling`: Ray Serve's own `autoscaling_config` per role (the baseline of
+    bench/scripts/live_vs_serve_autoscaling.py), both roles or neither."""
+    if serve_autoscaling is not None and set(serve_autoscaling) != set(Role):
+        raise ValueError(f"serve_autoscaling needs a config for each role, got {sorted(map(str, serve_autoscaling))}")
+    per_role = serve_autoscaling or {}
     prefill_plan, decode_plan = plan_group(service, group, slot, list(nodes), model_path)
-    prefill_app = build_llm_deployment(llm_config_for(service, prefill_plan, model_path, serve_autoscaling),
+    prefill_app = build_llm_deployment(llm_config_for(service, prefill_plan, model_path, per_role.get(Role.PREFILL)),
                                        deployment_cls=PrefillServer,
                                        override_serve_options={"name": prefill_plan.deployment_name})
-    decode_cfg = llm_config_for(service, decode_plan, model_path, serve_autoscaling)
+    decode_cfg = llm_config_for(service, decode_plan, model_path, per_role.get(Role.DECODE))
     decode_app = build_llm_deployment(decode_cfg, deployment_cls=DecodeServer,
                                       bind_kwargs={"prefill_server": prefill_app},
                                       override_serve_options={"name": decode_plan.deployment_name})

@@ -30,6 +30,10 @@ class Step:
     prefill_tps: float  # prompt tokens/s served
     ttft_p90_s: float | None
     tbt_p90_s: float | None
+    # requests in flight on average (Little's law: summed time in the role / the step's span): prefill until the
+    # first token, decode from the first token to the last (what Ray Serve's ongoing-requests count sees)
+    prefill_in_flight: float | None = None
+    decode_in_flight: float | None = None
 
     @classmethod
     def of(cls, rate_rps: float, results: Sequence[RequestResult]) -> Step:
@@ -39,10 +43,13 @@ class Step:
         span = max(ends) - min(r.sent_s for r in sent) if ok and ends else 0.0
         ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
         tbts = [r.tbt_p90_s() for r in ok if r.tbt_p90_s() is not None]
+        timed = [r for r in ok if r.ttft_s is not None and r.e2e_s is not None]
         return cls(rate_rps, round(span, 3), len(sent), len(sent) - len(ok),
                    sum(r.output_tokens for r in ok) / span if span else 0.0,
                    sum(r.input_tokens for r in ok) / span if span else 0.0,
-                   percentile(ttfts, 0.9) if ttfts else None, percentile(tbts, 0.9) if tbts else None)
+                   percentile(ttfts, 0.9) if ttfts else None, percentile(tbts, 0.9) if tbts else None,
+                   sum(r.ttft_s for r in timed) / span if span else None,
+                   sum(r.e2e_s - r.ttft_s for r in timed) / span if span else None)
 
 
 def analyze(steps: Sequence[Step], num_prefill: int, num_decode: int, ttft_slo_s: float, tbt_slo_s: float,
@@ -77,9 +84,18 @@ def analyze(steps: Sequence[Step], num_prefill: int, num_decode: int, ttft_slo_s
                         # TTFT SLO (the profile's prompts share no prefix, so all of them are KV misses)
                         "target_prefill_tps_per_instance": round(prefill_cap, 1),
                         "ttft_slo_s": ttft_slo_s, "tbt_slo_s": tbt_slo_s},
+        # the same operating points in Ray Serve's knob (ongoing requests per replica, with the same headroom):
+        # what its per-deployment autoscaling gets when tuned from this profile (None: the step lacks timings)
+        "serve_target_ongoing_requests": {
+            "prefill": _per_replica(ok_ttft[-1].prefill_in_flight, num_prefill, headroom),
+            "decode": _per_replica(ok_tbt[-1].decode_in_flight, num_decode, headroom)},
         "headroom": headroom, "replicas": {"prefill": num_prefill, "decode": num_decode},
         "steps": [asdict(s) for s in ordered],
     }
+
+
+def _per_replica(in_flight: float | None, replicas: int, headroom: float) -> float | None:
+    return None if in_flight is None else round(headroom * in_flight / replicas, 3)
 
 
 def run(url: str, model: str | None, api_key: str | None, rates: Sequence[float], step_s: float,
