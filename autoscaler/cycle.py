@@ -33,7 +33,9 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Mapping, Sequence
 
-from autoscaler.model import Action, Decision, FleetConfig, Observation, PolicyState, Reason, RoleCounts
+from autoscaler.fleet import PREEMPTIBLE_WHY, budget_left, choose_victims, in_progress
+from autoscaler.model import (Action, Decision, FleetConfig, Observation, PolicyState, Preemption, Reason,
+                              RoleCounts, ServiceDecision)
 from autoscaler.plan import FreeIndex, WorkingGroup, cancel_stuck, plan_service, room, totals
 from autoscaler.policy import decide
 from autoscaler.ratio import current_ratio, ratio_in_force
@@ -118,6 +120,7 @@ class CycleResult:
     actions: tuple[GroupAction, ...] = ()
     unplaced: tuple[Unplaced, ...] = ()  # what place() could not place or remove this cycle
     failed: tuple[GroupAction, ...] = ()  # actions the world could not make real (`autoscaler.port.step`)
+    preempted: tuple[Preemption, ...] = ()  # whole groups this cycle started to preempt (`autoscaler.fleet`)
 
 
 _CUTS = (Action.SCALE_IN, Action.TERMINATE_WITHDRAWN)  # the decisions that may lower what groups hold
@@ -139,10 +142,20 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     index = FreeIndex(view)
     raised: set[str] = set()
     let_go: set[str] = set()  # services whose stuck replicas were cancelled
+    preempting = in_progress(state, view)
     for name in sorted(config.fleet.services):
         dec = decision.services[name]
         groups = [WorkingGroup.of(gs) for gs in sorted(view.groups.get(name, ()), key=lambda gs: gs.name)]
         working[name] = {g.base.name: g for g in groups}
+        for g in groups:  # a group being preempted: withdrawn whole, removed once drained; not planned
+            p = preempting.get((name, g.base.name))
+            if p is None:
+                continue
+            drained = now_s - p.started_s >= config.fleet.preempt_drain_s and not (
+                g.base.prefill.ready or g.base.decode.ready)
+            g.num_prefill, g.num_decode = (0, 0) if drained else (g.num_prefill, g.num_decode)
+            g.withdrawn_prefill, g.withdrawn_decode = g.num_prefill, g.num_decode
+        groups = [g for g in groups if (name, g.base.name) not in preempting]
         target = (dec.target_prefill, dec.target_decode)
         if any(g.base.prefill.stuck or g.base.decode.stuck for g in groups) and \
                 cancel_stuck(groups, ratio_in_force(config.fleet.services[name], now_s, *target,
@@ -197,14 +210,20 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     # Terminations first, then growth and withdrawals over what they left, so one group is never both shrunk
     # and grown from the same old counts (each inside the band, the sum outside it).
     unplaced: tuple[Unplaced, ...] = ()
+    short: tuple[Unplaced, ...] = ()  # scale-outs that found no room
+    tree = None
     if scale_out or scale_in or withdraw_requests:
         tree = build_tree(view.nodes)  # scale-in reads only tiers and frees nothing, so one tree serves all
+        tree.budget = budget_left(view, config)
         for requests, routable in ((scale_in, False), (scale_out, False), (withdraw_requests, True)):
             if requests:
+                growing = requests is scale_out
                 if requests is not scale_in:  # terminations name their own groups (the doomed ones, the rest)
                     requests = [now_held(r, routable) for r in requests]
                 placement = place(tree, requests, config.scheduler)
                 unplaced += placement.unplaced
+                if growing:
+                    short = tuple(u for u in placement.unplaced if u.why in PREEMPTIBLE_WHY)
                 if routable:  # which DGs withdraw: the same scale-in rule, over the routable replicas only
                     for act in placement.actions:
                         g = working[act.service][act.group]
@@ -213,6 +232,12 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                         g.why = act.why
                 else:
                     apply(placement)
+
+    preempted = _preempt(tree, short, scale_out, working, new_state, preempting, now_s, config) if short else []
+    for p in preempted:
+        g = working[p.service][p.group]
+        g.withdrawn_prefill, g.withdrawn_decode, g.why = g.num_prefill, g.num_decode, None
+    doomed = set(preempting) | {(p.service, p.group) for p in preempted}
 
     actions = []
     for name in sorted(working):
@@ -232,11 +257,62 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                 kind = None
             if kind is None:
                 continue
-            actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, dec.reason,
+            reason = Reason.PREEMPTED if (name, group_name) in doomed else dec.reason
+            actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, reason,
                                        g.why, g.placement, dec.advisory))
     paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
-    realized = _realized(new_state, working, unplaced, paired | raised, let_go)
-    return CycleResult(decision, tuple(actions), unplaced), _ratio_follows_groups(realized, working, config)
+    waiting = {p.for_service for p in (*preempting.values(), *preempted)}  # kept asking: placed first once free
+    realized = _realized(new_state, working, [u for u in unplaced if u.service not in waiting],
+                         paired | raised, let_go, doomed)
+    final = _ratio_follows_groups(realized, working, config)
+    if preempted or preempting or state.preemptions:
+        final, decision = _victims_follow(final, decision, working, preempted, doomed, config)
+        final = replace(final, preemptions=(*preempting.values(), *preempted))
+    return CycleResult(decision, tuple(actions), unplaced, preempted=tuple(preempted)), final
+
+
+def _preempt(tree, short: Sequence[Unplaced], scale_out: Sequence[ScaleRequest],
+             working: dict[str, dict[str, WorkingGroup]], state: PolicyState,
+             preempting: Mapping[tuple[str, str], Preemption], now_s: float, config: CycleConfig
+             ) -> list[Preemption]:
+    """Whole groups of lower-priority services for the scale-outs that found no room (`autoscaler.fleet`),
+    highest priority first; none for a service whose preemption is still in progress."""
+    policies = config.fleet.services
+    requests = {r.service.name: r for r in scale_out}
+    waiting = {p.for_service for p in preempting.values()}
+    taken = set(preempting)
+    out: list[Preemption] = []
+    for u in sorted(short, key=lambda u: (-policies[u.service].priority, u.service)):
+        if u.service in waiting or policies[u.service].advisory or u.service not in requests:
+            continue
+        held = tuple(g.current() for g in working[u.service].values() if g.num_prefill or g.num_decode)
+        request = replace(requests[u.service], groups=held)
+        for service, group in choose_victims(tree, request, u, working, policies, config.shapes, state, taken):
+            g = working[service][group]
+            out.append(Preemption(service, group, u.service, now_s, g.num_prefill, g.num_decode))
+            taken.add((service, group))
+    return out
+
+
+def _victims_follow(state: PolicyState, decision: Decision, working: dict[str, dict[str, WorkingGroup]],
+                    preempted: Sequence[Preemption], doomed: set[tuple[str, str]], config: CycleConfig
+                    ) -> tuple[PolicyState, Decision]:
+    """A preempted service's targets fall to what its other groups hold (its policy asks its minimum back
+    from there, reason RECLAIM), and this cycle's decision for it says so."""
+    services, decisions = dict(state.services), dict(decision.services)
+    for name in sorted({p.service for p in preempted}):
+        kept = [g for k, g in working[name].items() if (name, k) not in doomed]
+        p, d = sum(g.num_prefill for g in kept), sum(g.num_decode for g in kept)
+        st = services.get(name)
+        if st is not None:
+            services[name] = replace(st, target_prefill=p, target_decode=d, soft=None)
+        mine = [x for x in preempted if x.service == name]
+        before = decisions[name]
+        decisions[name] = ServiceDecision(
+            Action.SCALE_IN, Reason.PREEMPTED, p, d, sum(x.num_prefill for x in mine), sum(x.num_decode for x in mine),
+            before.advisory, replace(before.diagnostics, note="whole groups given up for " + ", ".join(
+                sorted(f"{x.group} -> {x.for_service}" for x in mine))))
+    return replace(state, services=services), replace(decision, services=decisions)
 
 
 def _ratio_follows_groups(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], config: CycleConfig
@@ -256,11 +332,12 @@ def _ratio_follows_groups(state: PolicyState, working: dict[str, dict[str, Worki
         ratio = nearest_ratio_in_band(counts, in_force) if counts else None
         if ratio is not None and ratio != in_force:
             services[name] = replace(st, prefill_per_decode=ratio)
-    return PolicyState(services=services) if services != dict(state.services) else state
+    return replace(state, services=services) if services != dict(state.services) else state
 
 
 def _realized(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], unplaced: Sequence[Unplaced],
-              paired: set[str], let_go: set[str] = frozenset()) -> PolicyState:
+              paired: set[str], let_go: set[str] = frozenset(), doomed: set[tuple[str, str]] = frozenset()
+              ) -> PolicyState:
     """The policy's state follows what was placed, so the next step starts from the real size:
     - a scale-out that did not (fully) fit leaves the policy at the size that was placed (without this the
       target ran away to the bounds, each latency step added to a size that never existed, while the fleet
@@ -277,13 +354,13 @@ def _realized(state: PolicyState, working: dict[str, dict[str, WorkingGroup]], u
         st = services.get(name)
         if st is None or st.soft is not None:
             continue
-        have_p, have_d, _, _ = totals(list(working[name].values()))
+        have_p, have_d, _, _ = totals([g for k, g in working[name].items() if (name, k) not in doomed])
         p, d = st.target_prefill, st.target_decode
         if name in short:
-            p, d = min(p, max(have_p, 1)), min(d, max(have_d, 1))
+            p, d = min(p, have_p), min(d, have_d)
         if name in paired:
             p, d = max(p, have_p), max(d, have_d)
         if (p, d) != (st.target_prefill, st.target_decode):
             services[name] = replace(st, target_prefill=p, target_decode=d)
-    return PolicyState(services=services)
+    return replace(state, services=services)
 

@@ -46,6 +46,9 @@ class Reason(str, Enum):
     RATIO = "ratio"  # decode inside its band, the adaptive P:D ratio moved: prefill follows its own demand
     FORECAST = "forecast"  # demand forecast one measured start-up ahead asks for more than is observed now
     BURST = "burst"  # requests queue at the engines (or are shed): withdrawn replicas back first, else a step out
+    # a higher-priority service needed the room: a whole group withdrawn, then removed (`autoscaler.fleet`)
+    PREEMPTED = "preempted"
+    RECLAIM = "reclaim"  # held below its own minimum (preempted): asks its minimum back, placed where room is
 
 
 class Mode(str, Enum):
@@ -121,6 +124,9 @@ class PolicyConfig:
     schedule: tuple[ScheduleWindow, ...] = ()
     advisory: bool = False  # compute and export decisions, never actuate
     priority: int = 0  # higher first when the fleet GPU budget is short
+    # decode replicas arbitration (a budget cut, a preemption) always leaves the service, prefill from the
+    # ratio; 0: a best-effort service may be scaled to zero. None: min_decode.
+    fleet_min_decode: int | None = None
     gpus_per_prefill: int = 1
     gpus_per_decode: int = 1
     # Adaptive P:D ratio (`autoscaler.policy`, "Adaptive ratio"): KV-miss prompt tokens/s one prefill instance
@@ -168,6 +174,10 @@ class PolicyConfig:
         if self.min_decode < 1 or self.min_prefill < 1:
             raise ValueError(f"min_prefill ({self.min_prefill}) and min_decode ({self.min_decode}) must be >= 1 "
                              "(a P/D service needs both roles)")
+        if self.fleet_min_decode is not None and not (isinstance(self.fleet_min_decode, int)
+                                                      and 0 <= self.fleet_min_decode <= self.min_decode):
+            raise ValueError(f"fleet_min_decode ({self.fleet_min_decode}) must be an integer from 0 to min_decode "
+                             f"({self.min_decode})")
         if self.max_prefill < self.min_prefill:
             raise ValueError(f"max_prefill ({self.max_prefill}) must be >= min_prefill ({self.min_prefill})")
         if self.max_decode < self.min_decode:
@@ -237,17 +247,32 @@ class PolicyConfig:
     def gpus(self, num_prefill: int, num_decode: int) -> int:
         return num_prefill * self.gpus_per_prefill + num_decode * self.gpus_per_decode
 
+    def fleet_floor(self) -> tuple[int, int]:
+        """The (P, D) arbitration always leaves: (0, 0) for a best-effort service (`fleet_min_decode` 0)."""
+        if self.fleet_min_decode == 0:
+            return 0, 0
+        return self.pair_for_decode(self.min_decode if self.fleet_min_decode is None else self.fleet_min_decode)
+
 
 @dataclass(frozen=True)
 class FleetConfig:
+    """The services one control cycle arbitrates between, and their shared GPU budget."""
+
     services: Mapping[str, PolicyConfig]
     gpu_budget: int | None = None  # optional fleet-wide cap, shared by service priority
+    gpu_budget_by_type: Mapping[str, int] = field(default_factory=dict)  # optional cap per GPU type
+    # after a preempted group is withdrawn, how long before it is removed (at least one control period passes;
+    # requests still in flight finish as the world's termination drains them)
+    preempt_drain_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.gpu_budget is not None:
-            floor = sum(c.gpus(*c.pair_for_decode(c.min_decode)) for c in self.services.values())
-            if self.gpu_budget < floor:
-                raise ValueError(f"gpu_budget ({self.gpu_budget}) is below the services' minimum sizes ({floor} GPUs)")
+        floor = sum(c.gpus(*c.fleet_floor()) for c in self.services.values())
+        if self.gpu_budget is not None and self.gpu_budget < floor:
+            raise ValueError(f"gpu_budget ({self.gpu_budget}) is below the services' minimum sizes ({floor} GPUs)")
+        for gpu_type, cap in self.gpu_budget_by_type.items():
+            if not isinstance(cap, int) or cap < 0:
+                raise ValueError(f"gpu_budget_by_type[{gpu_type!r}] ({cap}) must be an integer >= 0")
+        _non_negative("preempt_drain_s", self.preempt_drain_s)
 
 
 @dataclass(frozen=True)
@@ -330,8 +355,22 @@ class ServiceState:
 
 
 @dataclass(frozen=True)
+class Preemption:
+    """A whole group of `service` given up for `for_service` (higher priority): withdrawn at `started_s`, removed
+    once `FleetConfig.preempt_drain_s` has passed and the world holds it withdrawn."""
+
+    service: str
+    group: str
+    for_service: str
+    started_s: float
+    num_prefill: int
+    num_decode: int
+
+
+@dataclass(frozen=True)
 class PolicyState:
     services: Mapping[str, ServiceState] = field(default_factory=dict)
+    preemptions: tuple[Preemption, ...] = ()  # in progress (`autoscaler.fleet`)
 
 
 @dataclass(frozen=True)

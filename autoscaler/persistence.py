@@ -13,10 +13,11 @@ Format (version 1):
                                        "decode_gpu_type", "num_prefill", "num_decode"},
                              "slot": 0, "withdrawn": {"prefill": 0, "decode": 1},
                              "members": {"admitted": {"prefill": ["<replica id>", ...], ...},
-                                         "withdrawn": {"decode": ["<replica id>"]}}}}}
+                                         "withdrawn": {"decode": ["<replica id>"]}}}},
+     "preemptions": [{"service", "group", "for_service", "started_s", "num_prefill", "num_decode"}, ...]}
 A state of another version, or one missing a field, is refused with a `StateError` naming what. (The adaptive
-ratio's and the forecast's fields came later within version 1: a state without them reads as fixed-ratio and
-cold history.)
+ratio's and the forecast's fields, and the preemptions, came later within version 1: a state without them reads
+as fixed-ratio, cold history and no preemption in progress.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Mapping
 
 from autoscaler.forecast import Profile
 from autoscaler.membership import GroupMembers
-from autoscaler.model import PolicyState, ServiceState, SoftScaleIn
+from autoscaler.model import PolicyState, Preemption, ServiceState, SoftScaleIn
 from common.vocab import DeploymentGroup, Role
 
 STATE_VERSION = 1
@@ -57,6 +58,7 @@ def encode(policy: PolicyState, records: Mapping[str, object], ticks: int) -> by
                                        "withdrawn": {role.value: sorted(ids)
                                                      for role, ids in r.members.withdrawn.items()}}}
                     for name, r in records.items()},
+        "preemptions": [asdict(p) for p in policy.preemptions],
     }, sort_keys=True).encode()
 
 
@@ -90,6 +92,8 @@ def decode(raw: bytes, record_type) -> tuple[PolicyState, dict[str, object], int
             records[name] = record_type(DeploymentGroup(**r["group"]), int(r["slot"]),
                                         {Role(k): v for k, v in r["withdrawn"].items()},
                                         GroupMembers(ids["admitted"], ids["withdrawn"]))
-        return PolicyState(services=policy), records, int(data["ticks"])
+        where = "preemptions"
+        preemptions = tuple(Preemption(**p) for p in data.get("preemptions", ()))
+        return PolicyState(services=policy, preemptions=preemptions), records, int(data["ticks"])
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"saved controller state: {where}: {type(exc).__name__}: {exc}") from None

@@ -13,7 +13,11 @@ Per service, in order:
    once, `PolicyConfig.pair_for_demand`), hysteresis band, separate
    cooldowns, dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
 4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
-5. a fleet GPU budget, if set, is shared by priority and never exceeded.
+5. a fleet GPU budget, if set, is shared by priority (higher first; equal priorities in proportion to what they
+   ask above their floors), never below a service's floor (`PolicyConfig.fleet_floor`, (0, 0) for a
+   best-effort service); `place()` keeps it per GPU type (`autoscaler.fleet`).
+A service held below its own minimum (a preemption took its groups, `autoscaler.fleet`) asks its minimum back
+first (reason RECLAIM); the cycle places it where a higher priority leaves room.
 Scale-in never happens at once: the Decision withdraws instances from routing first.
 
 Adaptive ratio (`target_prefill_tps_per_instance`): see `autoscaler.ratio`.
@@ -232,6 +236,11 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     burst = _burst(cfg, obs, now_s)
     if burst is not None:
         diag = replace(diag, note=f"{burst:.1f} requests queued per ready decode replica")
+    if current[0] < cfg.min_prefill or current[1] < cfg.min_decode:
+        # a preemption took this service below its own minimum: ask for it back (placed where room is left)
+        back = (max(current[0], cfg.min_prefill), max(current[1], cfg.min_decode))
+        new = replace(st, target_prefill=back[0], target_decode=back[1], soft=None, last_scale_out_s=now_s)
+        return _decision(Action.SCALE_OUT, Reason.RECLAIM, new, cfg, diag), new
     if st.soft is not None:
         # a forecast ramp within one start-up brings the withdrawn replicas back like returning load
         soft_tps = max(tps, forecast) if tps is not None and forecast is not None else tps
@@ -342,22 +351,46 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     return _scale_in(cfg, st, desired, now_s, reason, diag, ratio=wanted)
 
 
+def _grant(cfg: PolicyConfig, want_d: int, ratio: float, allowance: float, floor: tuple[int, int]
+           ) -> tuple[int, int]:
+    """The largest (P, D) at the ratio, from `want_d` down, whose GPUs above the floor's fit `allowance`."""
+    floor_gpus = cfg.gpus(*floor)
+    for d in range(want_d, max(floor[1], cfg.min_decode) - 1, -1):
+        pair = cfg.pair_for_decode(d, ratio)
+        if cfg.gpus(*pair) - floor_gpus <= allowance + 1e-9:
+            return pair
+    return floor
+
+
 def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], states: dict[str, ServiceState]
                   ) -> None:
-    """Cut targets by service priority until the fleet fits `gpu_budget` (in place). Minimum sizes always fit."""
+    """Cut targets until the fleet fits `gpu_budget` (in place): every service keeps its floor
+    (`PolicyConfig.fleet_floor`); what is left goes to higher priorities first, and within one priority in
+    proportion to what each asks above its floor (rounding down; a remainder goes to the largest asks first)."""
     budget = config.gpu_budget
-    total = sum(config.services[n].gpus(d.target_prefill, d.target_decode) for n, d in decisions.items())
+    services = config.services
+    total = sum(services[n].gpus(d.target_prefill, d.target_decode) for n, d in decisions.items())
     if budget is None or total <= budget:
         return
-    mins = {n: c.gpus(*c.pair_for_decode(c.min_decode)) for n, c in config.services.items()}
-    remaining = budget - sum(mins[n] for n in decisions)
-    for name in sorted(decisions, key=lambda n: (-config.services[n].priority, n)):
-        cfg, dec, st = config.services[name], decisions[name], states[name]
-        want_d, ratio = dec.target_decode, current_ratio(cfg, st)
-        grant = cfg.pair_for_decode(want_d, ratio)
-        while cfg.gpus(*grant) - mins[name] > remaining and grant[1] > cfg.min_decode:
-            grant = cfg.pair_for_decode(grant[1] - 1, ratio)
-        remaining -= cfg.gpus(*grant) - mins[name]
+    floors = {n: services[n].fleet_floor() for n in decisions}
+    remaining = budget - sum(services[n].gpus(*floors[n]) for n in decisions)
+    grants: dict[str, tuple[int, int]] = {}
+    for priority in sorted({services[n].priority for n in decisions}, reverse=True):
+        names = sorted(n for n in decisions if services[n].priority == priority)
+        ratios = {n: current_ratio(services[n], states[n]) for n in names}
+        asks = {n: max(0, services[n].gpus(decisions[n].target_prefill, decisions[n].target_decode)
+                       - services[n].gpus(*floors[n])) for n in names}
+        share = min(1.0, remaining / sum(asks.values())) if sum(asks.values()) else 1.0
+        for n in names:
+            grants[n] = _grant(services[n], decisions[n].target_decode, ratios[n], asks[n] * share, floors[n])
+        spent = lambda n: services[n].gpus(*grants[n]) - services[n].gpus(*floors[n])  # noqa: E731
+        left = remaining - sum(spent(n) for n in names)
+        for n in sorted(names, key=lambda n: (-asks[n], n)):  # what rounding left, largest asks first
+            grants[n] = _grant(services[n], decisions[n].target_decode, ratios[n], spent(n) + left, floors[n])
+            left = remaining - sum(spent(k) for k in names)
+        remaining = max(0, left)
+    for name, grant in grants.items():
+        cfg, dec, st = services[name], decisions[name], states[name]
         if grant == (dec.target_prefill, dec.target_decode):
             continue
         previous = (st.soft.from_prefill, st.soft.from_decode) if st.soft else (st.target_prefill, st.target_decode)
@@ -386,7 +419,7 @@ class HeteroScalePolicy:
             decisions[name], states[name] = decide_service(config.services[name], state.services.get(name),
                                                            observation.services.get(name), now_s)
         _apply_budget(config, decisions, states)
-        return Decision(services=decisions), PolicyState(services=states)
+        return Decision(services=decisions), PolicyState(services=states, preemptions=state.preemptions)
 
 
 _DEFAULT = HeteroScalePolicy()

@@ -82,7 +82,7 @@ def unapplied(before: PolicyState, after: PolicyState, view: ClusterView, action
             have_p, have_d = sum(p for p, _ in held.values()), sum(d for _, d in held.values())
             services[name] = replace(st, target_prefill=min(st.target_prefill, max(have_p, 1)),
                                      target_decode=min(st.target_decode, max(have_d, 1)))
-    return PolicyState(services=services)
+    return replace(after, services=services)
 
 
 def _cuts(action: GroupAction, held: dict[str, tuple[int, int]]) -> bool:

@@ -1,6 +1,8 @@
 """One scheduling cycle: where each P/D batch goes (paper §5.6). Pure: no Ray, clock or environment.
 
-`place(tree, requests, config) -> Placement`. Requests are served by service priority (then name). With a
+`place(tree, requests, config) -> Placement`. Requests are served by service priority, equal priorities the least
+served first (the share of its ask a service already holds), then by name; scale-outs are charged against
+`tree.budget` (the fleet's GPU budget left, per type and in total) where the caller set one. With a
 request's `prefill_per_decode`, every group stays inside that ratio's band (`prefill_band`): KV never leaves a
 group, so a group's surplus of one role idles; deltas are split across groups or open new ones, scale-in takes
 from the groups that are over. A scale-out batch is placed whole in one domain (grow an existing deployment
@@ -92,6 +94,7 @@ class Why(str, Enum):
     STUCK = "stuck"  # replicas not Ready past the world's bound were cancelled (the cycle places them again)
     NO_DOMAIN_WITH_TYPES = "no_domain_with_types"  # no domain at the service's scope has both roles' GPU types
     NO_CAPACITY = "no_capacity"  # domains with the types exist, but none has room now
+    BUDGET = "budget"  # a domain had room, but the fleet's GPU budget (total or for a GPU type) did not
     INVALID_REQUEST = "invalid_request"
     NOTHING_TO_REMOVE = "nothing_to_remove"
 
@@ -195,6 +198,28 @@ def _capacity(domain: Domain, gpu_type: str, gpus_each: int, free: dict[str, int
     return sum(free[n.node_id] // gpus_each for n in domain.by_type.get(gpu_type, ()))
 
 
+def _need(tree: TopologyTree, svc: ServiceShape, p: int, d: int, ptype: str, dtype: str,
+          alloc: Sequence[tuple[str, str, int]] = ()) -> dict[str, int]:
+    """GPUs per type a batch takes: from its allocation where there is one (MoE), else from its counts."""
+    need: dict[str, int] = {}
+    if alloc:
+        for _, node_id, gpus in alloc:
+            t = tree.nodes[node_id].gpu_type
+            need[t] = need.get(t, 0) + gpus
+        return need
+    for gpu_type, gpus in ((ptype, p * svc.gpus_per_prefill), (dtype, d * svc.gpus_per_decode)):
+        if gpus:
+            need[gpu_type] = need.get(gpu_type, 0) + gpus
+    return need
+
+
+def _within_budget(tree: TopologyTree, fit: _Fit, svc: ServiceShape, p: int, d: int) -> bool:
+    if tree.budget is None or tree.budget.fits(_need(tree, svc, p, d, fit.prefill_type, fit.decode_type, fit.alloc)):
+        return True
+    tree.budget.refused += 1
+    return False
+
+
 def _allocate(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, ptype: str, dtype: str
               ) -> tuple[dict[str, int], list[tuple[str, str, int]]] | None:
     """Reserve on a scratch copy of the domain's free counts; None if the batch does not fit."""
@@ -231,13 +256,16 @@ def _try(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, 
             else:
                 exact = None
             if exact is not None:
-                if exact:
-                    return _Fit(domain, group, ptype, dtype, pi + di, free_after=domain.free_gpus() - demand)
+                fit = _Fit(domain, group, ptype, dtype, pi + di, free_after=domain.free_gpus() - demand)
+                if exact and _within_budget(tree, fit, svc, p, d):
+                    return fit
                 continue
             trial = _allocate(tree, domain, svc, p, d, ptype, dtype)
             if trial is not None:
                 free, alloc = trial
-                return _Fit(domain, group, ptype, dtype, pi + di, alloc, sum(free.values()), free)
+                fit = _Fit(domain, group, ptype, dtype, pi + di, alloc, sum(free.values()), free)
+                if _within_budget(tree, fit, svc, p, d):
+                    return fit
     return None
 
 
@@ -366,6 +394,7 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
     svc, r = req.service, req.prefill_per_decode
     p_left, d_left = req.delta_prefill, req.delta_decode
     groups = {g.name: g for g in req.groups}
+    refused = tree.budget.refused if tree.budget is not None else 0
     added: dict[str, _Added] = {}
 
     def commit(fit: _Fit, p: int, d: int, why: Why) -> None:
@@ -373,6 +402,8 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
         if not fit.scratch:  # exact: the capacity check said it fits
             fit.scratch, fit.alloc = _allocate(tree, fit.domain, svc, p, d, fit.prefill_type, fit.decode_type)
         tree.free.update(fit.scratch)  # virtual allocation: later requests of this cycle see it
+        if tree.budget is not None:
+            tree.budget.take(_need(tree, svc, p, d, fit.prefill_type, fit.decode_type, fit.alloc))
         if fit.group is not None:
             name = fit.group.name
             entry = added.setdefault(name, _Added(fit, name, False))
@@ -422,8 +453,10 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
             g = groups[name]
             room = min(p_left, prefill_band(g.num_decode, r)[end] - g.num_prefill)
             domain = tree.domains.get((g.scope, g.domain))
-            if domain is not None and svc.moe is None:  # the most the domain holds, at once
+            if domain is not None and svc.moe is None:  # the most the domain (and the budget) holds, at once
                 room = min(room, _capacity(domain, g.prefill_gpu_type, svc.gpus_per_prefill, tree.free))
+                if tree.budget is not None:
+                    room = min(room, tree.budget.most(g.prefill_gpu_type, svc.gpus_per_prefill))
             while room > 0:  # MoE prefill: the largest batch that allocates
                 fit = _group_fit(tree, svc, g, room, 0)
                 if fit:
@@ -452,6 +485,9 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
             why, detail = Why.NO_DOMAIN_WITH_TYPES, (
                 f"no {svc.affinity} domain has a prefill type in {list(svc.prefill_gpu_types)} and a decode type "
                 f"in {list(svc.decode_gpu_types)}")
+        elif tree.budget is not None and tree.budget.refused > refused:
+            why, detail = Why.BUDGET, (f"the fleet's GPU budget has no room for the remaining {p_left}P+{d_left}D "
+                                       f"(left: total {tree.budget.total}, by type {tree.budget.by_type})")
         else:
             why, detail = Why.NO_CAPACITY, (f"domains with the GPU types exist, but none has room for the "
                                             f"remaining {p_left}P+{d_left}D inside the groups' ratio band "
@@ -514,12 +550,21 @@ def _scale_in(tree: TopologyTree, req: ScaleRequest, actions: list, unplaced: li
                                  "or leaving its ratio band"))
 
 
+def _held_share(req: ScaleRequest) -> float:
+    """Of what a scale-out's service would hold, the share it holds already: equal priorities are served least
+    served first (they share by demand); 0 for other requests."""
+    if req.delta_prefill <= 0 and req.delta_decode <= 0:
+        return 0.0
+    held = sum(g.num_prefill + g.num_decode for g in req.groups)
+    return held / (held + max(0, req.delta_prefill) + max(0, req.delta_decode))
+
+
 def place(tree: TopologyTree, requests: Iterable[ScaleRequest], config: SchedulerConfig = SchedulerConfig()
           ) -> Placement:
     """Run one scheduling cycle. Mutates `tree`'s free counts (virtual allocation); returns what to do."""
     actions: list[PlacementAction] = []
     unplaced: list[Unplaced] = []
-    ordered = sorted(requests, key=lambda r: (-r.service.priority, r.service.name))
+    ordered = sorted(requests, key=lambda r: (-r.service.priority, _held_share(r), r.service.name))
     taken_names = {g.name for r in ordered for g in r.groups}
     for req in ordered:
         p, d = req.delta_prefill, req.delta_decode

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from common.vocab import CLUSTER_DOMAIN, NodeInfo, Scope
 
@@ -50,11 +50,39 @@ class Domain:
 
 
 @dataclass
+class Budget:
+    """GPUs a scheduling cycle may still take, per GPU type (a type not named: no cap) and in total (None: no
+    cap). The scheduler charges every scale-out it commits, so later requests of the cycle see what is left."""
+
+    by_type: dict[str, int] = field(default_factory=dict)
+    total: int | None = None
+    refused: int = 0  # fits with room that the budget turned down (the scheduler's reason for what is left)
+
+    def most(self, gpu_type: str, gpus_each: int) -> int:
+        """How many more instances of `gpus_each` GPUs on `gpu_type` the budget allows."""
+        caps = [v for v in (self.by_type.get(gpu_type), self.total) if v is not None]
+        return min(caps) // gpus_each if caps else 1 << 30
+
+    def fits(self, need: Mapping[str, int]) -> bool:
+        if self.total is not None and sum(need.values()) > self.total:
+            return False
+        return all(self.by_type.get(t, n) >= n for t, n in need.items())
+
+    def take(self, need: Mapping[str, int]) -> None:
+        for t, n in need.items():
+            if t in self.by_type:
+                self.by_type[t] -= n
+        if self.total is not None:
+            self.total -= sum(need.values())
+
+
+@dataclass
 class TopologyTree:
     nodes: dict[str, NodeInfo]
     s1_parent: dict[str, str]  # S1 -> S2
     domains: dict[tuple[str, str], Domain]  # (scope, name) -> Domain; all share one `free` map
     free: dict[str, int]
+    budget: Budget | None = None  # the fleet's GPU budget left (set by the caller); None: only free GPUs limit
 
     def domain(self, scope: str, name: str) -> Domain:
         try:

@@ -297,7 +297,7 @@ def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | No
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
     if history:  # the forecast's profiles as the day before left them: a new period begins at t = 0
-        state = PolicyState(services={name: replace(st, profile=history[name].next_period(-1))
+        state = replace(state, services={name: replace(st, profile=history[name].next_period(-1))
                                       if name in history else st for name, st in state.services.items()})
     t = 0.0
     while t < scenario.duration_s:

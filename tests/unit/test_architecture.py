@@ -23,7 +23,7 @@ ALLOWED = {
     "common": set(),
 }
 # The pure cores: no Ray, vLLM, HTTP, clock, randomness, environment or I/O, and only pure cores below them.
-PURE = {"common.vocab", "common.histogram", "common.defaults", "common.wire", "autoscaler.model", "autoscaler.forecast", "autoscaler.ratio", "autoscaler.pending", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan",
+PURE = {"common.vocab", "common.histogram", "common.defaults", "common.wire", "autoscaler.model", "autoscaler.forecast", "autoscaler.ratio", "autoscaler.pending", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan", "autoscaler.fleet",
         "autoscaler.cycle", "autoscaler.port", "autoscaler.signals", "autoscaler.membership", "autoscaler.supply",
         "placement.topology", "placement.scheduler"}
 IMPURE_ROOTS = {"ray", "vllm", "time", "datetime", "os", "sys", "random", "socket", "subprocess", "threading",
@@ -145,7 +145,8 @@ def test_the_control_cycle_is_pure_and_the_sim_drives_it():
     assert not cycle_imports & {"ray", "time", "os", "datetime"}
     # No observe/decide/place loop anywhere else: only the cycle calls decide() and place() (benchmark scripts
     # time each function alone; tests call them directly). The node-supply planner calls place() too, on a
-    # virtual tree of the nodes the cluster autoscaler could add, after the cycle: planning, no loop.
+    # virtual tree of the nodes the cluster autoscaler could add, after the cycle: planning, no loop; so does the
+    # fleet's preemption, inside the cycle, on a copy of its tree with a victim's GPUs returned.
     callers = []
     for name, path in SOURCES.items():
         if not _is_package_module(name):
@@ -154,7 +155,7 @@ def test_the_control_cycle_is_pure_and_the_sim_drives_it():
             if (module == "autoscaler.policy" and "decide" in names) or \
                     (module == "placement.scheduler" and "place" in names):
                 callers.append(name)
-    assert sorted(set(callers)) == ["autoscaler.cycle", "autoscaler.supply"], callers
+    assert sorted(set(callers)) == ["autoscaler.cycle", "autoscaler.fleet", "autoscaler.supply"], callers
     world_imports = {m for m, _, _ in _imports(SOURCES["bench.sim.world"])}
     assert "autoscaler.port" in world_imports
 

@@ -17,7 +17,7 @@ from placement.scheduler import (
     Why,
     place,
 )
-from placement.topology import Tier, build_tree
+from placement.topology import Budget, Tier, build_tree
 
 
 def nodes(s2, s1, gpu, count, gpus=8, free=None):
@@ -116,6 +116,23 @@ def test_fallback_gpu_type_when_the_preferred_one_is_absent():
     assert "fallback rank 1" in action.detail
 
 
+def test_the_gpu_budget_caps_each_type_and_the_total_and_falls_back_to_a_type_with_budget():
+    tree = fleet()
+    tree.budget = Budget({"H20": 2}, total=10)
+    both = ServiceShape("both", ("L20",), ("H20", "L20"), affinity=Scope.S2)
+    plan = place(tree, [ScaleRequest(both, 2, 4)])
+    taken = Counter()
+    for a in plan.actions:
+        for role, node_id, gpus in a.node_gpus:
+            taken[tree.nodes[node_id].gpu_type] += gpus
+    assert taken["H20"] <= 2 and sum(taken.values()) <= 10 and not plan.unplaced
+    assert [(a.prefill_gpu_type, a.decode_gpu_type) for a in plan.actions] == [("L20", "L20")]  # H20 short: fallback
+    assert tree.budget.total == 4 and tree.budget.by_type == {"H20": 2}
+    plan = place(tree, [ScaleRequest(HETERO_S1, 1, 3)])  # H20 decode: 2 GPUs of budget left for 3 instances
+    assert plan.unplaced and plan.unplaced[0].why is Why.BUDGET and "H20" in plan.unplaced[0].detail
+    assert sum(a.num_decode for a in plan.actions) <= 2
+
+
 def test_unplaceable_reasons():
     nowhere = ServiceShape("nowhere", ("B200",), ("H20",), affinity=Scope.S1)
     plan = place(fleet(), [ScaleRequest(nowhere, 1, 1), ScaleRequest(HOMO, 1, -1)])
@@ -202,3 +219,19 @@ def test_no_gpu_over_committed_and_every_group_in_one_domain(data):
         left = sum(u.num_prefill + u.num_decode for u in plan.unplaced if u.service == req.service.name)
         paired = sum(a.why is Why.PAIRED for a in plan.actions if a.service == req.service.name)
         assert placed[req.service.name] + left == req.delta_prefill + req.delta_decode + paired
+
+
+@settings(max_examples=100, deadline=None)
+@given(trees_and_requests(), st.dictionaries(st.sampled_from(["L20", "H20", "A100"]), st.integers(0, 12)),
+       st.none() | st.integers(0, 30))
+def test_placement_never_spends_more_than_the_budget(data, by_type, total):
+    node_list, reqs = data
+    tree = build_tree(node_list)
+    tree.budget = Budget(dict(by_type), total)
+    plan = place(tree, reqs)
+    taken = Counter()
+    for action in plan.actions:
+        for _, node_id, gpus in action.node_gpus:
+            taken[tree.nodes[node_id].gpu_type] += gpus
+    assert all(taken[t] <= cap for t, cap in by_type.items())
+    assert total is None or sum(taken.values()) <= total

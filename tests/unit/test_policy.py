@@ -177,6 +177,23 @@ def test_budget_is_shared_by_priority_and_never_exceeded():
     assert new.services["low"].target_decode == l_.target_decode
 
 
+def test_equal_priorities_share_the_budget_by_demand_and_a_best_effort_floor_is_zero():
+    big, small = replace(CFG, prefill_per_decode=1.0), replace(CFG, prefill_per_decode=1.0)
+    fleet = FleetConfig(services={"big": big, "small": small}, gpu_budget=12)
+    start = PolicyState(services={"big": state(), "small": state()})
+    decision, _ = decide(start, Observation(services={"big": obs(1200), "small": obs(400)}), NOW, fleet)
+    b, s_ = decision.services["big"], decision.services["small"]
+    # asks above the floors (1P+1D each): 22 and 6 GPUs; 10 to share -> about 7.9 and 2.1
+    assert (b.target_prefill, b.target_decode) == (4, 4) and (s_.target_prefill, s_.target_decode) == (2, 2)
+    vip, best_effort = replace(CFG, priority=5, prefill_per_decode=1.0), replace(CFG, fleet_min_decode=0)
+    fleet = FleetConfig(services={"vip": vip, "be": best_effort}, gpu_budget=10)
+    start = PolicyState(services={"vip": state(), "be": state()})
+    decision, _ = decide(start, Observation(services={"vip": obs(1000), "be": obs(400)}), NOW, fleet)
+    v, e = decision.services["vip"], decision.services["be"]
+    assert (v.target_prefill, v.target_decode) == (5, 5) and (e.target_prefill, e.target_decode) == (0, 0)
+    assert e.reason is Reason.BUDGET_LIMITED
+
+
 def test_one_services_bad_data_does_not_touch_another():
     fleet = FleetConfig(services={"a": CFG, "b": CFG})
     start = PolicyState(services={"a": state(), "b": state()})
@@ -201,6 +218,7 @@ def test_advisory_flag_is_carried():
     ({"latency_tiers": (LatencyTier(1.5, 0.2), LatencyTier(1.1, 0.1))}, "strictly increasing"),
     ({"mode": Mode.PERIODIC}, "needs a non-empty schedule"),
     ({"max_step_count": 0}, r"max_step_count \(0\)"),
+    ({"fleet_min_decode": 2}, r"fleet_min_decode \(2\) must be an integer from 0 to min_decode \(1\)"),
 ])
 def test_config_errors_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -210,6 +228,9 @@ def test_config_errors_name_the_value(kwargs, message):
 def test_budget_below_minimums_is_rejected():
     with pytest.raises(ValueError, match=r"gpu_budget \(3\) is below"):
         FleetConfig(services={"a": CFG, "b": CFG}, gpu_budget=3)
+    FleetConfig(services={"a": CFG, "b": replace(CFG, fleet_min_decode=0)}, gpu_budget=2)  # b's floor is zero
+    with pytest.raises(ValueError, match=r"gpu_budget_by_type\['H20'\] \(-1\)"):
+        FleetConfig(services={"a": CFG}, gpu_budget_by_type={"H20": -1})
 
 
 # ---- properties -----------------------------------------------------------------------------------------------
@@ -249,9 +270,10 @@ def test_invariants_over_random_observation_sequences(sequence, budget):
 
 
 def test_every_reason_is_covered_by_a_test():
-    # RATIO: test_adaptive_ratio.py; FORECAST: test_forecast.py; BURST: test_burst.py
+    # RATIO: test_adaptive_ratio.py; FORECAST: test_forecast.py; BURST: test_burst.py; PREEMPTED, RECLAIM:
+    # test_fleet.py
     covered = {row[3][1] for row in SCENARIOS} | {Reason.SCHEDULE, Reason.BUDGET_LIMITED, Reason.RATIO,
-                                                    Reason.FORECAST, Reason.BURST}
+                                                    Reason.FORECAST, Reason.BURST, Reason.PREEMPTED, Reason.RECLAIM}
     assert covered == set(Reason)
 
 
