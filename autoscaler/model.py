@@ -337,6 +337,8 @@ class SoftScaleIn:
     to_prefill: int
     to_decode: int
     to_ratio: float | None = None  # the adaptive ratio in force once the withdrawn instances are terminated
+    # a fleet budget cut: never restored, terminated one control period after the withdrawal (no observation)
+    forced: bool = False
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,13 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
     """`burst`: requests queue, so the withdrawn replicas are the first capacity back (no start-up)."""
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
+    if soft.forced:  # a budget cut: out of routing for one period (in-flight requests drain), then terminated
+        if now_s <= soft.started_s:
+            return _decision(Action.HOLD, Reason.BUDGET_LIMITED, st, cfg, diag, withdraw), st
+        new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
+                      last_scale_in_s=now_s,
+                      prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
+        return _decision(Action.TERMINATE_WITHDRAWN, Reason.BUDGET_LIMITED, new, cfg, diag), new
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
     load_back = cfg.mode is not Mode.PERIODIC and tps is not None and \
         tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)  # schedule alone: no
@@ -362,11 +369,15 @@ def _grant(cfg: PolicyConfig, want_d: int, ratio: float, allowance: float, floor
     return floor
 
 
-def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], states: dict[str, ServiceState]
-                  ) -> None:
+def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], states: dict[str, ServiceState],
+                  before: dict[str, ServiceState], now_s: float) -> None:
     """Cut targets until the fleet fits `gpu_budget` (in place): every service keeps its floor
     (`PolicyConfig.fleet_floor`); what is left goes to higher priorities first, and within one priority in
-    proportion to what each asks above its floor (rounding down; a remainder goes to the largest asks first)."""
+    proportion to what each asks above its floor (rounded down to whole pairs; what rounding leaves goes to the
+    largest shortfalls against the proportional share first).
+    A cut below what a service runs (`before`: its state before this decision) is a forced soft scale-in: the
+    replicas over the grant leave routing now and are terminated next period, never restored, so the budget
+    they held goes to the higher priorities that asked for it."""
     budget = config.gpu_budget
     services = config.services
     total = sum(services[n].gpus(d.target_prefill, d.target_decode) for n, d in decisions.items())
@@ -385,7 +396,8 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
             grants[n] = _grant(services[n], decisions[n].target_decode, ratios[n], asks[n] * share, floors[n])
         spent = lambda n: services[n].gpus(*grants[n]) - services[n].gpus(*floors[n])  # noqa: E731
         left = remaining - sum(spent(n) for n in names)
-        for n in sorted(names, key=lambda n: (-asks[n], n)):  # what rounding left, largest asks first
+        for n in sorted(names, key=lambda n: (spent(n) - asks[n] * share, n)):  # what rounding left: largest
+            # shortfall against the proportional share first
             grants[n] = _grant(services[n], decisions[n].target_decode, ratios[n], spent(n) + left, floors[n])
             left = remaining - sum(spent(k) for k in names)
         remaining = max(0, left)
@@ -393,19 +405,33 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
         cfg, dec, st = services[name], decisions[name], states[name]
         if grant == (dec.target_prefill, dec.target_decode):
             continue
-        previous = (st.soft.from_prefill, st.soft.from_decode) if st.soft else (st.target_prefill, st.target_decode)
-        action = Action.HOLD if grant == previous else (Action.SCALE_OUT if grant[1] > previous[1] else Action.SCALE_IN)
-        soft, withdraw = None, (0, 0)
-        if st.soft is not None and grant[0] >= st.soft.to_prefill and grant[1] >= st.soft.to_decode:
-            # The cut is terminated at once; the soft scale-in below it goes on from the granted size.
-            soft = replace(st.soft, from_prefill=grant[0], from_decode=grant[1])
-            withdraw = (grant[0] - soft.to_prefill, grant[1] - soft.to_decode)
-        states[name] = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=soft)
-        decisions[name] = ServiceDecision(
-            action=action, reason=Reason.BUDGET_LIMITED, target_prefill=grant[0], target_decode=grant[1],
-            withdraw_prefill=withdraw[0], withdraw_decode=withdraw[1],
-            advisory=cfg.advisory, diagnostics=replace(dec.diagnostics, budget_gpus=budget,
-                                                       note=f"wanted {dec.target_prefill}P/{dec.target_decode}D"))
+        old = before.get(name) or st
+        running = (old.soft.from_prefill, old.soft.from_decode) if old.soft else (old.target_prefill,
+                                                                                old.target_decode)
+        diag = replace(dec.diagnostics, budget_gpus=budget, note=f"wanted {dec.target_prefill}P/{dec.target_decode}D")
+        if grant[0] >= running[0] and grant[1] >= running[1]:  # growth capped: what runs stays
+            new = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
+            action = Action.HOLD if grant == running else Action.SCALE_OUT
+            decisions[name], states[name] = _decision(action, Reason.BUDGET_LIMITED, new, cfg, diag), new
+            continue
+        if old.soft is not None and grant[0] >= old.soft.to_prefill and grant[1] >= old.soft.to_decode:
+            # a scale-in in progress goes below the grant: what it withdrew over the grant is terminated at once,
+            # the rest of it goes on from the grant
+            new = replace(old, target_prefill=grant[0], target_decode=grant[1],
+                          soft=replace(old.soft, from_prefill=grant[0], from_decode=grant[1]))
+            states[name] = new
+            decisions[name] = _decision(Action.SCALE_IN, Reason.BUDGET_LIMITED, new, cfg, diag,
+                                        (grant[0] - old.soft.to_prefill, grant[1] - old.soft.to_decode))
+            continue
+        # a cut below what runs: withdraw now (roles over the grant), terminate next period (a role under its
+        # grant keeps what it runs: the budget never grows one role of a service it is cutting)
+        to = (min(grant[0], running[0]), min(grant[1], running[1]))
+        soft = SoftScaleIn(now_s, running[0], running[1], to[0], to[1], old.soft.to_ratio if old.soft else None,
+                           forced=True)
+        new = replace(old, target_prefill=running[0], target_decode=running[1], soft=soft)
+        states[name] = new
+        decisions[name] = _decision(Action.SCALE_IN, Reason.BUDGET_LIMITED, new, cfg, diag,
+                                    (running[0] - to[0], running[1] - to[1]))
 
 
 class HeteroScalePolicy:
@@ -418,7 +444,7 @@ class HeteroScalePolicy:
         for name in sorted(config.services):
             decisions[name], states[name] = decide_service(config.services[name], state.services.get(name),
                                                            observation.services.get(name), now_s)
-        _apply_budget(config, decisions, states)
+        _apply_budget(config, decisions, states, dict(state.services), now_s)
         return Decision(services=decisions), PolicyState(services=states, preemptions=state.preemptions)
 
 

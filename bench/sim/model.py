@@ -648,6 +648,7 @@ class PolicyResult:
     dg_ratio_violations: int | None = None  # DG-ticks outside the ratio band (None: the policy places no DGs)
     max_unheld_gpus: int = 0  # most GPUs a DG's instances lacked on its domain's nodes (over-subscription)
     unplaced: int = 0
+    num_preemptions: int = 0  # whole groups a higher priority took (`autoscaler.fleet`)
     demand_tokens: float = 0.0
     served_tokens: float = 0.0
     per_tick: dict[float, list[float]] = field(default_factory=dict)  # t -> [allocated GPUs, busy GPUs, requests]

@@ -291,8 +291,37 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
     return _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict), record, history)[0]
 
 
+def run_config(scenario: Scenario, config: CycleConfig, uncoordinated: bool = False) -> PolicyResult:
+    """Our cycle at an explicit configuration (a fleet budget, priorities; `bench/scripts/fleet_arbitration.py`).
+    `uncoordinated`: per-service controllers without an arbiter (`uncoordinated_step`) after the same warm start."""
+    return _run(scenario, config, stepper=uncoordinated_step if uncoordinated else step)[0]
+
+
+def uncoordinated_step(world: SimWorld, state: PolicyState, now_s: float, config: CycleConfig):
+    """What one controller per service does without an arbiter: each service's own cycle over the same view
+    (none sees what the others place this tick, so two may plan into the same free GPUs; the world holds what
+    it can and counts the rest in `max_unheld_gpus`), no fleet budget; every action applied after. Returns what
+    `autoscaler.port.step` does."""
+    from autoscaler.cycle import CycleResult, cycle
+    from autoscaler.model import Decision
+
+    observation, view = world.observe(now_s), world.cluster_view(now_s)
+    decisions, actions, unplaced, services = {}, [], [], dict(state.services)
+    for name, policy in config.fleet.services.items():
+        own = CycleConfig(FleetConfig({name: policy}), {name: config.shapes[name]}, config.scheduler)
+        mine = PolicyState({name: state.services[name]} if name in state.services else {})
+        result, after = cycle(mine, observation, view, now_s, own)
+        decisions.update(result.decision.services)
+        actions += result.actions
+        unplaced += result.unplaced
+        services.update(after.services)
+    world.apply([a for a in actions if not a.advisory], now_s)
+    return (CycleResult(Decision(decisions), tuple(actions), tuple(unplaced)), replace(state, services=services),
+            observation, view)
+
+
 def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | None = None,
-         history: dict | None = None) -> tuple[PolicyResult, PolicyState]:
+         history: dict | None = None, stepper=step) -> tuple[PolicyResult, PolicyState]:
     world = SimWorld(scenario)
     result = PolicyResult(dg_ratio_violations=0)
     state = warm_up(world, PolicyState(), config, record)
@@ -302,9 +331,10 @@ def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | No
     t = 0.0
     while t < scenario.duration_s:
         world.advance(t)
-        cycle_result, state, observation, view = step(world, state, t, config)
+        cycle_result, state, observation, view = stepper(world, state, t, config)
         if record is not None:
             record.append(CycleRecord(t, observation, view, cycle_result.actions))
+        result.num_preemptions += len(cycle_result.preempted)
         for name, dec in cycle_result.decision.services.items():
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
