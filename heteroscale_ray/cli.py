@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_cluster_spec, load_service_spec
+from common.config import ConfigError, load_cluster_spec, load_fleet_spec, load_service_spec
 from heteroscale_ray import console
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -85,33 +85,47 @@ def _cluster_address(args) -> str | None:
 def cmd_deploy(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)
     if address is None:
         return 2
-    service.deploy(spec, address)
+    if fleet:
+        service.deploy_fleet(fleet, address)
+    else:
+        service.deploy(spec, address)
     return 0
 
 
 def cmd_undeploy(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)  # never "auto": that would find whichever Ray cluster runs on this machine
     if address is None:
         return 2
-    service.undeploy(spec.name, address)
-    print(f"deleted {spec.name}")
+    if fleet:
+        service.undeploy_fleet(fleet, address)
+        print(f"deleted fleet {fleet.name}: {', '.join(m.spec.name for m in fleet.members)}")
+    else:
+        service.undeploy(spec.name, address)
+        print(f"deleted {spec.name}")
     return 0
 
 
 def cmd_status(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)
     if address is None:
         return 2
+    if fleet:
+        report = service.fleet_status(fleet.name, address)
+        print(json.dumps(report, indent=2, default=str) if args.json else service.format_fleet_status(report))
+        return 0
     report = service.status(spec, address)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -346,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "the service's DGs, replicas per role, targets and the controller's last decisions",
         service=True, address=True)
     sub.choices["status"].add_argument("--json", action="store_true", help="machine-readable output")
+    for name in ("deploy", "undeploy", "status"):
+        sub.choices[name].add_argument("--fleet", default=None,
+                                       help="a fleet spec YAML (services sharing the cluster under one fleet "
+                                            "controller, e.g. examples/fleet-local.yaml) instead of --service")
 
     def add_trace_options(p):
         p.add_argument("--skip-bad", action="store_true", help="skip and count bad CSV rows instead of failing")
