@@ -140,6 +140,12 @@ def cmd_demo(args) -> int:
         from heteroscale_ray import demo
 
         return demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args))
+    if args.fleet:
+        from heteroscale_ray import fleet_demo
+
+        cluster = args.cluster if args.cluster != DEMO_CLUSTER else DEFAULT_CLUSTER  # two S1s, one group each
+        return fleet_demo.run(load_cluster_spec(cluster), load_fleet_spec(args.fleet), _address(args),
+                              runs_dir=args.runs_dir)
     from heteroscale_ray import autoscale_demo
 
     return autoscale_demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args),
@@ -355,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["demo"].add_argument("--quick", action="store_true",
                                      help="instead: a burst of requests through fixed replicas (~3 min)")
     sub.choices["demo"].add_argument("--runs-dir", default="runs", help="where runs/demo-<UTC>/ goes")
+    sub.choices["demo"].add_argument("--fleet", nargs="?", const=str(EXAMPLES / "fleet-local.yaml"), default=None,
+                                     help="instead: two services under one fleet controller, a high priority one "
+                                          "taking a best-effort one's group and giving it back (default fleet "
+                                          "examples/fleet-local.yaml, cluster examples/cluster-local.yaml; "
+                                          "runs/demo-fleet-<UTC>/, ~12 min)")
     add("model", cmd_model, "generate (or find) the tiny test model and print its path")
     add("validate", cmd_validate, "validate a cluster spec and a service spec together", cluster=True, service=True)
     add("status", cmd_status, "the service's DGs, replicas per role, targets and the controller's last decisions",
