@@ -116,9 +116,10 @@ class RayWorld:
                 live = self.states.get(name, {}).get(Role.DECODE)
                 running = live.running if live else frozenset()
                 weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
+                whole = not self.advisory and all(r.withdrawn.get(role, 0) >= r.group.count(role) > 0 for role in Role)
                 table[name] = RoutingEntry(group_app_name(self.spec.name, name),
                                            deployment_name(self.spec.name, name, Role.DECODE), float(weight),
-                                           r.group).to_wire()
+                                           r.group, withdrawn=whole).to_wire()
             return table
 
     # ---- the port ------------------------------------------------------------------------------------------------

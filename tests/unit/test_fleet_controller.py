@@ -63,6 +63,7 @@ class FleetHarness:
         self.tokens: dict[str, int] = {}
         self.ttft = {name: histogram.empty() for name in self.ctls}
         self.routable: dict[str, bool] = {}
+        self.tables: dict[str, dict] = {}
 
     def apps(self, service: str) -> list[str]:
         return sorted(a for a in self.serve.apps if a.startswith(group_app_name(service, "")))
@@ -83,7 +84,8 @@ class FleetHarness:
                         self.routable[rid] = answer["routable"]
             histogram.add(self.ttft[service], [0.1] * 5)
             groups = {app.split("--")[1]: tuple(self.ttft[service]) for app in self.apps(service)}
-            asyncio.run(ctl.report_ingress(wire.IngressReport(f"i-{service}", groups).to_wire()))
+            self.tables[service] = asyncio.run(ctl.report_ingress(wire.IngressReport(f"i-{service}", groups)
+                                                                  .to_wire()))["groups"]
 
     def run(self, seconds: float, tps: dict[str, float]) -> list[dict]:
         out = []
@@ -113,6 +115,8 @@ def test_a_high_priority_load_takes_the_best_effort_group_and_gives_it_back(budg
     batch_ids = [rid for ids in h.serve.apps["batch--dg-b"].values() for rid in ids]
     h.report({"chat": 180, "batch": 60})
     assert not any(h.routable[rid] for rid in batch_ids)  # withdrawn whole: both roles out of routing
+    assert h.tables["batch"]["dg-b"]["withdrawn"]  # batch's ingress sends it nothing: it refuses (503) instead
+    assert not h.tables["chat"]["dg-a"]["withdrawn"]
     batch_log = asyncio.run(h.ctls["batch"].decision_log())
     assert batch_log[-1]["reason"] == ("budget_limited" if budget else "preempted")
     if not budget:
