@@ -51,8 +51,11 @@ class HeteroScaleController:
 
     def __init__(self, spec: ServiceSpec, model_path: str, groups: list[tuple[DeploymentGroup, int]],
                  clock=time.time, serve=None, kv=None, metrics=None, autostart: bool = True,
-                 deployer: str | None = None):
+                 deployer: str | None = None, fleet: str | None = None):
         self.spec = spec
+        # In a fleet (`autoscaler.fleet_controller`) the fleet's controller decides and places every service in
+        # one cycle; this actor keeps its service's world (reports, routing, Serve) and runs no loop of its own.
+        self.fleet = fleet
         self.settings = controller_settings(spec)
         self.config = self.cycle_config(spec)
         self._clock = clock
@@ -78,10 +81,10 @@ class HeteroScaleController:
         self._stop = threading.Event()
         # The loop runs in a thread started here, so a controller that Ray restarts resumes by itself.
         self._thread = threading.Thread(target=self._run, name="heteroscale-control-loop", daemon=True)
-        if autostart:
+        if autostart and fleet is None:
             self._thread.start()
-        logger.info("controller for %s %s (%d DGs)", spec.name, "resumed" if self.resumed else "started",
-                    len(records))
+        logger.info("controller for %s %s (%d DGs)%s", spec.name, "resumed" if self.resumed else "started",
+                    len(records), f", in fleet {fleet}" if fleet else "")
 
     @staticmethod
     def cycle_config(spec: ServiceSpec) -> CycleConfig:
@@ -102,49 +105,79 @@ class HeteroScaleController:
     def tick(self) -> dict | None:
         """One control period; never raises (errors are counted by stage)."""
         with self._tick_lock:
-            now, entry = self._clock(), None
+            now = self._clock()
             try:
                 result, self.state, observation, view = step(self.world, self.state, now, self.config)
-                self.world.ratio_in_force = self._ratio()
-                with self._log_lock:
-                    self.recorded.append((now, observation, view, result.actions, result.failed))
             except Exception as exc:
                 self._fail("step", exc)
                 return None
-            if result.failed:  # the state already holds what happened; the next cycle re-plans the rest
-                self._count("apply", len(result.failed))
-                self._metrics.error("apply")
-            supply = None
-            if self.settings.node_supply and not self.settings.advisory:
-                try:
-                    supply = plan_supply(self.spec.name, view, result, self.world.shape, self.settings.node_supply,
-                                         self.config.scheduler)
-                    self.world.supply(supply)
-                except Exception as exc:
-                    self._fail("supply", exc)
+            return self._after(now, result, observation, view)
+
+    def _after(self, now: float, result, observation, view) -> dict | None:
+        """What follows a step: record it, ask for nodes, log the decision, export metrics, save the state."""
+        entry = None
+        self.world.ratio_in_force = self._ratio()
+        with self._log_lock:
+            self.recorded.append((now, observation, view, result.actions, result.failed))
+        if result.failed:  # the state already holds what happened; the next cycle re-plans the rest
+            self._count("apply", len(result.failed))
+            self._metrics.error("apply")
+        supply = None
+        if self.settings.node_supply and not self.settings.advisory:
             try:
-                stage = "log"
-                note = self.world.last_signals.note if self.world.last_signals else ""
-                entry = decision_entry(now, self.spec.name, observation, result, note)
-                entry["tick"] = self.ticks
-                entry["groups"] = self.world.group_summary()
-                if supply is not None and (supply.added or supply.unmet):
-                    entry["supply"] = supply.summary()
-                entry["target_decode_tps_per_instance"] = self.config.fleet.services[self.spec.name] \
-                    .target_decode_tps_per_instance
-                with self._log_lock:
-                    self.decisions.append(entry)
-                self._write_log(entry)
-                self._metrics.export(now, observation.services[self.spec.name],
-                                     result.decision.services[self.spec.name],
-                                     self.config.fleet.services[self.spec.name].target_decode_tps_per_instance,
-                                     self.world.ratio_in_force)
-                stage = "persist"
-                self.ticks += 1
-                self._save()
+                supply = plan_supply(self.spec.name, view, result, self.world.shape, self.settings.node_supply,
+                                     self.config.scheduler)
+                self.world.supply(supply)
             except Exception as exc:
-                self._fail(stage, exc)
-            return entry
+                self._fail("supply", exc)
+        try:
+            stage = "log"
+            note = self.world.last_signals.note if self.world.last_signals else ""
+            entry = decision_entry(now, self.spec.name, observation, result, note)
+            entry["tick"] = self.ticks
+            entry["groups"] = self.world.group_summary()
+            if supply is not None and (supply.added or supply.unmet):
+                entry["supply"] = supply.summary()
+            entry["target_decode_tps_per_instance"] = self.config.fleet.services[self.spec.name] \
+                .target_decode_tps_per_instance
+            with self._log_lock:
+                self.decisions.append(entry)
+            self._write_log(entry)
+            self._metrics.export(now, observation.services[self.spec.name],
+                                 result.decision.services[self.spec.name],
+                                 self.config.fleet.services[self.spec.name].target_decode_tps_per_instance,
+                                 self.world.ratio_in_force)
+            stage = "persist"
+            self.ticks += 1
+            self._save()
+        except Exception as exc:
+            self._fail(stage, exc)
+        return entry
+
+    # ---- in a fleet: the fleet's controller drives the step (`autoscaler.fleet_controller.FleetWorld`) -----------
+
+    def _fleet_prepare(self, now_s: float) -> tuple:
+        """Reconcile, then this service's observation, its part of the cluster view and the nodes."""
+        self.world.reconcile(now_s)
+        observation = self.world.observe(now_s).services[self.spec.name]
+        groups, reserve = self.world.view_parts()
+        return observation, groups, reserve, tuple(self.world.serve.nodes())
+
+    def _fleet_record(self, now_s: float, result, observation, view, state) -> dict | None:
+        """The fleet's step for this service (`result` holds only its part): the state the fleet holds for it,
+        then the decision log, metrics and saved state as after a step of its own."""
+        with self._tick_lock:
+            self.state = PolicyState(services={self.spec.name: state} if state is not None else {})
+            return self._after(now_s, result, observation, view)
+
+    async def fleet_prepare(self, now_s: float) -> tuple:
+        return await asyncio.to_thread(self._fleet_prepare, now_s)
+
+    async def fleet_apply(self, now_s: float, actions: list) -> list:
+        return await asyncio.to_thread(self.world.apply, actions, now_s)
+
+    async def fleet_record(self, now_s: float, result, observation, view, state) -> dict | None:
+        return await asyncio.to_thread(self._fleet_record, now_s, result, observation, view, state)
 
     def _fail(self, stage: str, exc: Exception) -> None:
         n = self._count(stage)

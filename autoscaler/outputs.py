@@ -82,3 +82,36 @@ class ControllerMetrics:
 
     def error(self, stage: str) -> None:
         self.errors.inc(1, tags={"service": self.service, "stage": stage})
+
+
+class FleetMetrics:
+    """Prometheus metrics of a fleet's controller (labels: fleet, gpu_type, service, kind: bounded by the fleet
+    file and the cluster's GPU types)."""
+
+    def __init__(self, fleet: str):
+        from ray.util import metrics
+
+        self.fleet = fleet
+        self.used = metrics.Gauge("heteroscale_fleet_gpus_used", "GPUs the fleet's groups hold, per GPU type",
+                                  tag_keys=("fleet", "gpu_type"))
+        self.budget = metrics.Gauge("heteroscale_fleet_gpu_budget", "the fleet's GPU budget per GPU type "
+                                    "(gpu_type 'total' for the whole fleet)", tag_keys=("fleet", "gpu_type"))
+        self.priority = metrics.Gauge("heteroscale_fleet_service_priority", "each service's priority",
+                                      tag_keys=("fleet", "service"))
+        self.preemptions = metrics.Counter("heteroscale_fleet_preemptions_total", "capacity a service gave up to a "
+                                           "higher priority: kind group (a whole group for room) or budget (a cut)",
+                                           tag_keys=("fleet", "service", "kind"))
+
+    def export(self, summary: dict, preempted: list[dict]) -> None:
+        tags = {"fleet": self.fleet}
+        budget = summary["budget"]
+        for gpu_type, n in budget["used_by_type"].items():
+            self.used.set(n, tags={**tags, "gpu_type": gpu_type})
+        for gpu_type, cap in budget["by_type"].items():
+            self.budget.set(cap, tags={**tags, "gpu_type": gpu_type})
+        if budget["total"] is not None:
+            self.budget.set(budget["total"], tags={**tags, "gpu_type": "total"})
+        for name, svc in summary["services"].items():
+            self.priority.set(svc["priority"], tags={**tags, "service": name})
+        for p in preempted:
+            self.preemptions.inc(1, tags={**tags, "service": p["service"], "kind": p["kind"]})

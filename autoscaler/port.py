@@ -119,4 +119,16 @@ def decision_entry(now_s: float, service: str, observation: Observation, result:
                       "detail": u.detail} for u in result.unplaced],
         "failed": [{"kind": a.kind.value, "group": a.group.name, "num_prefill": a.group.num_prefill,
                     "num_decode": a.group.num_decode} for a in result.failed],
+        "preempted": [{"service": p.service, "group": p.group, "for_service": p.for_service}
+                      for p in result.preempted if service in (p.service, p.for_service)],
     }
+
+
+def service_part(result: CycleResult, service: str) -> CycleResult:
+    """A fleet cycle's result as one service sees it: its decision, actions, unplaced and failed parts (the
+    preemptions it gave or took stay)."""
+    return replace(result, decision=replace(result.decision, services={service: result.decision.services[service]}),
+                   actions=tuple(a for a in result.actions if a.service == service),
+                   unplaced=tuple(u for u in result.unplaced if u.service == service),
+                   failed=tuple(a for a in result.failed if a.service == service),
+                   preempted=tuple(p for p in result.preempted if service in (p.service, p.for_service)))

@@ -116,9 +116,10 @@ class RayWorld:
                 live = self.states.get(name, {}).get(Role.DECODE)
                 running = live.running if live else frozenset()
                 weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
+                whole = not self.advisory and all(r.withdrawn.get(role, 0) >= r.group.count(role) > 0 for role in Role)
                 table[name] = RoutingEntry(group_app_name(self.spec.name, name),
                                            deployment_name(self.spec.name, name, Role.DECODE), float(weight),
-                                           r.group).to_wire()
+                                           r.group, withdrawn=whole).to_wire()
             return table
 
     # ---- the port ------------------------------------------------------------------------------------------------
@@ -169,21 +170,27 @@ class RayWorld:
             startup_s=Signal() if startup is None else Signal(startup, now_s))})
 
     def cluster_view(self, now_s: float) -> ClusterView:
-        nodes = {n.node_id: n for n in self.serve.nodes()}
+        groups, reserve = self.view_parts()
+        return ClusterView(reserved(self.serve.nodes(), reserve), {self.spec.name: groups})
+
+    def view_parts(self) -> tuple[tuple[GroupState, ...], list[tuple[DeploymentGroup, Role, int]]]:
+        """This service's part of a cluster view: its groups, and the GPUs its replicas not placed yet will take
+        that Ray still shows free ((group, role, GPUs) for `reserved`). A fleet's view joins every service's."""
         with self.lock:
-            groups = []
+            groups, reserve = [], []
             for name, record in sorted(self.records.items()):
                 states = self.states.get(name)
                 if states is None:  # the DG's app is gone or not visible yet: it holds its targets
                     groups.append(GroupState(record.group, RoleCounts(pending=record.group.num_prefill),
                                              RoleCounts(pending=record.group.num_decode)))
                     continue
-                for role in Role:  # replicas not placed yet will take GPUs that Ray still shows free
+                for role in Role:
                     unplaced = max(0, record.group.count(role) - states[role].holding)
                     gpus = getattr(self.spec.roles, role.value).gpus_per_replica
-                    _reserve(nodes, record.group, role, unplaced * gpus)
+                    if unplaced * gpus:
+                        reserve.append((record.group, role, unplaced * gpus))
                 groups.append(GroupState(record.group, *self._group_counts(name)))
-        return ClusterView(tuple(nodes[k] for k in sorted(nodes)), {self.spec.name: tuple(groups)})
+        return tuple(groups), reserve
 
     def apply(self, actions: Sequence[GroupAction], now_s: float) -> list[GroupAction]:
         """Every action is tried (one failing does not stop the others); returns those not made real: a probe
@@ -382,6 +389,14 @@ class RayWorld:
 
     def _counts(self, role: Role) -> RoleCounts:
         return RoleCounts.total(self._group_counts(name)[0 if role is Role.PREFILL else 1] for name in self.records)
+
+
+def reserved(nodes: Sequence[NodeInfo], reserve: Sequence[tuple[DeploymentGroup, Role, int]]) -> tuple[NodeInfo, ...]:
+    """The nodes (sorted by id) with each reservation's GPUs taken out of its group's domain (`view_parts`)."""
+    by_id = {n.node_id: n for n in nodes}
+    for group, role, gpus in reserve:
+        _reserve(by_id, group, role, gpus)
+    return tuple(by_id[k] for k in sorted(by_id))
 
 
 def _reserve(nodes: dict[str, NodeInfo], group: DeploymentGroup, role: Role, gpus: int) -> None:

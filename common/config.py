@@ -1,4 +1,5 @@
-"""User-facing configuration: the local cluster spec and the service spec, validated once, frozen afterwards.
+"""User-facing configuration: the local cluster spec, the service spec and the fleet spec (services sharing a
+cluster, with priorities and a GPU budget), validated once, frozen afterwards.
 
 YAML is parsed with pydantic (extra keys are rejected, every error names its field path) and converted into
 frozen dataclasses that the rest of the code uses (deployment groups become `common.vocab.DeploymentGroup`).
@@ -234,6 +235,8 @@ class DeploymentGroupSpec(_Strict):
 class IngressSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = Field("/", description="where the service's OpenAI API is mounted on Serve's HTTP port "
+                              "(services sharing one cluster, a fleet, need distinct prefixes: /chat, /batch)")
     request_timeout_s: float = Field(120.0, gt=0, description="whole non-streaming request; first token when streaming")
     stream_idle_timeout_s: float = Field(60.0, gt=0, description="longest gap between streamed chunks")
     api_key_env: str | None = Field(
@@ -245,6 +248,17 @@ class IngressSpec(_Strict):
         "routable decode replica; beyond every DG's bound the ingress answers 429 with Retry-After (None = no "
         "bound). Default = the decode role's default max_ongoing_requests; lower it to what keeps the SLOs")
     retry_after_s: float = Field(1.0, gt=0, le=3600, description="the Retry-After a shed request is given")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v != "/" and not re.fullmatch(r"/[a-z0-9][a-z0-9-]{0,40}", v):
+            raise ValueError(f"route_prefix ({v!r}) must be '/' or '/<name>' (lowercase letters, digits, '-')")
+        return v
+
+    def base_url(self) -> str:
+        """The service's base URL (clients append /v1/...)."""
+        return f"http://{self.host}:{self.port}{'' if self.route_prefix == '/' else self.route_prefix}"
 
 
 class ScheduleWindowSpec(_Strict):
@@ -473,6 +487,102 @@ def parse_service_spec(data: dict, source: str = "<dict>") -> ServiceSpec:
 
 def load_service_spec(path: str | Path) -> ServiceSpec:
     return parse_service_spec(_read_yaml(path), str(path))
+
+
+class FleetServiceSpec(_Strict):
+    spec: str = Field(description="the service's spec file (relative to the fleet file)")
+    priority: int = Field(0, ge=-1000, le=1000, description="higher keeps its capacity first")
+    min_decode: int | None = Field(None, ge=0, description="decode replicas arbitration always leaves the service "
+                                   "(prefill from its ratio); 0: best effort, it may be scaled to zero. "
+                                   "Default: its autoscaling.min_decode")
+
+
+class FleetSpecModel(_Strict):
+    name: str
+    control_period_s: float = Field(5.0, gt=0, le=3600)
+    gpu_budget: int | None = Field(None, ge=0, description="GPUs all the fleet's services may hold together")
+    gpu_budget_by_type: dict[str, int] = Field(default_factory=dict, description="GPUs per type the fleet may hold")
+    preempt_drain_s: float = Field(0.0, ge=0, description="a preempted group stays withdrawn at least this long "
+                                   "before it is removed (one control period at least)")
+    services: list[FleetServiceSpec] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name("fleet", v)
+
+    @field_validator("gpu_budget_by_type")
+    @classmethod
+    def _types(cls, v: dict[str, int]) -> dict[str, int]:
+        for gpu_type, cap in v.items():
+            if not _GPU_TYPE.match(gpu_type) or cap < 0:
+                raise ValueError(f"gpu_budget_by_type[{gpu_type!r}] ({cap}) needs a GPU type name and a count >= 0")
+        return v
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    spec: ServiceSpec
+    priority: int = 0
+    min_decode: int | None = None
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """Services one fleet controller scales together over one cluster (`autoscaler.fleet_controller`)."""
+
+    name: str
+    members: tuple[FleetMember, ...]
+    control_period_s: float = 5.0
+    gpu_budget: int | None = None
+    gpu_budget_by_type: dict[str, int] = field(default_factory=dict)
+    preempt_drain_s: float = 0.0
+    source_path: str | None = field(default=None, compare=False)
+
+    def member(self, service: str) -> FleetMember:
+        for m in self.members:
+            if m.spec.name == service:
+                return m
+        raise KeyError(f"fleet {self.name!r} has no service {service!r} (has {[m.spec.name for m in self.members]})")
+
+
+def parse_fleet_spec(data: dict, base: Path, source: str = "<dict>") -> FleetSpec:
+    """A fleet from its parsed YAML; service spec paths are relative to `base`. Every service needs an enabled
+    `autoscaling` section, its own route prefix, and the one HTTP host and port the cluster's Serve listens on."""
+    try:
+        model = FleetSpecModel.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+    members = []
+    for i, entry in enumerate(model.services):
+        where = f"{source}: services[{i}]"
+        spec = load_service_spec(base / entry.spec)
+        a = spec.autoscaling
+        if a is None or not a.enabled:
+            raise ConfigError(f"{where}: service {spec.name!r} has no enabled autoscaling section; a fleet scales "
+                              "every service it holds")
+        if entry.min_decode is not None and entry.min_decode > a.min_decode:
+            raise ConfigError(f"{where}: min_decode ({entry.min_decode}) must be <= the service's "
+                              f"autoscaling.min_decode ({a.min_decode})")
+        members.append(FleetMember(spec, entry.priority, entry.min_decode))
+    for what, key in (("name", lambda m: m.spec.name), ("ingress.route_prefix", lambda m: m.spec.ingress.route_prefix)):
+        seen: dict[str, str] = {}
+        for m in members:
+            if key(m) in seen:
+                raise ConfigError(f"{source}: services {seen[key(m)]!r} and {m.spec.name!r} share the {what} "
+                                  f"{key(m)!r}; each service of a fleet needs its own")
+            seen[key(m)] = m.spec.name
+    endpoints = {(m.spec.ingress.host, m.spec.ingress.port) for m in members}
+    if len(endpoints) > 1:
+        raise ConfigError(f"{source}: the services listen on {sorted(endpoints)}; one cluster's Serve has one HTTP "
+                          "host and port, so a fleet's services share them (and differ by route_prefix)")
+    return FleetSpec(model.name, tuple(members), model.control_period_s, model.gpu_budget,
+                     dict(model.gpu_budget_by_type), model.preempt_drain_s,
+                     None if source == "<dict>" else source)
+
+
+def load_fleet_spec(path: str | Path) -> FleetSpec:
+    return parse_fleet_spec(_read_yaml(path), Path(path).parent, str(path))
 
 
 def check_service_fits_cluster(service: ServiceSpec, cluster: ClusterSpec) -> None:

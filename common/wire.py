@@ -137,10 +137,14 @@ class RoutingEntry:
     decode_deployment: str
     weight: float
     group: DeploymentGroup | None = None
+    # the controller withdrew the whole DG (a preemption, a scale-in of a whole group): no request goes there,
+    # not even when no other DG can take it (then the ingress refuses it: 503 + Retry-After)
+    withdrawn: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": WIRE_VERSION, "app_name": self.app_name, "decode_deployment": self.decode_deployment,
-                "weight": self.weight, "group": asdict(self.group) if self.group else None}
+                "weight": self.weight, "group": asdict(self.group) if self.group else None,
+                "withdrawn": self.withdrawn}
 
     @classmethod
     def from_wire(cls, data: Any) -> RoutingEntry:
@@ -154,7 +158,10 @@ class RoutingEntry:
             group = DeploymentGroup(**group) if group is not None else None
         except TypeError as exc:
             raise WireError(f"{k}: field 'group': {exc}") from None
-        return cls(_get(k, d, "app_name", str), _get(k, d, "decode_deployment", str), weight, group)
+        withdrawn = d.get("withdrawn", False)  # absent from an older controller's table: not withdrawn
+        if not isinstance(withdrawn, bool):
+            raise WireError(f"{k}: field 'withdrawn' = {withdrawn!r}: not a bool")
+        return cls(_get(k, d, "app_name", str), _get(k, d, "decode_deployment", str), weight, group, withdrawn)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_cluster_spec, load_service_spec
+from common.config import ConfigError, load_cluster_spec, load_fleet_spec, load_service_spec
 from heteroscale_ray import console
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -85,33 +85,47 @@ def _cluster_address(args) -> str | None:
 def cmd_deploy(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)
     if address is None:
         return 2
-    service.deploy(spec, address)
+    if fleet:
+        service.deploy_fleet(fleet, address)
+    else:
+        service.deploy(spec, address)
     return 0
 
 
 def cmd_undeploy(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)  # never "auto": that would find whichever Ray cluster runs on this machine
     if address is None:
         return 2
-    service.undeploy(spec.name, address)
-    print(f"deleted {spec.name}")
+    if fleet:
+        service.undeploy_fleet(fleet, address)
+        print(f"deleted fleet {fleet.name}: {', '.join(m.spec.name for m in fleet.members)}")
+    else:
+        service.undeploy(spec.name, address)
+        print(f"deleted {spec.name}")
     return 0
 
 
 def cmd_status(args) -> int:
     from heteroscale_ray import service
 
-    spec = load_service_spec(args.service)
+    fleet = load_fleet_spec(args.fleet) if args.fleet else None
+    spec = None if fleet else load_service_spec(args.service)
     address = _cluster_address(args)
     if address is None:
         return 2
+    if fleet:
+        report = service.fleet_status(fleet.name, address)
+        print(json.dumps(report, indent=2, default=str) if args.json else service.format_fleet_status(report))
+        return 0
     report = service.status(spec, address)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -126,6 +140,12 @@ def cmd_demo(args) -> int:
         from heteroscale_ray import demo
 
         return demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args))
+    if args.fleet:
+        from heteroscale_ray import fleet_demo
+
+        cluster = args.cluster if args.cluster != DEMO_CLUSTER else DEFAULT_CLUSTER  # two S1s, one group each
+        return fleet_demo.run(load_cluster_spec(cluster), load_fleet_spec(args.fleet), _address(args),
+                              runs_dir=args.runs_dir)
     from heteroscale_ray import autoscale_demo
 
     return autoscale_demo.run(load_cluster_spec(args.cluster), load_service_spec(args.service), _address(args),
@@ -341,11 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["demo"].add_argument("--quick", action="store_true",
                                      help="instead: a burst of requests through fixed replicas (~3 min)")
     sub.choices["demo"].add_argument("--runs-dir", default="runs", help="where runs/demo-<UTC>/ goes")
+    sub.choices["demo"].add_argument("--fleet", nargs="?", const=str(EXAMPLES / "fleet-local.yaml"), default=None,
+                                     help="instead: two services under one fleet controller, a high priority one "
+                                          "taking a best-effort one's group and giving it back (default fleet "
+                                          "examples/fleet-local.yaml, cluster examples/cluster-local.yaml; "
+                                          "runs/demo-fleet-<UTC>/, ~12 min)")
     add("model", cmd_model, "generate (or find) the tiny test model and print its path")
     add("validate", cmd_validate, "validate a cluster spec and a service spec together", cluster=True, service=True)
     add("status", cmd_status, "the service's DGs, replicas per role, targets and the controller's last decisions",
         service=True, address=True)
     sub.choices["status"].add_argument("--json", action="store_true", help="machine-readable output")
+    for name in ("deploy", "undeploy", "status"):
+        sub.choices[name].add_argument("--fleet", default=None,
+                                       help="a fleet spec YAML (services sharing the cluster under one fleet "
+                                            "controller, e.g. examples/fleet-local.yaml) instead of --service")
 
     def add_trace_options(p):
         p.add_argument("--skip-bad", action="store_true", help="skip and count bad CSV rows instead of failing")

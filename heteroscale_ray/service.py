@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Callable
 
-from common.config import ServiceSpec
+from common.config import FleetSpec, ServiceSpec
 from common.vocab import DeploymentGroup, Role, controller_name, deployment_name, group_app_name
 from heteroscale_ray import console
 from heteroscale_ray.tiny_model import ensure_tiny_model
@@ -113,10 +113,11 @@ def deploy_apps(service: ServiceSpec, address: str | None = None, *, timeout_s: 
     progress(f"deploying {service.name}: {len(groups)} deployment group(s), model {path}")
     for built in groups:
         app.run_group_app(service, built)
-    serve.run(app.build_ingress_app(service, groups), name=service.name, route_prefix="/", blocking=False)
+    serve.run(app.build_ingress_app(service, groups), name=service.name, route_prefix=service.ingress.route_prefix,
+              blocking=False)
     for name in [g.app_name for g in groups] + [service.name]:
         wait_running(name, timeout_s=timeout_s, progress=progress)
-    url = f"http://{service.ingress.host}:{service.ingress.port}"
+    url = service.ingress.base_url()
     progress(f"{service.name} is RUNNING at {url}/v1")
     return url, [(g.group, g.slot) for g in groups]
 
@@ -284,3 +285,72 @@ def format_status(report: dict) -> str:
                      f"{'missing' if tps is None else f'{tps:.0f}'} -> P={e['target_prefill']} D={e['target_decode']}"
                      + (f" at P:D {ratio:.3g}" if ratio is not None else "") + (f": {acts}" if acts else ""))
     return "\n".join(lines)
+
+
+# ---- a fleet: services sharing one cluster under one fleet controller ------------------------------------------
+
+
+def deploy_fleet(fleet: FleetSpec, address: str | None = None, *, timeout_s: float = 600.0,
+                 progress: Callable[[str], None] = print) -> dict[str, str]:
+    """Deploy every service of the fleet (its groups and ingress, under its own route prefix), then start
+    their controllers in fleet mode and the fleet's controller over them. Returns each service's base URL."""
+    from autoscaler import lifecycle
+    from autoscaler.settings import check
+
+    for m in fleet.members:
+        check(m.spec)
+    urls, groups = {}, {}
+    for m in fleet.members:
+        urls[m.spec.name], groups[m.spec.name] = deploy_apps(m.spec, address, timeout_s=timeout_s, progress=progress)
+    lifecycle.start_fleet(fleet, {m.spec.name: model_path(m.spec) for m in fleet.members}, groups, deployer=DEPLOYER)
+    progress(f"fleet {fleet.name}: controller {lifecycle.fleet_name(fleet.name)} started over "
+             f"{', '.join(f'{m.spec.name} (priority {m.priority})' for m in fleet.members)}, every "
+             f"{fleet.control_period_s:g}s")
+    return urls
+
+
+def undeploy_fleet(fleet: FleetSpec, address: str | None = None, timeout_s: float = 300.0) -> list[str]:
+    """Stop the fleet's controller, then undeploy every service (`undeploy`)."""
+    from autoscaler import lifecycle
+
+    connect(address)
+    lifecycle.stop_fleet(fleet)
+    return [app for m in fleet.members for app in undeploy(m.spec.name, address, timeout_s)]
+
+
+def format_fleet_status(report: dict) -> str:
+    budget = report.get("budget") or {}
+    caps = ", ".join(f"{t} {budget.get('used_by_type', {}).get(t, 0)}/{cap}" for t, cap in
+                     sorted((budget.get("by_type") or {}).items())) or "none per type"
+    lines = [f"fleet {report['fleet']}: tick {report['ticks']} every {report['control_period_s']:g}s; GPUs used "
+             f"{budget.get('used_total', 0)}/{budget.get('total') if budget.get('total') is not None else '-'} "
+             f"({caps})"]
+    for name, svc in sorted((report.get("services") or {}).items(), key=lambda kv: -kv[1]["priority"]):
+        tps = svc["decode_tps"]
+        groups = ", ".join(f"{g['name']}@{g['domain']} {g['prefill']}P+{g['decode']}D"
+                           + (f" ({g['withdrawn']} withdrawn)" if g["withdrawn"] else "") for g in svc["groups"])
+        lines.append(f"  {name} (priority {svc['priority']}, min decode "
+                     f"{'-' if svc['min_decode'] is None else svc['min_decode']}): decode "
+                     f"{'-' if tps is None else f'{tps:.0f}'} tok/s, target {svc['target_prefill']}P/"
+                     f"{svc['target_decode']}D, {svc['action']}/{svc['reason']}; groups: {groups or 'none'}")
+    for p in (report.get("preemptions") or [])[-10:]:
+        what = f"group {p['group']}" if p["kind"] == "group" else "budget cut"
+        lines.append(f"  preempted at {p['t']:.0f}: {p['service']} {what} {p['num_prefill']}P+{p['num_decode']}D "
+                     f"for {p['for_service']}")
+    if report.get("errors"):
+        lines.append(f"  errors: {report['errors']}")
+    return "\n".join(lines)
+
+
+def fleet_status(fleet: str, address: str | None = None) -> dict:
+    """What `heteroscale status --fleet` shows: the fleet controller's status (budget used per GPU type, each
+    service's priority, demand, targets and groups, every preemption)."""
+    import ray
+
+    from autoscaler import lifecycle
+
+    connect(address)
+    try:
+        return ray.get(lifecycle.find_fleet(fleet).status.remote(), timeout=30)
+    except ValueError:
+        raise ValueError(f"no fleet controller {lifecycle.fleet_name(fleet)!r} is running") from None

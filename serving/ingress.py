@@ -125,6 +125,11 @@ class _Overloaded(Exception):
     """Every admitted DG holds its in-flight bound: shed the request (429 + Retry-After)."""
 
 
+class _NoGroup(Exception):
+    """No DG is admitted to routing (the service is scaled to zero, e.g. preempted by a higher priority): refuse
+    the request at once (503 + Retry-After), never hold it."""
+
+
 class PDIngress(OpenAiIngress):
     """One model, several deployment groups (each a decode deployment that drives its own prefill)."""
 
@@ -235,7 +240,7 @@ class PDIngress(OpenAiIngress):
         routable decode replica: e.g. Serve's controller restarting lists its replicas as recovering, or a DG's
         last replica is being replaced), each gets weight 1: a request must go somewhere, and Serve's router
         holds it until a replica can take it (bounded by the request timeout) instead of a 503 here."""
-        open_groups = [g for g in self._groups if g not in self._withdrawn]
+        open_groups = [g for g in self._groups if g not in self._withdrawn and not self._entries[g].withdrawn]
         weights = {g: self._entries[g].weight for g in open_groups if self._entries[g].weight > 0}
         if not weights and open_groups:
             if not self._all_zero_warned:
@@ -249,8 +254,8 @@ class PDIngress(OpenAiIngress):
     def _pick_group(self) -> str:
         weights = self._weights()
         if not weights:
-            raise OpenAIHTTPException(status_code=503, message="no deployment group is admitted to routing",
-                                      type="ServiceUnavailable")
+            self._shed += 1  # refused demand: the controller counts it like a shed request
+            raise _NoGroup()
         admitted = list(weights)
         if self._max_inflight is not None:  # admission control: only DGs below their bound take more
             admitted = [g for g in admitted if self._inflight[g] < self._max_inflight * weights[g]]
@@ -358,6 +363,12 @@ class PDIngress(OpenAiIngress):
                           f"over capacity: every deployment group holds its bound of {self._max_inflight} in-flight "
                           f"requests per decode replica; retry after {self._retry_after_s:g} s",
                           kind="rate_limit_error", headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))})
+        except _NoGroup:
+            _REQUESTS.labels(route, "unavailable").inc()
+            return error(status.HTTP_503_SERVICE_UNAVAILABLE,
+                         f"service {self._service!r} has no deployment group serving now (scaled to zero, or its "
+                         f"groups are being replaced); retry after {self._retry_after_s:g} s",
+                         kind="service_unavailable", headers={"Retry-After": str(max(1, math.ceil(self._retry_after_s)))})
         except _Timeout:
             _REQUESTS.labels(route, "timeout").inc()
             raise OpenAIHTTPException(status_code=status.HTTP_504_GATEWAY_TIMEOUT, type="timeout",

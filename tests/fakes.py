@@ -32,6 +32,7 @@ def spec(**autoscaling):
 class FakeServe:
     def __init__(self):
         self.apps: dict[str, dict[str, list[str]]] = {}  # app -> deployment -> replica ids (oldest first)
+        self.domains: dict[str, str] = {}  # app -> its group's S1 domain
         self.calls: list[tuple] = []
         self.fits = True
         self._next = 0
@@ -56,13 +57,15 @@ class FakeServe:
 
     def deploy_group(self, spec, group, slot, model_path):
         self.calls.append(("deploy", group.name, slot))
-        self.apps[group_app_name(SERVICE, group.name)] = {
-            deployment_name(SERVICE, group.name, r): self._ids(group.count(r)) for r in Role}
+        service = spec.name if spec is not None else SERVICE
+        self.apps[group_app_name(service, group.name)] = {
+            deployment_name(service, group.name, r): self._ids(group.count(r)) for r in Role}
+        self.domains[group_app_name(service, group.name)] = group.domain
 
     def nodes(self):  # free = total - what the fake's replicas hold, per domain and type
         used = {}
         for app, deps in self.apps.items():
-            domain = "s1-a" if app.endswith("dg-a") else "s1-b"
+            domain = self.domains.get(app, "s1-a" if app.endswith("dg-a") else "s1-b")
             for dep, ids in deps.items():
                 gpu = "L20" if dep.endswith("prefill") else "H20"
                 used[(domain, gpu)] = used.get((domain, gpu), 0) + len(ids)

@@ -64,22 +64,24 @@ def test_least_in_flight_spreads_requests_and_counts_return_to_zero():
     asyncio.run(main())
 
 
-def test_withdrawn_groups_get_no_new_requests_and_none_left_is_503():
-    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+def test_withdrawn_groups_get_no_new_requests_and_none_left_is_503_with_retry_after():
+    import json
 
     async def main():
         gate = asyncio.Event()
         gate.set()
-        ingress = make_ingress(["a", "b"], gate)
+        ingress = make_ingress(["a", "b"], gate, retry_after_s=4)
         await ingress.set_withdrawn(["a"])
         results = [await _collect(ingress, i) for i in range(4)]
         assert all(r[0].startswith("b:") for r in results)
         with pytest.raises(ValueError, match=r"unknown deployment groups \['z'\]"):
             await ingress.set_withdrawn(["z"])
-        await ingress.set_withdrawn(["a", "b"])
-        with pytest.raises(OpenAIHTTPException) as err:
-            await _collect(ingress, 0)
-        assert err.value.status_code == 503
+        await ingress.set_withdrawn(["a", "b"])  # nothing serves (a service scaled to zero): refused at once
+        refused = await ingress._process_llm_request(Body("x"), "completions")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "4"
+        error = json.loads(refused.body)["error"]
+        assert error["type"] == "service_unavailable" and "no deployment group serving" in error["message"]
+        assert ingress._ingress_report()["shed"] == 1  # counted as demand the controller did not serve
         assert (await ingress.health()).status_code == 503
         await ingress.set_withdrawn([])
         assert (await ingress.health()).status_code == 200
