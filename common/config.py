@@ -572,6 +572,12 @@ def parse_fleet_spec(data: dict, base: Path, source: str = "<dict>") -> FleetSpe
                 raise ConfigError(f"{source}: services {seen[key(m)]!r} and {m.spec.name!r} share the {what} "
                                   f"{key(m)!r}; each service of a fleet needs its own")
             seen[key(m)] = m.spec.name
+    ports = sorted((m.spec.engine.nixl_side_channel_port_base, _nixl_port_end(m.spec), m.spec.name) for m in members)
+    for (lo_a, hi_a, a), (lo_b, _, b) in zip(ports, ports[1:]):
+        if lo_b < hi_a:  # every group's engines listen on base + 200 x slot + ...: one machine, one port each
+            raise ConfigError(f"{source}: services {a!r} and {b!r} share NIXL side-channel ports ({a} uses "
+                              f"{lo_a}-{hi_a - 1} for up to {(hi_a - lo_a) // 200} groups, {b} starts at {lo_b}); "
+                              f"give {b!r} an engine.nixl_side_channel_port_base of at least {hi_a}")
     endpoints = {(m.spec.ingress.host, m.spec.ingress.port) for m in members}
     if len(endpoints) > 1:
         raise ConfigError(f"{source}: the services listen on {sorted(endpoints)}; one cluster's Serve has one HTTP "
@@ -579,6 +585,13 @@ def parse_fleet_spec(data: dict, base: Path, source: str = "<dict>") -> FleetSpe
     return FleetSpec(model.name, tuple(members), model.control_period_s, model.gpu_budget,
                      dict(model.gpu_budget_by_type), model.preempt_drain_s,
                      None if source == "<dict>" else source)
+
+
+def _nixl_port_end(spec: ServiceSpec) -> int:
+    """One past the last NIXL side-channel port the service's groups may use: 200 per group slot, as many slots
+    as groups it can hold (each holds a decode replica at least)."""
+    most = max(spec.autoscaling.max_decode if spec.autoscaling else 0, len(spec.deployment_groups), 1)
+    return spec.engine.nixl_side_channel_port_base + 200 * most
 
 
 def load_fleet_spec(path: str | Path) -> FleetSpec:

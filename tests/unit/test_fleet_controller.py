@@ -155,6 +155,9 @@ def test_fleet_spec_errors_name_the_problem(tmp_path):
     (tmp_path / "b.yaml").write_text((EXAMPLES / "fleet-batch.yaml").read_text().replace("/batch", "/chat"))
     with pytest.raises(ConfigError, match="share the ingress.route_prefix '/chat'"):
         parse_fleet_spec({"name": "f", "services": [{"spec": "a.yaml"}, {"spec": "b.yaml"}]}, tmp_path)
+    (tmp_path / "b.yaml").write_text((EXAMPLES / "fleet-batch.yaml").read_text().replace("21000", "20200"))
+    with pytest.raises(ConfigError, match="share NIXL side-channel ports .* at least 20400"):
+        parse_fleet_spec({"name": "f", "services": [{"spec": "a.yaml"}, {"spec": "b.yaml"}]}, tmp_path)
     (tmp_path / "b.yaml").write_text((EXAMPLES / "fleet-batch.yaml").read_text().replace("8000", "8001"))
     with pytest.raises(ConfigError, match="one HTTP host and port"):
         parse_fleet_spec({"name": "f", "services": [{"spec": "a.yaml"}, {"spec": "b.yaml"}]}, tmp_path)
