@@ -79,6 +79,10 @@ class RayWorld:
         self.ratio_in_force: float | None = None  # the policy's P:D ratio (set by the controller each tick)
         self.kv = kv  # get/put/delete of bytes: each created group's own record, for adoption (autoscaler.orphans)
         self.retiring: dict[str, float] = {}  # orphan DG -> when its drain is over and its app is deleted
+        # groups this controller created whose decode replicas have not run yet: the ingress sends them nothing
+        # (a group known at start, or adopted, is taken to have served: a Serve restart shows its replicas not
+        # running, and requests then wait for them rather than fail)
+        self.fresh: set[str] = set()
         # When each of a DG role's not-Ready replicas started waiting (oldest first; one becoming Ready is taken
         # to be the oldest): past `pending_timeout_s` a replica is stuck, not starting.
         self.pending = PendingAges()  # not-Ready replicas' start times; measured start-ups
@@ -117,9 +121,11 @@ class RayWorld:
                 running = live.running if live else frozenset()
                 weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
                 whole = not self.advisory and all(r.withdrawn.get(role, 0) >= r.group.count(role) > 0 for role in Role)
+                if running:
+                    self.fresh.discard(name)
                 table[name] = RoutingEntry(group_app_name(self.spec.name, name),
                                            deployment_name(self.spec.name, name, Role.DECODE), float(weight),
-                                           r.group, withdrawn=whole).to_wire()
+                                           r.group, withdrawn=whole, starting=name in self.fresh).to_wire()
             return table
 
     # ---- the port ------------------------------------------------------------------------------------------------
@@ -208,6 +214,7 @@ class RayWorld:
                         self.serve.delete_app(group_app_name(self.spec.name, name))
                         with self.lock:
                             self.records.pop(name, None)
+                            self.fresh.discard(name)
                         if self.kv is not None:
                             self.kv.delete(group_key(self.spec.name, name))
                     done = True
@@ -294,6 +301,7 @@ class RayWorld:
             return False
         with self.lock:
             self.records[action.group.name] = GroupRecord(action.group, slot)
+            self.fresh.add(action.group.name)
         return True
 
     def _scale(self, action: GroupAction) -> bool:

@@ -137,14 +137,20 @@ class RoutingEntry:
     decode_deployment: str
     weight: float
     group: DeploymentGroup | None = None
-    # the controller withdrew the whole DG (a preemption, a scale-in of a whole group): no request goes there,
-    # not even when no other DG can take it (then the ingress refuses it: 503 + Retry-After)
+    # the controller withdrew the whole DG (a preemption, a scale-in of a whole group), or the DG is new and none of
+    # its decode replicas has run yet (a start-up takes minutes): no request goes there, not even when no other DG
+    # can take it (then the ingress refuses it at once: 503 + Retry-After, instead of holding it past its timeout)
     withdrawn: bool = False
+    starting: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": WIRE_VERSION, "app_name": self.app_name, "decode_deployment": self.decode_deployment,
                 "weight": self.weight, "group": asdict(self.group) if self.group else None,
-                "withdrawn": self.withdrawn}
+                "withdrawn": self.withdrawn, "starting": self.starting}
+
+    @property
+    def closed(self) -> bool:
+        return self.withdrawn or self.starting
 
     @classmethod
     def from_wire(cls, data: Any) -> RoutingEntry:
@@ -158,10 +164,11 @@ class RoutingEntry:
             group = DeploymentGroup(**group) if group is not None else None
         except TypeError as exc:
             raise WireError(f"{k}: field 'group': {exc}") from None
-        withdrawn = d.get("withdrawn", False)  # absent from an older controller's table: not withdrawn
-        if not isinstance(withdrawn, bool):
-            raise WireError(f"{k}: field 'withdrawn' = {withdrawn!r}: not a bool")
-        return cls(_get(k, d, "app_name", str), _get(k, d, "decode_deployment", str), weight, group, withdrawn)
+        flags = {key: d.get(key, False) for key in ("withdrawn", "starting")}  # absent (an older controller): false
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise WireError(f"{k}: field {key!r} = {value!r}: not a bool")
+        return cls(_get(k, d, "app_name", str), _get(k, d, "decode_deployment", str), weight, group, **flags)
 
 
 @dataclass(frozen=True)

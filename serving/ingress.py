@@ -240,7 +240,7 @@ class PDIngress(OpenAiIngress):
         routable decode replica: e.g. Serve's controller restarting lists its replicas as recovering, or a DG's
         last replica is being replaced), each gets weight 1: a request must go somewhere, and Serve's router
         holds it until a replica can take it (bounded by the request timeout) instead of a 503 here."""
-        open_groups = [g for g in self._groups if g not in self._withdrawn and not self._entries[g].withdrawn]
+        open_groups = [g for g in self._groups if g not in self._withdrawn and not self._entries[g].closed]
         weights = {g: self._entries[g].weight for g in open_groups if self._entries[g].weight > 0}
         if not weights and open_groups:
             if not self._all_zero_warned:
@@ -384,7 +384,7 @@ class PDIngress(OpenAiIngress):
         self._ensure_reporter()
 
     async def health(self) -> Response:
-        admitted = [g for g in self._groups if g not in self._withdrawn]
+        admitted = [g for g in self._groups if g not in self._withdrawn and not self._entries[g].closed]
         code = 200 if admitted else 503
         return JSONResponse(status_code=code, content={"status": "ok" if admitted else "no admitted groups",
                                                         "deployment_groups": sorted(self._groups),

@@ -83,7 +83,12 @@ def test_withdrawn_groups_get_no_new_requests_and_none_left_is_503_with_retry_af
         assert error["type"] == "service_unavailable" and "no deployment group serving" in error["message"]
         assert ingress._ingress_report()["shed"] == 1  # counted as demand the controller did not serve
         assert (await ingress.health()).status_code == 503
-        await ingress.set_withdrawn([])
+        await ingress.set_withdrawn([])  # the controller's table: one group withdrawn whole, the other starting
+        ingress._set_table({"a": RoutingEntry("app-a", "a:decode", 0.0, withdrawn=True),
+                            "b": RoutingEntry("app-b", "b:decode", 0.0, starting=True)})
+        refused = await ingress._process_llm_request(Body("y"), "completions")
+        assert refused.status_code == 503  # at once, not held until a replica starts (minutes) and timed out
+        ingress._set_table({g: RoutingEntry(f"app-{g}", f"{g}:decode", 1.0) for g in ("a", "b")})
         assert (await ingress.health()).status_code == 200
 
     asyncio.run(main())

@@ -121,7 +121,14 @@ def test_a_high_priority_load_takes_the_best_effort_group_and_gives_it_back(budg
     assert batch_log[-1]["reason"] == ("budget_limited" if budget else "preempted")
     if not budget:
         assert batch_log[-1]["preempted"][0]["for_service"] == "chat"
-    h.run(15, {"chat": 180, "batch": 0})
+    h.run(5, {"chat": 180, "batch": 0})
+    h.run(5, {"chat": 180, "batch": 0})
+    h.report({"chat": 180, "batch": 0})
+    new = next(n for n in h.tables["chat"] if n != "dg-a")
+    assert h.tables["chat"][new]["starting"]  # no decode replica has run there yet: the ingress sends it nothing
+    h.run(5, {"chat": 180, "batch": 0})
+    h.report({"chat": 180, "batch": 0})
+    assert not h.tables["chat"][new]["starting"] and h.tables["chat"][new]["weight"] == 1.0
     assert h.apps("batch") == []  # removed; its ingress has no group: requests get 503 + Retry-After
     assert ("delete", "batch--dg-b") in h.serve.calls
     assert sorted(h.serve.domains[a] for a in h.apps("chat")) == ["s1-a", "s1-b"]
