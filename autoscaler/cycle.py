@@ -23,6 +23,9 @@ Per service, from the policy's absolute targets and what the service's deploymen
   domains have room for what the target adds to them, else one instance per DG kept;
 - a scale-out that did not fit -> the policy's state is set back to what was placed (no phantom targets); one
   that opened a group with more of a role than asked (`Why.PAIRED`) -> the state rises to what runs.
+- the fleet: `place()` charges every scale-out against the fleet's GPU budget left (per type and in total), and
+  a scale-out that found no room may preempt whole groups of lower-priority services (`autoscaler.fleet`):
+  withdrawn whole now, removed once drained, not planned meanwhile; the requester keeps its target until then.
 Every action is a DG's whole desired state (targets and withdrawn counts), never a delta, so re-applying it
 changes nothing; each carries the policy's reason and, where `place()` chose, the scheduler's.
 """
@@ -266,7 +269,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                          paired | raised, let_go, doomed)
     final = _ratio_follows_groups(realized, working, config)
     if preempted or preempting or state.preemptions:
-        final, decision = _victims_follow(final, decision, working, preempted, doomed, config)
+        final, decision = _victims_follow(final, decision, working, preempted, doomed)
         final = replace(final, preemptions=(*preempting.values(), *preempted))
     return CycleResult(decision, tuple(actions), unplaced, preempted=tuple(preempted)), final
 
@@ -295,8 +298,7 @@ def _preempt(tree, short: Sequence[Unplaced], scale_out: Sequence[ScaleRequest],
 
 
 def _victims_follow(state: PolicyState, decision: Decision, working: dict[str, dict[str, WorkingGroup]],
-                    preempted: Sequence[Preemption], doomed: set[tuple[str, str]], config: CycleConfig
-                    ) -> tuple[PolicyState, Decision]:
+                    preempted: Sequence[Preemption], doomed: set[tuple[str, str]]) -> tuple[PolicyState, Decision]:
     """A preempted service's targets fall to what its other groups hold (its policy asks its minimum back
     from there, reason RECLAIM), and this cycle's decision for it says so."""
     services, decisions = dict(state.services), dict(decision.services)

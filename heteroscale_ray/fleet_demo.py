@@ -2,10 +2,10 @@
 (examples/fleet-local.yaml: `chat`, priority 10, one group in s1-a; `batch`, best effort with minimum 0, one group
 in s1-b; the budget is the whole cluster, 2 L20 + 2 H20).
 
-Load: batch at a steady 0.5 requests/s all along; chat light, then a ramp to two decode replicas' worth (no
-domain has room for its second group: the budget's share by priority cuts batch to its floor, zero, so batch's
-group is withdrawn whole, removed a period later, and chat's second group opens in s1-b), held until that group
-serves, then chat falls and gives it back, and batch returns. While batch has no group its requests are refused
+Load (in units of one decode replica's target): batch steady at 0.3 all along; chat light (0.6), then a ramp to
+2.4, two decode replicas' worth (no domain has room for its second group: the budget's share by priority cuts
+batch to its floor, zero, so batch's group is withdrawn whole, removed a period later, and chat's second group
+opens in s1-b), held until that group serves, then chat falls (0.3) and gives it back, and batch returns. While batch has no group its requests are refused
 at once with 503 + Retry-After (counted as shed), never held.
 
 Writes runs/demo-fleet-<UTC>/: timeline.png (the two services side by side: replicas per role, requests per
@@ -28,6 +28,9 @@ from common.config import ClusterSpec, FleetSpec, check_service_fits_cluster
 from heteroscale_ray import local_cluster, service as svc
 
 OUTPUT_TOKENS = 24
+# loads in units of one decode replica's target (the high-priority service's): light holds one group, the ramp
+# asks for two decode replicas (a second group: no domain has room), the fall gives it back
+LIGHT, RAMP, FALL, BEST_EFFORT = 0.6, 2.4, 0.3, 0.3
 
 
 class PacedLoad:
@@ -211,14 +214,17 @@ def run(cluster: ClusterSpec, fleet: FleetSpec, address: str | None, progress: C
         watch = FleetWatch(fleet.name, address)
         watch.thread.start()
         model = high.spec.model.id
+        rate = lambda load, m: round(load * m.spec.autoscaling.target_decode_tps_per_instance / OUTPUT_TOKENS, 3)  # noqa: E731
         start = time.time()
         took = None
-        with PacedLoad(urls[high.spec.name], model, 1.0) as hi, PacedLoad(urls[low.spec.name], model, 0.5) as lo:
+        with PacedLoad(urls[high.spec.name], model, rate(LIGHT, high)) as hi, \
+                PacedLoad(urls[low.spec.name], model, rate(BEST_EFFORT, low)) as lo:
             loads = {high.spec.name: hi, low.spec.name: lo}
-            progress(f"load: {low.spec.name} 0.5 req/s all along; {high.spec.name} 1 req/s for 40 s, then 4 req/s "
-                     "until its second group serves")
+            progress(f"load: {low.spec.name} {lo.rate:g} req/s all along; {high.spec.name} {hi.rate:g} req/s for 40 s, "
+                     f"then {rate(RAMP, high):g} req/s until its second group serves ({OUTPUT_TOKENS} output tokens "
+                     "each)")
             time.sleep(40)
-            hi.rate = 4.0
+            hi.rate = rate(RAMP, high)
             gave = watch.wait(f"{low.spec.name} gave up capacity", lambda st: any(
                 p["service"] == low.spec.name for p in st["preemptions"]), 180, progress)
             decided = min((p["t"] for p in watch.last().get("preemptions", []) if p["service"] == low.spec.name),
@@ -230,8 +236,8 @@ def run(cluster: ClusterSpec, fleet: FleetSpec, address: str | None, progress: C
                 took = round(time.time() - decided, 1)
                 progress(f"  {high.spec.name}'s second group serves {took:.0f}s after the preemption decision")
             time.sleep(20)
-            hi.rate = 0.5
-            progress(f"{high.spec.name} falls to 0.5 req/s: it gives its second group back")
+            hi.rate = rate(FALL, high)
+            progress(f"{high.spec.name} falls to {hi.rate:g} req/s: it gives its second group back")
             watch.wait(f"{low.spec.name} back", lambda st: st["services"][low.spec.name]["groups"] and
                        len(st["services"][high.spec.name]["groups"]) == 1, 300, progress)
             deadline = time.monotonic() + 420
