@@ -178,6 +178,8 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             config.shapes[name], ratio, target, (dec.withdraw_prefill, dec.withdraw_decode), groups,
             lambda rest, p, d, s=config.shapes[name]: room(index, s, rest, p, d),
             only_withdrawn=dec.action is Action.TERMINATE_WITHDRAWN,
+            # a budget cut's termination also cancels what still starts (it was cut too, and cannot be withdrawn)
+            also_starting=dec.action is Action.TERMINATE_WITHDRAWN and dec.reason is Reason.BUDGET_LIMITED,
             hard=dec.action is Action.SCALE_IN and config.fleet.services[name].soft_scale_in_window_s == 0,
             withdraw_ratio=_soft_ratio(new_state.services.get(name)))
         if kept:  # a termination found fewer withdrawn replicas than its cut: the rest stays, the state follows
@@ -236,7 +238,15 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                 else:
                     apply(placement)
 
-    preempted = _preempt(tree, short, scale_out, working, new_state, preempting, now_s, config) if short else []
+    # while a budget cut of a lower priority runs (or ends this cycle), every higher priority left short waits for
+    # it instead of preempting as well; like the requesters of preemptions in progress, it keeps asking (its
+    # target is not set back), so it is placed first once the room is free
+    cut = [config.fleet.services[n].priority for n, d in decision.services.items()
+           if d.reason is Reason.BUDGET_LIMITED and d.action in _CUTS]
+    cut_for = {u.service for u in unplaced if u.num_prefill + u.num_decode > 0
+               and config.fleet.services[u.service].priority > min(cut)} if cut else set()
+    preempted = _preempt(tree, [u for u in short if u.service not in cut_for], scale_out, working, new_state,
+                         preempting, now_s, config) if short else []
     for p in preempted:
         g = working[p.service][p.group]
         g.withdrawn_prefill, g.withdrawn_decode, g.why = g.num_prefill, g.num_decode, None
@@ -264,7 +274,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
             actions.append(GroupAction(kind, g.current(), g.withdrawn_prefill, g.withdrawn_decode, reason,
                                        g.why, g.placement, dec.advisory))
     paired = {a.service for a in actions if a.why is Why.PAIRED and a.kind is not GroupActionKind.WITHDRAW}
-    waiting = {p.for_service for p in (*preempting.values(), *preempted)}  # kept asking: placed first once free
+    waiting = {p.for_service for p in (*preempting.values(), *preempted)} | cut_for
     realized = _realized(new_state, working, [u for u in unplaced if u.service not in waiting],
                          paired | raised, let_go, doomed)
     final = _ratio_follows_groups(realized, working, config)

@@ -114,7 +114,7 @@ def cut_starting(groups: Sequence[WorkingGroup], prefill: int, decode: int, rati
 
 def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], withdraw: tuple[int, int],
                  groups: list[WorkingGroup], room, only_withdrawn: bool = False, hard: bool = False,
-                 withdraw_ratio: float | None = None
+                 withdraw_ratio: float | None = None, also_starting: bool = False
                  ) -> tuple[list[ScaleRequest], list[ScaleRequest], list[ScaleRequest], bool]:
     """The place() requests one service needs: (scale-out, terminate, withdraw), each possibly empty, and
     whether the groups keep more than the target. What a cut may take: a termination (`only_withdrawn`),
@@ -128,12 +128,18 @@ def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wit
     (`room(groups, prefill, decode)`); otherwise the groups stay and each role keeps one instance per group
     (removing one would open it again elsewhere next cycle). `withdraw_ratio`: the ratio a soft scale-in
     withdraws towards (an adaptive ratio that falls), so the groups' routable replicas, and once terminated
-    the groups, sit inside its band; default `ratio`."""
+    the groups, sit inside its band; default `ratio`. `also_starting` (a termination of a fleet budget's cut):
+    replicas still starting go too, and a group whose replicas are all withdrawn or starting goes whole."""
     out, terminate, withdrawing = [], [], []
     surplus = len(groups) - min(target)
     if surplus > 0:  # a soft cut takes only groups with nothing ready: wholly withdrawn (termination) or starting
-        candidates = [g for g in groups if hard or (g.num_prefill, g.num_decode) ==
-                      ((g.withdrawn_prefill, g.withdrawn_decode) if only_withdrawn else g.starting)]
+        def gone(g: WorkingGroup) -> tuple[int, int]:  # what of the group this cut may take
+            withdrawn = (g.withdrawn_prefill, g.withdrawn_decode)
+            if also_starting:
+                return withdrawn[0] + g.starting[0], withdrawn[1] + g.starting[1]
+            return withdrawn if only_withdrawn else g.starting
+
+        candidates = [g for g in groups if hard or (g.num_prefill, g.num_decode) == gone(g)]
         doomed = sorted(candidates, key=lambda g: (g.num_decode - g.withdrawn_decode, g.num_decode + g.num_prefill,
                                                    g.base.name))[:surplus]
         rest = [g for g in groups if g not in doomed]
@@ -150,7 +156,7 @@ def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wit
     if (left_p or left_d) and hard:
         terminate.append(ScaleRequest(shape, -left_p, -left_d, tuple(g.current() for g in groups), ratio))
         left_p = left_d = 0
-    elif (left_p or left_d) and not only_withdrawn:  # a soft scale-in's cut of starting replicas
+    elif (left_p or left_d) and (also_starting or not only_withdrawn):  # a soft cut of starting replicas
         left_p, left_d = cut_starting(groups, left_p, left_d, ratio)
     kept = bool(left_p or left_d)
     if dp > 0 or dd > 0:

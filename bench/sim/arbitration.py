@@ -61,6 +61,7 @@ def report(result: PolicyResult, budget: int, tick_s: float) -> dict:
             "budget_exceeded": max(alloc, default=0) > budget,
             "gpu_hours_over_budget": round(sum(max(0.0, a - budget) for a in alloc) * tick_s / 3600, 1),
             "max_unheld_gpus": result.max_unheld_gpus, "num_preemptions": result.num_preemptions,
+            "num_budget_cuts": result.num_budget_cuts,
             "slo_attainment_ttft": s["slo_attainment_ttft"], "slo_attainment_tbt": s["slo_attainment_tbt"],
             "classes": classes}
 

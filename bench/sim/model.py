@@ -649,6 +649,7 @@ class PolicyResult:
     max_unheld_gpus: int = 0  # most GPUs a DG's instances lacked on its domain's nodes (over-subscription)
     unplaced: int = 0
     num_preemptions: int = 0  # whole groups a higher priority took (`autoscaler.fleet`)
+    num_budget_cuts: int = 0  # services the fleet budget's share cut below what they ran (forced soft scale-in)
     demand_tokens: float = 0.0
     served_tokens: float = 0.0
     per_tick: dict[float, list[float]] = field(default_factory=dict)  # t -> [allocated GPUs, busy GPUs, requests]

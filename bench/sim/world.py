@@ -338,6 +338,9 @@ def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | No
         for name, dec in cycle_result.decision.services.items():
             if dec.action in (Action.SCALE_OUT, Action.RESTORE, Action.SCALE_IN, Action.TERMINATE_WITHDRAWN):
                 result.num_scale_actions += 1
+            if dec.reason is Reason.BUDGET_LIMITED and dec.action is Action.SCALE_IN and \
+                    (dec.withdraw_prefill or dec.withdraw_decode):
+                result.num_budget_cuts += 1
             policy = config.fleet.services[name]
             ratio = ratio_in_force(policy, t, dec.target_prefill, dec.target_decode, state.services.get(name))
             if not policy.ratio_holds(dec.target_prefill, dec.target_decode, ratio):
