@@ -385,6 +385,8 @@ class _Added:
 def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, actions: list, unplaced: list,
                taken_names: set[str]) -> None:
     """Grow groups or open new ones, every group kept inside the request's ratio band (`prefill_band`):
+    0. groups outside the band (the ratio moved) first take the role they lack, at the nearest ratio to the
+       request's that this growth lets them all reach (`_reachable_ratio`), which the rest is then placed at;
     1. decode, with the prefill each group's band needs beside it (up to all that is asked), whole in the
        best-ranked group or domain, else split into the largest whole sub-batches some domain holds;
     2. the prefill left over, into the groups (those below their band first, then by tier): every group to its
@@ -419,6 +421,13 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
         p_left, d_left = max(0, p_left - p), max(0, d_left - d)
 
     why = Why.LOWEST_TIER
+    if r is not None:  # 0. every group into the band of the ratio it can reach, first
+        r = _reachable_ratio(tree, svc, req, r)
+        for g in list(groups.values()):
+            p, d = _into_band(g, r) if g.num_prefill and g.num_decode else (0, 0)
+            fit = _group_fit(tree, svc, g, p, d) if p <= p_left and d <= d_left and p + d else None
+            if fit is not None:
+                commit(fit, p, d, why)
     # Prefill the groups below their band need to reach it (a ratio that rose) is kept for them (step 2), so
     # the decode placed first does not take it all to its own band's top.
     reserve = sum(max(0, prefill_band(g.num_decode, r)[0] - g.num_prefill) for g in req.groups) if r else 0
@@ -493,6 +502,58 @@ def _scale_out(tree: TopologyTree, req: ScaleRequest, cfg: SchedulerConfig, acti
                                             f"remaining {p_left}P+{d_left}D inside the groups' ratio band "
                                             f"after {len(added)} placements")
         unplaced.append(Unplaced(svc.name, p_left, d_left, why, detail))
+
+
+def _into_band(g: DeploymentGroup, x: float) -> tuple[int, int]:
+    """(prefill, decode) group `g` must add to sit inside the band of ratio `x`: prefill up to the band's bottom
+    if it holds less, else the fewest decode whose band's top reaches the prefill it holds."""
+    lo, hi = prefill_band(g.num_decode, x)
+    if g.num_prefill < lo:
+        return lo - g.num_prefill, 0
+    d = g.num_decode
+    while g.num_prefill > prefill_band(d, x)[1]:
+        d += 1
+    return 0, d - g.num_decode
+
+
+def _reachable_ratio(tree: TopologyTree, svc: ServiceShape, req: ScaleRequest, r: float) -> float:
+    """The ratio nearest `r` whose band every group can reach with this request's growth, each group adding the
+    role it lacks in its own domain (inside the budget): a ratio that rose past what a full domain lets its group
+    follow, or fell by more than the decode a scale-out adds can bring the prefill-heavy groups down to, is placed
+    at the nearest ratio the groups can all hold instead, never at one that leaves a group outside its band (the
+    rest of the growth goes to other groups or opens new ones). Between the nearest ratio the groups hold as they
+    are and `r` by bisection; `r` itself when reachable, or when no one ratio holds the groups as they are."""
+    groups = [g for g in req.groups if g.num_prefill and g.num_decode]
+    if all(in_band(g.num_prefill, g.num_decode, r) for g in groups):
+        return r
+    held = nearest_ratio_in_band([(g.num_prefill, g.num_decode) for g in groups], r)
+    if held is None:
+        return r
+
+    def reachable(x: float) -> bool:
+        need: dict[str, int] = {}
+        more_p = more_d = 0
+        for g in groups:
+            p, d = _into_band(g, x)
+            if p == 0 and d == 0:
+                continue
+            more_p, more_d = more_p + p, more_d + d
+            if more_p > req.delta_prefill or more_d > req.delta_decode or _group_fit(tree, svc, g, p, d) is None:
+                return False
+            for t, n in _need(tree, svc, p, d, g.prefill_gpu_type, g.decode_gpu_type).items():
+                need[t] = need.get(t, 0) + n
+        return tree.budget is None or tree.budget.fits(need)
+
+    if reachable(r):
+        return r
+    # reachable a hair beyond: a ratio within prefill_band's rounding tolerance of a band's edge would let new
+    # groups take one more prefill than the groups at the edge's other side hold
+    beyond = 1 + 1e-7 if r > held else 1 - 1e-7
+    near, far = held, r
+    for _ in range(40):
+        mid = (near + far) / 2
+        near, far = (mid, far) if reachable(mid * beyond) else (near, mid)
+    return near
 
 
 def _tier_of(tree: TopologyTree, g: DeploymentGroup) -> Tier:

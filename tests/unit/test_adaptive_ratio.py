@@ -141,13 +141,13 @@ def _group(name, domain, p, d, wp=0, wd=0):
                       RoleCounts(ready=p - wp, withdrawn=wp), RoleCounts(ready=d - wd, withdrawn=wd))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.floats(100.0, 1500.0), st.floats(0.3, 3.0)), min_size=3, max_size=16),
        st.sampled_from([0.0, 90.0]))
 def test_through_a_drifting_mix_every_group_stays_in_the_band_of_the_ratio_in_force(steps, soft_s):
     """Random decode demand and prompt:output mixes through the whole cycle (decide + place), the world
     applying every action at once: after each cycle each group holds both roles inside the band of the ratio
-    the policy's state has in force, whenever one ratio can hold them all."""
+    the policy's state has in force."""
     cfg = replace(CFG, scale_out_cooldown_s=0.0, scale_in_cooldown_s=0.0, soft_scale_in_window_s=soft_s)
     shape = ServiceShape("svc", ("H100",), ("H100",))
     config = CycleConfig(fleet=FleetConfig(services={"svc": cfg}), shapes={"svc": shape})
@@ -170,7 +170,4 @@ def test_through_a_drifting_mix_every_group_stays_in_the_band_of_the_ratio_in_fo
         groups = list(by_name.values())
         ratio = current_ratio(cfg, state.services["svc"])
         counts = [(g.group.num_prefill, g.group.num_decode) for g in groups]
-        # Known gap (docs/design.md): about 1 % of random sequences leave groups that no single ratio holds
-        # (a scale-in can take decode only where the band lets it); then no ratio is in force for all of them.
-        assert all(in_band(p, d, ratio) for p, d in counts) or nearest_ratio_in_band(counts, ratio) is None, \
-            (ratio, counts)
+        assert all(in_band(p, d, ratio) for p, d in counts), (ratio, counts)

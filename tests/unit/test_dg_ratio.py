@@ -13,7 +13,8 @@ from autoscaler.model import FleetConfig, Observation, PolicyConfig, PolicyState
 from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
 from common.vocab import DeploymentGroup, NodeInfo, Scope
-from placement.scheduler import ActionKind, ScaleRequest, ServiceShape, Why, in_band, place, prefill_band
+from placement.scheduler import (ActionKind, ScaleRequest, ServiceShape, Why, in_band, nearest_ratio_in_band, place,
+                                 prefill_band)
 from placement.topology import build_tree
 
 
@@ -29,6 +30,7 @@ class World:
         self.nodes, self.services = nodes, services
         self.groups: dict[str, dict[str, GroupState]] = {s: {} for s in services}
         self.tps = {s: 0.0 for s in services}
+        self.prefill_tps: dict[str, float] = {}  # KV-miss prefill tokens/s, for services on the adaptive ratio
 
     def observe(self, now_s):
         out = {}
@@ -36,6 +38,7 @@ class World:
             gs = list(groups.values())
             out[name] = ServiceObservation(
                 decode_tps=Signal(self.tps[name], now_s),
+                prefill_kv_miss_tps=Signal(self.prefill_tps.get(name), now_s),
                 prefill=RoleCounts.total(g.prefill for g in gs), decode=RoleCounts.total(g.decode for g in gs))
         return Observation(out)
 
@@ -95,6 +98,69 @@ def test_every_group_stays_inside_the_ratio_band_through_random_demand(ratios, s
                 if rp and rd:
                     assert in_band(rp, rd, ratio), \
                         f"cycle {i}: {gs.name} routable ({rp}P, {rd}D) outside {prefill_band(rd, ratio)}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(ratio=st.floats(0.3, 6.0), two=st.booleans(), soft_s=st.sampled_from([0.0, 60.0]),
+       load=st.lists(st.tuples(st.floats(0.0, 30.0), st.floats(0.2, 8.0)), min_size=3, max_size=25),
+       small_domains=st.booleans())
+def test_an_adaptive_ratio_keeps_every_group_inside_the_band_of_the_ratio_in_force(ratio, two, soft_s, load,
+                                                                                   small_domains):
+    """The ratio moves with the workload (prefill tokens/s per decode tokens/s from 0.2 to 8, bounds x/÷4) while
+    demand moves and domains fill (two services sharing them): every group holds the ratio in force after every
+    cycle. Found without it: a rising ratio beside a group whose domain was full (no prefill to add) or a scale-out
+    whose decode went to a new group while a prefill-heavy one stayed over the falling ratio's band; a hard
+    scale-in that raised the ratio while groups could only shrink."""
+    names = ["svc0", "svc1"][:1 + two]
+    nodes = grid(6, 2, 4) if small_domains else grid(4, 4, 8)
+    policy = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=ratio, scale_out_cooldown_s=0.0,
+                          scale_in_cooldown_s=0.0, soft_scale_in_window_s=soft_s, max_step_fraction=10.0,
+                          max_prefill=10_000, max_decode=10_000, target_prefill_tps_per_instance=100.0,
+                          ratio_range=4.0, ratio_window_s=60.0, ratio_hysteresis=0.1)
+    config = CycleConfig(FleetConfig(services={n: policy for n in names}),
+                         {n: ServiceShape(n, ("H20",), ("H20",), affinity=Scope.S1) for n in names})
+    world, state = World(nodes, names), PolicyState()
+    for i, (demand, prefill_per_decode) in enumerate(load):
+        for k, name in enumerate(names):  # the second service's load and mix move against the first's
+            world.tps[name] = (demand if k == 0 else 30.0 - demand) * 100.0
+            world.prefill_tps[name] = world.tps[name] * (prefill_per_decode if k == 0 else 8.2 - prefill_per_decode)
+        result, state, _, _ = step(world, state, 30.0 * i, config)
+        for name in names:
+            dec = result.decision.services[name]
+            in_force = ratio_in_force(policy, 30.0 * i, dec.target_prefill, dec.target_decode, state.services[name])
+            counts = [(gs.group.num_prefill, gs.group.num_decode) for gs in world.groups[name].values()]
+            assert all(in_band(p, d, in_force) for p, d in counts), \
+                f"cycle {i}: {name}'s groups {counts} not all inside the band of {in_force:.3f} ({dec.action.value})"
+
+
+def test_a_rising_ratio_beside_a_full_domain_is_placed_at_the_ratio_the_group_can_reach():
+    """+12P/+2D at ratio 4 beside (24P, 8D), which fills its 32-GPU domain at ratio 3: that group cannot take
+    the 4 prefill ratio 4's band needs (28), so new groups open at a ratio it holds (<= 24/7), not at 4 (which
+    left no one ratio holding both groups)."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    group = DeploymentGroup("svc-s1-0", "svc", Scope.S1, "s1-0", "H20", "H20", 24, 8)
+    nodes = tuple(replace(n, free_gpus=0) if n.s1 == "s1-0" else n for n in grid(3, 4, 8))
+    plan = place(build_tree(nodes), [ScaleRequest(shape, 12, 2, (group,), prefill_per_decode=4.0)])
+    counts = [(24, 8)] + [(a.num_prefill, a.num_decode) for a in plan.actions]
+    assert all(a.kind is ActionKind.CREATE for a in plan.actions) and len(counts) > 1
+    held = nearest_ratio_in_band(counts, 4.0)
+    assert held is not None and held <= 24 / 7, counts
+
+
+def test_a_scale_out_under_a_falling_ratio_brings_a_prefill_heavy_group_into_its_band():
+    """+1P/+1D at ratio 0.7 beside (2P, 1D), placed when the ratio was higher: the group takes the decode that
+    brings it inside 0.7's band (2 <= ceil(2 x 0.7)) first; the prefill left opens a group of its own (PAIRED).
+    Before, the decode and prefill opened (1P, 1D) elsewhere and left (2P, 1D) over its band's top (1)."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    group = DeploymentGroup("svc-s1-0", "svc", Scope.S1, "s1-0", "H20", "H20", 2, 1)
+    plan = place(build_tree(grid(3, 1, 8)), [ScaleRequest(shape, 1, 1, (group,), prefill_per_decode=0.7)])
+    after = {group.name: [2, 1]}
+    for a in plan.actions:
+        after.setdefault(a.group, [0, 0])
+        after[a.group][0] += a.num_prefill
+        after[a.group][1] += a.num_decode
+    assert not plan.unplaced and after[group.name] == [2, 2], after
+    assert all(in_band(p, d, 0.7) for p, d in after.values()), after
 
 
 def test_a_prefill_only_delta_beside_a_one_decode_group_opens_a_group_with_decode():
