@@ -92,9 +92,9 @@ class FleetMetrics:
         from ray.util import metrics
 
         self.fleet = fleet
-        self.used = metrics.Gauge("heteroscale_fleet_gpus_used", "GPUs the fleet's groups hold, per GPU type",
+        self.used = metrics.Gauge("heteroscale_fleet_used_gpus", "GPUs the fleet's groups hold, per GPU type",
                                   tag_keys=("fleet", "gpu_type"))
-        self.budget = metrics.Gauge("heteroscale_fleet_gpu_budget", "the fleet's GPU budget per GPU type "
+        self.budget = metrics.Gauge("heteroscale_fleet_budget_gpus", "the fleet's GPU budget per GPU type "
                                     "(gpu_type 'total' for the whole fleet)", tag_keys=("fleet", "gpu_type"))
         self.priority = metrics.Gauge("heteroscale_fleet_service_priority", "each service's priority",
                                       tag_keys=("fleet", "service"))

@@ -13,7 +13,7 @@ import pytest
 from autoscaler.controller import HeteroScaleController
 from autoscaler.fleet_controller import FleetController
 from common import histogram, wire
-from common.config import ConfigError, FleetMember, FleetSpec, load_fleet_spec, parse_fleet_spec
+from common.config import ConfigError, FleetMember, load_fleet_spec, parse_fleet_spec
 from common.vocab import Role, group_app_name
 from heteroscale_ray.service import format_fleet_status
 from tests.conftest import EXAMPLES
@@ -175,4 +175,3 @@ def test_fleet_spec_errors_name_the_problem(tmp_path):
         parse_fleet_spec({"name": "f", "gpu_budget_by_type": {"H20": -1}, "services": [{"spec": "fleet-chat.yaml"}]},
                          EXAMPLES)
     assert isinstance(load_fleet_spec(EXAMPLES / "fleet-local.yaml").members[0], FleetMember)
-    assert FleetSpec("f", ()).members == ()

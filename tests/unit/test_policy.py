@@ -201,6 +201,25 @@ def test_equal_priorities_share_the_budget_by_demand_and_a_best_effort_floor_is_
     assert (e.action, e.target_prefill, e.target_decode) == (Action.TERMINATE_WITHDRAWN, 0, 0)
 
 
+def test_a_small_shift_of_demand_between_equal_priorities_cuts_nobody_a_large_one_does():
+    """Hysteresis on the budget's shares: both run 10P/10D of a 40-GPU budget; a's demand rises to 13 decode
+    instances. The proportional share would move one pair from b to a (a forced cut of b and a scale-out of a,
+    every time demand wobbles); within one pair of its share b keeps what it runs and a waits. When a asks 20,
+    b's share falls three pairs below what it runs: b is cut."""
+    cfg = replace(CFG, prefill_per_decode=1.0, max_step_fraction=10.0, max_prefill=30)
+    fleet = FleetConfig(services={"a": cfg, "b": cfg}, gpu_budget=40)
+    start = PolicyState(services={"a": state(10, 10), "b": state(10, 10)})
+    decision, _ = decide(start, Observation(services={"a": obs(1300), "b": obs(1000)}), NOW, fleet)
+    a, b = decision.services["a"], decision.services["b"]
+    assert (a.target_prefill, a.target_decode, a.reason) == (10, 10, Reason.BUDGET_LIMITED)
+    assert (b.action, b.target_prefill, b.target_decode) == (Action.HOLD, 10, 10)
+    decision, _ = decide(start, Observation(services={"a": obs(2000), "b": obs(1000)}), NOW, fleet)
+    a, b = decision.services["a"], decision.services["b"]
+    assert (b.action, b.reason, b.withdraw_prefill, b.withdraw_decode) == (Action.SCALE_IN, Reason.BUDGET_LIMITED,
+                                                                           3, 3)
+    assert a.target_prefill + a.target_decode + 14 <= 40
+
+
 def test_one_services_bad_data_does_not_touch_another():
     fleet = FleetConfig(services={"a": CFG, "b": CFG})
     start = PolicyState(services={"a": state(), "b": state()})
