@@ -37,7 +37,7 @@ demo: install
 	@$(VENV)/bin/heteroscale demo
 
 test: install
-	@$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q --durations=25 tests
 
 test-fast: install
 	@$(PY) -m pytest -q tests -m "not e2e"

@@ -216,6 +216,7 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     # and grown from the same old counts (each inside the band, the sum outside it).
     unplaced: tuple[Unplaced, ...] = ()
     short: tuple[Unplaced, ...] = ()  # scale-outs that found no room
+    withdrawn_to: dict[str, float] = {}
     tree = None
     if scale_out or scale_in or withdraw_requests:
         tree = build_tree(view.nodes)  # scale-in reads only tiers and frees nothing, so one tree serves all
@@ -225,7 +226,10 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                 growing = requests is scale_out
                 if requests is not scale_in:  # terminations name their own groups (the doomed ones, the rest)
                     requests = [now_held(r, routable) for r in requests]
-                placement = place(tree, requests, config.scheduler)
+                if routable:
+                    placement, withdrawn_to = _place_withdrawals(tree, requests, new_state, config)
+                else:
+                    placement = place(tree, requests, config.scheduler)
                 unplaced += placement.unplaced
                 if growing:
                     short = tuple(u for u in placement.unplaced if u.why in PREEMPTIBLE_WHY)
@@ -278,10 +282,52 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     realized = _realized(new_state, working, [u for u in unplaced if u.service not in waiting],
                          paired | raised, let_go, doomed)
     final = _ratio_follows_groups(realized, working, config)
+    if withdrawn_to:  # a soft scale-in puts in force, once terminated, the ratio its withdrawal left the groups at
+        final = replace(final, services={n: replace(st, soft=replace(st.soft, to_ratio=withdrawn_to[n]))
+                                         if n in withdrawn_to and st.soft is not None else st
+                                         for n, st in final.services.items()})
     if preempted or preempting or state.preemptions:
         final, decision = _victims_follow(final, decision, working, preempted, doomed)
         final = replace(final, preemptions=(*preempting.values(), *preempted))
     return CycleResult(decision, tuple(actions), unplaced, preempted=tuple(preempted)), final
+
+
+def _place_withdrawals(tree, requests: Sequence[ScaleRequest], state: PolicyState, config: CycleConfig
+                       ) -> tuple[Placement, dict[str, float]]:
+    """Withdrawals, each service on its own (a scale-in frees nothing, so they do not interact), and for a soft
+    scale-in that moves an adaptive ratio the ratio its groups' routable replicas hold after it: the one put in
+    force at termination. Withdrawing towards the new ratio can leave groups no one ratio holds (a group short
+    of prefill cannot gain any in a withdrawal; a target kept above what runs asked cuts the groups cannot
+    make); then the withdrawal keeps the ratio in force instead."""
+    actions: list = []
+    unplaced: list[Unplaced] = []
+    ratios: dict[str, float] = {}
+    for req in requests:
+        name = req.service.name
+        plan = place(tree, [req], config.scheduler)
+        st = state.services.get(name)
+        to_ratio = _soft_ratio(st)
+        if to_ratio is not None:
+            held = nearest_ratio_in_band(_after(req, plan), to_ratio)
+            in_force = current_ratio(config.fleet.services[name], st)
+            if held is None and in_force != req.prefill_per_decode:
+                again = place(tree, [replace(req, prefill_per_decode=in_force)], config.scheduler)
+                held = nearest_ratio_in_band(_after(req, again), in_force)
+                plan = again if held is not None else plan
+            if held is not None:
+                ratios[name] = held
+        actions += plan.actions
+        unplaced += plan.unplaced
+    return Placement(tuple(actions), tuple(unplaced)), ratios
+
+
+def _after(req: ScaleRequest, plan: Placement) -> list[tuple[int, int]]:
+    """(prefill, decode) of each group of a scale-in request after the plan's cuts (groups cut whole left out)."""
+    left = {g.name: [g.num_prefill, g.num_decode] for g in req.groups}
+    for act in plan.actions:
+        left[act.group][0] -= act.num_prefill
+        left[act.group][1] -= act.num_decode
+    return [(p, d) for p, d in left.values() if p > 0 and d > 0]
 
 
 def _preempt(tree, short: Sequence[Unplaced], scale_out: Sequence[ScaleRequest],

@@ -60,12 +60,19 @@ def totals(groups: Sequence[WorkingGroup]) -> tuple[int, int, int, int]:
 
 def terminate_withdrawn(groups: Sequence[WorkingGroup], prefill: int, decode: int) -> tuple[int, int]:
     """Terminate up to (prefill, decode) replicas that DGs hold withdrawn; returns what is left to terminate.
-    (The withdrawal chose them inside each DG's band, so terminating them leaves every DG in its band.)"""
+    (The withdrawal chose them inside each DG's band, so terminating them leaves every DG in its band.) A group
+    is never left with one role: one whose every replica is withdrawn goes whole once either role of it would
+    go whole; otherwise its last replica of a role stays."""
     for g in groups:
         take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
+        if (take_p == g.num_prefill) != (take_d == g.num_decode):  # one role would go whole, not the other
+            if (g.withdrawn_prefill, g.withdrawn_decode) == (g.num_prefill, g.num_decode):
+                take_p, take_d = g.num_prefill, g.num_decode
+            else:
+                take_p, take_d = min(take_p, g.num_prefill - 1), min(take_d, g.num_decode - 1)
         g.num_prefill, g.withdrawn_prefill = g.num_prefill - take_p, g.withdrawn_prefill - take_p
         g.num_decode, g.withdrawn_decode = g.num_decode - take_d, g.withdrawn_decode - take_d
-        prefill, decode = prefill - take_p, decode - take_d
+        prefill, decode = max(0, prefill - take_p), max(0, decode - take_d)
     return prefill, decode
 
 
@@ -161,7 +168,11 @@ def plan_service(shape: ServiceShape, ratio: float, target: tuple[int, int], wit
     kept = bool(left_p or left_d)
     if dp > 0 or dd > 0:
         out.append(ScaleRequest(shape, max(0, dp), max(0, dd), tuple(g.current() for g in groups), ratio))
-    _, _, held_p, held_d = totals(groups)
+    have_p, have_d, held_p, held_d = totals(groups)
+    # a withdrawal takes the groups down to the decision's end point (target - withdraw), never past what they
+    # hold: a target kept above them (a requester waiting for a preemption) asked more than they could give
+    withdraw = (min(withdraw[0], max(0, have_p - (target[0] - withdraw[0]))),
+                min(withdraw[1], max(0, have_d - (target[1] - withdraw[1]))))
     if (held_p, held_d) != withdraw:
         if withdraw[0] < held_p or withdraw[1] < held_d:  # restore (all), then withdraw afresh if still asked
             for g in groups:

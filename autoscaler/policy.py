@@ -347,9 +347,9 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), replace(diag, dampened=True)
         if cfg.adaptive_ratio:  # a scale-in never grows a role (a ratio that rose grows prefill in a scale-out)
             desired = (min(desired[0], current[0]), desired[1])
-    if cfg.adaptive_ratio and wanted > ratio:
-        # a scale-in never raises the ratio: groups only shrink in it, and may hold no one higher ratio after the
-        # cut; it cuts at the ratio in force, and the next cycle's scale-out grows prefill to the wanted one
+    if cfg.adaptive_ratio and wanted > ratio and cfg.soft_scale_in_window_s == 0:
+        # a hard scale-in never raises the ratio: groups only shrink in it, and may hold no one higher ratio after
+        # the cut; it cuts at the ratio in force, and the next cycle's scale-out grows prefill to the wanted one
         desired, wanted = (min(cfg.pair_for_decode(desired[1], ratio)[0], current[0]), desired[1]), ratio
     # Replicas still starting hold no request: a scale-in lowers the targets by them first, at once (Serve stops
     # replicas that are not running first), and withdraws no ready one meanwhile -- withdrawing the last ready

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from autoscaler.cycle import ClusterView, CycleConfig, GroupActionKind, GroupState
 from autoscaler.model import FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
+from autoscaler.plan import WorkingGroup, plan_service, terminate_withdrawn
 from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
 from common.vocab import DeploymentGroup, NodeInfo, Scope
@@ -110,14 +111,17 @@ def test_an_adaptive_ratio_keeps_every_group_inside_the_band_of_the_ratio_in_for
     demand moves and domains fill (two services sharing them): every group holds the ratio in force after every
     cycle. Found without it: a rising ratio beside a group whose domain was full (no prefill to add) or a scale-out
     whose decode went to a new group while a prefill-heavy one stayed over the falling ratio's band; a hard
-    scale-in that raised the ratio while groups could only shrink."""
+    scale-in that raised the ratio while groups could only shrink; a withdrawal towards a higher ratio that the
+    groups could not follow (put in force at termination all the same)."""
     names = ["svc0", "svc1"][:1 + two]
     nodes = grid(6, 2, 4) if small_domains else grid(4, 4, 8)
     policy = PolicyConfig(target_decode_tps_per_instance=100.0, prefill_per_decode=ratio, scale_out_cooldown_s=0.0,
                           scale_in_cooldown_s=0.0, soft_scale_in_window_s=soft_s, max_step_fraction=10.0,
                           max_prefill=10_000, max_decode=10_000, target_prefill_tps_per_instance=100.0,
                           ratio_range=4.0, ratio_window_s=60.0, ratio_hysteresis=0.1)
-    config = CycleConfig(FleetConfig(services={n: policy for n in names}),
+    # the second service outranks the first: whole-group preemptions and a requester's target kept above what
+    # runs while they go on
+    config = CycleConfig(FleetConfig(services={n: replace(policy, priority=k) for k, n in enumerate(names)}),
                          {n: ServiceShape(n, ("H20",), ("H20",), affinity=Scope.S1) for n in names})
     world, state = World(nodes, names), PolicyState()
     for i, (demand, prefill_per_decode) in enumerate(load):
@@ -129,6 +133,7 @@ def test_an_adaptive_ratio_keeps_every_group_inside_the_band_of_the_ratio_in_for
             dec = result.decision.services[name]
             in_force = ratio_in_force(policy, 30.0 * i, dec.target_prefill, dec.target_decode, state.services[name])
             counts = [(gs.group.num_prefill, gs.group.num_decode) for gs in world.groups[name].values()]
+            assert all(p >= 1 and d >= 1 for p, d in counts), f"cycle {i}: {name}: a group lost a role: {counts}"
             assert all(in_band(p, d, in_force) for p, d in counts), \
                 f"cycle {i}: {name}'s groups {counts} not all inside the band of {in_force:.3f} ({dec.action.value})"
 
@@ -203,3 +208,34 @@ def test_scale_in_takes_from_the_groups_over_their_band():
     plan = place(build_tree(grid(2, 2, 8)), [ScaleRequest(shape, -4, 0, groups, prefill_per_decode=2.0)])
     assert not plan.unplaced
     assert [(a.group, a.kind, a.num_prefill, a.num_decode) for a in plan.actions] == [("b", ActionKind.SHRINK, 4, 0)]
+
+
+def test_a_termination_never_leaves_a_group_with_one_role():
+    """Two groups withdrawn whole, the termination asked for less prefill than they hold withdrawn (a target
+    kept above what ran while a preemption went on): once all of the second's decode goes, its prefill goes
+    with it, rather than staying with no decode (nothing could be served there: KV never leaves a group).
+    Before, it was left (121P, 0D) and restored; a group not withdrawn whole keeps its last decode."""
+    def withdrawn(name, p, d):
+        return WorkingGroup(GroupState(DeploymentGroup(name, "svc", Scope.S1, name, "H20", "H20", p, d),
+                                       RoleCounts(withdrawn=p), RoleCounts(withdrawn=d)), p, d, p, d)
+
+    groups = [withdrawn("a", 378, 69), withdrawn("b", 121, 22)]
+    assert terminate_withdrawn(groups, 400, 91) == (0, 0)
+    assert [(g.num_prefill, g.num_decode) for g in groups] == [(0, 0), (0, 0)]
+    part = WorkingGroup(GroupState(DeploymentGroup("c", "svc", Scope.S1, "c", "H20", "H20", 10, 3),
+                                   RoleCounts(ready=2, withdrawn=8), RoleCounts(withdrawn=3)), 10, 3, 8, 3)
+    terminate_withdrawn([part], 8, 3)
+    assert (part.num_prefill, part.num_decode) == (2, 1)
+
+
+def test_a_withdrawal_never_asks_past_what_the_groups_hold():
+    """Targets (3766P, 471D) kept above what the groups hold (2582P, 471D), and a soft scale-in to (1887P, 236D):
+    the groups are asked to withdraw 695 prefill (down to 1887), not the 1879 the targets' difference says."""
+    shape = ServiceShape("svc", ("H20",), ("H20",), affinity=Scope.S1)
+    groups = [WorkingGroup.of(GroupState(DeploymentGroup(f"g{i}", "svc", Scope.S1, f"s1-{i}", "H20", "H20", p, d),
+                                         RoleCounts(ready=p), RoleCounts(ready=d)))
+              for i, (p, d) in enumerate([(1291, 236), (1291, 235)])]
+    out, terminate, withdrawing, _ = plan_service(shape, 8.0, (3766, 471), (1879, 235), groups,
+                                                  lambda *a: True)
+    assert not terminate
+    assert [(-r.delta_prefill, -r.delta_decode) for r in withdrawing] == [(695, 235)]
