@@ -226,10 +226,11 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
                 growing = requests is scale_out
                 if requests is not scale_in:  # terminations name their own groups (the doomed ones, the rest)
                     requests = [now_held(r, routable) for r in requests]
-                if routable:
-                    placement, withdrawn_to = _place_withdrawals(tree, requests, new_state, config)
-                else:
+                if growing:
                     placement = place(tree, requests, config.scheduler)
+                else:
+                    placement, held = _place_cuts(tree, requests, state, new_state, config)
+                    withdrawn_to = held if routable else withdrawn_to
                 unplaced += placement.unplaced
                 if growing:
                     short = tuple(u for u in placement.unplaced if u.why in PREEMPTIBLE_WHY)
@@ -292,27 +293,27 @@ def cycle(state: PolicyState, observation: Observation, view: ClusterView, now_s
     return CycleResult(decision, tuple(actions), unplaced, preempted=tuple(preempted)), final
 
 
-def _place_withdrawals(tree, requests: Sequence[ScaleRequest], state: PolicyState, config: CycleConfig
-                       ) -> tuple[Placement, dict[str, float]]:
-    """Withdrawals, each service on its own (a scale-in frees nothing, so they do not interact), and for a soft
-    scale-in that moves an adaptive ratio the ratio its groups' routable replicas hold after it: the one put in
-    force at termination. Withdrawing towards the new ratio can leave groups no one ratio holds (a group short
-    of prefill cannot gain any in a withdrawal; a target kept above what runs asked cuts the groups cannot
-    make); then the withdrawal keeps the ratio in force instead."""
+def _place_cuts(tree, requests: Sequence[ScaleRequest], before: PolicyState, after: PolicyState,
+                config: CycleConfig) -> tuple[Placement, dict[str, float]]:
+    """Cuts (withdrawals, or a hard scale-in's terminations), each service on its own (a scale-in frees nothing,
+    so they do not interact), and for a service on the adaptive ratio the ratio its groups hold after the cut:
+    for a withdrawal, the one put in force at termination. Cutting towards a new ratio can leave groups no one
+    ratio holds (a group short of prefill cannot gain any in a cut; a target kept above what runs asked cuts the
+    groups cannot make); then the cut goes at the ratio in force before the decision instead."""
     actions: list = []
     unplaced: list[Unplaced] = []
     ratios: dict[str, float] = {}
     for req in requests:
         name = req.service.name
         plan = place(tree, [req], config.scheduler)
-        st = state.services.get(name)
-        to_ratio = _soft_ratio(st)
-        if to_ratio is not None:
-            held = nearest_ratio_in_band(_after(req, plan), to_ratio)
-            in_force = current_ratio(config.fleet.services[name], st)
-            if held is None and in_force != req.prefill_per_decode:
-                again = place(tree, [replace(req, prefill_per_decode=in_force)], config.scheduler)
-                held = nearest_ratio_in_band(_after(req, again), in_force)
+        cfg, st = config.fleet.services[name], after.services.get(name)
+        if cfg.adaptive_ratio:
+            aim = _soft_ratio(st) or req.prefill_per_decode
+            held = nearest_ratio_in_band(_after(req, plan), aim)
+            old = current_ratio(cfg, before.services.get(name))
+            if held is None and old != req.prefill_per_decode:
+                again = place(tree, [replace(req, prefill_per_decode=old)], config.scheduler)
+                held = nearest_ratio_in_band(_after(req, again), old)
                 plan = again if held is not None else plan
             if held is not None:
                 ratios[name] = held
@@ -386,7 +387,9 @@ def _ratio_follows_groups(state: PolicyState, working: dict[str, dict[str, Worki
         if cfg is None or not cfg.adaptive_ratio or st.soft is not None:
             continue
         in_force = current_ratio(cfg, st)
-        counts = [(g.num_prefill, g.num_decode) for g in working.get(name, {}).values() if g.num_prefill and g.num_decode]
+        counts = [(g.num_prefill, g.num_decode) for g in working.get(name, {}).values()  # the groups that serve
+                  if g.num_prefill and g.num_decode
+                  and (g.withdrawn_prefill, g.withdrawn_decode) != (g.num_prefill, g.num_decode)]
         ratio = nearest_ratio_in_band(counts, in_force) if counts else None
         if ratio is not None and ratio != in_force:
             services[name] = replace(st, prefill_per_decode=ratio)
