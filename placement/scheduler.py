@@ -161,7 +161,7 @@ def _take_moe_prefill(tree: TopologyTree, domain: Domain, free: dict[str, int], 
     chosen = None
     for _ in range(count):
         done = False
-        for s1 in sorted(s1s, key=lambda s: (tree.domain(Scope.S1, s).free_gpus(), s)):
+        for s1 in sorted(s1s, key=lambda s: (tree.free_gpus(tree.domain(Scope.S1, s)), s)):
             sub = tree.domain(Scope.S1, s1)
             for attn_type in moe.attn_gpu_types:
                 for ffn_type in moe.ffn_gpu_types:
@@ -195,7 +195,10 @@ class _Fit:
 
 
 def _capacity(domain: Domain, gpu_type: str, gpus_each: int, free: dict[str, int]) -> int:
-    return sum(free[n.node_id] // gpus_each for n in domain.by_type.get(gpu_type, ()))
+    ids = domain.ids_by_type.get(gpu_type, ())
+    if gpus_each == 1:
+        return sum(map(free.__getitem__, ids))
+    return sum(f // gpus_each for f in map(free.__getitem__, ids))
 
 
 def _need(tree: TopologyTree, svc: ServiceShape, p: int, d: int, ptype: str, dtype: str,
@@ -256,7 +259,7 @@ def _try(tree: TopologyTree, domain: Domain, svc: ServiceShape, p: int, d: int, 
             else:
                 exact = None
             if exact is not None:
-                fit = _Fit(domain, group, ptype, dtype, pi + di, free_after=domain.free_gpus() - demand)
+                fit = _Fit(domain, group, ptype, dtype, pi + di, free_after=tree.free_gpus(domain) - demand)
                 if exact and _within_budget(tree, fit, svc, p, d):
                     return fit
                 continue

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import compress
+from operator import is_not
+from types import MappingProxyType
 from typing import Iterable, Mapping
 
 from common.vocab import CLUSTER_DOMAIN, NodeInfo, Scope
@@ -25,28 +28,20 @@ class Tier(IntEnum):
     HIGH = 2
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Domain:
-    """A network domain at one scope with its nodes (mutable free counts: the scheduler's virtual allocation)."""
+    """A network domain at one scope: its nodes, by GPU type. Structure only, shared by every tree built over
+    the same fleet; the free GPUs are the tree's (`TopologyTree.free`, `TopologyTree.free_gpus`)."""
 
     scope: str
     name: str
     tier: Tier
-    nodes: list[NodeInfo]
-    free: dict[str, int] = field(default_factory=dict)  # node_id -> free GPUs (virtually allocated)
-    by_type: dict[str, list[NodeInfo]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.by_type:
-            for node in self.nodes:
-                self.by_type.setdefault(node.gpu_type, []).append(node)
+    nodes: tuple[NodeInfo, ...]
+    by_type: Mapping[str, tuple[NodeInfo, ...]]
+    ids_by_type: Mapping[str | None, tuple[str, ...]]  # node ids per GPU type, and all of them under None
 
     def gpu_types(self) -> set[str]:
         return set(self.by_type)
-
-    def free_gpus(self, gpu_type: str | None = None) -> int:
-        nodes = self.nodes if gpu_type is None else self.by_type.get(gpu_type, [])
-        return sum(self.free[n.node_id] for n in nodes)
 
 
 @dataclass
@@ -80,7 +75,7 @@ class Budget:
 class TopologyTree:
     nodes: dict[str, NodeInfo]
     s1_parent: dict[str, str]  # S1 -> S2
-    domains: dict[tuple[str, str], Domain]  # (scope, name) -> Domain; all share one `free` map
+    domains: Mapping[tuple[str, str], Domain]  # (scope, name) -> Domain (read-only, shared with other trees)
     free: dict[str, int]
     budget: Budget | None = None  # the fleet's GPU budget left (set by the caller); None: only free GPUs limit
 
@@ -91,6 +86,10 @@ class TopologyTree:
             known = sorted(n for s, n in self.domains if s == scope)
             raise KeyError(f"no {scope} domain {name!r} (known: {known[:20]})") from None
 
+    def free_gpus(self, domain: Domain, gpu_type: str | None = None) -> int:
+        """Free GPUs (as virtually allocated so far) on the domain's nodes, of `gpu_type` only if given."""
+        return sum(map(self.free.__getitem__, domain.ids_by_type.get(gpu_type, ())))
+
     def domains_at(self, scope: str) -> list[Domain]:
         return [d for (s, _), d in self.domains.items() if s == scope]
 
@@ -99,7 +98,7 @@ class TopologyTree:
 
 
 _SHAPES: dict[tuple, tuple] = {}  # the last few fleets' domain structure (it changes far less than free GPUs)
-_LAST: list = [(), None]  # the last nodes seen and their structure
+_LAST: list = [(), None, {}]  # the last nodes seen, their structure and their free GPUs
 
 
 def _static(n: NodeInfo) -> tuple:
@@ -109,12 +108,20 @@ def _static(n: NodeInfo) -> tuple:
 
 def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
     """Group nodes into S1/S2/cluster domains and classify each domain's tier. Raises on inconsistent labels.
-    The structure is reused while the nodes' ids, types, sizes and domains stay the same; free GPUs are
-    always read afresh."""
+    The structure is reused while the nodes' ids, types, sizes and domains stay the same, and free GPUs are
+    read afresh from the nodes that are not the very objects seen last time (a control loop replaces only the
+    nodes whose free GPUs moved): on a 3,200-node fleet a cycle touches a few nodes, not all of them."""
     nodes = tuple(nodes)
-    last_nodes, last_shape = _LAST
-    if len(last_nodes) == len(nodes) and all(a is b or _static(a) == _static(b) for a, b in zip(nodes, last_nodes)):
-        shape = last_shape  # the same fleet as last time (only free GPUs moved): no key to build
+    last_nodes, last_shape, last_free = _LAST
+    moved = None
+    if len(last_nodes) == len(nodes):
+        changed = list(compress(range(len(nodes)), map(is_not, nodes, last_nodes)))
+        if all(_static(nodes[i]) == _static(last_nodes[i]) for i in changed):
+            moved = [nodes[i] for i in changed]
+    if moved is not None:
+        shape, free = last_shape, dict(last_free)  # the same fleet as last time (only free GPUs moved)
+        for n in moved:
+            free[n.node_id] = n.free_gpus
     else:
         key = tuple(map(_static, nodes))
         shape = _SHAPES.get(key)
@@ -122,12 +129,11 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
             if len(_SHAPES) >= 4:
                 _SHAPES.pop(next(iter(_SHAPES)))
             shape = _SHAPES[key] = _shape(nodes)
-    _LAST[:] = [nodes, shape]
-    by_id, s1_parent, parts = shape
-    free = {n.node_id: n.free_gpus for n in nodes}
-    domains = {(scope, name): Domain(scope, name, tier, members, free, by_type)
-               for scope, name, tier, members, by_type in parts}
-    return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=free)
+        free = {n.node_id: n.free_gpus for n in nodes}
+    _LAST[:] = [nodes, shape, free]
+    by_id, s1_parent, domains = shape
+    # the tree's own free map (the scheduler allocates on it virtually); the one kept stays as read
+    return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=dict(free))
 
 
 def _shape(nodes: tuple[NodeInfo, ...]) -> tuple:
@@ -156,10 +162,14 @@ def _shape(nodes: tuple[NodeInfo, ...]) -> tuple:
     parts = [(Scope.S1, s1, Tier.HIGH if s1 in hetero_s1 else s2_tier[s1_parent[s1]], ns) for s1, ns in s1_nodes.items()]
     parts += [(Scope.S2, s2, s2_tier[s2], ns) for s2, ns in s2_nodes.items()]
     parts.append((Scope.CLUSTER, CLUSTER_DOMAIN, Tier.LOW, list(by_id.values())))
-    indexed = []
+    domains = {}
     for scope, name, tier, members in parts:
         by_type: dict[str, list[NodeInfo]] = {}
         for node in members:
             by_type.setdefault(node.gpu_type, []).append(node)
-        indexed.append((scope, name, tier, members, by_type))
-    return by_id, s1_parent, indexed
+        ids = {t: tuple(n.node_id for n in ns) for t, ns in by_type.items()}
+        ids[None] = tuple(n.node_id for n in members)
+        domains[(scope, name)] = Domain(scope, name, tier, tuple(members),
+                                        MappingProxyType({t: tuple(ns) for t, ns in by_type.items()}),
+                                        MappingProxyType(ids))
+    return by_id, s1_parent, MappingProxyType(domains)

@@ -284,6 +284,16 @@ def previous_day(day: Scenario) -> Scenario:
     return day_of(base, k - 1)
 
 
+def starts_cold(day: Scenario) -> bool:
+    """Whether a controller's history begins on `day` (made by `day_of`): the day before the earlier of its
+    scenario's tuning and scoring days, the first day a controller of the held-out protocol runs."""
+    if day.name not in _DAYS:
+        raise ValueError(f"scenario {day.name!r} is not a day made by day_of")
+    base, k = _DAYS[day.name]
+    spec = base.days or DaySpec()
+    return k <= min(spec.tuning_day, spec.scoring_day) - 1
+
+
 def tuning_and_scoring(scenario: Scenario) -> tuple[Scenario, Scenario]:
     """The held-out protocol's two days of a scenario: settings come from the first, scores from the second."""
     spec = scenario.days or DaySpec()

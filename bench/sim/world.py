@@ -19,7 +19,7 @@ from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyCon
 from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
 from bench.sim.curation import Stress, curate
-from bench.sim.days import previous_day
+from bench.sim.days import previous_day, starts_cold
 from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account, attainment, choose,
                              combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
@@ -281,14 +281,18 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
                     ) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
     settings curated on `tuned_on` (default: this scenario), see `cycle_config`; `adaptive`: the adaptive or
-    the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' run on the day before,
-    `history`); None: what `ours_mode` chooses on `tuned_on`."""
+    the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' runs on the days before,
+    `_history`); None: what `ours_mode` chooses on `tuned_on`."""
     if adaptive is None or predict is None:
         chosen = ours_mode(tuned_on or scenario)[0]
         adaptive = chosen["adaptive"] if adaptive is None else adaptive
         predict = chosen["predict"] if predict is None else predict
-    history = _history(scenario, tuned_on or scenario, adaptive) if predict else None
-    return _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict), record, history)[0]
+    tuned_on = tuned_on or scenario
+    history = _history(scenario, tuned_on, adaptive) if predict else None
+    result, state = _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict), record, history)
+    if predict and headroom is None and (scenario.name, tuned_on.name, adaptive) not in _HISTORY:
+        _keep_history((scenario.name, tuned_on.name, adaptive), state)  # the next day's history: the same run
+    return result
 
 
 def run_config(scenario: Scenario, config: CycleConfig, uncoordinated: bool = False) -> PolicyResult:
@@ -358,19 +362,29 @@ _HISTORY: dict[tuple[str, str, bool], dict] = {}
 
 
 def _history(day: Scenario, tuned_on: Scenario, adaptive: bool) -> dict | None:
-    """The forecast profiles ours learned running the day before `day` (settings from `tuned_on`, its own
-    forecast cold): service -> Profile; None where `day` has no day before (not made by `day_of`)."""
+    """The forecast profiles ours carries into `day`: those its run on the day before left (settings from
+    `tuned_on`, the forecast on), that run itself carrying the day before's, back to the day it started cold
+    (`bench.sim.days.starts_cold`: the eve of the held-out protocol's first day), as a controller that runs on
+    from day to day would. service -> Profile; None where `day` starts cold or has no day before (not made by
+    `day_of`)."""
     try:
         before = previous_day(day)
     except ValueError:
         return None
+    if starts_cold(day):
+        return None
     key = (before.name, tuned_on.name, adaptive)
     if key not in _HISTORY:
-        _, state = _run(before, cycle_config(before, tuned_on, None, adaptive, True))
-        if len(_HISTORY) >= 8:
-            _HISTORY.pop(next(iter(_HISTORY)))
-        _HISTORY[key] = {name: st.profile for name, st in state.services.items() if st.profile is not None}
+        _, state = _run(before, cycle_config(before, tuned_on, None, adaptive, True),
+                        history=_history(before, tuned_on, adaptive))
+        _keep_history(key, state)
     return _HISTORY[key]
+
+
+def _keep_history(key: tuple[str, str, bool], state: PolicyState) -> None:
+    if len(_HISTORY) >= 8:
+        _HISTORY.pop(next(iter(_HISTORY)))
+    _HISTORY[key] = {name: st.profile for name, st in state.services.items() if st.profile is not None}
 
 
 _MODES: dict[str, tuple[dict, list[dict]]] = {}

@@ -45,7 +45,7 @@ def _live_pgs():
 def test_tree_from_live_nodes(cluster):
     tree = build_tree(live_nodes())
     assert len(tree.nodes) == 3  # the head has no accelerator labels
-    assert tree.domain("s1", "s1-a").tier is Tier.HIGH and tree.domain("s1", "s1-a").free_gpus("L20") == 2
+    assert tree.domain("s1", "s1-a").tier is Tier.HIGH and tree.free_gpus(tree.domain("s1", "s1-a"), "L20") == 2
 
 
 def test_placed_batch_lands_in_its_domain_on_its_types(cluster):

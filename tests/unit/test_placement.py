@@ -45,6 +45,29 @@ def test_subgroup_tiers():
     assert tiers[("cluster", "*")] is Tier.LOW
 
 
+def test_a_tree_reads_the_free_gpus_of_the_nodes_that_moved_and_never_those_a_scheduler_allocated():
+    """build_tree reuses the last tree's structure and free counts where the nodes are the very same objects:
+    a node replaced with new free GPUs is read afresh, a node relabelled rebuilds the structure, and what a
+    scheduler allocated on one tree never shows in the next."""
+    from dataclasses import replace
+
+    fleet_nodes = nodes("s2-a", "a1", "L20", 3) + nodes("s2-b", "b1", "H20", 2)
+    first = build_tree(fleet_nodes)
+    first.free["a1-L20-0"] = 0  # a scheduler's virtual allocation on the first tree
+    moved = list(fleet_nodes)
+    moved[1] = replace(moved[1], free_gpus=5)
+    second = build_tree(moved)
+    assert second.free == {**{n.node_id: 8 for n in fleet_nodes}, "a1-L20-1": 5}
+    assert second.free_gpus(second.domain(Scope.S1, "a1")) == 8 + 5 + 8
+    assert first.free["a1-L20-0"] == 0 and first.free_gpus(first.domain(Scope.S1, "a1")) == 0 + 8 + 8
+    relabelled = list(moved)
+    relabelled[4] = replace(relabelled[4], s1="a1", s2="s2-a")
+    third = build_tree(relabelled)
+    assert third.domain(Scope.S1, "a1").gpu_types() == {"L20", "H20"}
+    assert third.domain(Scope.S1, "a1").tier is Tier.HIGH and third.free == second.free
+    assert build_tree(fleet_nodes).free == {n.node_id: 8 for n in fleet_nodes}
+
+
 def test_each_service_takes_the_lowest_tier_that_satisfies_it():
     plan = place(fleet(), [ScaleRequest(HETERO_S1, 1, 3), ScaleRequest(HETERO_S2, 1, 3), ScaleRequest(HOMO, 1, 3)])
     by = {a.service: a for a in plan.actions}
@@ -62,7 +85,7 @@ def test_virtual_allocation_within_a_cycle_serves_priority_first():
     plan = place(tree, [ScaleRequest(other, 8, 16), ScaleRequest(vip, 8, 16)])  # x1 holds 16 L20 + 16 H20
     assert [a.service for a in plan.actions] == ["vip"]
     assert plan.unplaced[0].service == "other" and plan.unplaced[0].why is Why.NO_CAPACITY
-    assert tree.domain("s1", "x1").free_gpus("H20") == 0
+    assert tree.free_gpus(tree.domain("s1", "x1"), "H20") == 0
 
 
 def test_grow_an_existing_group_before_opening_a_new_one():
