@@ -645,7 +645,9 @@ class PolicyResult:
     met_tbt: float = 0.0
     num_scale_actions: int = 0
     ratio_violations: int = 0  # service-ticks whose P:D totals left the ratio rule
-    dg_ratio_violations: int | None = None  # DG-ticks outside the ratio band (None: the policy places no DGs)
+    # DG-ticks outside the ratio band of the ratio in force, over the DGs that route requests (a DG withdrawn
+    # whole, draining to go, serves nothing and is not counted); None: the policy places no DGs
+    dg_ratio_violations: int | None = None
     max_unheld_gpus: int = 0  # most GPUs a DG's instances lacked on its domain's nodes (over-subscription)
     unplaced: int = 0
     num_preemptions: int = 0  # whole groups a higher priority took (`autoscaler.fleet`)

@@ -37,6 +37,11 @@ class SimGroup(Instances):
     def routable(self) -> tuple[int, int]:
         return max(0, self.ready_prefill - self.withdrawn_prefill), max(0, self.ready_decode - self.withdrawn_decode)
 
+    @property
+    def withdrawn_whole(self) -> bool:
+        """Every replica withdrawn (draining to go, a preempted group among them): it routes nothing."""
+        return (self.withdrawn_prefill, self.withdrawn_decode) == (self.group.num_prefill, self.group.num_decode)
+
     def state(self) -> GroupState:
         pending_p, pending_d = self.pending_counts()
         return GroupState(self.group,
@@ -350,7 +355,7 @@ def _run(scenario: Scenario, config: CycleConfig, record: list[CycleRecord] | No
             if not policy.ratio_holds(dec.target_prefill, dec.target_decode, ratio):
                 result.ratio_violations += 1
             result.dg_ratio_violations += sum(not in_band(g.group.num_prefill, g.group.num_decode, ratio)
-                                              for g in world.groups[name].values())
+                                              for g in world.groups[name].values() if not g.withdrawn_whole)
         result.unplaced += len(cycle_result.unplaced)
         world.serve(t, result)
         t += scenario.tick_s
