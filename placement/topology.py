@@ -98,7 +98,9 @@ class TopologyTree:
 
 
 _SHAPES: dict[tuple, tuple] = {}  # the last few fleets' domain structure (it changes far less than free GPUs)
-_LAST: list = [(), None, {}]  # the last nodes seen, their structure and their free GPUs
+# The last nodes seen, their structure and their free GPUs: one tuple, read once and replaced whole, so threads
+# building trees at once each see a consistent triple (the last writer's stays)
+_LAST: tuple = ((), None, {})
 
 
 def _static(n: NodeInfo) -> tuple:
@@ -111,6 +113,7 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
     The structure is reused while the nodes' ids, types, sizes and domains stay the same, and free GPUs are
     read afresh from the nodes that are not the very objects seen last time (a control loop replaces only the
     nodes whose free GPUs moved): on a 3,200-node fleet a cycle touches a few nodes, not all of them."""
+    global _LAST
     nodes = tuple(nodes)
     last_nodes, last_shape, last_free = _LAST
     moved = None
@@ -130,7 +133,7 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
                 _SHAPES.pop(next(iter(_SHAPES)))
             shape = _SHAPES[key] = _shape(nodes)
         free = {n.node_id: n.free_gpus for n in nodes}
-    _LAST[:] = [nodes, shape, free]
+    _LAST = (nodes, shape, free)
     by_id, s1_parent, domains = shape
     # the tree's own free map (the scheduler allocates on it virtually); the one kept stays as read
     return TopologyTree(nodes=by_id, s1_parent=s1_parent, domains=domains, free=dict(free))
