@@ -388,8 +388,7 @@ def _ratio_follows_groups(state: PolicyState, working: dict[str, dict[str, Worki
             continue
         in_force = current_ratio(cfg, st)
         counts = [(g.num_prefill, g.num_decode) for g in working.get(name, {}).values()  # the groups that serve
-                  if g.num_prefill and g.num_decode
-                  and (g.withdrawn_prefill, g.withdrawn_decode) != (g.num_prefill, g.num_decode)]
+                  if g.num_prefill and g.num_decode and not g.withdrawn_whole]
         ratio = nearest_ratio_in_band(counts, in_force) if counts else None
         if ratio is not None and ratio != in_force:
             services[name] = replace(st, prefill_per_decode=ratio)

@@ -45,6 +45,11 @@ class WorkingGroup:
         return (min(self.base.prefill.pending, self.num_prefill - self.withdrawn_prefill),
                 min(self.base.decode.pending, self.num_decode - self.withdrawn_decode))
 
+    @property
+    def withdrawn_whole(self) -> bool:
+        """Every replica withdrawn (a scale-in's before termination, or preempted): the group serves nothing."""
+        return (self.withdrawn_prefill, self.withdrawn_decode) == (self.num_prefill, self.num_decode)
+
     def routable(self) -> DeploymentGroup:
         return replace(self.base.group, num_prefill=self.num_prefill - self.withdrawn_prefill,
                        num_decode=self.num_decode - self.withdrawn_decode)
@@ -66,7 +71,7 @@ def terminate_withdrawn(groups: Sequence[WorkingGroup], prefill: int, decode: in
     for g in groups:
         take_p, take_d = min(prefill, g.withdrawn_prefill), min(decode, g.withdrawn_decode)
         if (take_p == g.num_prefill) != (take_d == g.num_decode):  # one role would go whole, not the other
-            if (g.withdrawn_prefill, g.withdrawn_decode) == (g.num_prefill, g.num_decode):
+            if g.withdrawn_whole:
                 take_p, take_d = g.num_prefill, g.num_decode
             else:
                 take_p, take_d = min(take_p, g.num_prefill - 1), min(take_d, g.num_decode - 1)
