@@ -15,8 +15,9 @@
    policy never scales it out (tried: headroom 0.95 with a 10 % band held a saturated service for hours).
 3. Pick per service the candidate with the fewest GPU-hours among those meeting the TTFT and TBT goal (else
    the best attainment; ties go to the earlier candidate, decode TPS first, the paper's choice).
-Our policy in the simulator (`bench.sim.world.cycle_config`) uses each service's curated decode target (the
-cheapest decode-TPS headroom that met the goal) and ratio; `curate` is memoized per scenario.
+Our policy in the simulator (`bench.sim.world.cycle_config`, `ours_stress`) uses each service's curated decode
+target (the cheapest decode-TPS headroom that met the goal) and ratio: it needs only the decode-TPS candidates'
+runs. The runs are memoized per scenario.
 Pure Python; no clock.
 """
 
@@ -152,36 +153,62 @@ def _best(rows: dict[str, list[float]], names) -> str:
     return min(meeting, key=lambda m: rows[m][0]) if meeting else max(names, key=lambda m: _attainment(rows[m]))
 
 
-_CACHE: dict[Scenario, dict] = {}
+_RUNS: dict[tuple[Scenario, str], PolicyResult] = {}  # (tuning day, candidate) -> its run
+_STRESS: dict[tuple[Scenario, tuple[float, float]], dict[str, Stress]] = {}
+
+
+def _stress(scenario: Scenario, setting: tuple[float, float]) -> dict[str, Stress]:
+    key = (scenario, setting)
+    if key not in _STRESS:
+        _STRESS[key] = stress_all(scenario, *setting)
+    return _STRESS[key]
+
+
+def _runs(scenario: Scenario, names, progress=None) -> dict[str, PolicyResult]:
+    """The candidates' runs on `scenario` (memoized: ours' settings need only the decode-TPS ones, the report
+    all of them), keeping the last four scenarios'."""
+    from bench.sim.baselines import run_reactive
+
+    for name in names:
+        if (scenario, name) not in _RUNS:
+            if progress:
+                progress(f"curation: simulating the {name} candidate on {scenario.name} ...")
+            metric, headroom, band = CANDIDATES[name]
+            _RUNS[(scenario, name)] = run_reactive(scenario, _candidate(metric, _stress(scenario, (headroom, band))))
+    for memo in (_RUNS, _STRESS):
+        kept = list(dict.fromkeys(k[0] for k in memo))[-4:]
+        for k in [k for k in memo if k[0] not in kept]:
+            del memo[k]
+    return {name: _RUNS[(scenario, name)] for name in names}
+
+
+DECODE_CANDIDATES = tuple(m for m in CANDIDATES if m.startswith("decode_tps@"))
+
+
+def _decode_pick(scenario: Scenario, rows) -> tuple[str, Stress]:
+    pick = _best(rows, DECODE_CANDIDATES)
+    return pick, _stress(scenario, CANDIDATES[pick][1:])
+
+
+def ours_stress(scenario: Scenario) -> dict[str, Stress]:
+    """Our policy's settings per service: the stress test at the cheapest decode-TPS candidate that met the
+    goal on `scenario` (the tuning day); runs only the decode-TPS candidates."""
+    runs = _runs(scenario, DECODE_CANDIDATES)
+    return {svc.name: _decode_pick(scenario, {m: runs[m].by_service[svc.name] for m in DECODE_CANDIDATES})[1][svc.name]
+            for svc in scenario.services}
 
 
 def curate(scenario: Scenario, progress=None) -> dict:
-    """Stress-test every service, simulate the candidates, pick per service; the JSON-ready report, with
-    `stress[service]`: the Stress our policy uses (memoized per scenario)."""
-    if scenario not in _CACHE:
-        if len(_CACHE) >= 4:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[scenario] = _curate(scenario, progress)
-    return _CACHE[scenario]
-
-
-def _curate(scenario: Scenario, progress) -> dict:
-    from bench.sim.baselines import run_reactive
-
-    stress = {setting: stress_all(scenario, *setting) for setting in {c[1:] for c in CANDIDATES.values()}}
-    runs: dict[str, PolicyResult] = {}
-    for name, (metric, headroom, band) in CANDIDATES.items():
-        if progress:
-            progress(f"curation: simulating the {name} candidate on {scenario.name} ...")
-        runs[name] = run_reactive(scenario, _candidate(metric, stress[(headroom, band)]))
+    """Stress-test every service, simulate every candidate, pick per service; the JSON-ready report, with
+    `stress[service]`: the Stress our policy uses (`ours_stress`)."""
+    runs = _runs(scenario, CANDIDATES, progress)
     services, chosen_counts, ours = {}, {m: 0 for m in CANDIDATES}, {}
-    decode_names = [m for m in CANDIDATES if m.startswith("decode_tps@")]
     for svc in scenario.services:
         rows = {m: runs[m].by_service[svc.name] for m in CANDIDATES}
         chosen = _best(rows, CANDIDATES)
         chosen_counts[chosen] += 1
-        decode_pick = _best(rows, decode_names)
-        ours[svc.name] = stress[CANDIDATES[decode_pick][1:]][svc.name]
+        decode_pick, stress = _decode_pick(scenario, rows)
+        ours[svc.name] = stress[svc.name]
         services[svc.name] = {
             "stress": {k: round(v, 4) for k, v in asdict(ours[svc.name]).items()}, "chosen": chosen,
             "decode_tps_setting": decode_pick,
@@ -192,7 +219,7 @@ def _curate(scenario: Scenario, progress) -> dict:
         s = runs[m].summary()
         fleet[m] = {k: s[k] for k in ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "avg_gpu_util",
                                       "worst_service_attainment")}
-    met = [m for m in decode_names
+    met = [m for m in DECODE_CANDIDATES
            if min(fleet[m]["slo_attainment_ttft"], fleet[m]["slo_attainment_tbt"]) >= TTFT_GOAL]
     util_met = min(fleet["gpu_util"]["slo_attainment_ttft"], fleet["gpu_util"]["slo_attainment_tbt"]) >= TTFT_GOAL
     return {"candidates": fleet, "chosen_per_service": chosen_counts, "services": services, "stress": ours,

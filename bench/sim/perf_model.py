@@ -31,6 +31,7 @@ Relative hourly cost (H100 = 1.0) is an assumption for comparing policies, not a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -84,21 +85,21 @@ class ModelShape:
     intermediate: int
     vocab: int
 
-    @property
+    @functools.cached_property
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    @property
+    @functools.cached_property  # frozen: computed once (the simulator asks per tick)
     def params(self) -> float:
         attn = self.hidden * self.hidden * 2 + self.hidden * self.kv_heads * self.head_dim * 2
         mlp = 3 * self.hidden * self.intermediate
         return self.layers * (attn + mlp) + 2 * self.vocab * self.hidden
 
-    @property
+    @functools.cached_property
     def weight_bytes(self) -> float:
         return self.params * BYTES_BF16
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> float:
         return 2 * self.layers * self.kv_heads * self.head_dim * BYTES_BF16
 
@@ -130,15 +131,19 @@ class Instance:
                              f"({self.model.weight_bytes / 1e9:.0f} GB of weights, "
                              f"{self.gpu.mem_gb * self.tp * self.kv_mem_fraction:.0f} GB usable)")
 
-    @property
+    @functools.cached_property
     def flops(self) -> float:
         return self.gpu.bf16_tflops * 1e12 * self.tp
 
-    @property
+    @functools.cached_property
     def bandwidth(self) -> float:
         return self.gpu.mem_bw_tbps * 1e12 * self.tp
 
     def kv_capacity_tokens(self) -> int:
+        return self._kv_capacity_tokens
+
+    @functools.cached_property
+    def _kv_capacity_tokens(self) -> int:
         free = self.gpu.mem_gb * 1e9 * self.tp * self.kv_mem_fraction - self.model.weight_bytes
         return int(free // self.model.kv_bytes_per_token)
 

@@ -3,8 +3,11 @@ day and scored on its scoring day, scored per deployment group, each policy repo
 front of GPU-hours against attainment.
 
 Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
-- ours (`heteroscale`): curated on the tuning day (`bench.sim.curation`), scored on the scoring day; its front
-  sweeps the decode headroom over `HEADROOM_GRID` (target = capacity / h, the curated ratio kept);
+- ours (`heteroscale`): each mode (`bench.sim.world.MODES`: fixed or adaptive ratio, with or without the
+  forecast) curated on the tuning day (`bench.sim.curation`) and run there; the one the tuning day chooses is
+  scored on the scoring day, and so is the fixed ratio (the paper's policy, the reference issue 22's mix-drift
+  goal names); ours' front sweeps the chosen mode's decode headroom over `OURS_FRONT` (target = capacity / h,
+  the curated ratio kept) and holds every point of ours scored;
 - each baseline: every setting of its grid (`bench.sim.baselines.GRIDS`) on the tuning day picks its point (the
   cheapest meeting the 99 % goal, our curation's rule); every setting on the scoring day makes its front;
 - `static_peak`: sized for the tuning day's peak; `oracle`: per tick the fewest instances meeting a per-tick
@@ -34,9 +37,7 @@ from bench.sim.world import MODES, run_heteroscale
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
 OURS_FRONT = (1.02, 1.06, 1.1, 1.2)  # decode headrooms of ours' front (its curated point is the other one)
-# ours' modes (fixed or adaptive ratio, with or without the forecast): the tuning day chooses; the fronts over
-# the decode headroom are run for the paper's mode and for both additions together
-FRONT_MODES = ({"adaptive": False, "predict": False}, {"adaptive": True, "predict": True})
+FIXED = MODES[0]  # the paper's mode: fixed ratio, no forecast
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
         "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
 
@@ -78,16 +79,23 @@ def _run(task: tuple) -> tuple[dict, float]:
 
 def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
     """Every run of one scenario in one process (a worker), so they share its capacities and memos (the same
-    rates at the same ticks): (path, its report, seconds). With `show`, one line per run on stderr."""
+    rates at the same ticks): (path, its report, seconds). With `show`, one line per run on stderr. Ours'
+    scoring-day runs follow its tuning-day runs (the mode they choose)."""
     path, show = job
     began, done = time.perf_counter(), {}
-    for task in _tasks(path):
-        done[task], spent = _run(task)
-        # What the runs keep (the scenario's capacities and memos, ~2 GB of small objects) holds no cycles to
-        # collect: out of the collector's sight, its full passes no longer walk it (a fifth of a run's time)
-        gc.freeze()
-        if show:
-            print(f"  {Path(path).stem}: {task[1]} on the {task[2]} day ({spent:.1f} s)", file=sys.stderr, flush=True)
+
+    def run(tasks):
+        for task in tasks:
+            done[task], spent = _run(task)
+            # What the runs keep (the scenario's capacities and memos, ~2 GB of small objects) holds no cycles to
+            # collect: out of the collector's sight, its full passes no longer walk it (a fifth of a run's time)
+            gc.freeze()
+            if show:
+                print(f"  {Path(path).stem}: {task[1]} on the {task[2]} day ({spent:.1f} s)", file=sys.stderr,
+                      flush=True)
+
+    run(_tune_tasks(path))
+    run(_score_tasks(path, _chosen(path, done)))
     report = _scenario_report(path, done)
     _SCENARIOS.clear()
     gc.unfreeze()
@@ -95,11 +103,9 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
     return path, report, time.perf_counter() - began
 
 
-def _tasks(path: str) -> list[tuple]:
+def _tune_tasks(path: str) -> list[tuple]:
+    """Ours in every mode on the tuning day, then every other run that does not wait on ours' choice."""
     tasks = [(path, "heteroscale", "tune", _key(mode)) for mode in MODES]
-    tasks += [(path, "heteroscale", "score", _key(mode | {"headroom": None})) for mode in MODES]
-    tasks += [(path, "heteroscale", "score", _key(mode | {"headroom": 1 / h})) for mode in FRONT_MODES
-              for h in OURS_FRONT]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:
@@ -107,6 +113,32 @@ def _tasks(path: str) -> list[tuple]:
                 tasks.append((path, name, "tune", _key(setting)))
             tasks.append((path, name, "score", _key(setting)))
     return tasks
+
+
+def _ours_scored(mode: dict) -> list[dict]:
+    """Ours' settings scored on the scoring day when the tuning day chose `mode`: it at its curated headroom
+    and over `OURS_FRONT`, and the fixed ratio (the paper's mode) at its curated headroom."""
+    settings = [mode | {"headroom": None}] + [mode | {"headroom": 1 / h} for h in OURS_FRONT]
+    return settings + ([FIXED | {"headroom": None}] if mode != FIXED else [])
+
+
+def _score_tasks(path: str, mode: dict) -> list[tuple]:
+    return [(path, "heteroscale", "score", _key(setting)) for setting in _ours_scored(mode)]
+
+
+def _tried(path: str, done: dict) -> list[dict]:
+    return [{"attainment": attainment(s), "gpu_hours": s["gpu_hours"], "setting": m}
+            for m in MODES for s in [done[(path, "heteroscale", "tune", _key(m))]]]
+
+
+def _chosen(path: str, done: dict) -> dict:
+    """Ours' mode as the tuning day chooses it (`bench.sim.world.ours_mode`'s rule)."""
+    return choose(_tried(path, done))["setting"]
+
+
+def _num_runs(path: str) -> int:
+    """The runs of one scenario: one fewer where the tuning day chooses the fixed ratio."""
+    return len(_tune_tasks(path)) + len(_ours_scored(MODES[-1]))
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -147,17 +179,16 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
         return {"attainment": attainment(summary), "gpu_hours": summary["gpu_hours"], "setting": setting}
 
     policies: dict[str, dict] = {}
-    tried = [point(done[(path, "heteroscale", "tune", _key(m))], m) for m in MODES]
-    mode = choose(tried)["setting"]  # as `bench.sim.world.ours_mode` chooses
-    scored = [(m | {"headroom": h}, done[(path, "heteroscale", "score", _key(m | {"headroom": h}))])
-              for m in MODES for h in [None] + ([1 / h for h in OURS_FRONT] if m in FRONT_MODES else [])]
-    ours = next(s for m, s in scored if m == mode | {"headroom": None})
+    tried, mode = _tried(path, done), _chosen(path, done)
+    scored = [(m, done[(path, "heteroscale", "score", _key(m))]) for m in _ours_scored(mode)]
+    ours = scored[0][1]
     policies["heteroscale"] = {
         **ours, "setting": f"curated on the tuning day ({mode_name(mode)})",
         "mode": {"chosen": mode_name(mode),
                  "tuning_day": {mode_name(t["setting"]): {"gpu_hours": t["gpu_hours"], "attainment": t["attainment"]}
                                 for t in tried},
                  "scoring_day_curated": {mode_name(m): point(s, None) for m, s in scored if m["headroom"] is None}},
+        # every point of ours scored: the chosen mode over its headrooms and the fixed ratio at its curated one
         "front": pareto([point(s, m) for m, s in scored])}
     oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]
     policies["oracle"] = {**done[(path, "oracle", "score", TTFT_GOAL)], "setting": {"per_tick_goal": TTFT_GOAL},
@@ -204,7 +235,7 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
     order = sorted(paths, key=lambda p: -size[p])  # the biggest first, so the processes end together
     began, scenarios, seconds = time.perf_counter(), {}, {}
     if progress:
-        progress(f"suite: {len(paths)} scenarios, {sum(len(_tasks(p)) for p in paths)} simulation runs on "
+        progress(f"suite: {len(paths)} scenarios, {sum(_num_runs(p) for p in paths)} simulation runs at most on "
                  f"{workers} processes (one scenario per process at a time)")
     jobs = [(p, progress is not None) for p in order]
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:

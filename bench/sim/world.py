@@ -18,7 +18,7 @@ from autoscaler.cycle import ClusterView, CycleConfig, GroupAction, GroupActionK
 from autoscaler.model import Action, Reason, FleetConfig, Observation, PolicyConfig, PolicyState, RoleCounts, ServiceObservation, Signal
 from autoscaler.ratio import ratio_in_force
 from autoscaler.port import step
-from bench.sim.curation import Stress, curate
+from bench.sim.curation import Stress, ours_stress
 from bench.sim.days import previous_day, starts_cold
 from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account, attainment, choose,
                              combine_ticks, evaluate)
@@ -76,7 +76,7 @@ def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom:
     """Our policy's configuration for `scenario`, curated on `tuned_on` (default: the scenario itself). With
     `headroom`, every service's decode target is that share of its measured capacity instead of the curated
     one (a point of ours' front; the ratio stays the curated one)."""
-    stress = curate(tuned_on or scenario)["stress"]  # memoized per scenario
+    stress = ours_stress(tuned_on or scenario)  # its runs memoized per scenario
     if headroom is not None:
         stress = {name: replace(st, target_decode_tps_per_instance=headroom * st.max_decode_tps_per_instance,
                                 hysteresis_band=min(st.hysteresis_band, max(0.0, 1 / headroom - 1.005)))
@@ -111,6 +111,8 @@ class SimWorld:
         self._node_list = [replace(n, free_gpus=n.total_gpus) for n in scenario.nodes]
         self._index = {n.node_id: i for i, n in enumerate(scenario.nodes)}
         self._changed: set[str] = set()
+        # per service: its DGs' states by name and their totals per role, until an action or a start-up ends
+        self._states: dict[str, tuple[tuple[GroupState, ...], RoleCounts, RoleCounts]] = {}
         self.max_unheld_gpus = 0  # most GPUs a DG's instances ever lacked on its domain's nodes (0: never)
         self._nodes: tuple[NodeInfo, ...] = tuple(self._node_list)
 
@@ -122,14 +124,14 @@ class SimWorld:
             # With no routable instance of a role nothing completes: no latency or throughput sample exists
             # (the live world's signals are missing then too), so nothing is reported.
             tick = self.last_ticks.get(name) if min(self._routable.get(name, (1, 1))) > 0 else None
-            states = [g.state() for g in self.groups[name].values()]
+            _, prefill, decode = self._group_states(name)
             services[name] = ServiceObservation(
                 decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
                 prefill_kv_miss_tps=Signal(self._kv_miss_tps[name], now_s) if tick and name in self._kv_miss_tps
                 else Signal(),
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
                 tbt_s=Signal(tick.tbt_s, now_s) if tick else Signal(),
-                prefill=RoleCounts.total(s.prefill for s in states), decode=RoleCounts.total(s.decode for s in states),
+                prefill=prefill, decode=decode,
                 startup_s=Signal(max(self.services[name].startup(self.scenario.startup_s)), now_s),
                 # the burst path's queue: requests of the last tick the decode pool did not serve
                 queued=Signal(max(0.0, tick.demand_tps - tick.decode_tps) / self.services[name].at(now_s).mean_output
@@ -142,13 +144,20 @@ class SimWorld:
                 i = self._index[node_id]
                 self._node_list[i] = replace(self._node_list[i], free_gpus=self._free[node_id])
             self._nodes, self._changed = tuple(self._node_list), set()
-        return ClusterView(nodes=self._nodes,
-                           groups={name: tuple(g.state() for _, g in sorted(groups.items()))
-                                   for name, groups in self.groups.items()})
+        return ClusterView(nodes=self._nodes, groups={name: self._group_states(name)[0] for name in self.groups})
+
+    def _group_states(self, name: str) -> tuple[tuple[GroupState, ...], RoleCounts, RoleCounts]:
+        hit = self._states.get(name)
+        if hit is None:
+            states = tuple(g.state() for _, g in sorted(self.groups[name].items()))
+            hit = self._states[name] = (states, RoleCounts.total(s.prefill for s in states),
+                                        RoleCounts.total(s.decode for s in states))
+        return hit
 
     def apply(self, actions: Sequence[GroupAction], now_s: float) -> tuple[GroupAction, ...]:
         """Every action happens (the simulated world has no failures): returns none."""
         for action in actions:
+            self._states.pop(action.service, None)
             groups = self.groups[action.service]
             name = action.group.name
             if action.kind is GroupActionKind.REMOVE:
@@ -213,13 +222,16 @@ class SimWorld:
             for g in self.groups[name].values():
                 g.pending = [(-math.inf, p, d) for _, p, d in g.pending]
                 g.promote(now_s)
+        self._states.clear()
 
     # ---- the world's own time --------------------------------------------------------------------------------------
 
     def advance(self, now_s: float) -> None:
-        for groups in self.groups.values():
+        for name, groups in self.groups.items():
             for g in groups.values():
-                g.promote(now_s)
+                if g.pending:
+                    g.promote(now_s)
+                    self._states.pop(name, None)
 
     def serve(self, now_s: float, result: PolicyResult) -> None:
         """One tick of traffic at every service, scored per deployment group as the live system runs: the
