@@ -117,14 +117,18 @@ def build_tree(nodes: Iterable[NodeInfo]) -> TopologyTree:
     nodes = tuple(nodes)
     last_nodes, last_shape, last_free = _LAST
     moved = None
-    if len(last_nodes) == len(nodes):
+    if nodes is last_nodes:  # the very tuple seen last time: nothing moved
+        moved = []
+    elif len(last_nodes) == len(nodes):
         changed = list(compress(range(len(nodes)), map(is_not, nodes, last_nodes)))
         if all(_static(nodes[i]) == _static(last_nodes[i]) for i in changed):
             moved = [nodes[i] for i in changed]
     if moved is not None:
-        shape, free = last_shape, dict(last_free)  # the same fleet as last time (only free GPUs moved)
-        for n in moved:
-            free[n.node_id] = n.free_gpus
+        shape, free = last_shape, last_free  # the same fleet as last time (only free GPUs moved)
+        if moved:
+            free = dict(free)
+            for n in moved:
+                free[n.node_id] = n.free_gpus
     else:
         key = tuple(map(_static, nodes))
         shape = _SHAPES.get(key)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Sequence
 
 from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import curate
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
-from bench.sim.world import ours_mode, run_heteroscale
+from bench.sim.world import carry_history, kept_history, mode_name, modes_to_try, run_heteroscale
 
 
 def _baseline(name: str):
@@ -25,6 +24,22 @@ POLICIES = {"heteroscale": lambda scenario, tuned_on=None: run_heteroscale(scena
             "oracle": lambda scenario, tuned_on=None: run_oracle(scenario)}
 
 
+class _InProcess:
+    """`submit` runs the job at once, here (one worker: no processes)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[dict, list[dict]]:
     """A baseline's setting chosen on the tuning day: the cheapest of its grid meeting `goal` (else the best
     attainment), the same rule our curation follows. Returns (setting, every tried setting's numbers)."""
@@ -35,26 +50,36 @@ def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[d
     return choose(tried, goal)["setting"], tried
 
 
-def _simulate_one(job: tuple) -> tuple[str, PolicyResult, float, dict | None]:
-    """One policy on the scoring day (in a worker); ours also returns its curation report."""
+def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
+    """One job in a worker: (job key, what it gives, seconds). Jobs: a policy on the scoring day; ours in one
+    mode on the tuning day (its summary and the forecast history it leaves for the scoring day); ours in the
+    chosen mode on the scoring day (with that history); the curation report of the tuning day."""
     import time
 
-    name, scoring_day, tuning_day = job
+    kind, name, scoring_day, tuning_day, arg = job
     began = time.perf_counter()
-    result = POLICIES[name](scoring_day, tuning_day)
-    report = None
-    if name == "heteroscale":
-        chosen, tried = ours_mode(tuning_day)
-        report = {**{k: v for k, v in curate(tuning_day).items() if k != "stress"},
-                  "mode": {"chosen": chosen, "tried_on_tuning_day": tried}}
-    return name, result, time.perf_counter() - began, report
+    if kind == "policy":
+        out = POLICIES[name](scoring_day, tuning_day)
+    elif kind == "mode":
+        summary = run_heteroscale(tuning_day, tuned_on=tuning_day, **arg).summary()
+        out = summary, kept_history(tuning_day, tuning_day, arg["adaptive"]) if arg["predict"] else None
+    elif kind == "ours":
+        mode, history = arg
+        if history is not None:  # the tuning day's run in this mode, made in another process
+            carry_history((tuning_day.name, tuning_day.name, mode["adaptive"]), history)
+        out = run_heteroscale(scoring_day, tuned_on=tuning_day, **mode)
+    else:
+        out = {k: v for k, v in curate(tuning_day).items() if k != "stress"}
+    return (kind, name), out, time.perf_counter() - began
 
 
 def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_baselines: bool = False,
              workers: int = 1) -> tuple[dict, dict[str, PolicyResult]]:
     """Run the policies on the scenario's scoring day with settings from its tuning day (`bench.sim.days`):
     ours curated there, each baseline at its default setting with bounds and forecasts from there; with
-    `tune_baselines`, also each baseline at the setting of its grid chosen there (`<name>_tuned`, `tune_on`)."""
+    `tune_baselines`, also each baseline at the setting of its grid chosen there (`<name>_tuned`, `tune_on`).
+    Ours' modes run on the tuning day as jobs of their own, so `workers` processes share them; ours is
+    scored once they chose."""
     import time
 
     unknown = sorted(set(policies) - set(POLICIES))
@@ -66,17 +91,41 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     if progress:
         progress(f"simulating {', '.join(policies)} on {scoring_day.name} (settings from {tuning_day.name}, "
                  f"{workers} processes) ...")
-    jobs = [(name, scoring_day, tuning_day) for name in policies]
-    curation = None
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
-        runner = pool.map if pool else map
-        for i, (name, result, spent, report) in enumerate(runner(_simulate_one, jobs), 1):
-            results[name], curation = result, report or curation
-            if progress:
-                s = result.summary()
-                progress(f"[{i}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment TTFT "
-                         f"{s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
-                         f"({spent:.1f} s, {time.perf_counter() - start:.0f} s in all)")
+    modes = modes_to_try(tuning_day) if "heteroscale" in policies else []
+    # the longest first (the forecast modes carry a day before), so the processes end together
+    jobs = [("mode", mode_name(m), scoring_day, tuning_day, m) for m in sorted(modes, key=lambda m: -m["predict"])]
+    jobs += [("curation", "heteroscale", scoring_day, tuning_day, None)] if modes else []
+    jobs += [("policy", name, scoring_day, tuning_day, None) for name in policies if name != "heteroscale"]
+    curation, tried_modes, histories = None, {}, {}
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
+        pending = {pool.submit(_simulate_one, job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                (kind, name), out, spent = future.result()
+                if kind == "mode":
+                    summary, histories[name] = out
+                    tried_modes[name] = {"gpu_hours": summary["gpu_hours"], "attainment": attainment(summary)}
+                    if progress:
+                        progress(f"  heteroscale ({name}) on the tuning day: {summary['gpu_hours']:,.0f} GPU-h, "
+                                 f"attainment {tried_modes[name]['attainment']:.4f} ({spent:.1f} s)")
+                    if len(tried_modes) == len(modes):  # every mode tried: score the one chosen
+                        chosen = choose([{"setting": m, **tried_modes[mode_name(m)]} for m in modes])["setting"]
+                        pending.add(pool.submit(_simulate_one, ("ours", "heteroscale", scoring_day, tuning_day,
+                                                                (chosen, histories[mode_name(chosen)]))))
+                    continue
+                if kind == "curation":
+                    curation = out
+                    continue
+                results[name] = out
+                if progress:
+                    s = out.summary()
+                    progress(f"[{len(results)}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment "
+                             f"TTFT {s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
+                             f"({spent:.1f} s, {time.perf_counter() - start:.0f} s in all)")
+    if modes:
+        curation["mode"] = {"chosen": chosen, "tried_on_tuning_day": [{"setting": m, **tried_modes[mode_name(m)]}
+                                                                      for m in modes]}
     results = {name: results[name] for name in policies}
     tuning = {}
     if tune_baselines:

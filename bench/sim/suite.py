@@ -32,7 +32,7 @@ from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, r
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.scenarios import load_scenario
-from bench.sim.world import MODES, run_heteroscale
+from bench.sim.world import MODES, mode_name, run_heteroscale
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
@@ -165,11 +165,6 @@ def gpu_hours_at(front: list[dict], target: float) -> float | None:
     lo = max(below, key=lambda p: p["attainment"])
     share = (target - lo["attainment"]) / (hi["attainment"] - lo["attainment"])
     return round(lo["gpu_hours"] + share * (hi["gpu_hours"] - lo["gpu_hours"]), 1)
-
-
-def mode_name(mode: dict) -> str:
-    """"fixed" / "adaptive" ratio, "+forecast" with the forecast."""
-    return ("adaptive" if mode["adaptive"] else "fixed") + ("+forecast" if mode["predict"] else "")
 
 
 def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:

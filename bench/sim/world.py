@@ -399,13 +399,37 @@ def _history(day: Scenario, tuned_on: Scenario, adaptive: bool) -> dict | None:
 
 
 def _keep_history(key: tuple[str, str, bool], state: PolicyState) -> None:
+    carry_history(key, {name: st.profile for name, st in state.services.items() if st.profile is not None})
+
+
+def has_history(day: Scenario) -> bool:
+    """Whether ours carries a forecast history into `day` (`_history` would find one), without running for it."""
+    try:
+        previous_day(day)
+    except ValueError:
+        return False
+    return not starts_cold(day)
+
+
+def kept_history(day: Scenario, tuned_on: Scenario, adaptive: bool) -> dict | None:
+    """The forecast profiles ours' forecast run on `day` (settings from `tuned_on`) left for the next day."""
+    return _HISTORY.get((day.name, tuned_on.name, adaptive))
+
+
+def carry_history(key: tuple[str, str, bool], profiles: dict) -> None:
+    """Keep the profiles a run on day `key[0]` left (`kept_history` of a run in another process, say)."""
     if len(_HISTORY) >= 8:
         _HISTORY.pop(next(iter(_HISTORY)))
-    _HISTORY[key] = {name: st.profile for name, st in state.services.items() if st.profile is not None}
+    _HISTORY[key] = profiles
 
 
 _MODES: dict[str, tuple[dict, list[dict]]] = {}
 MODES = tuple({"adaptive": a, "predict": p} for a in (False, True) for p in (False, True))
+
+
+def mode_name(mode: dict) -> str:
+    """"fixed" / "adaptive" ratio, "+forecast" with the forecast."""
+    return ("adaptive" if mode["adaptive"] else "fixed") + ("+forecast" if mode["predict"] else "")
 
 
 def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
@@ -414,14 +438,16 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
     setting on `tuning_day`; the cheapest meeting the goal, else the best attainment. ({adaptive, predict},
     what was tried); memoized per day. A scenario that is not a day (no day before) tries no forecast."""
     if tuning_day.name not in _MODES:
-        has_history = _history(tuning_day, tuning_day, False) is not None
         tried = []
-        for mode in MODES:
-            if mode["predict"] and not has_history:
-                continue
+        for mode in modes_to_try(tuning_day):
             s = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
             tried.append({"setting": mode, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
         if len(_MODES) >= 4:
             _MODES.pop(next(iter(_MODES)))
         _MODES[tuning_day.name] = (choose(tried)["setting"], tried)
     return _MODES[tuning_day.name]
+
+
+def modes_to_try(tuning_day: Scenario) -> list[dict]:
+    """The modes curation tries on `tuning_day`: the forecast ones only where it has a day before."""
+    return [m for m in MODES if has_history(tuning_day) or not m["predict"]]
