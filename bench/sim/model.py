@@ -96,7 +96,8 @@ def erlang_c(servers: int, rho: float) -> float:
     a, b = servers * rho, 1.0
     if servers <= 64:
         for k in range(1, servers + 1):
-            b = a * b / (k + a * b)
+            ab = a * b
+            b = ab / (k + ab)
     else:  # the same Erlang B, vectorized: Poisson(a) pmf at c over its cdf up to c, in log space
         log_pmf = numpy.arange(servers + 1) * math.log(a) - _log_factorials(servers)
         top = log_pmf.max()
@@ -389,9 +390,9 @@ class Capacity:
         batched = self._batched(wait_p, rho)
         # Bins whose own time fits (slack >= 0, sorted): those with slack <= batched miss whenever they wait,
         # the others when the wait exceeds slack - batched.
-        slack, weight = self._fits
-        k = bisect.bisect_right(slack, batched)
-        missed = float(weight[:k].sum() + numpy.exp(-(slack[k:] - batched) / mean_wait) @ weight[k:])
+        slack, weight, slack_list, weight_below = self._fits
+        k = bisect.bisect_right(slack_list, batched)
+        missed = weight_below[k] + float(numpy.exp((batched - slack[k:]) / mean_wait) @ weight[k:])
         return self.best_attainment - wait_p * missed, wait_p, mean_wait
 
     def _batched(self, wait_p: float, rho: float) -> float:
@@ -400,8 +401,11 @@ class Capacity:
 
     @functools.cached_property
     def _fits(self):
+        """(slack, weight) of the bins whose own time fits, by slack; the slack as a list (searched per call) and
+        the weight of the first k bins for every k (`weight[:k].sum()`, summed once)."""
         fits = sorted((self.ttft_slo_s - t, w) for (_, _, w), t in zip(self.bins, self.own_s) if t <= self.ttft_slo_s)
-        return numpy.array([s for s, _ in fits]), numpy.array([w for _, w in fits])
+        slack, weight = numpy.array([s for s, _ in fits]), numpy.array([w for _, w in fits])
+        return slack, weight, slack.tolist(), [float(weight[:k].sum()) for k in range(len(fits) + 1)]
 
 
 class ServiceCapacities:
