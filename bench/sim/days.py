@@ -27,6 +27,7 @@ Pure Python; no clock.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, replace
@@ -49,6 +50,16 @@ class DayRate:
     steps: tuple[tuple[float, float], ...] = ()  # (start_s, factor) from then on
 
     def rate(self, t_s: float) -> float:
+        hit = self._rates.get(t_s)  # every run over the day asks for the same ticks' rates
+        if hit is None:
+            hit = self._rates[t_s] = self._rate(t_s)
+        return hit
+
+    @functools.cached_property
+    def _rates(self) -> dict[float, float]:
+        return {}
+
+    def _rate(self, t_s: float) -> float:
         value = self.base.rate(t_s + self.shift_s) * self.level
         if self.noise:
             value *= self.noise[int(t_s // self.minute_s) % len(self.noise)]

@@ -97,7 +97,9 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
     run(_tune_tasks(path))
     run(_score_tasks(path, _chosen(path, done)))
     report = _scenario_report(path, done)
-    _SCENARIOS.clear()
+    for day in _SCENARIOS.pop(path):
+        for svc in day.services:  # a service and its capacities refer to each other: let the memos go at once
+            svc.__dict__.pop("capacities", None)
     gc.unfreeze()
     gc.collect()
     return path, report, time.perf_counter() - began
