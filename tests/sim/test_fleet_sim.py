@@ -242,3 +242,30 @@ def test_our_groups_stay_in_band_and_on_the_nodes_place_chose():
     scenario = small_scenario()
     s = run_heteroscale(scenario).summary()
     assert s["dg_ratio_violations"] == 0 and s["max_unheld_gpus"] == 0
+
+
+def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history():
+    """`heteroscale sim` runs ours' tuning-day modes and its scoring as jobs in worker processes: the scoring
+    run gets the forecast history the tuning day's run left in another process, and its numbers are those of
+    one process doing both (they differ from a run without that history)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    from bench.sim import world
+    from bench.sim.days import DaySpec, tuning_and_scoring
+    from bench.sim.run import _simulate_one
+
+    scenario = replace(small_scenario(), name="handover", days=DaySpec(noise_sigma=0.05, tuning_day=3, scoring_day=4))
+    tune, score = tuning_and_scoring(scenario)
+    mode = {"adaptive": True, "predict": True}
+    world._HISTORY.clear()  # each worker forks with no history of these days: only what is handed over
+    with ProcessPoolExecutor(1) as pool:
+        _, (summary, history), _ = pool.submit(_simulate_one, ("mode", "adaptive+forecast", score, tune, mode)).result()
+    assert set(history) == {s.name for s in scenario.services}
+    with ProcessPoolExecutor(1) as pool:
+        _, elsewhere, _ = pool.submit(_simulate_one, ("ours", "heteroscale", score, tune, (mode, history))).result()
+    assert run_heteroscale(tune, tuned_on=tune, **mode).summary() == summary
+    here = run_heteroscale(score, tuned_on=tune, **mode).summary()
+    assert elsewhere.summary() == here
+    cold, _ = world._run(score, cycle_config(score, tune, None, **mode))
+    assert cold.summary() != here
