@@ -87,8 +87,9 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
     def run(tasks):
         for task in tasks:
             done[task], spent = _run(task)
-            # What the runs keep (the scenario's capacities and memos, ~2 GB of small objects) holds no cycles to
-            # collect: out of the collector's sight, its full passes no longer walk it (a fifth of a run's time)
+            # What the runs keep (the scenario's capacities and memos, ~2 GB of small objects) needs no collector:
+            # out of its sight, its full passes no longer walk it (a fifth of a run's time). Its one reference
+            # cycle (a service and its capacities) is broken when the scenario is done, below.
             gc.freeze()
             if show:
                 print(f"  {Path(path).stem}: {task[1]} on the {task[2]} day ({spent:.1f} s)", file=sys.stderr,
