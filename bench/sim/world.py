@@ -384,12 +384,9 @@ def _history(day: Scenario, tuned_on: Scenario, adaptive: bool) -> dict | None:
     (`bench.sim.days.starts_cold`: the eve of the held-out protocol's first day), as a controller that runs on
     from day to day would. service -> Profile; None where `day` starts cold or has no day before (not made by
     `day_of`)."""
-    try:
-        before = previous_day(day)
-    except ValueError:
+    if not has_history(day):
         return None
-    if starts_cold(day):
-        return None
+    before = previous_day(day)
     key = (before.name, tuned_on.name, adaptive)
     if key not in _HISTORY:
         _, state = _run(before, cycle_config(before, tuned_on, None, adaptive, True),
