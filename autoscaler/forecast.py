@@ -20,7 +20,9 @@ has come, |forecast - observed| / observed updates an exponentially weighted mea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from autoscaler.frozen import evolve
 
 LEVEL_CLIP = 2.0  # today's level scales the profile by at most x2 either way
 PERIOD_WEIGHT = 0.5  # a new period's bin mean blends into the earlier periods' with this weight
@@ -57,11 +59,11 @@ class Profile:
         p = self
         index = int(now_s // self.period_s)
         if index > p.period_index:
-            p = replace(p.next_period(index), pending=p.pending)
+            p = evolve(p.next_period(index), pending=p.pending)
         b = p._bin(now_s)
         n = p.cur_n[b] + 1
         mean = value if p.cur[b] is None else p.cur[b] + (value - p.cur[b]) / n
-        p = replace(p, cur=p.cur[:b] + (mean,) + p.cur[b + 1:], cur_n=p.cur_n[:b] + (n,) + p.cur_n[b + 1:])
+        p = evolve(p, cur=p.cur[:b] + (mean,) + p.cur[b + 1:], cur_n=p.cur_n[:b] + (n,) + p.cur_n[b + 1:])
         due = [f for t, f in p.pending if t <= now_s]
         if not due:
             return p
@@ -69,7 +71,7 @@ class Profile:
         for f in due if value > 0 else ():
             error = min(ERROR_CAP, (1 - ERROR_WEIGHT) * error + ERROR_WEIGHT * abs(f - value) / value)
             seen += 1
-        return replace(p, error=error, errors_seen=seen, pending=tuple(x for x in p.pending if x[0] > now_s))
+        return evolve(p, error=error, errors_seen=seen, pending=tuple(x for x in p.pending if x[0] > now_s))
 
     def _history(self, now_s: float, t_s: float) -> float | None:
         """The earlier periods' mean for `t_s`'s bin as seen from `now_s`: for a time in a later period, this
@@ -122,11 +124,11 @@ class Profile:
         learned elsewhere, e.g. the simulator's tuning day, is carried into a run)."""
         prev = tuple(c if q is None else (q if c is None else (1 - PERIOD_WEIGHT) * q + PERIOD_WEIGHT * c)
                      for q, c in zip(self.prev, self.cur))
-        return replace(self, prev=prev, cur=(None,) * len(self.cur), cur_n=(0,) * len(self.cur), period_index=index,
+        return evolve(self, prev=prev, cur=(None,) * len(self.cur), cur_n=(0,) * len(self.cur), period_index=index,
                        pending=())
 
     def remember(self, for_s: float, value: float) -> Profile:
         """Keep a forecast made for `for_s` (its error is scored once that time has come)."""
         pending = (self.pending + ((for_s, value),))[-MAX_PENDING:]
-        return replace(self, pending=pending)
+        return evolve(self, pending=pending)
 

@@ -41,10 +41,10 @@ scale-in happens while requests queue.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Mapping
 
 from autoscaler.forecast import Profile
+from autoscaler.frozen import evolve
 from autoscaler.model import (
     Action,
     Decision,
@@ -92,7 +92,7 @@ def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps:
             point = profile.expected(now_s, now_s + startup, profile.level(now_s, startup))
             profile = profile if point is None else profile.remember(now_s + startup, point)
             widened = profile.widened(raw)
-    return replace(st, profile=profile), widened
+    return evolve(st, profile=profile), widened
 
 
 def _initial_state(cfg: PolicyConfig, obs: ServiceObservation | None) -> ServiceState:
@@ -129,7 +129,7 @@ def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: fl
 def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyConfig, diag: Diagnostics,
               withdraw: tuple[int, int] = (0, 0)) -> ServiceDecision:
     if cfg.adaptive_ratio:
-        diag = replace(diag, prefill_per_decode=current_ratio(cfg, state))
+        diag = evolve(diag, prefill_per_decode=current_ratio(cfg, state))
     return ServiceDecision(action=action, reason=reason, target_prefill=state.target_prefill,
                            target_decode=state.target_decode, withdraw_prefill=withdraw[0],
                            withdraw_decode=withdraw[1], advisory=cfg.advisory, diagnostics=diag)
@@ -142,12 +142,12 @@ def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s:
     `ratio`: the adaptive ratio `pair` was sized at, in force once the withdrawn instances are terminated."""
     to_ratio = holding_ratio(cfg, pair, ratio) if cfg.adaptive_ratio and ratio is not None else None
     if cfg.soft_scale_in_window_s == 0:
-        new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s,
+        new = evolve(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s,
                       prefill_per_decode=to_ratio if to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.SCALE_IN, reason, new, cfg, diag), new
     keep = (max(st.target_prefill, pair[0]), max(st.target_decode, pair[1]))
     soft = SoftScaleIn(now_s, keep[0], keep[1], pair[0], pair[1], to_ratio)
-    new = replace(st, target_prefill=keep[0], target_decode=keep[1], soft=soft)
+    new = evolve(st, target_prefill=keep[0], target_decode=keep[1], soft=soft)
     withdraw = (keep[0] - pair[0], keep[1] - pair[1])
     return _decision(Action.SCALE_IN, reason, new, cfg, diag, withdraw), new
 
@@ -162,7 +162,7 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
         pair = (max(pair[0], st.target_prefill), max(pair[1], st.target_decode))
         ratio = current_ratio(cfg, st) if ratio is None else ratio
         in_force = holding_ratio(cfg, pair, ratio)
-    new = replace(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
+    new = evolve(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
                   last_latency_step_s=now_s if latency else st.last_latency_step_s, prefill_per_decode=in_force)
     return _decision(Action.SCALE_OUT, reason, new, cfg, diag), new
 
@@ -176,7 +176,7 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
     if soft.forced:  # a budget cut: out of routing for one period (in-flight requests drain), then terminated
         if now_s <= soft.started_s:
             return _decision(Action.HOLD, Reason.BUDGET_LIMITED, st, cfg, diag, withdraw), st
-        new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
+        new = evolve(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
                       last_scale_in_s=now_s,
                       prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.BUDGET_LIMITED, new, cfg, diag), new
@@ -187,7 +187,7 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
         load_back = load_back or prefill_tps / cfg.target_prefill_tps_per_instance > \
             soft.to_prefill * (1 + cfg.hysteresis_band)
     if burst or (breach is not None and breach > first_tier) or load_back:
-        new = replace(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
+        new = evolve(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
                       last_scale_in_s=now_s)
         reason = Reason.BURST if burst else Reason.SOFT_SCALE_IN_SLO_DEGRADED
         return _decision(Action.RESTORE, reason, new, cfg, diag), new
@@ -195,7 +195,7 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
         reason = Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
         return _decision(Action.HOLD, reason, st, cfg, diag, withdraw), st
     if now_s - soft.started_s >= cfg.soft_scale_in_window_s:
-        new = replace(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
+        new = evolve(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
                       last_scale_in_s=now_s,
                       prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.SOFT_SCALE_IN_DONE, new, cfg, diag), new
@@ -228,26 +228,26 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     stalled = tps == 0 and admitted is not None and admitted > 0
     if stalled:  # requests went in and no token came out: the zero is missing data, not an idle service
         tps = None
-        diag = replace(diag, decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
+        diag = evolve(diag, decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
     prefill_tps = None
     if cfg.adaptive_ratio and obs is not None:
         prefill_tps = obs.prefill_kv_miss_tps.fresh(now_s, cfg.staleness_limit_s)
         st = estimate_ratio(cfg, st, tps, prefill_tps, now_s)
-        diag = replace(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
+        diag = evolve(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
     ratio, wanted = current_ratio(cfg, st), wanted_ratio(cfg, st)
     forecast = None
     if cfg.forecast_period_s is not None and tps is not None:
         st, forecast = _forecast(cfg, st, obs, tps, now_s)
         if forecast is not None:
-            diag = replace(diag, forecast_decode_tps=forecast, forecast_error=st.profile.error)
+            diag = evolve(diag, forecast_decode_tps=forecast, forecast_error=st.profile.error)
 
     burst = _burst(cfg, obs, now_s)
     if burst is not None:
-        diag = replace(diag, note=f"{burst:.1f} requests queued per ready decode replica")
+        diag = evolve(diag, note=f"{burst:.1f} requests queued per ready decode replica")
     if current[0] < cfg.min_prefill or current[1] < cfg.min_decode:
         # a preemption took this service below its own minimum: ask for it back (placed where room is left)
         back = (max(current[0], cfg.min_prefill), max(current[1], cfg.min_decode))
-        new = replace(st, target_prefill=back[0], target_decode=back[1], soft=None, last_scale_out_s=now_s)
+        new = evolve(st, target_prefill=back[0], target_decode=back[1], soft=None, last_scale_out_s=now_s)
         return _decision(Action.SCALE_OUT, Reason.RECLAIM, new, cfg, diag), new
     if st.soft is not None:
         # a forecast ramp within one start-up brings the withdrawn replicas back like returning load
@@ -272,7 +272,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             # else the same decode count, but prefill sizes from the fractional demand: without the floor a
             # pending prefill the forecast wants was cancelled and asked for again a tick later (the demo)
             raw = ahead
-        diag = replace(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
+        diag = evolve(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         # a hold the forecast asked for (the load alone asks fewer decode replicas) keeps reason FORECAST
         settled = Reason.FORECAST if reason is Reason.FORECAST else Reason.WITHIN_BAND
         if tps == 0:
@@ -287,7 +287,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             desired = cfg.pair_for_demand(raw, wanted)
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
                 reason = settled  # outside the band, but it rounds to the current size
-                diag = replace(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
+                diag = evolve(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
             elif desired[1] == current[1] and desired != current and wanted != ratio:
                 reason = Reason.RATIO  # decode rounds to its size (or sits at a bound): only the ratio moved
     if schedule is not None and cfg.mode is Mode.METRICS_WITH_SCHEDULE_FLOOR:
@@ -304,7 +304,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         asked = desired or current
         if pair == current:  # at the max bound: nothing to add, and latency still forbids a scale-in
             if asked[1] <= current[1]:
-                return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, replace(diag, note="latency step at max")), st
+                return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, evolve(diag, note="latency step at max")), st
         elif pair[1] > asked[1]:
             return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True, ratio=wanted)
 
@@ -323,7 +323,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.note
         hold_reason = Reason.SCHEDULE if cfg.mode is Mode.PERIODIC else \
             Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
-        return _decision(Action.HOLD, hold_reason, st, cfg, replace(diag, note=note)), st
+        return _decision(Action.HOLD, hold_reason, st, cfg, evolve(diag, note=note)), st
     if desired == current:
         return _decision(Action.HOLD, Reason.AT_BOUND if reason is Reason.PROPORTIONAL else reason, st, cfg, diag), st
 
@@ -338,13 +338,13 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         if reason is not Reason.SCHEDULE and _elapsed(now_s, st.last_scale_out_s) < cfg.scale_out_cooldown_s:
             return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
         if dampen and desired[1] - current[1] > max_step:
-            desired, diag = cfg.pair_for_decode(current[1] + max_step, wanted), replace(diag, dampened=True)
+            desired, diag = cfg.pair_for_decode(current[1] + max_step, wanted), evolve(diag, dampened=True)
         return _scale_out(cfg, st, desired, now_s, reason, diag, ratio=wanted)
     since_last = min(_elapsed(now_s, st.last_scale_in_s), _elapsed(now_s, st.last_scale_out_s))
     if reason is not Reason.SCHEDULE and since_last < cfg.scale_in_cooldown_s:
         return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
     if dampen and current[1] - desired[1] > max_step:
-        desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), replace(diag, dampened=True)
+        desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), evolve(diag, dampened=True)
         if cfg.adaptive_ratio:  # a scale-in never grows a role (a ratio that rose grows prefill in a scale-out)
             desired = (min(desired[0], current[0]), desired[1])
     if cfg.adaptive_ratio and wanted > ratio and cfg.soft_scale_in_window_s == 0:
@@ -358,7 +358,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     cut = tuple(want if want >= have else max(want, have - pending)  # a role that grows grows now
                 for want, have, pending in zip(desired, current, starting_counts))
     if any(c < have for c, have in zip(cut, current)):
-        new = replace(st, target_prefill=cut[0], target_decode=cut[1], last_scale_in_s=now_s)
+        new = evolve(st, target_prefill=cut[0], target_decode=cut[1], last_scale_in_s=now_s)
         return _decision(Action.SCALE_IN, Reason.CANCEL_STARTING, new, cfg, diag), new
     return _scale_in(cfg, st, desired, now_s, reason, diag, ratio=wanted)
 
@@ -462,17 +462,17 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
             continue
         old = before.get(name) or st
         running = _running(old)
-        diag = replace(dec.diagnostics, budget_gpus=budget, note=f"wanted {dec.target_prefill}P/{dec.target_decode}D")
+        diag = evolve(dec.diagnostics, budget_gpus=budget, note=f"wanted {dec.target_prefill}P/{dec.target_decode}D")
         if grant[0] >= running[0] and grant[1] >= running[1]:  # growth capped: what runs stays
-            new = replace(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
+            new = evolve(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
             action = Action.HOLD if grant == running else Action.SCALE_OUT
             decisions[name], states[name] = _decision(action, Reason.BUDGET_LIMITED, new, cfg, diag), new
             continue
         if old.soft is not None and grant[0] >= old.soft.to_prefill and grant[1] >= old.soft.to_decode:
             # a scale-in in progress goes below the grant: what it withdrew over the grant is terminated at once,
             # the rest of it goes on from the grant
-            new = replace(old, target_prefill=grant[0], target_decode=grant[1],
-                          soft=replace(old.soft, from_prefill=grant[0], from_decode=grant[1]))
+            new = evolve(old, target_prefill=grant[0], target_decode=grant[1],
+                          soft=evolve(old.soft, from_prefill=grant[0], from_decode=grant[1]))
             states[name] = new
             decisions[name] = _decision(Action.SCALE_IN, Reason.BUDGET_LIMITED, new, cfg, diag,
                                         (grant[0] - old.soft.to_prefill, grant[1] - old.soft.to_decode))
@@ -482,7 +482,7 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
         to = (min(grant[0], running[0]), min(grant[1], running[1]))
         soft = SoftScaleIn(now_s, running[0], running[1], to[0], to[1], old.soft.to_ratio if old.soft else None,
                            forced=True)
-        new = replace(old, target_prefill=running[0], target_decode=running[1], soft=soft)
+        new = evolve(old, target_prefill=running[0], target_decode=running[1], soft=soft)
         states[name] = new
         decisions[name] = _decision(Action.SCALE_IN, Reason.BUDGET_LIMITED, new, cfg, diag,
                                     (running[0] - to[0], running[1] - to[1]))

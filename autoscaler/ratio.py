@@ -20,8 +20,8 @@ Pure: no Ray, vLLM, clock or environment.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
+from autoscaler.frozen import evolve
 from autoscaler.model import Mode, PolicyConfig, ServiceState
 from placement.scheduler import prefill_band
 
@@ -48,7 +48,7 @@ def estimate_ratio(cfg: PolicyConfig, st: ServiceState, tps: float | None, prefi
         dt = max(0.0, now_s - st.ratio_sampled_s)
         alpha = 1.0 if cfg.ratio_window_s == 0 else 1.0 - math.exp(-dt / cfg.ratio_window_s)
         estimate = old + alpha * (instant - old)
-    return replace(st, ratio_estimate=estimate, ratio_sampled_s=now_s)
+    return evolve(st, ratio_estimate=estimate, ratio_sampled_s=now_s)
 
 
 def wanted_ratio(cfg: PolicyConfig, st: ServiceState) -> float:

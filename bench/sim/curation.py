@@ -164,7 +164,7 @@ def _stress(scenario: Scenario, setting: tuple[float, float]) -> dict[str, Stres
     return _STRESS[key]
 
 
-def _runs(scenario: Scenario, names, progress=None) -> dict[str, PolicyResult]:
+def candidate_runs(scenario: Scenario, names, progress=None) -> dict[str, PolicyResult]:
     """The candidates' runs on `scenario` (memoized: ours' settings need only the decode-TPS ones, the report
     all of them), keeping the last four scenarios'."""
     from bench.sim.baselines import run_reactive
@@ -175,11 +175,23 @@ def _runs(scenario: Scenario, names, progress=None) -> dict[str, PolicyResult]:
                 progress(f"curation: simulating the {name} candidate on {scenario.name} ...")
             metric, headroom, band = CANDIDATES[name]
             _RUNS[(scenario, name)] = run_reactive(scenario, _candidate(metric, _stress(scenario, (headroom, band))))
+    _forget_old()
+    return {name: _RUNS[(scenario, name)] for name in names}
+
+
+def keep_runs(scenario: Scenario, runs: dict[str, PolicyResult]) -> None:
+    """Candidates' runs on `scenario` made elsewhere (in another process), kept as if `candidate_runs` made
+    them here."""
+    for name, run in runs.items():
+        _RUNS.setdefault((scenario, name), run)
+    _forget_old()
+
+
+def _forget_old() -> None:
     for memo in (_RUNS, _STRESS):
         kept = list(dict.fromkeys(k[0] for k in memo))[-4:]
         for k in [k for k in memo if k[0] not in kept]:
             del memo[k]
-    return {name: _RUNS[(scenario, name)] for name in names}
 
 
 DECODE_CANDIDATES = tuple(m for m in CANDIDATES if m.startswith("decode_tps@"))
@@ -193,7 +205,7 @@ def _decode_pick(scenario: Scenario, rows) -> tuple[str, Stress]:
 def ours_stress(scenario: Scenario) -> dict[str, Stress]:
     """Our policy's settings per service: the stress test at the cheapest decode-TPS candidate that met the
     goal on `scenario` (the tuning day); runs only the decode-TPS candidates."""
-    runs = _runs(scenario, DECODE_CANDIDATES)
+    runs = candidate_runs(scenario, DECODE_CANDIDATES)
     return {svc.name: _decode_pick(scenario, {m: runs[m].by_service[svc.name] for m in DECODE_CANDIDATES})[1][svc.name]
             for svc in scenario.services}
 
@@ -201,7 +213,7 @@ def ours_stress(scenario: Scenario) -> dict[str, Stress]:
 def curate(scenario: Scenario, progress=None) -> dict:
     """Stress-test every service, simulate every candidate, pick per service; the JSON-ready report, with
     `stress[service]`: the Stress our policy uses (`ours_stress`)."""
-    runs = _runs(scenario, CANDIDATES, progress)
+    runs = candidate_runs(scenario, CANDIDATES, progress)
     services, chosen_counts, ours = {}, {m: 0 for m in CANDIDATES}, {}
     for svc in scenario.services:
         rows = {m: runs[m].by_service[svc.name] for m in CANDIDATES}

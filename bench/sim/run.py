@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Sequence
 
 from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
-from bench.sim.curation import curate
+from bench.sim.curation import CANDIDATES, DECODE_CANDIDATES, candidate_runs, curate, keep_runs
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
 from bench.sim.world import carry_history, kept_history, mode_name, modes_to_try, run_heteroscale
@@ -50,27 +52,78 @@ def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[d
     return choose(tried, goal)["setting"], tried
 
 
+_DAYS: tuple[Scenario, Scenario] | None = None  # this process's (tuning day, scoring day), shared by its jobs
+
+
+def _hold_days(tuning_day: Scenario, scoring_day: Scenario) -> None:
+    """A worker's days, handed over once: every job of the worker runs on the same objects, so their
+    capacities and memos (the same rates at the same ticks) serve all of them."""
+    global _DAYS
+    _DAYS = (tuning_day, scoring_day)
+    if multiprocessing.parent_process() is not None:
+        # A worker's heap only grows (memos); its garbage is acyclic, freed as it goes. Fewer collector passes,
+        # and none over what it holds already (`gc.freeze` after each job, `_simulate_one`).
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 1000)
+
+
 def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
-    """One job in a worker: (job key, what it gives, seconds). Jobs: a policy on the scoring day; ours in one
-    mode on the tuning day (its summary and the forecast history it leaves for the scoring day); ours in the
-    chosen mode on the scoring day (with that history); the curation report of the tuning day."""
+    """One job in a worker, on the days `_hold_days` gave it: (job key, what it gives, seconds). Jobs: one of
+    curation's candidates on the tuning day (its run); a policy on the scoring day; ours in one mode on the
+    tuning day (its summary, and the forecast history it leaves for the scoring day); ours in the chosen mode
+    on the scoring day (with that history). Ours' jobs get the decode-TPS candidates' runs their settings come
+    from (`curation.ours_stress`), made in whichever process ran them."""
     import time
 
-    kind, name, scoring_day, tuning_day, arg = job
+    kind, name, arg = job
+    tuning_day, scoring_day = _DAYS
     began = time.perf_counter()
-    if kind == "policy":
+    if kind == "candidate":
+        out = candidate_runs(tuning_day, [name])[name]
+    elif kind == "policy":
         out = POLICIES[name](scoring_day, tuning_day)
     elif kind == "mode":
-        summary = run_heteroscale(tuning_day, tuned_on=tuning_day, **arg).summary()
-        out = summary, kept_history(tuning_day, tuning_day, arg["adaptive"]) if arg["predict"] else None
-    elif kind == "ours":
-        mode, history = arg
+        mode, runs = arg
+        keep_runs(tuning_day, runs)
+        summary = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
+        out = summary, kept_history(tuning_day, tuning_day, mode["adaptive"]) if mode["predict"] else None
+    else:  # "ours"
+        mode, runs, history = arg
+        keep_runs(tuning_day, runs)
         if history is not None:  # the tuning day's run in this mode, made in another process
             carry_history((tuning_day.name, tuning_day.name, mode["adaptive"]), history)
         out = run_heteroscale(scoring_day, tuned_on=tuning_day, **mode)
-    else:
-        out = {k: v for k, v in curate(tuning_day).items() if k != "stress"}
+    if multiprocessing.parent_process() is not None:
+        # A worker keeps what its runs left (the days' capacities and memos) until it exits: out of the
+        # collector's sight, its full passes no longer walk them (as in `bench.sim.suite`).
+        gc.freeze()
     return (kind, name), out, time.perf_counter() - began
+
+
+class _Jobs:
+    """The jobs of one `simulate` call, each started when what it needs is in, the most urgent first:
+    ours' scoring run (the end of the longest chain), the decode-TPS candidates (every mode of ours waits on
+    them), ours' modes on the tuning day (the forecast ones first: they run the day before as well), then the
+    policies and curation's other candidates. At most `workers` run at a time, so a job that becomes ready
+    never queues behind ones that could wait."""
+
+    def __init__(self, pool, workers: int):
+        self.pool, self.workers, self.ready, self.running = pool, workers, [], set()
+
+    def add(self, urgency: int, job: tuple) -> None:
+        self.ready.append((urgency, len(self.ready), job))
+
+    def finished(self):
+        """Start what may start; then wait for the next job to finish and return its result (None: none left)."""
+        while self.ready and len(self.running) < self.workers:
+            self.ready.sort()
+            self.running.add(self.pool.submit(_simulate_one, self.ready.pop(0)[2]))
+        if not self.running:
+            return None
+        done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        self.running.remove(future)
+        return future.result()
 
 
 def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_baselines: bool = False,
@@ -78,8 +131,8 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     """Run the policies on the scenario's scoring day with settings from its tuning day (`bench.sim.days`):
     ours curated there, each baseline at its default setting with bounds and forecasts from there; with
     `tune_baselines`, also each baseline at the setting of its grid chosen there (`<name>_tuned`, `tune_on`).
-    Ours' modes run on the tuning day as jobs of their own, so `workers` processes share them; ours is
-    scored once they chose."""
+    Curation's candidates and ours' modes run on the tuning day as jobs of their own (`_Jobs`), so `workers`
+    processes share them; ours is scored once they chose."""
     import time
 
     unknown = sorted(set(policies) - set(POLICIES))
@@ -91,39 +144,50 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     if progress:
         progress(f"simulating {', '.join(policies)} on {scoring_day.name} (settings from {tuning_day.name}, "
                  f"{workers} processes) ...")
-    modes = modes_to_try(tuning_day) if "heteroscale" in policies else []
-    # the longest first (the forecast modes carry a day before), so the processes end together
-    jobs = [("mode", mode_name(m), scoring_day, tuning_day, m) for m in sorted(modes, key=lambda m: -m["predict"])]
-    jobs += [("curation", "heteroscale", scoring_day, tuning_day, None)] if modes else []
-    jobs += [("policy", name, scoring_day, tuning_day, None) for name in policies if name != "heteroscale"]
-    curation, tried_modes, histories = None, {}, {}
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
-        pending = {pool.submit(_simulate_one, job) for job in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                (kind, name), out, spent = future.result()
-                if kind == "mode":
-                    summary, histories[name] = out
-                    tried_modes[name] = {"gpu_hours": summary["gpu_hours"], "attainment": attainment(summary)}
-                    if progress:
-                        progress(f"  heteroscale ({name}) on the tuning day: {summary['gpu_hours']:,.0f} GPU-h, "
-                                 f"attainment {tried_modes[name]['attainment']:.4f} ({spent:.1f} s)")
-                    if len(tried_modes) == len(modes):  # every mode tried: score the one chosen
-                        chosen = choose([{"setting": m, **tried_modes[mode_name(m)]} for m in modes])["setting"]
-                        pending.add(pool.submit(_simulate_one, ("ours", "heteroscale", scoring_day, tuning_day,
-                                                                (chosen, histories[mode_name(chosen)]))))
-                    continue
-                if kind == "curation":
-                    curation = out
-                    continue
+    ours = "heteroscale" in policies
+    modes = modes_to_try(tuning_day) if ours else []
+    runs, tried_modes, histories = {}, {}, {}
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_hold_days, initargs=(tuning_day, scoring_day)) \
+        if workers > 1 else _InProcess()
+    if workers <= 1:
+        _hold_days(tuning_day, scoring_day)
+    with pool:
+        jobs = _Jobs(pool, max(workers, 1))
+        for name in CANDIDATES if ours else ():
+            jobs.add(1 if name in DECODE_CANDIDATES else 5, ("candidate", name, None))
+        for name in policies:
+            if name != "heteroscale":
+                jobs.add(4, ("policy", name, None))
+        while (finished := jobs.finished()) is not None:
+            (kind, name), out, spent = finished
+            if kind == "candidate":
+                runs[name] = out
+                if progress:
+                    progress(f"  curation: the {name} candidate on the tuning day ({spent:.1f} s)")
+                if name in DECODE_CANDIDATES and all(m in runs for m in DECODE_CANDIDATES):
+                    decode_runs = {m: runs[m] for m in DECODE_CANDIDATES}
+                    for mode in modes:  # the forecast modes first: they carry a day before
+                        jobs.add(2 if mode["predict"] else 3, ("mode", mode_name(mode), (mode, decode_runs)))
+            elif kind == "mode":
+                summary, histories[name] = out
+                tried_modes[name] = {"gpu_hours": summary["gpu_hours"], "attainment": attainment(summary)}
+                if progress:
+                    progress(f"  heteroscale ({name}) on the tuning day: {summary['gpu_hours']:,.0f} GPU-h, "
+                             f"attainment {tried_modes[name]['attainment']:.4f} ({spent:.1f} s)")
+                if len(tried_modes) == len(modes):  # every mode tried: score the one chosen
+                    chosen = choose([{"setting": m, **tried_modes[mode_name(m)]} for m in modes])["setting"]
+                    jobs.add(0, ("ours", "heteroscale", (chosen, decode_runs, histories[mode_name(chosen)])))
+            else:
                 results[name] = out
                 if progress:
                     s = out.summary()
                     progress(f"[{len(results)}/{len(policies)}] {name}: {s['gpu_hours']:,.0f} GPU-h, attainment "
                              f"TTFT {s['slo_attainment_ttft']:.4f} / TBT {s['slo_attainment_tbt']:.4f} "
                              f"({spent:.1f} s, {time.perf_counter() - start:.0f} s in all)")
-    if modes:
+    curation = None
+    if ours:
+        keep_runs(tuning_day, runs)
+        curation = {k: v for k, v in curate(tuning_day).items() if k != "stress"}
         curation["mode"] = {"chosen": chosen, "tried_on_tuning_day": [{"setting": m, **tried_modes[mode_name(m)]}
                                                                       for m in modes]}
     results = {name: results[name] for name in policies}
@@ -146,7 +210,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                "infeasible_services": infeasible_services(scenario)}
     if tuning:
         summary["tuning"] = tuning
-    if "heteroscale" in policies:
+    if ours:
         summary["curation"] = curation
     summary["goals"] = _goals(summary["policies"])
     return summary, results

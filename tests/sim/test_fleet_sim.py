@@ -253,17 +253,19 @@ def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history
 
     from bench.sim import world
     from bench.sim.days import DaySpec, tuning_and_scoring
-    from bench.sim.run import _simulate_one
+    from bench.sim.curation import DECODE_CANDIDATES, candidate_runs
+    from bench.sim.run import _hold_days, _simulate_one
 
     scenario = replace(small_scenario(), name="handover", days=DaySpec(noise_sigma=0.05, tuning_day=3, scoring_day=4))
     tune, score = tuning_and_scoring(scenario)
     mode = {"adaptive": True, "predict": True}
+    runs = candidate_runs(tune, DECODE_CANDIDATES)  # ours' settings, made here and handed over
     world._HISTORY.clear()  # each worker forks with no history of these days: only what is handed over
-    with ProcessPoolExecutor(1) as pool:
-        _, (summary, history), _ = pool.submit(_simulate_one, ("mode", "adaptive+forecast", score, tune, mode)).result()
+    with ProcessPoolExecutor(1, initializer=_hold_days, initargs=(tune, score)) as pool:
+        _, (summary, history), _ = pool.submit(_simulate_one, ("mode", "adaptive+forecast", (mode, runs))).result()
     assert set(history) == {s.name for s in scenario.services}
-    with ProcessPoolExecutor(1) as pool:
-        _, elsewhere, _ = pool.submit(_simulate_one, ("ours", "heteroscale", score, tune, (mode, history))).result()
+    with ProcessPoolExecutor(1, initializer=_hold_days, initargs=(tune, score)) as pool:
+        _, elsewhere, _ = pool.submit(_simulate_one, ("ours", "heteroscale", (mode, runs, history))).result()
     assert run_heteroscale(tune, tuned_on=tune, **mode).summary() == summary
     here = run_heteroscale(score, tuned_on=tune, **mode).summary()
     assert elsewhere.summary() == here

@@ -23,7 +23,7 @@ ALLOWED = {
     "common": set(),
 }
 # The pure cores: no Ray, vLLM, HTTP, clock, randomness, environment or I/O, and only pure cores below them.
-PURE = {"common.vocab", "common.histogram", "common.defaults", "common.wire", "autoscaler.model", "autoscaler.forecast", "autoscaler.ratio", "autoscaler.pending", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan", "autoscaler.fleet",
+PURE = {"common.vocab", "common.histogram", "common.defaults", "common.wire", "autoscaler.model", "autoscaler.frozen", "autoscaler.forecast", "autoscaler.ratio", "autoscaler.pending", "autoscaler.policy", "autoscaler.gating", "autoscaler.plan", "autoscaler.fleet",
         "autoscaler.cycle", "autoscaler.port", "autoscaler.signals", "autoscaler.membership", "autoscaler.supply",
         "placement.topology", "placement.scheduler"}
 IMPURE_ROOTS = {"ray", "vllm", "time", "datetime", "os", "sys", "random", "socket", "subprocess", "threading",
