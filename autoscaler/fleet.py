@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from autoscaler.model import PolicyConfig, PolicyState, Preemption
 from common.vocab import DeploymentGroup
 from placement.scheduler import ScaleRequest, ServiceShape, Unplaced, Why, place
-from placement.topology import Budget, TopologyTree, build_tree
+from placement.topology import Budget, TopologyTree
 
 if TYPE_CHECKING:
     from autoscaler.cycle import ClusterView, CycleConfig
@@ -84,10 +84,10 @@ def _with_released(tree: TopologyTree, released: Sequence[tuple[DeploymentGroup,
                    ) -> TopologyTree:
     """A copy of `tree` (its free GPUs and budget as this cycle left them) with the groups' GPUs returned to
     their domain's nodes of each type and to the budget."""
-    nodes = [replace(n, free_gpus=tree.free[n.node_id]) for n in tree.nodes.values()]
-    copy = build_tree(nodes)
     budget = tree.budget
-    copy.budget = None if budget is None else Budget(dict(budget.by_type), budget.total)
+    # the same fleet's structure (shared, read-only), its own free GPUs and budget
+    copy = replace(tree, free=dict(tree.free),
+                   budget=None if budget is None else Budget(dict(budget.by_type), budget.total))
     for group, shape in released:
         gpus_by_type = group_gpus(group, shape)
         domain = copy.domains.get((group.scope, group.domain))

@@ -125,7 +125,7 @@ class Profile:
         prev = tuple(c if q is None else (q if c is None else (1 - PERIOD_WEIGHT) * q + PERIOD_WEIGHT * c)
                      for q, c in zip(self.prev, self.cur))
         return evolve(self, prev=prev, cur=(None,) * len(self.cur), cur_n=(0,) * len(self.cur), period_index=index,
-                       pending=())
+                      pending=())
 
     def remember(self, for_s: float, value: float) -> Profile:
         """Keep a forecast made for `for_s` (its error is scored once that time has come)."""

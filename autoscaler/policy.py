@@ -126,24 +126,25 @@ def _latency_breach(cfg: PolicyConfig, obs: ServiceObservation | None, now_s: fl
     return max(ratios) if ratios else None
 
 
-def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyConfig, diag: Diagnostics,
+def _decision(action: Action, reason: Reason, state: ServiceState, cfg: PolicyConfig, diag: dict,
               withdraw: tuple[int, int] = (0, 0)) -> ServiceDecision:
+    """`diag`: the `Diagnostics` fields gathered on the way (built once, here)."""
     if cfg.adaptive_ratio:
-        diag = evolve(diag, prefill_per_decode=current_ratio(cfg, state))
+        diag = {**diag, "prefill_per_decode": current_ratio(cfg, state)}
     return ServiceDecision(action=action, reason=reason, target_prefill=state.target_prefill,
                            target_decode=state.target_decode, withdraw_prefill=withdraw[0],
-                           withdraw_decode=withdraw[1], advisory=cfg.advisory, diagnostics=diag)
+                           withdraw_decode=withdraw[1], advisory=cfg.advisory, diagnostics=Diagnostics(**diag))
 
 
 def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
-              diag: Diagnostics, ratio: float | None = None) -> tuple[ServiceDecision, ServiceState]:
+              diag: dict, ratio: float | None = None) -> tuple[ServiceDecision, ServiceState]:
     """Start a soft scale-in towards `pair` (or finish it at once when the observation window is 0). A role that
     grows in the same step (a schedule raised the ratio) grows now; only the shrinking roles are withdrawn.
     `ratio`: the adaptive ratio `pair` was sized at, in force once the withdrawn instances are terminated."""
     to_ratio = holding_ratio(cfg, pair, ratio) if cfg.adaptive_ratio and ratio is not None else None
     if cfg.soft_scale_in_window_s == 0:
         new = evolve(st, target_prefill=pair[0], target_decode=pair[1], last_scale_in_s=now_s,
-                      prefill_per_decode=to_ratio if to_ratio is not None else st.prefill_per_decode)
+                     prefill_per_decode=to_ratio if to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.SCALE_IN, reason, new, cfg, diag), new
     keep = (max(st.target_prefill, pair[0]), max(st.target_decode, pair[1]))
     soft = SoftScaleIn(now_s, keep[0], keep[1], pair[0], pair[1], to_ratio)
@@ -153,7 +154,7 @@ def _scale_in(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s:
 
 
 def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s: float, reason: Reason,
-               diag: Diagnostics, latency: bool = False, ratio: float | None = None
+               diag: dict, latency: bool = False, ratio: float | None = None
                ) -> tuple[ServiceDecision, ServiceState]:
     """Grow to `pair`. With the adaptive ratio no role shrinks here, and the ratio put in force is `ratio` (the
     one `pair` was sized at) if the grown targets hold at it, else the lowest they hold at (P/D)."""
@@ -163,12 +164,12 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
         ratio = current_ratio(cfg, st) if ratio is None else ratio
         in_force = holding_ratio(cfg, pair, ratio)
     new = evolve(st, target_prefill=pair[0], target_decode=pair[1], last_scale_out_s=now_s,
-                  last_latency_step_s=now_s if latency else st.last_latency_step_s, prefill_per_decode=in_force)
+                 last_latency_step_s=now_s if latency else st.last_latency_step_s, prefill_per_decode=in_force)
     return _decision(Action.SCALE_OUT, reason, new, cfg, diag), new
 
 
 def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
-                  diag: Diagnostics, stalled: bool, prefill_tps: float | None = None, burst: bool = False
+                  diag: dict, stalled: bool, prefill_tps: float | None = None, burst: bool = False
                   ) -> tuple[ServiceDecision, ServiceState]:
     """`burst`: requests queue, so the withdrawn replicas are the first capacity back (no start-up)."""
     soft = st.soft
@@ -177,8 +178,8 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
         if now_s <= soft.started_s:
             return _decision(Action.HOLD, Reason.BUDGET_LIMITED, st, cfg, diag, withdraw), st
         new = evolve(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
-                      last_scale_in_s=now_s,
-                      prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
+                     last_scale_in_s=now_s,
+                     prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.BUDGET_LIMITED, new, cfg, diag), new
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
     load_back = cfg.mode is not Mode.PERIODIC and tps is not None and \
@@ -188,7 +189,7 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
             soft.to_prefill * (1 + cfg.hysteresis_band)
     if burst or (breach is not None and breach > first_tier) or load_back:
         new = evolve(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
-                      last_scale_in_s=now_s)
+                     last_scale_in_s=now_s)
         reason = Reason.BURST if burst else Reason.SOFT_SCALE_IN_SLO_DEGRADED
         return _decision(Action.RESTORE, reason, new, cfg, diag), new
     if tps is None:  # terminating is a scale-in: it needs fresh decode TPS, whatever latency says
@@ -196,8 +197,8 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
         return _decision(Action.HOLD, reason, st, cfg, diag, withdraw), st
     if now_s - soft.started_s >= cfg.soft_scale_in_window_s:
         new = evolve(st, target_prefill=soft.to_prefill, target_decode=soft.to_decode, soft=None,
-                      last_scale_in_s=now_s,
-                      prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
+                     last_scale_in_s=now_s,
+                     prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.SOFT_SCALE_IN_DONE, new, cfg, diag), new
     return _decision(Action.HOLD, Reason.SOFT_SCALE_IN_OBSERVING, st, cfg, diag, withdraw), st
 
@@ -223,27 +224,27 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
     current = (st.target_prefill, st.target_decode)
     tps = None if obs is None else obs.decode_tps.fresh(now_s, cfg.staleness_limit_s)
     breach = _latency_breach(cfg, obs, now_s)
-    diag = Diagnostics(decode_tps=tps, latency_breach=breach)
+    diag = {"decode_tps": tps, "latency_breach": breach}  # the decision's `Diagnostics`, built once (`_decision`)
     admitted = None if obs is None else obs.admitted_rps.fresh(now_s, cfg.staleness_limit_s)
     stalled = tps == 0 and admitted is not None and admitted > 0
     if stalled:  # requests went in and no token came out: the zero is missing data, not an idle service
         tps = None
-        diag = evolve(diag, decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
+        diag.update(decode_tps=None, note=f"{admitted:.2f} requests/s admitted, 0 decode tokens/s")
     prefill_tps = None
     if cfg.adaptive_ratio and obs is not None:
         prefill_tps = obs.prefill_kv_miss_tps.fresh(now_s, cfg.staleness_limit_s)
         st = estimate_ratio(cfg, st, tps, prefill_tps, now_s)
-        diag = evolve(diag, prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
+        diag.update(prefill_kv_miss_tps=prefill_tps, ratio_estimate=st.ratio_estimate)
     ratio, wanted = current_ratio(cfg, st), wanted_ratio(cfg, st)
     forecast = None
     if cfg.forecast_period_s is not None and tps is not None:
         st, forecast = _forecast(cfg, st, obs, tps, now_s)
         if forecast is not None:
-            diag = evolve(diag, forecast_decode_tps=forecast, forecast_error=st.profile.error)
+            diag.update(forecast_decode_tps=forecast, forecast_error=st.profile.error)
 
     burst = _burst(cfg, obs, now_s)
     if burst is not None:
-        diag = evolve(diag, note=f"{burst:.1f} requests queued per ready decode replica")
+        diag["note"] = f"{burst:.1f} requests queued per ready decode replica"
     if current[0] < cfg.min_prefill or current[1] < cfg.min_decode:
         # a preemption took this service below its own minimum: ask for it back (placed where room is left)
         back = (max(current[0], cfg.min_prefill), max(current[1], cfg.min_decode))
@@ -272,7 +273,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             # else the same decode count, but prefill sizes from the fractional demand: without the floor a
             # pending prefill the forecast wants was cancelled and asked for again a tick later (the demo)
             raw = ahead
-        diag = evolve(diag, desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
+        diag.update(desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         # a hold the forecast asked for (the load alone asks fewer decode replicas) keeps reason FORECAST
         settled = Reason.FORECAST if reason is Reason.FORECAST else Reason.WITHIN_BAND
         if tps == 0:
@@ -287,7 +288,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             desired = cfg.pair_for_demand(raw, wanted)
             if desired == current and cfg.min_decode <= unclamped <= cfg.max_decode:
                 reason = settled  # outside the band, but it rounds to the current size
-                diag = evolve(diag, note=f"{raw:.2f} decode instances round to the current {current[1]}")
+                diag["note"] = f"{raw:.2f} decode instances round to the current {current[1]}"
             elif desired[1] == current[1] and desired != current and wanted != ratio:
                 reason = Reason.RATIO  # decode rounds to its size (or sits at a bound): only the ratio moved
     if schedule is not None and cfg.mode is Mode.METRICS_WITH_SCHEDULE_FLOOR:
@@ -304,7 +305,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         asked = desired or current
         if pair == current:  # at the max bound: nothing to add, and latency still forbids a scale-in
             if asked[1] <= current[1]:
-                return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, evolve(diag, note="latency step at max")), st
+                return _decision(Action.HOLD, Reason.AT_BOUND, st, cfg, {**diag, "note": "latency step at max"}), st
         elif pair[1] > asked[1]:
             return _scale_out(cfg, st, pair, now_s, latency_reason, diag, latency=True, ratio=wanted)
 
@@ -320,10 +321,10 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
             return _decision(Action.HOLD, Reason.BURST, st, cfg, diag), st
 
     if desired is None:
-        note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.note
+        note = "no schedule window covers now" if cfg.mode is Mode.PERIODIC else diag.get("note", "")
         hold_reason = Reason.SCHEDULE if cfg.mode is Mode.PERIODIC else \
             Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
-        return _decision(Action.HOLD, hold_reason, st, cfg, evolve(diag, note=note)), st
+        return _decision(Action.HOLD, hold_reason, st, cfg, {**diag, "note": note}), st
     if desired == current:
         return _decision(Action.HOLD, Reason.AT_BOUND if reason is Reason.PROPORTIONAL else reason, st, cfg, diag), st
 
@@ -338,13 +339,13 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         if reason is not Reason.SCHEDULE and _elapsed(now_s, st.last_scale_out_s) < cfg.scale_out_cooldown_s:
             return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
         if dampen and desired[1] - current[1] > max_step:
-            desired, diag = cfg.pair_for_decode(current[1] + max_step, wanted), evolve(diag, dampened=True)
+            desired, diag = cfg.pair_for_decode(current[1] + max_step, wanted), {**diag, "dampened": True}
         return _scale_out(cfg, st, desired, now_s, reason, diag, ratio=wanted)
     since_last = min(_elapsed(now_s, st.last_scale_in_s), _elapsed(now_s, st.last_scale_out_s))
     if reason is not Reason.SCHEDULE and since_last < cfg.scale_in_cooldown_s:
         return _decision(Action.HOLD, Reason.COOLDOWN, st, cfg, diag), st
     if dampen and current[1] - desired[1] > max_step:
-        desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), evolve(diag, dampened=True)
+        desired, diag = cfg.pair_for_decode(current[1] - max_step, wanted), {**diag, "dampened": True}
         if cfg.adaptive_ratio:  # a scale-in never grows a role (a ratio that rose grows prefill in a scale-out)
             desired = (min(desired[0], current[0]), desired[1])
     if cfg.adaptive_ratio and wanted > ratio and cfg.soft_scale_in_window_s == 0:
@@ -462,7 +463,8 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
             continue
         old = before.get(name) or st
         running = _running(old)
-        diag = evolve(dec.diagnostics, budget_gpus=budget, note=f"wanted {dec.target_prefill}P/{dec.target_decode}D")
+        diag = {**vars(dec.diagnostics), "budget_gpus": budget,
+                "note": f"wanted {dec.target_prefill}P/{dec.target_decode}D"}
         if grant[0] >= running[0] and grant[1] >= running[1]:  # growth capped: what runs stays
             new = evolve(st, target_prefill=grant[0], target_decode=grant[1], soft=None)
             action = Action.HOLD if grant == running else Action.SCALE_OUT
@@ -472,7 +474,7 @@ def _apply_budget(config: FleetConfig, decisions: dict[str, ServiceDecision], st
             # a scale-in in progress goes below the grant: what it withdrew over the grant is terminated at once,
             # the rest of it goes on from the grant
             new = evolve(old, target_prefill=grant[0], target_decode=grant[1],
-                          soft=evolve(old.soft, from_prefill=grant[0], from_decode=grant[1]))
+                         soft=evolve(old.soft, from_prefill=grant[0], from_decode=grant[1]))
             states[name] = new
             decisions[name] = _decision(Action.SCALE_IN, Reason.BUDGET_LIMITED, new, cfg, diag,
                                         (grant[0] - old.soft.to_prefill, grant[1] - old.soft.to_decode))

@@ -31,6 +31,7 @@ from pathlib import Path
 from bench.sim.baselines import GRIDS, HEADROOM_GRID, run_oracle, run_setting, run_static_peak
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
+from bench.sim.run import quiet_collector
 from bench.sim.scenarios import load_scenario
 from bench.sim.world import MODES, mode_name, run_heteroscale
 
@@ -236,7 +237,8 @@ def run_suite(paths: list[str] | None = None, workers: int = 2, progress=None) -
         progress(f"suite: {len(paths)} scenarios, {sum(_num_runs(p) for p in paths)} simulation runs at most on "
                  f"{workers} processes (one scenario per process at a time)")
     jobs = [(p, progress is not None) for p in order]
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool:
+    workers_pool = ProcessPoolExecutor(workers, initializer=quiet_collector) if workers > 1 else nullcontext()
+    with workers_pool as pool:
         for i, (path, report, spent) in enumerate((pool.map if pool else map)(_run_scenario, jobs), 1):
             scenarios[path], seconds[path] = report, spent
             if progress:
