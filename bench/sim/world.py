@@ -86,6 +86,13 @@ def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom:
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
 
 
+# How the simulated ingress splits a service's requests over its DGs: "decode", the live ingress's rule (by
+# routable decode replicas), or "both", an experiment for issue 22 that the live ingress does not implement (by
+# the smaller of a DG's share of the service's routable decode and of its routable prefill, normalized):
+# `bench/scripts/route_both_roles.py` sets it for its runs.
+ROUTING = "decode"
+
+
 class SimWorld:
     """The fleet of a scenario under our control cycle (implements `autoscaler.port.World`)."""
 
@@ -244,10 +251,16 @@ class SimWorld:
             groups = list(self.groups[name].values())
             routable = [g.routable() for g in groups]
             weight = sum(d for _, d in routable)
-            self._routable[name] = (sum(p for p, _ in routable), weight)
+            prefill = sum(p for p, _ in routable)
+            self._routable[name] = (prefill, weight)
+            shares = [min(d / weight, p / prefill) for p, d in routable] if ROUTING == "both" and weight and \
+                prefill else []
+            if sum(shares) > 0:
+                routable = [(p, d, rps * w / sum(shares)) for (p, d), w in zip(routable, shares)]
+            else:
+                routable = [(p, d, rps * d / weight if weight else 0.0) for p, d in routable]
             parts = []
-            for g, (p, d) in zip(groups, routable):
-                share = rps * d / weight if weight else 0.0
+            for g, (p, d, share) in zip(groups, routable):
                 svc_t, cap = self.caps[name].at(now_s, g.group.scope == Scope.CLUSTER)
                 tick = evaluate(svc_t, cap, share, p, d)
                 parts.append((share, tick))
