@@ -6,8 +6,7 @@ routable decode replicas, so a DG in the lower part of the ratio band (prefill d
 decode's share of requests with less than its share of prefill: `bench/scripts/dg_prefill_misses.py` found 94 %
 of ours' TTFT misses there. Rule "both" weights each DG by the smaller of its share of the service's routable
 decode and of its routable prefill (normalized). Only the router differs between the two runs: ours in the
-mode each scenario's tuning day chose under the live rule (`MODES` below, from bench/results/suite/suite.json),
-curated on the tuning day, scored on the scoring day, per DG; the forecast's history is rebuilt under each rule.
+mode each scenario's tuning day chose under the live rule (read from bench/results/suite/suite.json), curated on the tuning day, scored on the scoring day, per DG; the forecast's history is rebuilt under each rule.
 What it does not show: the mode choice redone under the new rule, the baselines' fronts (they place no DGs and
 split requests evenly, so the rule does not touch them), or the live ingress running it.
 
@@ -18,6 +17,7 @@ Writes bench/results/route_both_roles.json.
 
 from __future__ import annotations
 
+import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,39 +28,38 @@ sys.path.insert(0, str(ROOT))
 from bench.results_io import write_result  # noqa: E402
 
 SUITE = ROOT / "bench" / "scenarios" / "suite"
-MODES = {"bursty": (True, True), "mix-drift": (True, False), "noisy": (True, True), "prefix-reuse": (True, False),
-         "real-traces": (True, False), "smooth-diurnal": (False, False), "startup-per-model": (True, False)}
+SUITE_JSON = ROOT / "bench" / "results" / "suite" / "suite.json"  # the live rule's suite run: modes and fronts
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions")
 
 
-def run(job: tuple[str, str]) -> tuple[str, str, dict]:
+def run(job: tuple[str, dict, str]) -> tuple[str, str, dict]:
     import bench.sim.world as world
     from bench.sim.days import tuning_and_scoring
     from bench.sim.scenarios import load_scenario
 
-    name, routing = job
+    name, mode, routing = job
     world.ROUTING = routing
     world._HISTORY.clear()  # the forecast's history comes from a run under the same rule
     tune, score = tuning_and_scoring(load_scenario(SUITE / f"{name}.yaml"))
-    adaptive, predict = MODES[name]
-    summary = world.run_heteroscale(score, tuned_on=tune, adaptive=adaptive, predict=predict).summary()
+    summary = world.run_heteroscale(score, tuned_on=tune, **mode).summary()
     return name, routing, {k: summary[k] for k in KEYS}
 
 
 def main() -> int:
-    jobs = [(name, routing) for name in MODES for routing in ("decode", "both")]
-    out: dict[str, dict] = {name: {} for name in MODES}
+    from bench.sim.suite import gpu_hours_at
+    from bench.sim.world import MODES, mode_name
+
+    suite = json.loads(SUITE_JSON.read_text())["scenarios"]
+    modes = {name: next(m for m in MODES if mode_name(m) == sc["policies"]["heteroscale"]["mode"]["chosen"])
+             for name, sc in suite.items()}
+    jobs = [(name, mode, routing) for name, mode in modes.items() for routing in ("decode", "both")]
+    out: dict[str, dict] = {name: {} for name in modes}
     with ProcessPoolExecutor(2, max_tasks_per_child=1) as pool:
         for name, routing, summary in pool.map(run, jobs):
             out[name][routing] = summary
             print(f"{name:<18} {routing:<7} {summary['gpu_hours']:>10,.0f} GPU-h  "
                   f"TTFT {summary['slo_attainment_ttft']:.4f}"
                   f"  TBT {summary['slo_attainment_tbt']:.4f}", flush=True)
-    import json
-
-    from bench.sim.suite import gpu_hours_at
-
-    suite = json.loads((ROOT / "bench" / "results" / "suite" / "suite.json").read_text())["scenarios"]
     for name, row in out.items():
         d, b = row["decode"], row["both"]
         row["gpu_hours_both_over_decode"] = round(b["gpu_hours"] / d["gpu_hours"], 4)
@@ -74,8 +73,7 @@ def main() -> int:
             for at in [gpu_hours_at(p["front"], row["attainment_both"])]}
         print(f"{name:<18} baselines' fronts at {row['attainment_both']:.4f} over ours: "
               f"{row['baselines_at_attainment_both_over_ours']}", flush=True)
-    write_result("route_both_roles", {"modes": {k: {"adaptive": a, "predict": p} for k, (a, p) in MODES.items()},
-                                      "scenarios": out})
+    write_result("route_both_roles", {"modes": modes, "scenarios": out})
     return 0
 
 

@@ -255,8 +255,9 @@ class SimWorld:
             self._routable[name] = (prefill, weight)
             shares = [min(d / weight, p / prefill) for p, d in routable] if ROUTING == "both" and weight and \
                 prefill else []
-            if sum(shares) > 0:
-                routable = [(p, d, rps * w / sum(shares)) for (p, d), w in zip(routable, shares)]
+            total = sum(shares)
+            if total > 0:
+                routable = [(p, d, rps * w / total) for (p, d), w in zip(routable, shares)]
             else:
                 routable = [(p, d, rps * d / weight if weight else 0.0) for p, d in routable]
             parts = []

@@ -252,8 +252,8 @@ def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history
     from dataclasses import replace
 
     from bench.sim import world
-    from bench.sim.days import DaySpec, tuning_and_scoring
     from bench.sim.curation import DECODE_CANDIDATES, candidate_runs
+    from bench.sim.days import DaySpec, tuning_and_scoring
     from bench.sim.run import _hold_days, _simulate_one
 
     scenario = replace(small_scenario(), name="handover", days=DaySpec(noise_sigma=0.05, tuning_day=3, scoring_day=4))
