@@ -40,7 +40,8 @@ class Reason(str, Enum):
     SCHEDULE = "schedule"  # the periodic schedule sets (or floors) the size
     SOFT_SCALE_IN_OBSERVING = "soft_scale_in_observing"
     SOFT_SCALE_IN_DONE = "soft_scale_in_done"  # SLOs held through the window: terminate withdrawn
-    SOFT_SCALE_IN_SLO_DEGRADED = "soft_scale_in_slo_degraded"  # restore withdrawn instances
+    SOFT_SCALE_IN_SLO_DEGRADED = "soft_scale_in_slo_degraded"  # SLO breached while observing: restore withdrawn
+    LOAD_RETURNED = "load_returned"  # the load came back while observing: restore withdrawn
     CANCEL_STARTING = "cancel_starting"  # a scale-in while replicas still start: those go first, at once
     BUDGET_LIMITED = "budget_limited"  # fleet GPU budget cut this service's target (by priority)
     RATIO = "ratio"  # decode inside its band, the adaptive P:D ratio moved: prefill follows its own demand

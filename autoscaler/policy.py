@@ -169,9 +169,11 @@ def _scale_out(cfg: PolicyConfig, st: ServiceState, pair: tuple[int, int], now_s
 
 
 def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach: float | None, now_s: float,
-                  diag: dict, stalled: bool, prefill_tps: float | None = None, burst: bool = False
-                  ) -> tuple[ServiceDecision, ServiceState]:
-    """`burst`: requests queue, so the withdrawn replicas are the first capacity back (no start-up)."""
+                  diag: dict, stalled: bool, prefill_tps: float | None = None, burst: bool = False,
+                  forecast: float | None = None) -> tuple[ServiceDecision, ServiceState]:
+    """Restore the withdrawn replicas, terminate them, or keep observing. A restore names its first cause: requests
+    queue (`burst`: withdrawn replicas are the first capacity back, no start-up), an SLO breach, the load back
+    (decode or, adaptive, prefill), or a forecast ramp within one start-up (`forecast`, the demand ahead)."""
     soft = st.soft
     withdraw = (soft.from_prefill - soft.to_prefill, soft.from_decode - soft.to_decode)
     if soft.forced:  # a budget cut: out of routing for one period (in-flight requests drain), then terminated
@@ -182,15 +184,21 @@ def _resolve_soft(cfg: PolicyConfig, st: ServiceState, tps: float | None, breach
                      prefill_per_decode=soft.to_ratio if soft.to_ratio is not None else st.prefill_per_decode)
         return _decision(Action.TERMINATE_WITHDRAWN, Reason.BUDGET_LIMITED, new, cfg, diag), new
     first_tier = cfg.latency_tiers[0].slo_multiple if cfg.latency_tiers else 1.0
-    load_back = cfg.mode is not Mode.PERIODIC and tps is not None and \
-        tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)  # schedule alone: no
+
+    def above(decode_tps: float | None) -> bool:  # more than the kept decode replicas serve (schedule alone: no)
+        return cfg.mode is not Mode.PERIODIC and decode_tps is not None and \
+            decode_tps / cfg.target_decode_tps_per_instance > soft.to_decode * (1 + cfg.hysteresis_band)
+
+    load_back = above(tps)
     if cfg.adaptive_ratio and prefill_tps is not None and withdraw[0] > 0:  # prefill's own demand came back
         load_back = load_back or prefill_tps / cfg.target_prefill_tps_per_instance > \
             soft.to_prefill * (1 + cfg.hysteresis_band)
-    if burst or (breach is not None and breach > first_tier) or load_back:
+    causes = ((burst, Reason.BURST), (breach is not None and breach > first_tier, Reason.SOFT_SCALE_IN_SLO_DEGRADED),
+              (load_back, Reason.LOAD_RETURNED), (above(forecast), Reason.FORECAST))
+    reason = next((r for cause, r in causes if cause), None)
+    if reason is not None:
         new = evolve(st, target_prefill=soft.from_prefill, target_decode=soft.from_decode, soft=None,
                      last_scale_in_s=now_s)
-        reason = Reason.BURST if burst else Reason.SOFT_SCALE_IN_SLO_DEGRADED
         return _decision(Action.RESTORE, reason, new, cfg, diag), new
     if tps is None:  # terminating is a scale-in: it needs fresh decode TPS, whatever latency says
         reason = Reason.NO_DECODE_PROGRESS if stalled else Reason.NO_DATA
@@ -252,8 +260,7 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         return _decision(Action.SCALE_OUT, Reason.RECLAIM, new, cfg, diag), new
     if st.soft is not None:
         # a forecast ramp within one start-up brings the withdrawn replicas back like returning load
-        soft_tps = max(tps, forecast) if tps is not None and forecast is not None else tps
-        return _resolve_soft(cfg, st, soft_tps, breach, now_s, diag, stalled, prefill_tps, burst is not None)
+        return _resolve_soft(cfg, st, tps, breach, now_s, diag, stalled, prefill_tps, burst is not None, forecast)
 
     # --- what the signals ask for ------------------------------------------------------------------------------
     schedule = _schedule_pair(cfg, now_s) if cfg.mode is not Mode.METRICS else None

@@ -217,9 +217,15 @@ def test_prompt_heavy_load_grows_prefill_not_decode_and_a_repeated_ramp_finds_ca
         between = [d for d in log if ramp1_end <= d["t"] < ramp2]
         seen = [d["diagnostics"].get("forecast_decode_tps") or 0 for d in between]
         assert between and max(seen) > AUTOSCALING["target_decode_tps_per_instance"], seen
+        # the load between the ramps asks one decode replica: nothing it measured raised capacity (a latency breach
+        # on two shared cores may restore a withdrawn replica before the forecast does; that names itself)
         raised = [d for d in between if d["action"] in ("scale_out", "restore")]
-        assert all(d["reason"] == "forecast" for d in raised), [(d["action"], d["reason"]) for d in raised]
+        assert all(d["reason"] in ("forecast", "soft_scale_in_slo_degraded") for d in raised), \
+            [(d["action"], d["reason"]) for d in raised]
         cut = [d for d in between if d["action"] == "terminate_withdrawn" and d["target_decode"] < 2]
         assert not cut or raised, "capacity was cut between the ramps and never brought back"
+        # and as the ramp came, what kept two decode replicas was the forecast (the load alone asked one)
+        held = [d for d in between if d["reason"] == "forecast" and d["target_decode"] == 2]
+        assert held and held[-1]["t"] >= ramp2 - 20, compact(between[-12:])
     finally:
         svc.undeploy(s.name, cluster.address)

@@ -173,7 +173,8 @@ def test_load_step_scales_out_a_second_group_then_withdraws_restores_and_termina
         st = wait_for("a restore", lambda s: s["soft_scale_in"] is None and
                       sum(g["decode"]["withdrawn"] for g in s["groups"]) == 0, 60, spec)
         restore = [d for d in decisions(spec, first_tick) if d["action"] == "restore"]
-        assert restore and restore[-1]["reason"] == "soft_scale_in_slo_degraded"
+        # the load back, or the latency it raised (on two shared cores either can come first)
+        assert restore and restore[-1]["reason"] in ("load_returned", "soft_scale_in_slo_degraded"), restore[-1]
         assert ready(st, "decode") == 2 and len(st["groups"]) == 2
         time.sleep(4)
     assert again.failures == []

@@ -200,7 +200,8 @@ def test_a_soft_scale_in_is_restored_when_the_forecast_says_its_load_returns():
     t = PERIOD + 1_700  # 100 s before the ramp, start-up 180 s
     obs = ServiceObservation(decode_tps=Signal(200.0, t), startup_s=Signal(180.0, t))
     dec, _ = decide_service(CFG, st, obs, t)
-    assert dec.action is Action.RESTORE
+    # its reason is the forecast (the demo counts these as prewarms), not a breach or the load: neither happened
+    assert (dec.action, dec.reason) == (Action.RESTORE, Reason.FORECAST)
     dec, _ = decide_service(replace(CFG, forecast_period_s=None), replace(st, profile=None), obs, t)
     assert dec.action is Action.TERMINATE_WITHDRAWN  # reactive: cut 100 s before the ramp
 

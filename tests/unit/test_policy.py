@@ -88,6 +88,8 @@ SCENARIOS = [
     ("soft scale-in restores on SLO breach", state(soft=SOFT), obs(300, tbt=0.06),
      (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
     ("soft scale-in restores when load returns", state(soft=SOFT), obs(600),
+     (Action.RESTORE, Reason.LOAD_RETURNED, 2, 6, 0, 0)),
+    ("an SLO breach names itself even when the load is back too", state(soft=SOFT), obs(600, tbt=0.06),
      (Action.RESTORE, Reason.SOFT_SCALE_IN_SLO_DEGRADED, 2, 6, 0, 0)),
     ("a scale-in while replicas start cancels those first, at once, withdrawing no ready one",
      state(3, 3), replace(obs(20), decode=RoleCounts(ready=1, pending=2), prefill=RoleCounts(ready=1, pending=2)),
