@@ -31,7 +31,7 @@ from autoscaler.signals import ServiceSignals, SignalStore
 from autoscaler.supply import SupplyPlan
 from common.config import ServiceSpec
 from common.vocab import DeploymentGroup, NodeInfo, Role, deployment_name, group_app_name
-from common.wire import RoutingEntry
+from common.wire import RoutingEntry, routing_weights
 from placement.scheduler import ServiceShape
 
 logger = logging.getLogger(__name__)
@@ -110,21 +110,27 @@ class RayWorld:
             return record.members.routable(role, replica_id)
 
     def routing_table(self) -> dict[str, dict[str, Any]] | None:
-        """The ingress's DG table with weights = routable decode replicas; None until this world has seen Serve's
-        replicas once (a restarted controller must not announce weight 0 for DGs it has not looked at yet)."""
+        """The ingress's DG table, weights from each DG's routable (running, not withdrawn) prefill and decode
+        replicas (`common.wire.routing_weights`); None until this world has seen Serve's replicas once (a
+        restarted controller must not announce weight 0 for DGs it has not looked at yet)."""
         with self.lock:
             if not self.observed:
                 return None
-            table = {}
-            for name, r in sorted(self.records.items()):
-                live = self.states.get(name, {}).get(Role.DECODE)
-                running = live.running if live else frozenset()
-                weight = len(running) if self.advisory else sum(r.members.routable(Role.DECODE, i) for i in running)
-                whole = not self.advisory and all(r.withdrawn.get(role, 0) >= r.group.count(role) > 0 for role in Role)
-                if running:
+            records = sorted(self.records.items())
+            counts = []
+            for name, r in records:
+                live = self.states.get(name, {})
+                running = {role: live[role].running if role in live else frozenset() for role in Role}
+                if running[Role.DECODE]:
                     self.fresh.discard(name)
+                counts.append(tuple(len(running[role]) if self.advisory else
+                                    sum(r.members.routable(role, i) for i in running[role])
+                                    for role in (Role.PREFILL, Role.DECODE)))
+            table = {}
+            for (name, r), weight in zip(records, routing_weights(counts)):
+                whole = not self.advisory and all(r.withdrawn.get(role, 0) >= r.group.count(role) > 0 for role in Role)
                 table[name] = RoutingEntry(group_app_name(self.spec.name, name),
-                                           deployment_name(self.spec.name, name, Role.DECODE), float(weight),
+                                           deployment_name(self.spec.name, name, Role.DECODE), weight,
                                            r.group, withdrawn=whole, starting=name in self.fresh).to_wire()
             return table
 

@@ -5,7 +5,8 @@ value of the wrong type with a `WireError` naming it).
 
 - `ReplicaReport`: an engine replica's cumulative counters (`serving.engines` -> `controller.report_replica`);
 - `IngressReport`: the ingress's cumulative per-DG counts (`serving.ingress` -> `controller.report_ingress`);
-- `RoutingEntry`: one DG of the routing table the controller answers the ingress with;
+- `RoutingEntry`: one DG of the routing table the controller answers the ingress with (`routing_weights`: its
+  weight, one rule for the live table and the simulated ingress);
 - `EngineOptions`: what an engine replica needs from the deployment (`serving.app` puts it under one key,
   `heteroscale`, of Ray Serve LLM's `experimental_configs`; `serving.engines` reads it).
 Pure: stdlib only.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from common.vocab import DeploymentGroup
 
@@ -128,10 +129,27 @@ class IngressReport:
                    _get(k, d, "admitted", int, 0), _get(k, d, "shed", int, 0))
 
 
+def routing_weights(routable: Sequence[tuple[int, int]]) -> list[float]:
+    """Each DG's routing weight, in decode replicas, from its routable (prefill, decode) replica counts: the
+    service's routable decode split in proportion to the smaller of the DG's share of the routable decode and of
+    the routable prefill. KV never leaves a DG, so a group serves at its scarcer role's rate: weighting by decode
+    alone sent a group with little prefill its decode's share of requests, and 94 % of the simulated TTFT misses
+    came from such groups (docs/design.md, issue 22). One DG, or DGs at one P:D, get their decode counts; a DG
+    without routable prefill or decode gets 0. With no routable prefill anywhere the weights are the decode
+    counts (nothing to weigh by). The live routing table and the simulated ingress both use this."""
+    decode = sum(d for _, d in routable)
+    prefill = sum(p for p, _ in routable)
+    shares = [min(d / decode, p / prefill) for p, d in routable] if decode and prefill else []
+    total = sum(shares)
+    if not total:
+        return [float(d) for _, d in routable]
+    return [decode * share / total for share in shares]
+
+
 @dataclass(frozen=True)
 class RoutingEntry:
-    """Where one DG's requests go: its Serve application and decode deployment, and its routing weight (the
-    number of routable decode replicas; 0 = no new requests)."""
+    """Where one DG's requests go: its Serve application and decode deployment, and its routing weight (in
+    decode replicas, `routing_weights`; 0 = no new requests)."""
 
     app_name: str
     decode_deployment: str

@@ -1,9 +1,10 @@
 """OpenAI-compatible ingress that balances requests across deployment groups.
 
 Builds on Ray Serve LLM's `OpenAiIngress` (request models, validation-error handling, SSE framing) and adds:
-choice of deployment group (DG) per request, weighted by each DG's routable decode replicas (least in-flight
-per weight; round-robin on ties; a DG of weight 0 gets nothing new while another has weight, and when none has,
-all share alike), a withdraw/restore switch per DG,
+choice of deployment group (DG) per request, weighted by the controller's routing weights (each DG's scarcer
+routable role, in decode replicas: `common.wire.routing_weights`; least in-flight per weight; round-robin on
+ties; a DG of weight 0 gets nothing new while another has weight, and when none has, all share alike), a
+withdraw/restore switch per DG,
 configurable timeouts (whole request, or first token plus idle gap when streaming), an optional API key,
 `GET /health`, `GET /metrics` (Prometheus text) and `GET /v1/heteroscale/stats` (what each DG served). Each
 DG's decode deployment (its own Serve application) drives its own DG's prefill.

@@ -23,6 +23,7 @@ from bench.sim.days import previous_day, starts_cold
 from bench.sim.model import (Instances, PolicyResult, Scenario, SimService, Tick, account, attainment, choose,
                              combine_ticks, evaluate)
 from common.vocab import DeploymentGroup, NodeInfo, Scope
+from common.wire import routing_weights
 from placement.scheduler import ServiceShape, in_band
 
 
@@ -84,13 +85,6 @@ def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom:
     fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name], adaptive, predict)
                                   for s in scenario.services})
     return CycleConfig(fleet=fleet, shapes={s.name: service_shape(s) for s in scenario.services})
-
-
-# How the simulated ingress splits a service's requests over its DGs: "decode", the live ingress's rule (by
-# routable decode replicas), or "both", an experiment for issue 22 that the live ingress does not implement (by
-# the smaller of a DG's share of the service's routable decode and of its routable prefill, normalized):
-# `bench/scripts/route_both_roles.py` sets it for its runs.
-ROUTING = "decode"
 
 
 class SimWorld:
@@ -242,8 +236,9 @@ class SimWorld:
 
     def serve(self, now_s: float, result: PolicyResult) -> None:
         """One tick of traffic at every service, scored per deployment group as the live system runs: the
-        ingress splits a service's requests over its DGs by routable decode (its routing weight), and each DG
-        is its own prefill queue and decode pool (KV never leaves a DG). Accounts every DG into `result`."""
+        ingress splits a service's requests over its DGs by the live routing table's weights (from each DG's
+        routable prefill and decode, `common.wire.routing_weights`), and each DG is its own prefill queue and
+        decode pool (KV never leaves a DG). Accounts every DG into `result`."""
         for name, svc in self.services.items():
             rps = svc.shape.rate(now_s)
             here = svc.at(now_s)
@@ -251,15 +246,9 @@ class SimWorld:
             groups = list(self.groups[name].values())
             routable = [g.routable() for g in groups]
             weight = sum(d for _, d in routable)
-            prefill = sum(p for p, _ in routable)
-            self._routable[name] = (prefill, weight)
-            shares = [min(d / weight, p / prefill) for p, d in routable] if ROUTING == "both" and weight and \
-                prefill else []
-            total = sum(shares)
-            if total > 0:
-                routable = [(p, d, rps * w / total) for (p, d), w in zip(routable, shares)]
-            else:
-                routable = [(p, d, rps * d / weight if weight else 0.0) for p, d in routable]
+            self._routable[name] = (sum(p for p, _ in routable), weight)
+            routable = [(p, d, rps * w / weight if weight else 0.0)
+                        for (p, d), w in zip(routable, routing_weights(routable))]
             parts = []
             for g, (p, d, share) in zip(groups, routable):
                 svc_t, cap = self.caps[name].at(now_s, g.group.scope == Scope.CLUSTER)

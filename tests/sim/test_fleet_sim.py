@@ -207,8 +207,9 @@ def test_settings_come_from_the_tuning_day_and_scores_from_the_scoring_day():
 
 
 def test_each_deployment_group_is_scored_on_its_own():
-    """The simulated ingress splits a service's requests by routable decode, and each DG is its own prefill
-    queue: a lopsided layout (8P, 1D) + (1P, 1D) misses TTFT that the same instances pooled (9P, 2D) meet."""
+    """The simulated ingress splits a service's requests by the live routing weights (each DG's scarcer role),
+    and each DG is its own prefill queue: a lopsided layout (8P, 1D) + (1P, 8D) misses TTFT that the same
+    instances pooled (9P, 9D) meet, and so does an even layout of them."""
     from bench.sim.model import PolicyResult
     from bench.sim.world import SimGroup, SimWorld
 
@@ -216,13 +217,13 @@ def test_each_deployment_group_is_scored_on_its_own():
     svc = scenario.services[0]
     scenario = Scenario("one", scenario.nodes, (svc,), duration_s=60, tick_s=30)
     cap = Capacity.of(svc)
-    rps = 1.5 * cap.cap_prefill_tps / svc.mean_input  # 1.5 prefill instances of work: one alone drowns
-    pooled = evaluate(svc, cap, rps, 9, 2)
+    rps = 3.0 * cap.cap_prefill_tps / svc.mean_input  # the weights split it evenly: 1.5 prefill instances' each
+    pooled = evaluate(svc, cap, rps, 9, 9)
     assert pooled.attainment_ttft > 0.99
 
     lopsided = SimWorld(scenario)
     even = SimWorld(scenario)
-    for world, layout in ((lopsided, ((8, 1), (1, 1))), (even, ((5, 1), (4, 1)))):
+    for world, layout in ((lopsided, ((8, 1), (1, 8))), (even, ((5, 5), (4, 4)))):
         for i, (p, d) in enumerate(layout):
             group = DeploymentGroup(f"g{i}", svc.name, "s1", "s1-0-0", "L20", "H20", p, d)
             world.groups[svc.name][group.name] = SimGroup(p, d, group=group)
@@ -233,7 +234,7 @@ def test_each_deployment_group_is_scored_on_its_own():
         world.serve(float(t), result)
         ticks[name] = world.last_ticks[svc.name]
         assert result.requests == pytest.approx(svc.shape.rate(t) * 30)  # every request counted once
-        assert result.gpu_hours == pytest.approx(11 * 30 / 3600)  # both groups' GPUs
+        assert result.gpu_hours == pytest.approx(18 * 30 / 3600)  # both groups' GPUs
     assert ticks["even"].attainment_ttft > 0.99 > ticks["lopsided"].attainment_ttft
     assert ticks["lopsided"].ttft_p90_s > ticks["even"].ttft_p90_s  # the drowned group's tail shows
 

@@ -249,3 +249,21 @@ def test_the_controllers_gauges_come_from_the_typed_observation_and_decision(mon
     assert values[("heteroscale_controller_forecast_decode_tokens_per_second", None, None)] == 321.0
     assert ("heteroscale_controller_decisions_total", 1, (("action", "hold"), ("reason", "no_data"),
                                                           ("service", "svc"))) in seen
+
+
+def test_the_routing_table_weighs_each_group_by_its_scarcer_role():
+    """KV never leaves a DG: a group whose prefill replica is gone (it died; its replacement does not start) gets
+    no new requests, and the table's weights (in decode replicas) go to the group that can serve them."""
+    from tests.fakes import FaultyServe
+
+    serve = FaultyServe()
+    serve.deploy_group(None, DG_A, 0, "/m")
+    h = Harness(serve=serve)
+    h.run(10, decode_tps_each=180)
+    h.run(10, decode_tps_each=90)
+    assert {n: e["weight"] for n, e in h.table["groups"].items()} == {"dg-a": 1.0, "tiny-chat-s1-b": 1.0}
+    serve.stuck = True
+    serve.apps[group_app_name(SERVICE, "dg-a")][deployment_name(SERVICE, "dg-a", Role.PREFILL)] = []
+    h.run(5, decode_tps_each=90)
+    h.report(90)  # the table the ingress gets after the tick that saw it
+    assert {n: e["weight"] for n, e in h.table["groups"].items()} == {"dg-a": 0.0, "tiny-chat-s1-b": 2.0}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.vocab import DeploymentGroup, Scope
-from common.wire import EngineOptions, IngressReport, ReplicaReport, RoutingEntry, WireError
+from common.wire import EngineOptions, IngressReport, ReplicaReport, RoutingEntry, WireError, routing_weights
 
 GROUP = DeploymentGroup("dg-a", "svc", Scope.S1, "s1-a", "L20", "H20", 1, 2)
 MESSAGES = [
@@ -42,3 +42,21 @@ def test_every_message_goes_over_the_wire_and_back_unchanged(message):
 def test_a_message_this_side_cannot_read_is_refused_by_name(cls, wire, says):
     with pytest.raises(WireError, match=says):
         cls.from_wire(wire)
+
+
+@pytest.mark.parametrize("routable, weights", [
+    ([(2, 3)], [3.0]),  # one DG: its decode count
+    ([(2, 2), (1, 1)], [2.0, 1.0]),  # groups at one P:D: their decode counts
+    # (3P,1D) + (1P,1D): the second group has a quarter of the prefill, so it gets a third of the requests
+    ([(3, 1), (1, 1)], [4 / 3, 2 / 3]),
+    ([(2, 2), (0, 2)], [4.0, 0.0]),  # no routable prefill in a group: nothing to it (KV never leaves a DG)
+    ([(2, 0), (1, 1)], [0.0, 1.0]),  # no routable decode: nothing to it
+    ([(0, 2), (0, 1)], [2.0, 1.0]),  # no prefill anywhere: nothing to weigh by, the decode counts
+    ([(0, 0), (0, 0)], [0.0, 0.0]),
+    ([], []),
+])
+def test_routing_weights_follow_each_groups_scarcer_role(routable, weights):
+    got = routing_weights(routable)
+    assert got == pytest.approx(weights)
+    if any(p for p, _ in routable) and any(d for _, d in routable):
+        assert sum(got) == pytest.approx(sum(d for _, d in routable))  # in decode replicas, as admission reads it
