@@ -2,9 +2,10 @@
 prefill stands against its decode at the service's curated ratio (P / (D x r)), with the share of requests it
 served and the share of them that missed TTFT and TBT.
 
-The ratio band lets a group hold from ceil((D-1) r) to ceil(D r) prefill; the router weights groups by decode.
-A group in the band's lower part gets its decode's share of requests with less than its share of prefill.
-This measures how much of ours' TTFT miss comes from there (a diagnostic for the next policy change, issue 22).
+The ratio band lets a group hold from ceil((D-1) r) to ceil(D r) prefill. Until 83b797f the router weighted
+groups by decode, so a group in the band's lower part got its decode's share of requests with less than its
+share of prefill; this measured how much of ours' TTFT miss came from there (94 %), and led to routing by both
+roles (`common.wire.routing_weights`). Run now, it shows where the misses that remain come from.
 
     .venv/bin/python bench/scripts/dg_prefill_misses.py [--scenario bench/scenarios/suite/smooth-diurnal.yaml]
 

@@ -110,8 +110,9 @@ def test_a_small_suite_writes_every_policy_tuned_on_one_day_and_scored_on_anothe
             "sla_planner"} <= set(policies)
     for name, p in policies.items():
         for key in ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations",
-                    "gpu_hours_at_heteroscale_attainment", "front"):
+                    "gpu_hours_at_heteroscale_attainment", "gpu_hours_at_goal", "front"):
             assert key in p, (name, key)
+        assert p["gpu_hours_at_goal"] == gpu_hours_at(p["front"], report["attainment_goal"])
         assert p["front"] and all(0 <= q["attainment"] <= 1 for q in p["front"])
     assert policies["heteroscale"]["dg_ratio_violations"] == 0
     front = policies["heteroscale"]["front"]  # nothing on it beaten on both GPU-hours and attainment
