@@ -14,8 +14,10 @@ service and day, so day k is the same day on every run):
   window of the same trace);
 - `mix: {path, window_s, phase_s, max_input, max_output}`: the request mix moves over the day: the trace's
   windows of `window_s` seconds each give one phase of `phase_s` of the day its size distribution, in the
-  trace's order from a per-day random start (the service's own fields stay the day's average, what a profile
-  of a whole day measures);
+  trace's order from a per-day random start; the service's own fields become the day's average mix (its
+  phases' size distributions pooled with equal weight, `pooled_bins`, and their mean sizes averaged), what a
+  profile of a whole day measures (until 7c2edcb they stayed the service's configured sizes, a mix the day
+  never sent where those differ from the trace's: curation profiled it);
 - `kv_miss: {low, high, phase_s}`: the share of prompt tokens not served from the prefix cache moves over the
   day between `low` and `high` (a cosine with a per-service, per-day phase), one value per `phase_s`;
 - `profile_error`: the stress test (curation, `heteroscale profile`'s twin) measures a decode instance's
@@ -33,7 +35,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.sim.model import Phase, Scenario, SimService, size_bins
+from bench.sim.model import Phase, Scenario, SimService, pooled_bins, size_bins
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,11 @@ def day_of(scenario: Scenario, day: int) -> Scenario:
     services = tuple(_day_service(s, spec, scenario, day) for s in scenario.services)
     if spec.kv_miss:  # the day's average KV-miss share is what a whole-day profile sees
         services = tuple(replace(s, kv_miss=round(sum(p.kv_miss for p in s.phases) / len(s.phases), 4))
+                         if s.phases else s for s in services)
+    if spec.mix_rows:  # and so is the day's average request mix
+        services = tuple(replace(s, sizes=pooled_bins([p.sizes for p in s.phases]),
+                                 mean_input=round(sum(p.mean_input for p in s.phases) / len(s.phases)),
+                                 mean_output=max(1, round(sum(p.mean_output for p in s.phases) / len(s.phases))))
                          if s.phases else s for s in services)
     base_name = scenario.name.split("@")[0]
     out = replace(scenario, name=f"{base_name}@day{day}", services=services)

@@ -85,6 +85,27 @@ def size_bins(rows) -> tuple[tuple[int, int, float], ...]:
     return tuple(bins)
 
 
+def pooled_bins(distributions) -> tuple[tuple[int, int, float], ...]:
+    """Request-size distributions (each as `size_bins` gives them) pooled with equal weight and binned again at
+    `BIN_QUANTILES` of input length, as `size_bins` bins requests (a part's bin goes whole into the pooled bin
+    where its cumulative weight ends)."""
+    parts = sorted((i, o, w / len(distributions)) for bins in distributions for i, o, w in bins)
+    if not parts:
+        raise ValueError("no request-size distribution to pool")
+    pooled, held, acc, bounds = [], [], 0.0, list(BIN_QUANTILES[1:])
+    for k, part in enumerate(parts):
+        held.append(part)
+        acc += part[2]
+        if acc >= bounds[0] - 1e-9 or k == len(parts) - 1:
+            weight = sum(w for _, _, w in held)
+            pooled.append((round(sum(i * w for i, _, w in held) / weight),
+                           max(1, round(sum(o * w for _, o, w in held) / weight)), weight))
+            held = []
+            while len(bounds) > 1 and bounds[0] <= acc + 1e-9:
+                bounds.pop(0)
+    return tuple(pooled)
+
+
 def erlang_c(servers: int, rho: float) -> float:
     """Probability that an arrival waits in an M/M/c queue at utilization rho (Erlang B recursion; exact, and
     monotone in the servers, which the pool searches rely on). Not memoized: its caller (`Capacity.ttft`) is,

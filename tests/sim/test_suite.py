@@ -49,6 +49,25 @@ def test_mix_drift_and_prefix_reuse_move_over_the_day():
     misses = [svc.at(t).kv_miss for t in range(0, 3600, 600)]
     assert len(inputs) > 2 and 0.2 <= min(misses) < max(misses) <= 0.9
     assert svc.kv_miss == pytest.approx(sum(misses) / len(misses), abs=1e-3)  # the day's average: what a profile sees
+    # and so are its sizes: the phases' mixes pooled (curation profiles this, never a mix the day did not send)
+    means = [svc.at(t).mean_input for t in range(0, 3600, 600)]
+    assert svc.mean_input == round(sum(means) / len(means))
+    assert sum(w for _, _, w in svc.sizes) == pytest.approx(1.0)
+    assert sum(i * w for i, _, w in svc.sizes) == pytest.approx(svc.mean_input, rel=0.02)
+
+
+def test_pooled_bins_weigh_each_distribution_alike_and_bin_by_input():
+    from bench.sim.model import pooled_bins, size_bins
+
+    assert pooled_bins([((100, 10, 1.0),), ((1000, 20, 1.0),)]) == ((100, 10, 0.5), (1000, 20, 0.5))
+    rows = [(i, 1 + i % 7) for i in range(10, 5000, 13)]
+    once = size_bins(rows)
+    twice = pooled_bins([once, once])
+    assert sum(w for _, _, w in twice) == pytest.approx(1.0)
+    assert sum(i * w for i, _, w in twice) == pytest.approx(sum(i * w for i, _, w in once), rel=1e-3)
+    assert [i for i, _, _ in twice] == sorted(i for i, _, _ in twice)  # bins ordered by input, as size_bins
+    with pytest.raises(ValueError, match="no request-size distribution"):
+        pooled_bins([])
 
 
 @pytest.mark.parametrize("days, message", [
