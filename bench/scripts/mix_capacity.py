@@ -1,5 +1,6 @@
 """How far a request mix that moves through the day moves one decode instance's capacity (issue 22): a
-diagnostic for the next policy change, on the scenario suite's mix-drift scenario by default.
+diagnostic, on the scenario suite's mix-drift scenario by default (its findings: docs/design.md, "The day's
+mix, as a whole-day profile sees it").
 
 Ours sizes decode from decode tokens/s against one target per service, curated on the tuning day for the day's
 average mix (`bench.sim.curation.stress_test`). Where the mix moves, the tokens/s one decode instance serves
@@ -40,10 +41,10 @@ def service_row(svc, duration_s: float, tick_s: float) -> dict:
     ticks = int(duration_s // tick_s)
     for i in range(ticks):
         t = i * tick_s
-        phase = svc.phase_index(t)
+        phase, here = svc.phase_index(t), svc.at(t)
         if phase not in caps:
-            caps[phase] = Capacity.of(svc.at(t)).cap_decode_tps
-        demand = svc.shape.rate(t) * svc.at(t).mean_output  # decode tokens/s asked
+            caps[phase] = Capacity.of(here).cap_decode_tps
+        demand = svc.shape.rate(t) * here.mean_output  # decode tokens/s asked
         at_own += demand / caps[phase] * tick_s / 3600
         at_day += demand / day_cap * tick_s / 3600
     worst = min(caps.values())

@@ -10,8 +10,9 @@ engines at most, all the cluster holds):
 - chat's load falls: its second group is withdrawn and terminated, and batch comes back in the freed domain;
 - zero failed requests on chat; batch's requests are served or refused with 503, nothing else.
 The time from chat's scale-out decision to its new group serving is measured (goal: one control period + the
-drain + one cold start), and so is the restore's (goal: one restore). A real Prometheus scrapes the cluster all along, and the Grafana dashboard's fleet
-panels' queries draw this fleet's data: GPUs held per type, each service's priority, batch's preemption.
+drain + one cold start), and so is the restore's (goal: one restore). A real Prometheus scrapes the cluster all
+along, and the Grafana dashboard's fleet panels' queries draw this fleet's data: GPUs held per type, each
+service's priority, batch's preemption.
 """
 
 from __future__ import annotations
