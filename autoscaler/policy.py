@@ -10,8 +10,9 @@ Per service, in order:
    the withdrawn instances once the observation window passed with fresh data, else keep observing;
 2. the latency safety net (tiered TBT/TTFT thresholds) adds a fixed +x % of both pools, overriding a hold;
 3. proportional control on decode TPS from demand x = tps / target: D = ceil(x), P = ceil(x x ratio) (rounded
-   once, `PolicyConfig.pair_for_demand`), hysteresis band, separate
-   cooldowns, dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
+   once, `PolicyConfig.pair_for_demand`), hysteresis band (it holds only while TBT meets its SLO: a saturated
+   decode pool reports its capacity, inside the band of a target just under it), separate cooldowns,
+   dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
 4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
 5. a fleet GPU budget, if set, is shared by priority (higher first; equal priorities in proportion to what they
    ask above their floors), never below a service's floor (`PolicyConfig.fleet_floor`, (0, 0) for a
@@ -283,11 +284,20 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         diag.update(desired_decode_raw=raw, ratio_to_current=raw / st.target_decode)
         # a hold the forecast asked for (the load alone asks fewer decode replicas) keeps reason FORECAST
         settled = Reason.FORECAST if reason is Reason.FORECAST else Reason.WITHIN_BAND
+        # The band holds only while decode meets its SLO: a decode pool past its SLO capacity serves (and
+        # reports) at most that capacity, which a target close under it leaves inside the band, so demand above
+        # the current size with TBT over its SLO acts (below the safety net's first tier, a fixed step).
+        in_band = abs(raw / st.target_decode - 1) <= cfg.hysteresis_band
+        tbt = None if obs is None or cfg.tbt_slo_s is None else obs.tbt_s.fresh(now_s, cfg.staleness_limit_s)
+        if in_band and raw > st.target_decode and tbt is not None and tbt > cfg.tbt_slo_s:
+            in_band = False
+            diag["note"] = f"TBT {tbt / cfg.tbt_slo_s:.3f} x its SLO, {raw:.2f} decode instances of demand: " \
+                           "out of band"
         if tps == 0:
             desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False
-        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band and wanted == ratio:
+        elif in_band and wanted == ratio:
             desired, reason = current, settled
-        elif abs(raw / st.target_decode - 1) <= cfg.hysteresis_band:  # decode holds; the ratio moved
+        elif in_band:  # decode holds; the ratio moved
             desired = (prefill_in_band(cfg, raw, st.target_decode, wanted), st.target_decode)
             reason = Reason.RATIO if desired != current else settled
         else:

@@ -11,7 +11,8 @@ from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import CANDIDATES, DECODE_CANDIDATES, candidate_runs, curate, keep_runs
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
-from bench.sim.world import carry_history, kept_history, mode_name, modes_to_try, run_heteroscale
+from bench.sim.world import (carry_history, headroom_settings, kept_history, mode_name, modes_to_try, run_heteroscale,
+                             setting_name)
 
 
 def _baseline(name: str):
@@ -74,9 +75,9 @@ def quiet_collector() -> None:
 
 def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
     """One job in a worker, on the days `_hold_days` gave it: (job key, what it gives, seconds). Jobs: one of
-    curation's candidates on the tuning day (its run); a policy on the scoring day; ours in one mode on the
-    tuning day (its summary, and the forecast history it leaves for the scoring day); ours in the chosen mode
-    on the scoring day (with that history). Ours' jobs get the decode-TPS candidates' runs their settings come
+    curation's candidates on the tuning day (its run); a policy on the scoring day; ours at one setting on the
+    tuning day (its summary, and at the curated targets the forecast history it leaves for the scoring day);
+    ours at the chosen setting on the scoring day (with its mode's history). Ours' jobs get the decode-TPS candidates' runs their settings come
     from (`curation.ours_stress`), made in whichever process ran them."""
     import time
 
@@ -91,7 +92,8 @@ def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
         mode, runs = arg
         keep_runs(tuning_day, runs)
         summary = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
-        out = summary, kept_history(tuning_day, tuning_day, mode["adaptive"]) if mode["predict"] else None
+        curated = mode["predict"] and mode["headroom"] is None  # the run whose history the scoring day carries
+        out = summary, kept_history(tuning_day, tuning_day, mode["adaptive"]) if curated else None
     else:  # "ours"
         mode, runs, history = arg
         keep_runs(tuning_day, runs)
@@ -151,7 +153,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                  f"{workers} processes) ...")
     ours = "heteroscale" in policies
     modes = modes_to_try(tuning_day) if ours else []
-    runs, tried_modes, histories = {}, {}, {}
+    runs, settings, histories = {}, {}, {}  # ours' settings on the tuning day by name: {setting, GPU-h, attainment}
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_hold_days, initargs=(tuning_day, scoring_day)) \
         if workers > 1 else _InProcess()
     if workers <= 1:
@@ -172,16 +174,26 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if name in DECODE_CANDIDATES and all(m in runs for m in DECODE_CANDIDATES):
                     decode_runs = {m: runs[m] for m in DECODE_CANDIDATES}
                     for mode in modes:  # the forecast modes first: they carry a day before
-                        jobs.add(2 if mode["predict"] else 3, ("mode", mode_name(mode), (mode, decode_runs)))
+                        setting = mode | {"headroom": None}
+                        settings[setting_name(setting)] = {"setting": setting}
+                        jobs.add(2 if mode["predict"] else 3, ("mode", setting_name(setting), (setting, decode_runs)))
             elif kind == "mode":
-                summary, histories[name] = out
-                tried_modes[name] = {"gpu_hours": summary["gpu_hours"], "attainment": attainment(summary)}
+                summary, history = out
+                settings[name]["gpu_hours"], settings[name]["attainment"] = summary["gpu_hours"], attainment(summary)
+                if history is not None:
+                    histories[name] = history
                 if progress:
                     progress(f"  heteroscale ({name}) on the tuning day: {summary['gpu_hours']:,.0f} GPU-h, "
-                             f"attainment {tried_modes[name]['attainment']:.4f} ({spent:.1f} s)")
-                if len(tried_modes) == len(modes):  # every mode tried: score the one chosen
-                    chosen = choose([{"setting": m, **tried_modes[mode_name(m)]} for m in modes])["setting"]
-                    jobs.add(0, ("ours", "heteroscale", (chosen, decode_runs, histories[mode_name(chosen)])))
+                             f"attainment {settings[name]['attainment']:.4f} ({spent:.1f} s)")
+                if len(settings) == len(modes) and all("attainment" in t for t in settings.values()):
+                    # every mode tried: the best of them over the headrooms (`bench.sim.world.ours_mode`'s rule)
+                    for setting in headroom_settings(choose(list(settings.values()))["setting"]):
+                        settings[setting_name(setting)] = {"setting": setting}
+                        jobs.add(1, ("mode", setting_name(setting), (setting, decode_runs)))
+                elif len(settings) > len(modes) and all("attainment" in t for t in settings.values()):
+                    chosen = choose(list(settings.values()))["setting"]  # every setting tried: score the chosen
+                    history = histories.get(mode_name(chosen))  # the curated run's, as `world._history` keeps
+                    jobs.add(0, ("ours", "heteroscale", (chosen, decode_runs, history)))
             else:
                 results[name] = out
                 if progress:
@@ -193,8 +205,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     if ours:
         keep_runs(tuning_day, runs)
         curation = {k: v for k, v in curate(tuning_day).items() if k != "stress"}
-        curation["mode"] = {"chosen": chosen, "tried_on_tuning_day": [{"setting": m, **tried_modes[mode_name(m)]}
-                                                                      for m in modes]}
+        curation["mode"] = {"chosen": chosen, "tried_on_tuning_day": list(settings.values())}
     results = {name: results[name] for name in policies}
     tuning = {}
     if tune_baselines:

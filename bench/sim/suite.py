@@ -4,10 +4,11 @@ front of GPU-hours against attainment.
 
 Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
 - ours (`heteroscale`): each mode (`bench.sim.world.MODES`: fixed or adaptive ratio, with or without the
-  forecast) curated on the tuning day (`bench.sim.curation`) and run there; the one the tuning day chooses is
-  scored on the scoring day, and so is the fixed ratio (the paper's policy, the reference issue 22's mix-drift
-  goal names); ours' front sweeps the chosen mode's decode headroom over `OURS_FRONT` (target = capacity / h,
-  the curated ratio kept) and holds every point of ours scored;
+  forecast) curated on the tuning day (`bench.sim.curation`) and run there, then the best of them at each decode
+  headroom of `bench.sim.world.HEADROOMS` (target = capacity / h, the curated ratio kept) there too; the setting
+  the tuning day chooses (`bench.sim.world.ours_mode`'s rule) is scored on the scoring day, and so are the fixed
+  ratio at its curated targets (the paper's policy, the reference issue 22's mix-drift goal names) and the
+  chosen mode over the headrooms: ours' front holds every point of ours scored;
 - each baseline: every setting of its grid (`bench.sim.baselines.GRIDS`) on the tuning day picks its point (the
   cheapest meeting the 99 % goal, our curation's rule); every setting on the scoring day makes its front;
 - `static_peak`: sized for the tuning day's peak; `oracle`: per tick the fewest instances meeting a per-tick
@@ -35,12 +36,11 @@ from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.run import quiet_collector
 from bench.sim.scenarios import load_scenario
-from bench.sim.world import MODES, mode_name, run_heteroscale
+from bench.sim.world import HEADROOMS, MODES, headroom_settings, run_heteroscale, setting_name
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
-OURS_FRONT = (1.02, 1.06, 1.1, 1.2)  # decode headrooms of ours' front (its curated point is the other one)
-FIXED = MODES[0]  # the paper's mode: fixed ratio, no forecast
+FIXED = MODES[0] | {"headroom": None}  # the paper's mode (fixed ratio, no forecast) at its curated targets
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
         "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
 
@@ -99,6 +99,7 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
                       flush=True)
 
     run(_tune_tasks(path))
+    run([(path, "heteroscale", "tune", _key(s)) for s in headroom_settings(_chosen(path, done))])
     run(_score_tasks(path, _chosen(path, done)))
     report = _scenario_report(path, done)
     for day in _SCENARIOS.pop(path):
@@ -111,7 +112,7 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 def _tune_tasks(path: str) -> list[tuple]:
     """Ours in every mode on the tuning day, then every other run that does not wait on ours' choice."""
-    tasks = [(path, "heteroscale", "tune", _key(mode)) for mode in MODES]
+    tasks = [(path, "heteroscale", "tune", _key(mode | {"headroom": None})) for mode in MODES]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:
@@ -121,11 +122,11 @@ def _tune_tasks(path: str) -> list[tuple]:
     return tasks
 
 
-def _ours_scored(mode: dict) -> list[dict]:
-    """Ours' settings scored on the scoring day when the tuning day chose `mode`: it at its curated headroom
-    and over `OURS_FRONT`, and the fixed ratio (the paper's mode) at its curated headroom."""
-    settings = [mode | {"headroom": None}] + [mode | {"headroom": 1 / h} for h in OURS_FRONT]
-    return settings + ([FIXED | {"headroom": None}] if mode != FIXED else [])
+def _ours_scored(chosen: dict) -> list[dict]:
+    """Ours' settings scored on the scoring day when the tuning day chose `chosen`: it first, its mode at the
+    curated targets and over the headrooms, and the fixed ratio (the paper's mode) at its curated targets."""
+    settings = [chosen, chosen | {"headroom": None}, *headroom_settings(chosen), FIXED]
+    return [s for i, s in enumerate(settings) if s not in settings[:i]]
 
 
 def _score_tasks(path: str, mode: dict) -> list[tuple]:
@@ -133,18 +134,19 @@ def _score_tasks(path: str, mode: dict) -> list[tuple]:
 
 
 def _tried(path: str, done: dict) -> list[dict]:
-    return [{"attainment": attainment(s), "gpu_hours": s["gpu_hours"], "setting": m}
-            for m in MODES for s in [done[(path, "heteroscale", "tune", _key(m))]]]
+    """Ours' settings run on the tuning day so far: the modes, then the chosen one over the headrooms."""
+    return [{"attainment": attainment(s), "gpu_hours": s["gpu_hours"], "setting": dict(task[3])}
+            for task, s in done.items() if task[:3] == (path, "heteroscale", "tune")]
 
 
 def _chosen(path: str, done: dict) -> dict:
-    """Ours' mode as the tuning day chooses it (`bench.sim.world.ours_mode`'s rule)."""
+    """Ours' setting as the tuning day chooses it (`bench.sim.world.ours_mode`'s rule): of what ran there."""
     return choose(_tried(path, done))["setting"]
 
 
 def _num_runs(path: str) -> int:
-    """The runs of one scenario: one fewer where the tuning day chooses the fixed ratio."""
-    return len(_tune_tasks(path)) + len(_ours_scored(MODES[-1]))
+    """The runs of one scenario at most (fewer where the chosen setting is one of the others scored)."""
+    return len(_tune_tasks(path)) + 2 * len(HEADROOMS) + 3
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -180,15 +182,16 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
         return {"attainment": attainment(summary), "gpu_hours": summary["gpu_hours"], "setting": setting}
 
     policies: dict[str, dict] = {}
-    tried, mode = _tried(path, done), _chosen(path, done)
-    scored = [(m, done[(path, "heteroscale", "score", _key(m))]) for m in _ours_scored(mode)]
+    tried, chosen = _tried(path, done), _chosen(path, done)
+    scored = [(m, done[(path, "heteroscale", "score", _key(m))]) for m in _ours_scored(chosen)]
     ours = scored[0][1]
     policies["heteroscale"] = {
-        **ours, "setting": f"curated on the tuning day ({mode_name(mode)})",
-        "mode": {"chosen": mode_name(mode),
-                 "tuning_day": {mode_name(t["setting"]): {"gpu_hours": t["gpu_hours"], "attainment": t["attainment"]}
-                                for t in tried},
-                 "scoring_day_curated": {mode_name(m): point(s, None) for m, s in scored if m["headroom"] is None}},
+        **ours, "setting": f"curated on the tuning day ({setting_name(chosen)})",
+        "mode": {"chosen": setting_name(chosen),
+                 "tuning_day": {setting_name(t["setting"]): {"gpu_hours": t["gpu_hours"],
+                                                             "attainment": t["attainment"]} for t in tried},
+                 "scoring_day_curated": {setting_name(m): point(s, None) for m, s in scored
+                                         if m == chosen or m["headroom"] is None}},
         # every point of ours scored: the chosen mode over its headrooms and the fixed ratio at its curated one
         "front": pareto([point(s, m) for m, s in scored])}
     oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]

@@ -127,7 +127,9 @@ class SimWorld:
             tick = self.last_ticks.get(name) if min(self._routable.get(name, (1, 1))) > 0 else None
             _, prefill, decode = self._group_states(name)
             services[name] = ServiceObservation(
-                decode_tps=Signal(tick.decode_tps, now_s) if tick else Signal(),
+                # the live signal: decode tokens/s x offered / admitted requests (`autoscaler.signals`: the
+                # ingress's admission bound sheds what a saturated pool cannot take, and shed load is demand)
+                decode_tps=Signal(tick.demand_tps, now_s) if tick else Signal(),
                 prefill_kv_miss_tps=Signal(self._kv_miss_tps[name], now_s) if tick and name in self._kv_miss_tps
                 else Signal(),
                 ttft_s=Signal(tick.ttft_p90_s, now_s) if tick else Signal(),
@@ -302,7 +304,10 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
     settings curated on `tuned_on` (default: this scenario), see `cycle_config`; `adaptive`: the adaptive or
     the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' runs on the days before,
-    `_history`); None: what `ours_mode` chooses on `tuned_on`."""
+    `_history`, the curated targets' run); None: what `ours_mode` chooses on `tuned_on` (all three None: its
+    headroom too, else the curated targets)."""
+    if adaptive is None and predict is None and headroom is None:  # curation's whole choice
+        headroom = ours_mode(tuned_on or scenario)[0]["headroom"]
     if adaptive is None or predict is None:
         chosen = ours_mode(tuned_on or scenario)[0]
         adaptive = chosen["adaptive"] if adaptive is None else adaptive
@@ -433,19 +438,41 @@ def mode_name(mode: dict) -> str:
 
 
 def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
-    """Curation's choice among the fixed or adaptive ratio, with or without the forecast (paper Algorithm 1's
-    rule, on the tuning day only, the forecast's history from the day before it): each runs at the curated
-    setting on `tuning_day`; the cheapest meeting the goal, else the best attainment. ({adaptive, predict},
-    what was tried); memoized per day. A scenario that is not a day (no day before) tries no forecast."""
+    """Curation's choice of ours' setting (paper Algorithm 1's rule, on the tuning day only, the forecast's
+    history from the day before it): first each mode (fixed or adaptive ratio, with or without the forecast) at
+    the per-service curated decode targets; then the mode that chose at each of `HEADROOMS` (every service's
+    decode target that share of its measured capacity), as each baseline's grid is swept; of all, the cheapest
+    meeting the goal, else the best attainment (`choose`). ({adaptive, predict, headroom}: headroom None is the
+    curated targets; what was tried); memoized per day. A scenario that is not a day tries no forecast."""
     if tuning_day.name not in _MODES:
         tried = []
+
+        def attempt(setting: dict) -> None:
+            s = run_heteroscale(tuning_day, tuned_on=tuning_day, **setting).summary()
+            tried.append({"setting": setting, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
+
         for mode in modes_to_try(tuning_day):
-            s = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
-            tried.append({"setting": mode, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
+            attempt(mode | {"headroom": None})
+        for setting in headroom_settings(choose(tried)["setting"]):
+            attempt(setting)
         if len(_MODES) >= 4:
             _MODES.pop(next(iter(_MODES)))
         _MODES[tuning_day.name] = (choose(tried)["setting"], tried)
     return _MODES[tuning_day.name]
+
+
+HEADROOMS = (1.02, 1.06, 1.1, 1.2)  # decode headrooms h curation also tries (target = capacity / h)
+
+
+def headroom_settings(mode: dict) -> list[dict]:
+    """`mode` at each of `HEADROOMS` (its ratio and forecast kept): the second stage of curation's choice."""
+    return [{"adaptive": mode["adaptive"], "predict": mode["predict"], "headroom": 1 / h} for h in HEADROOMS]
+
+
+def setting_name(setting: dict) -> str:
+    """A setting of ours by name: its mode, and its decode headroom where not the curated targets."""
+    headroom = setting.get("headroom")
+    return mode_name(setting) + ("" if headroom is None else f" at headroom 1/{1 / headroom:.2f}")
 
 
 def modes_to_try(tuning_day: Scenario) -> list[dict]:

@@ -68,7 +68,7 @@ def test_replaying_recorded_cycles_gives_the_same_actions():
     recorded through cycle() directly gives the same actions at every tick (and the run did act)."""
     scenario = small_scenario()
     recorded: list[CycleRecord] = []
-    run_heteroscale(scenario, record=recorded)
+    run_heteroscale(scenario, record=recorded, adaptive=False, predict=False)  # cycle_config's defaults
     config, state = cycle_config(scenario), PolicyState()
     assert sum(rec.now_s >= 0 for rec in recorded) == 240  # after the warm-up cycles (t < 0)
     kinds = set()
@@ -259,7 +259,7 @@ def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history
 
     scenario = replace(small_scenario(), name="handover", days=DaySpec(noise_sigma=0.05, tuning_day=3, scoring_day=4))
     tune, score = tuning_and_scoring(scenario)
-    mode = {"adaptive": True, "predict": True}
+    mode = {"adaptive": True, "predict": True, "headroom": None}
     runs = candidate_runs(tune, DECODE_CANDIDATES)  # ours' settings, made here and handed over
     world._HISTORY.clear()  # each worker forks with no history of these days: only what is handed over
     with ProcessPoolExecutor(1, initializer=_hold_days, initargs=(tune, score)) as pool:
@@ -270,5 +270,5 @@ def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history
     assert run_heteroscale(tune, tuned_on=tune, **mode).summary() == summary
     here = run_heteroscale(score, tuned_on=tune, **mode).summary()
     assert elsewhere.summary() == here
-    cold, _ = world._run(score, cycle_config(score, tune, None, **mode))
+    cold, _ = world._run(score, cycle_config(score, tune, **mode))
     assert cold.summary() != here

@@ -49,6 +49,13 @@ SCENARIOS = [
     ("flapping just inside the band holds", state(), obs(655), (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
     ("flapping just inside the band (low side)", state(), obs(545), (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
     ("ramp up scales both pools", state(), obs(800), (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 8, 0, 0)),
+    # a saturated decode pool reports its capacity, which a target just under it leaves inside the band
+    ("TBT over its SLO with demand above the size leaves the band", state(), obs(640, tbt=0.052),
+     (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 7, 0, 0)),
+    ("TBT over its SLO with demand at the size holds", state(), obs(590, tbt=0.052),
+     (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
+    ("TTFT over its SLO (below the first tier) keeps the band", state(), obs(640, ttft=1.04),
+     (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
     ("spike is dampened to +50 %", state(), obs(3000), (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 9, 0, 0)),
     ("ramp down withdraws first", state(), obs(300), (Action.SCALE_IN, Reason.PROPORTIONAL, 2, 6, 1, 3)),
     ("scale-out cooldown", state(out=NOW - 100), obs(800), (Action.HOLD, Reason.COOLDOWN, 2, 6, 0, 0)),
