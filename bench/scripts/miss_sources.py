@@ -34,6 +34,10 @@ def _size(d: int) -> str:
     return "0"
 
 
+def _order(size: str) -> int:
+    return int(size.split("-")[0].rstrip("+"))
+
+
 def measure(path: str) -> dict:
     tune, score = tuning_and_scoring(load_scenario(path))
     rows: dict[tuple[str, bool], list[float]] = {}
@@ -64,7 +68,7 @@ def measure(path: str) -> dict:
     total = sum(r[0] for r in rows.values()) or 1.0
     buckets = [{"routable_decode": size, "saturated": sat, "request_share": round(r[0] / total, 5),
                 "ttft_miss_points": round(100 * r[1] / total, 3), "tbt_miss_points": round(100 * r[2] / total, 3)}
-               for (size, sat), r in sorted(rows.items())]
+               for (size, sat), r in sorted(rows.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1]))]
     return {"scenario": Path(path).stem, "tuned_on": tune.name, "scored_on": score.name,
             "setting": world.setting_name(setting),
             "summary": {k: summary[k] for k in ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt",

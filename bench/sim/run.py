@@ -11,8 +11,8 @@ from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import CANDIDATES, DECODE_CANDIDATES, candidate_runs, curate, keep_runs
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
-from bench.sim.world import (carry_history, headroom_settings, kept_history, mode_name, modes_to_try, run_heteroscale,
-                             setting_name)
+from bench.sim.world import (HEADROOMS, carry_history, curated, headroom_settings, kept_history, mode_name,
+                             modes_to_try, prefill_settings, run_heteroscale, setting_name)
 
 
 def _baseline(name: str):
@@ -92,8 +92,8 @@ def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
         mode, runs = arg
         keep_runs(tuning_day, runs)
         summary = run_heteroscale(tuning_day, tuned_on=tuning_day, **mode).summary()
-        curated = mode["predict"] and mode["headroom"] is None  # the run whose history the scoring day carries
-        out = summary, kept_history(tuning_day, tuning_day, mode["adaptive"]) if curated else None
+        carried = mode["predict"] and mode == curated(mode)  # the run whose history the scoring day carries
+        out = summary, kept_history(tuning_day, tuning_day, mode["adaptive"]) if carried else None
     else:  # "ours"
         mode, runs, history = arg
         keep_runs(tuning_day, runs)
@@ -174,7 +174,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if name in DECODE_CANDIDATES and all(m in runs for m in DECODE_CANDIDATES):
                     decode_runs = {m: runs[m] for m in DECODE_CANDIDATES}
                     for mode in modes:  # the forecast modes first: they carry a day before
-                        setting = mode | {"headroom": None}
+                        setting = curated(mode)
                         settings[setting_name(setting)] = {"setting": setting}
                         jobs.add(2 if mode["predict"] else 3, ("mode", setting_name(setting), (setting, decode_runs)))
             elif kind == "mode":
@@ -185,13 +185,16 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if progress:
                     progress(f"  heteroscale ({name}) on the tuning day: {summary['gpu_hours']:,.0f} GPU-h, "
                              f"attainment {settings[name]['attainment']:.4f} ({spent:.1f} s)")
-                if len(settings) == len(modes) and all("attainment" in t for t in settings.values()):
-                    # every mode tried: the best of them over the headrooms (`bench.sim.world.ours_mode`'s rule)
-                    for setting in headroom_settings(choose(list(settings.values()))["setting"]):
+                if not all("attainment" in t for t in settings.values()):
+                    continue  # a stage still running
+                # a stage tried: the best so far over the next stage (`bench.sim.world.ours_mode`'s rule), or scored
+                stage = {len(modes): headroom_settings, len(modes) + len(HEADROOMS): prefill_settings}.get(len(settings))
+                if stage is not None:
+                    for setting in stage(choose(list(settings.values()))["setting"]):
                         settings[setting_name(setting)] = {"setting": setting}
                         jobs.add(1, ("mode", setting_name(setting), (setting, decode_runs)))
-                elif len(settings) > len(modes) and all("attainment" in t for t in settings.values()):
-                    chosen = choose(list(settings.values()))["setting"]  # every setting tried: score the chosen
+                else:
+                    chosen = choose(list(settings.values()))["setting"]
                     history = histories.get(mode_name(chosen))  # the curated run's, as `world._history` keeps
                     jobs.add(0, ("ours", "heteroscale", (chosen, decode_runs, history)))
             else:

@@ -5,10 +5,12 @@ front of GPU-hours against attainment.
 Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
 - ours (`heteroscale`): each mode (`bench.sim.world.MODES`: fixed or adaptive ratio, with or without the
   forecast) curated on the tuning day (`bench.sim.curation`) and run there, then the best of them at each decode
-  headroom of `bench.sim.world.HEADROOMS` (target = capacity / h, the curated ratio kept) there too; the setting
-  the tuning day chooses (`bench.sim.world.ours_mode`'s rule) is scored on the scoring day, and so are the fixed
-  ratio at its curated targets (the paper's policy, the reference issue 22's mix-drift goal names) and the
-  chosen mode over the headrooms: ours' front holds every point of ours scored;
+  headroom of `bench.sim.world.HEADROOMS` (target = capacity / h, the curated ratio kept), then the best so far
+  with its prefill at each of `bench.sim.world.PREFILL_SCALES` x the curated, there too; the setting the tuning
+  day chooses (`bench.sim.world.ours_mode`'s rule) is scored on the scoring day, and so are its mode at the
+  curated targets, the fixed ratio at its curated targets (the paper's policy, the reference issue 22's
+  mix-drift goal names), its mode over the headrooms and it over the prefill scales: ours' front holds every
+  point of ours scored;
 - each baseline: every setting of its grid (`bench.sim.baselines.GRIDS`) on the tuning day picks its point (the
   cheapest meeting the 99 % goal, our curation's rule); every setting on the scoring day makes its front;
 - `static_peak`: sized for the tuning day's peak; `oracle`: per tick the fewest instances meeting a per-tick
@@ -36,11 +38,12 @@ from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.run import quiet_collector
 from bench.sim.scenarios import load_scenario
-from bench.sim.world import HEADROOMS, MODES, headroom_settings, run_heteroscale, setting_name
+from bench.sim.world import (HEADROOMS, MODES, PREFILL_SCALES, curated, headroom_settings, prefill_settings,
+                             run_heteroscale, setting_name)
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
-FIXED = MODES[0] | {"headroom": None}  # the paper's mode (fixed ratio, no forecast) at its curated targets
+FIXED = curated(MODES[0])  # the paper's mode (fixed ratio, no forecast) at its curated targets
 KEYS = ("gpu_hours", "slo_attainment_ttft", "slo_attainment_tbt", "dg_ratio_violations", "num_scale_actions",
         "avg_gpu_util", "peak_allocated_gpus", "unplaced_requests", "worst_service_attainment")
 
@@ -100,6 +103,7 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
     run(_tune_tasks(path))
     run([(path, "heteroscale", "tune", _key(s)) for s in headroom_settings(_chosen(path, done))])
+    run([(path, "heteroscale", "tune", _key(s)) for s in prefill_settings(_chosen(path, done))])
     run(_score_tasks(path, _chosen(path, done)))
     report = _scenario_report(path, done)
     for day in _SCENARIOS.pop(path):
@@ -112,7 +116,7 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 def _tune_tasks(path: str) -> list[tuple]:
     """Ours in every mode on the tuning day, then every other run that does not wait on ours' choice."""
-    tasks = [(path, "heteroscale", "tune", _key(mode | {"headroom": None})) for mode in MODES]
+    tasks = [(path, "heteroscale", "tune", _key(curated(mode))) for mode in MODES]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:
@@ -124,8 +128,10 @@ def _tune_tasks(path: str) -> list[tuple]:
 
 def _ours_scored(chosen: dict) -> list[dict]:
     """Ours' settings scored on the scoring day when the tuning day chose `chosen`: it first, its mode at the
-    curated targets and over the headrooms, and the fixed ratio (the paper's mode) at its curated targets."""
-    settings = [chosen, chosen | {"headroom": None}, *headroom_settings(chosen), FIXED]
+    curated targets and over the headrooms, it over the prefill scales, and the fixed ratio (the paper's mode)
+    at its curated targets."""
+    settings = [chosen, curated(chosen), *headroom_settings(chosen), *prefill_settings(chosen | {"prefill": None}),
+                FIXED]
     return [s for i, s in enumerate(settings) if s not in settings[:i]]
 
 
@@ -134,7 +140,8 @@ def _score_tasks(path: str, mode: dict) -> list[tuple]:
 
 
 def _tried(path: str, done: dict) -> list[dict]:
-    """Ours' settings run on the tuning day so far: the modes, then the chosen one over the headrooms."""
+    """Ours' settings run on the tuning day so far: the modes, then the best over the headrooms, then the best
+    over the prefill scales."""
     return [{"attainment": attainment(s), "gpu_hours": s["gpu_hours"], "setting": dict(task[3])}
             for task, s in done.items() if task[:3] == (path, "heteroscale", "tune")]
 
@@ -146,7 +153,7 @@ def _chosen(path: str, done: dict) -> dict:
 
 def _num_runs(path: str) -> int:
     """The runs of one scenario at most (fewer where the chosen setting is one of the others scored)."""
-    return len(_tune_tasks(path)) + 2 * len(HEADROOMS) + 3
+    return len(_tune_tasks(path)) + 2 * (len(HEADROOMS) + len(PREFILL_SCALES)) + 3
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -191,8 +198,9 @@ def _scenario_report(path: str, done: dict[tuple, dict]) -> dict:
                  "tuning_day": {setting_name(t["setting"]): {"gpu_hours": t["gpu_hours"],
                                                              "attainment": t["attainment"]} for t in tried},
                  "scoring_day_curated": {setting_name(m): point(s, None) for m, s in scored
-                                         if m == chosen or m["headroom"] is None}},
-        # every point of ours scored: the chosen mode over its headrooms and the fixed ratio at its curated one
+                                         if m == chosen or m == curated(m)}},
+        # every point of ours scored: the chosen mode over its headrooms, the chosen over its prefill scales, and
+        # the fixed ratio at its curated targets
         "front": pareto([point(s, m) for m, s in scored])}
     oracle = [point(done[(path, "oracle", "score", g)], {"per_tick_goal": g}) for g in ORACLE_GOALS]
     policies["oracle"] = {**done[(path, "oracle", "score", TTFT_GOAL)], "setting": {"per_tick_goal": TTFT_GOAL},

@@ -73,14 +73,19 @@ def service_shape(svc: SimService) -> ServiceShape:
 
 
 def cycle_config(scenario: Scenario, tuned_on: Scenario | None = None, headroom: float | None = None,
-                 adaptive: bool = False, predict: bool = False) -> CycleConfig:
+                 adaptive: bool = False, predict: bool = False, prefill: float | None = None) -> CycleConfig:
     """Our policy's configuration for `scenario`, curated on `tuned_on` (default: the scenario itself). With
     `headroom`, every service's decode target is that share of its measured capacity instead of the curated
-    one (a point of ours' front; the ratio stays the curated one)."""
+    one (a point of ours' front; the ratio stays the curated one); with `prefill`, every service's prefill is
+    sized that many times the curated (the P:D ratio times it, the prefill target divided by it)."""
     stress = ours_stress(tuned_on or scenario)  # its runs memoized per scenario
     if headroom is not None:
         stress = {name: replace(st, target_decode_tps_per_instance=headroom * st.max_decode_tps_per_instance,
                                 hysteresis_band=min(st.hysteresis_band, max(0.0, 1 / headroom - 1.005)))
+                  for name, st in stress.items()}
+    if prefill is not None:
+        stress = {name: replace(st, prefill_per_decode=prefill * st.prefill_per_decode,
+                                target_prefill_tps_per_instance=st.target_prefill_tps_per_instance / prefill)
                   for name, st in stress.items()}
     fleet = FleetConfig(services={s.name: policy_config(s, stress[s.name], adaptive, predict)
                                   for s in scenario.services})
@@ -299,23 +304,25 @@ def warm_up(world: SimWorld, state: PolicyState, config: CycleConfig, record: li
 
 
 def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None, tuned_on: Scenario | None = None,
-                    headroom: float | None = None, adaptive: bool | None = None, predict: bool | None = None
-                    ) -> PolicyResult:
+                    headroom: float | None = None, adaptive: bool | None = None, predict: bool | None = None,
+                    prefill: float | None = None) -> PolicyResult:
     """Ours: every tick the shared control cycle (decide + place) against the simulated world, warm at t = 0;
     settings curated on `tuned_on` (default: this scenario), see `cycle_config`; `adaptive`: the adaptive or
     the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' runs on the days before,
-    `_history`, the curated targets' run); None: what `ours_mode` chooses on `tuned_on` (all three None: its
-    headroom too, else the curated targets)."""
-    if adaptive is None and predict is None and headroom is None:  # curation's whole choice
-        headroom = ours_mode(tuned_on or scenario)[0]["headroom"]
+    `_history`, the curated targets' run); `headroom`, `prefill`: see `cycle_config`. None: what `ours_mode`
+    chooses on `tuned_on` (all four None: its headroom and prefill too, else the curated targets)."""
+    if adaptive is None and predict is None and headroom is None and prefill is None:  # curation's whole choice
+        chosen = ours_mode(tuned_on or scenario)[0]
+        headroom, prefill = chosen["headroom"], chosen["prefill"]
     if adaptive is None or predict is None:
         chosen = ours_mode(tuned_on or scenario)[0]
         adaptive = chosen["adaptive"] if adaptive is None else adaptive
         predict = chosen["predict"] if predict is None else predict
     tuned_on = tuned_on or scenario
     history = _history(scenario, tuned_on, adaptive) if predict else None
-    result, state = _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict), record, history)
-    if predict and headroom is None and (scenario.name, tuned_on.name, adaptive) not in _HISTORY:
+    result, state = _run(scenario, cycle_config(scenario, tuned_on, headroom, adaptive, predict, prefill), record,
+                         history)
+    if predict and headroom is None and prefill is None and (scenario.name, tuned_on.name, adaptive) not in _HISTORY:
         _keep_history((scenario.name, tuned_on.name, adaptive), state)  # the next day's history: the same run
     return result
 
@@ -440,10 +447,11 @@ def mode_name(mode: dict) -> str:
 def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
     """Curation's choice of ours' setting (paper Algorithm 1's rule, on the tuning day only, the forecast's
     history from the day before it): first each mode (fixed or adaptive ratio, with or without the forecast) at
-    the per-service curated decode targets; then the mode that chose at each of `HEADROOMS` (every service's
-    decode target that share of its measured capacity), as each baseline's grid is swept; of all, the cheapest
-    meeting the goal, else the best attainment (`choose`). ({adaptive, predict, headroom}: headroom None is the
-    curated targets; what was tried); memoized per day. A scenario that is not a day tries no forecast."""
+    the per-service curated targets; then the mode that chose at each of `HEADROOMS` (every service's decode
+    target that share of its measured capacity); then the setting that chose with its prefill sized at each of
+    `PREFILL_SCALES` x the curated, as each baseline's grid is swept; at each stage and of all, the cheapest
+    meeting the goal, else the best attainment (`choose`). ({adaptive, predict, headroom, prefill}: None is
+    the curated; what was tried); memoized per day. A scenario that is not a day tries no forecast."""
     if tuning_day.name not in _MODES:
         tried = []
 
@@ -452,8 +460,10 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
             tried.append({"setting": setting, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
 
         for mode in modes_to_try(tuning_day):
-            attempt(mode | {"headroom": None})
+            attempt(curated(mode))
         for setting in headroom_settings(choose(tried)["setting"]):
+            attempt(setting)
+        for setting in prefill_settings(choose(tried)["setting"]):
             attempt(setting)
         if len(_MODES) >= 4:
             _MODES.pop(next(iter(_MODES)))
@@ -462,17 +472,29 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
 
 
 HEADROOMS = (1.02, 1.06, 1.1, 1.2)  # decode headrooms h curation also tries (target = capacity / h)
+PREFILL_SCALES = (0.9, 0.95, 1.05, 1.1)  # prefill sized this many times the curated, tried last
+
+
+def curated(mode: dict) -> dict:
+    """`mode` (its ratio and forecast) at the per-service curated targets."""
+    return {"adaptive": mode["adaptive"], "predict": mode["predict"], "headroom": None, "prefill": None}
 
 
 def headroom_settings(mode: dict) -> list[dict]:
-    """`mode` at each of `HEADROOMS` (its ratio and forecast kept): the second stage of curation's choice."""
-    return [{"adaptive": mode["adaptive"], "predict": mode["predict"], "headroom": 1 / h} for h in HEADROOMS]
+    """`mode` at each of `HEADROOMS`, its prefill curated: the second stage of curation's choice."""
+    return [curated(mode) | {"headroom": 1 / h} for h in HEADROOMS]
+
+
+def prefill_settings(setting: dict) -> list[dict]:
+    """`setting` with its prefill at each of `PREFILL_SCALES`: the third stage of curation's choice."""
+    return [setting | {"prefill": f} for f in PREFILL_SCALES]
 
 
 def setting_name(setting: dict) -> str:
-    """A setting of ours by name: its mode, and its decode headroom where not the curated targets."""
-    headroom = setting.get("headroom")
-    return mode_name(setting) + ("" if headroom is None else f" at headroom 1/{1 / headroom:.2f}")
+    """A setting of ours by name: its mode, its decode headroom and prefill where not the curated."""
+    headroom, prefill = setting.get("headroom"), setting.get("prefill")
+    return (mode_name(setting) + ("" if headroom is None else f" at headroom 1/{1 / headroom:.2f}")
+            + ("" if prefill is None else f", prefill x{prefill:.2f}"))
 
 
 def modes_to_try(tuning_day: Scenario) -> list[dict]:

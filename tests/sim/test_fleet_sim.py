@@ -259,7 +259,7 @@ def test_ours_scored_in_another_process_carries_the_tuning_days_forecast_history
 
     scenario = replace(small_scenario(), name="handover", days=DaySpec(noise_sigma=0.05, tuning_day=3, scoring_day=4))
     tune, score = tuning_and_scoring(scenario)
-    mode = {"adaptive": True, "predict": True, "headroom": None}
+    mode = {"adaptive": True, "predict": True, "headroom": None, "prefill": None}
     runs = candidate_runs(tune, DECODE_CANDIDATES)  # ours' settings, made here and handed over
     world._HISTORY.clear()  # each worker forks with no history of these days: only what is handed over
     with ProcessPoolExecutor(1, initializer=_hold_days, initargs=(tune, score)) as pool:

@@ -10,7 +10,7 @@ import pytest
 from bench.sim.days import day_of, tuning_and_scoring
 from bench.sim.scenarios import load_scenario, scenario_from_dict
 from bench.sim.model import choose
-from bench.sim.world import HEADROOMS
+from bench.sim.world import HEADROOMS, PREFILL_SCALES
 from bench.sim.suite import SUITE_DIR, gpu_hours_at, pareto, run_suite
 from tests.conftest import ROOT
 
@@ -138,13 +138,16 @@ def test_a_small_suite_writes_every_policy_tuned_on_one_day_and_scored_on_anothe
     front = policies["heteroscale"]["front"]  # nothing on it beaten on both GPU-hours and attainment
     assert all(a["gpu_hours"] < b["gpu_hours"] and a["attainment"] < b["attainment"] for a, b in zip(front, front[1:]))
     # ours' setting is chosen on the tuning day by the baselines' rule: each mode (ratio fixed or adaptive,
-    # forecast or not) at the curated targets, then the best of them over the decode headrooms
+    # forecast or not) at the curated targets, then the best of them over the decode headrooms, then the best so
+    # far over the prefill scales
     mode = policies["heteroscale"]["mode"]
     tried = [{"setting": m, "gpu_hours": v["gpu_hours"], "attainment": v["attainment"]}
              for m, v in mode["tuning_day"].items()]
     modes = {"fixed", "adaptive", "fixed+forecast", "adaptive+forecast"}
     best = choose([t for t in tried if t["setting"] in modes])["setting"]
-    assert set(mode["tuning_day"]) == modes | {f"{best} at headroom 1/{h:.2f}" for h in HEADROOMS}
+    headrooms = {f"{best} at headroom 1/{h:.2f}" for h in HEADROOMS}
+    second = choose([t for t in tried if t["setting"] in modes | headrooms])["setting"]
+    assert set(mode["tuning_day"]) == modes | headrooms | {f"{second}, prefill x{f:.2f}" for f in PREFILL_SCALES}
     assert mode["chosen"] == choose(tried)["setting"]
     assert policies["heteroscale"]["gpu_hours"] == mode["scoring_day_curated"][mode["chosen"]]["gpu_hours"]
     # and beside it its mode at the curated targets and the paper's mode
