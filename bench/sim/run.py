@@ -77,8 +77,8 @@ def _simulate_one(job: tuple) -> tuple[tuple, object, float]:
     """One job in a worker, on the days `_hold_days` gave it: (job key, what it gives, seconds). Jobs: one of
     curation's candidates on the tuning day (its run); a policy on the scoring day; ours at one setting on the
     tuning day (its summary, and at the curated targets the forecast history it leaves for the scoring day);
-    ours at the chosen setting on the scoring day (with its mode's history). Ours' jobs get the decode-TPS candidates' runs their settings come
-    from (`curation.ours_stress`), made in whichever process ran them."""
+    ours at the chosen setting on the scoring day (with its mode's history). Ours' jobs get the decode-TPS
+    candidates' runs their settings come from (`curation.ours_stress`), made in whichever process ran them."""
     import time
 
     kind, name, arg = job
@@ -188,7 +188,8 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if not all("attainment" in t for t in settings.values()):
                     continue  # a stage still running
                 # a stage tried: the best so far over the next stage (`bench.sim.world.ours_mode`'s rule), or scored
-                stage = {len(modes): headroom_settings, len(modes) + len(HEADROOMS): prefill_settings}.get(len(settings))
+                stages = {len(modes): headroom_settings, len(modes) + len(HEADROOMS): prefill_settings}
+                stage = stages.get(len(settings))
                 if stage is not None:
                     for setting in stage(choose(list(settings.values()))["setting"]):
                         settings[setting_name(setting)] = {"setting": setting}
