@@ -11,8 +11,8 @@ from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import CANDIDATES, DECODE_CANDIDATES, candidate_runs, curate, keep_runs
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
-from bench.sim.world import (HEADROOMS, carry_history, curated, headroom_settings, kept_history, mode_name,
-                             modes_to_try, prefill_settings, run_heteroscale, setting_name)
+from bench.sim.world import (CURATION_STAGES, carry_history, curated, kept_history, mode_name, modes_to_try,
+                             run_heteroscale, setting_name)
 
 
 def _baseline(name: str):
@@ -154,6 +154,12 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     ours = "heteroscale" in policies
     modes = modes_to_try(tuning_day) if ours else []
     runs, settings, histories = {}, {}, {}  # ours' settings on the tuning day by name: {setting, GPU-h, attainment}
+    stages = list(CURATION_STAGES)  # what curation tries after the modes, each from the best so far
+
+    def attempt(urgency: int, setting: dict) -> None:
+        settings[setting_name(setting)] = {"setting": setting}
+        jobs.add(urgency, ("mode", setting_name(setting), (setting, decode_runs)))
+
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_hold_days, initargs=(tuning_day, scoring_day)) \
         if workers > 1 else _InProcess()
     if workers <= 1:
@@ -174,9 +180,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if name in DECODE_CANDIDATES and all(m in runs for m in DECODE_CANDIDATES):
                     decode_runs = {m: runs[m] for m in DECODE_CANDIDATES}
                     for mode in modes:  # the forecast modes first: they carry a day before
-                        setting = curated(mode)
-                        settings[setting_name(setting)] = {"setting": setting}
-                        jobs.add(2 if mode["predict"] else 3, ("mode", setting_name(setting), (setting, decode_runs)))
+                        attempt(2 if mode["predict"] else 3, curated(mode))
             elif kind == "mode":
                 summary, history = out
                 settings[name]["gpu_hours"], settings[name]["attainment"] = summary["gpu_hours"], attainment(summary)
@@ -188,12 +192,9 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if not all("attainment" in t for t in settings.values()):
                     continue  # a stage still running
                 # a stage tried: the best so far over the next stage (`bench.sim.world.ours_mode`'s rule), or scored
-                stages = {len(modes): headroom_settings, len(modes) + len(HEADROOMS): prefill_settings}
-                stage = stages.get(len(settings))
-                if stage is not None:
-                    for setting in stage(choose(list(settings.values()))["setting"]):
-                        settings[setting_name(setting)] = {"setting": setting}
-                        jobs.add(1, ("mode", setting_name(setting), (setting, decode_runs)))
+                if stages:
+                    for setting in stages.pop(0)(choose(list(settings.values()))["setting"]):
+                        attempt(1, setting)
                 else:
                     chosen = choose(list(settings.values()))["setting"]
                     history = histories.get(mode_name(chosen))  # the curated run's, as `world._history` keeps

@@ -38,8 +38,8 @@ from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.run import quiet_collector
 from bench.sim.scenarios import load_scenario
-from bench.sim.world import (HEADROOMS, MODES, PREFILL_SCALES, curated, headroom_settings, prefill_settings,
-                             run_heteroscale, setting_name)
+from bench.sim.world import (CURATION_STAGES, HEADROOMS, MODES, PREFILL_SCALES, curated, headroom_settings,
+                             prefill_settings, run_heteroscale, setting_name)
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
@@ -102,8 +102,8 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
                       flush=True)
 
     run(_tune_tasks(path))
-    run([(path, "heteroscale", "tune", _key(s)) for s in headroom_settings(_chosen(path, done))])
-    run([(path, "heteroscale", "tune", _key(s)) for s in prefill_settings(_chosen(path, done))])
+    for stage in CURATION_STAGES:
+        run([(path, "heteroscale", "tune", _key(s)) for s in stage(_chosen(path, done))])
     run(_score_tasks(path, _chosen(path, done)))
     report = _scenario_report(path, done)
     for day in _SCENARIOS.pop(path):

@@ -311,11 +311,10 @@ def run_heteroscale(scenario: Scenario, record: list[CycleRecord] | None = None,
     the fixed ratio, `predict`: the start-up-aware forecast or none (its history: ours' runs on the days before,
     `_history`, the curated targets' run); `headroom`, `prefill`: see `cycle_config`. None: what `ours_mode`
     chooses on `tuned_on` (all four None: its headroom and prefill too, else the curated targets)."""
-    if adaptive is None and predict is None and headroom is None and prefill is None:  # curation's whole choice
-        chosen = ours_mode(tuned_on or scenario)[0]
-        headroom, prefill = chosen["headroom"], chosen["prefill"]
     if adaptive is None or predict is None:
         chosen = ours_mode(tuned_on or scenario)[0]
+        if adaptive is None and predict is None and headroom is None and prefill is None:  # its whole choice
+            headroom, prefill = chosen["headroom"], chosen["prefill"]
         adaptive = chosen["adaptive"] if adaptive is None else adaptive
         predict = chosen["predict"] if predict is None else predict
     tuned_on = tuned_on or scenario
@@ -461,10 +460,9 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
 
         for mode in modes_to_try(tuning_day):
             attempt(curated(mode))
-        for setting in headroom_settings(choose(tried)["setting"]):
-            attempt(setting)
-        for setting in prefill_settings(choose(tried)["setting"]):
-            attempt(setting)
+        for stage in CURATION_STAGES:
+            for setting in stage(choose(tried)["setting"]):
+                attempt(setting)
         if len(_MODES) >= 4:
             _MODES.pop(next(iter(_MODES)))
         _MODES[tuning_day.name] = (choose(tried)["setting"], tried)
@@ -488,6 +486,9 @@ def headroom_settings(mode: dict) -> list[dict]:
 def prefill_settings(setting: dict) -> list[dict]:
     """`setting` with its prefill at each of `PREFILL_SCALES`: the third stage of curation's choice."""
     return [setting | {"prefill": f} for f in PREFILL_SCALES]
+
+
+CURATION_STAGES = (headroom_settings, prefill_settings)  # after the modes, in order, each from the best so far
 
 
 def setting_name(setting: dict) -> str:

@@ -202,28 +202,32 @@ def test_every_dashboard_query_runs_against_the_real_prometheus(service):
 
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "heteroscale.json").read_text())
     url = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+
+    def empty_panels() -> list[tuple[str, str]]:
+        empty = []
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = (target["expr"].replace("$service", service.name).replace("$__rate_interval", "1m")
+                        .replace("$__range_s", "600").replace("$__range", "10m"))
+                result = prometheus.query(url, expr)  # raises with Prometheus's error on a bad query
+                optional = any(k in panel["title"]
+                               for k in ("GPU clusters only", "forecast_period_s only", "fleets only"))
+                if not result and not optional:  # (this service has no forecast configured)
+                    empty.append((panel["title"], expr))
+                if "GPU clusters only" in panel["title"]:
+                    assert result == [], "CPU engines must leave GPU gauges unset, not 0"
+        return empty
+
     with Load(service, workers=2) as load:
         time.sleep(20)  # fresh latency samples in the engines' windows and the ingress histograms
         # Ray's metrics agents export on their own period and Prometheus scrapes on its own: a series set
         # seconds ago may not be there yet (one full run found three of the controller's gauges missing at the
         # first look, the restarted controller's; the file alone passed). Panels without data are asked again,
         # every 5 s for at most 60 s; a query error fails at once.
-        deadline, empty = time.monotonic() + 60, None
-        while empty is None or (empty and time.monotonic() < deadline):
-            if empty is not None:
-                time.sleep(5)
-            empty = []
-            for panel in dashboard["panels"]:
-                for target in panel["targets"]:
-                    expr = (target["expr"].replace("$service", service.name).replace("$__rate_interval", "1m")
-                            .replace("$__range_s", "600").replace("$__range", "10m"))
-                    result = prometheus.query(url, expr)  # raises with Prometheus's error on a bad query
-                    optional = any(k in panel["title"]
-                                   for k in ("GPU clusters only", "forecast_period_s only", "fleets only"))
-                    if not result and not optional:  # (this service has no forecast configured)
-                        empty.append((panel["title"], expr))
-                    if "GPU clusters only" in panel["title"]:
-                        assert result == [], "CPU engines must leave GPU gauges unset, not 0"
+        empty, deadline = empty_panels(), time.monotonic() + 60
+        while empty and time.monotonic() < deadline:
+            time.sleep(5)
+            empty = empty_panels()
     assert load.failures == []
     assert empty == [], empty
     # Prometheus naming: base units, _total counters, _seconds histograms, ratios 0-1
