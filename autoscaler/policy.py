@@ -90,7 +90,7 @@ def _forecast(cfg: PolicyConfig, st: ServiceState, obs: ServiceObservation, tps:
     if startup is not None and startup >= 0 and tps > 0:
         raw = profile.forecast(now_s, startup)
         if raw is not None:  # the point forecast at now + start-up is scored against what comes then
-            point = profile.expected(now_s, now_s + startup, profile.level(now_s, startup))
+            point = profile.expected(now_s, now_s + startup, profile.todays_level(now_s, startup))
             profile = profile if point is None else profile.remember(now_s + startup, point)
             widened = profile.widened(raw)
     return evolve(st, profile=profile), widened

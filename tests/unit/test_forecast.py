@@ -113,6 +113,51 @@ def test_todays_level_sums_the_last_horizons_bins_so_a_near_empty_bin_cannot_swi
     assert Profile.empty(PERIOD, 60.0, 0.0).level(30.0, 240.0) is None  # cold
 
 
+DAY, BIN = 86_400.0, 300.0
+
+
+def test_a_spike_is_not_learned_as_a_season():
+    """Bursty's scoring day: a random 10-minute 2x spike of the day before came back as a 1.5x phantom the
+    forecast held capacity for. Folded through the opening (30 minutes of a day), a rise narrower than that
+    takes its surroundings' value; a plateau wider than it and its ramps stay as they were."""
+    p = Profile.empty(DAY, BIN, 0.0)
+    assert p.event_bins == 6
+    ran = [100.0] * 288
+    ran[100:102] = [200.0, 200.0]  # a 10-minute spike
+    ran[200:224] = [300.0] * 24  # a 2-hour plateau
+    ran[199], ran[224] = 200.0, 200.0  # its ramps
+    p = replace(p, cur=tuple(ran), cur_n=(1,) * 288)
+    folded = p.next_period(1)
+    assert folded.prev[100:102] == (100.0, 100.0)
+    assert folded.prev[199:225] == tuple(ran[199:225])
+    assert folded.prev[:100] == tuple(ran[:100])
+    # a forecast into the next period folds this one's bins the same way
+    late = DAY - 60.0
+    assert p._history(late, DAY + 100 * BIN) == 100.0 and p._history(late, DAY + 210 * BIN) == 300.0
+
+
+def test_a_period_of_minutes_filters_nothing():
+    """The demo's period (minutes, 10-second bins): the opening is under 2 bins wide and folds bins as before."""
+    p = Profile.empty(240.0, 10.0, 0.0)
+    assert p.event_bins == 0
+    ran = tuple(500.0 if i == 7 else 100.0 for i in range(24))
+    assert replace(p, cur=ran, cur_n=(1,) * 24).next_period(1).prev == ran
+
+
+def test_todays_level_is_capped_by_the_last_hours():
+    """A spike lifts the level over the last start-up (x2 here) but hardly over the last hour, and the forecast
+    must not multiply the whole profile by it; a lasting rise lifts both."""
+    p = replace(Profile.empty(DAY, BIN, 0.0), prev=(100.0,) * 288)
+    spike = replace(p, cur=(100.0,) * 10 + (200.0, 200.0) + (None,) * 276)
+    now = 11 * BIN + 60.0
+    assert spike.level(now, 180.0) == pytest.approx(2.0)
+    assert spike.todays_level(now, 180.0) == pytest.approx((10 * 100 + 2 * 200) / (12 * 100))
+    lasting = replace(p, cur=(150.0,) * 12 + (None,) * 276)
+    assert lasting.todays_level(now, 180.0) == pytest.approx(1.5)
+    fall = replace(p, cur=(100.0,) * 10 + (50.0, 50.0) + (None,) * 276)
+    assert fall.todays_level(now, 180.0) == pytest.approx(0.5)
+    assert Profile.empty(DAY, BIN, 0.0).todays_level(now, 180.0) is None
+
 def observed_flat(p: Profile, until_s: float, value: float = 100.0) -> Profile:
     for t in range(0, int(until_s) + 1, 30):
         p = p.observe(float(t), value)
