@@ -13,9 +13,9 @@ reactive rule serves it, a forecast only raises capacity; a fall shows in both a
 horizon h is the peak of that over every bin from now to now + h + one bin: a replica started now serves from
 now + h on, and capacity cut now takes h to come back, so the peak up to then is what to hold; the extra bin
 is the profile's resolution (a ramp recorded inside a bin starts up to one bin before the bin's mean shows it
-fully). Widened by the tracked relative
-forecast error. Cold history (no bin of the last h with both an earlier and this period's mean, or none of
-the window's with an earlier one) forecasts nothing: the policy is reactive there.
+fully). Widened by the tracked relative forecast error. Cold history (no bin of the last h with both an
+earlier and this period's mean, or none of the window's with an earlier one) forecasts nothing: the policy is
+reactive there.
 
 What lasts is a season, a spike is an event: a period's bins are folded into the earlier periods' through a
 morphological opening of width EVENT_SHARE of the period (30 minutes of a day; a running minimum, then a

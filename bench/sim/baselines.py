@@ -237,36 +237,3 @@ def run_setting(name: str, scenario: Scenario, setting: dict, tuned_on: Scenario
     else:
         raise ValueError(f"unknown baseline {name!r}; choose from {sorted(GRIDS)}")
     return run_reactive(scenario, desire, max_replicas(basis, factor))
-
-
-def run_tuned(scenario: Scenario, name: str, attainment_goal: float) -> tuple[PolicyResult, dict]:
-    """The baseline at the grid setting with the fewest GPU-hours among those whose TTFT and TBT attainment both
-    reach `attainment_goal` on `scenario`; if none does, the one with the best attainment. Returns the result and
-    {setting, met_goal, tried}."""
-    runs = [(setting, run_setting(name, scenario, setting)) for setting in GRIDS[name]]
-
-    def attainment(res: PolicyResult) -> float:
-        s = res.summary()
-        return min(s["slo_attainment_ttft"], s["slo_attainment_tbt"])
-
-    meeting = [(v, r) for v, r in runs if attainment(r) >= attainment_goal]
-    value, best = min(meeting, key=lambda vr: vr[1].gpu_hours) if meeting else max(runs, key=lambda vr: attainment(vr[1]))
-    return best, {"setting": value, "met_goal": bool(meeting), "attainment_goal": attainment_goal,
-                  "tried": [{"setting": v, "gpu_hours": round(r.gpu_hours, 1), "attainment": attainment(r)}
-                            for v, r in runs]}
-
-
-def run_hpa_gpu_util(scenario: Scenario) -> PolicyResult:
-    return run_reactive(scenario, _hpa())
-
-
-def run_serve_queue(scenario: Scenario) -> PolicyResult:
-    return run_setting("serve_queue", scenario, GRIDS["serve_queue"][0])
-
-
-def run_periodic(scenario: Scenario) -> PolicyResult:
-    return run_setting("periodic", scenario, GRIDS["periodic"][0])
-
-
-def run_sla_planner(scenario: Scenario) -> PolicyResult:
-    return run_reactive(scenario, _sla_planner(scenario))
