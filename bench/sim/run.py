@@ -45,7 +45,8 @@ class _InProcess:
 
 def tune_on(tuning_day: Scenario, name: str, goal: float = TTFT_GOAL) -> tuple[dict, list[dict]]:
     """A baseline's setting chosen on the tuning day: the cheapest of its grid meeting `goal` (near-ties to
-    the best attainment; else the best attainment), the same rule our curation follows (`choose`). Returns (setting, every tried setting's numbers)."""
+    the best attainment; else the best attainment), the same rule our curation follows (`choose`). Returns
+    (setting, every tried setting's numbers)."""
     tried = []
     for setting in GRIDS[name]:
         s = run_setting(name, tuning_day, setting).summary()

@@ -12,7 +12,8 @@ Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
   mix-drift goal names), its mode over the headrooms and it over the prefill scales: ours' front holds every
   point of ours scored;
 - each baseline: every setting of its grid (`bench.sim.baselines.GRIDS`) on the tuning day picks its point (the
-  cheapest meeting the 99 % goal, near-ties to the best attainment: our curation's rule, `choose`); every setting on the scoring day makes its front;
+  cheapest meeting the 99 % goal, near-ties to the best attainment: our curation's rule, `choose`); every
+  setting on the scoring day makes its front;
 - `static_peak`: sized for the tuning day's peak; `oracle`: per tick the fewest instances meeting a per-tick
   goal (its front sweeps that goal), no start-up: a bound only for policies that meet the per-tick goal;
 - `gpu_hours_at_heteroscale_attainment`: the GPU-hours a policy's front needs at ours' scoring-day attainment

@@ -449,8 +449,9 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
     the per-service curated targets; then the mode that chose at each of `HEADROOMS` (every service's decode
     target that share of its measured capacity); then the setting that chose with its prefill sized at each of
     `PREFILL_SCALES` x the curated, as each baseline's grid is swept; at each stage and of all, the cheapest
-    meeting the goal (near-ties to the best attainment), else the best attainment (`choose`). ({adaptive, predict, headroom, prefill}: None is
-    the curated; what was tried); memoized per day. A scenario that is not a day tries no forecast."""
+    meeting the goal (near-ties to the best attainment), else the best attainment (`choose`). ({adaptive,
+    predict, headroom, prefill}: None is the curated; what was tried); memoized per day. A scenario that is not
+    a day tries no forecast."""
     if tuning_day.name not in _MODES:
         tried = []
 
