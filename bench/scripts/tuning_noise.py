@@ -15,6 +15,7 @@ Writes bench/results/tuning_noise.json; one line per finished run on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -52,10 +53,16 @@ def days(path: str) -> tuple[int, int]:
     return first, second
 
 
+@functools.lru_cache(maxsize=4)
+def _day(path: str, day: int):
+    """A scenario's day, loaded once per worker process (its jobs come scenario by scenario)."""
+    return day_of(load_scenario(path), day)
+
+
 def one(job: tuple[str, int, str, int]) -> tuple[tuple[str, int, str, int], dict, float]:
     path, day, policy, index = job
     began = time.perf_counter()
-    scenario = day_of(load_scenario(path), day)
+    scenario = _day(path, day)
     if policy == "heteroscale":
         result = run_heteroscale(scenario, tuned_on=scenario, **ours_settings()[index])
     else:
@@ -90,7 +97,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     counts = {"heteroscale": len(ours_settings()), **{b: len(GRIDS[b]) for b in BASELINES}}
-    jobs = [(path, day, policy, i) for path in args.scenario for day in days(path)
+    day_pairs = {path: days(path) for path in args.scenario}
+    jobs = [(path, day, policy, i) for path in args.scenario for day in day_pairs[path]
             for policy, n in counts.items() for i in range(n)]
     began, results = time.perf_counter(), {}
     with ProcessPoolExecutor(args.workers) as pool:
@@ -102,7 +110,7 @@ def main() -> int:
     for path in args.scenario:
         name, per_policy = Path(path).stem, {}
         for policy, n in counts.items():
-            runs = {day: [results[(path, day, policy, i)] for i in range(n)] for day in days(path)}
+            runs = {day: [results[(path, day, policy, i)] for i in range(n)] for day in day_pairs[path]}
             pairs = pair_noise(runs)
             pooled[policy] += [p["change"] for p in pairs]
             per_policy[policy] = {"runs": {str(d): r for d, r in runs.items()}, "pairs": pairs,
