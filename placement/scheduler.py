@@ -8,9 +8,10 @@ group, so a group's surplus of one role idles; deltas are split across groups or
 from the groups that are over. A scale-out batch is placed whole in one domain (grow an existing deployment
 group there, or open a new one), or split into at most `config.max_batch_splits` sub-batches that are each whole
 (never a prefill without its decode).
-Candidates are ranked by (RDMA-subgroup tier, GPU-type fallback rank, free GPUs left in the domain, grow before
-create, name): the least precious tier that satisfies the service first, then the preferred GPU types, then
-the most-filled domain (limits fragmentation). Chosen GPUs are reserved in the tree at once, so later requests
+Candidates are ranked by (RDMA-subgroup tier, GPU-type fallback rank, grow before create, free GPUs left in the
+domain, name): the least precious tier that satisfies the service first, then the preferred GPU types, then an
+existing group of the service over a new one (a service split over more groups than it needs runs small groups:
+more GPUs for the same tail, docs/design.md), then the most-filled domain (limits fragmentation). Chosen GPUs are reserved in the tree at once, so later requests
 of the same cycle see the reduced capacity. Scale-in shrinks the service's groups in the most precious tiers
 first; freed GPUs are not returned to the tree until the next cycle rebuilds it.
 
@@ -350,7 +351,7 @@ def _banded_candidates(tree: TopologyTree, svc: ServiceShape, groups: list[Deplo
 
 
 def _rank(fit: _Fit) -> tuple:
-    return (int(fit.domain.tier), fit.fallback_rank, fit.free_after, 0 if fit.group else 1, fit.domain.name)
+    return (int(fit.domain.tier), fit.fallback_rank, 0 if fit.group else 1, fit.free_after, fit.domain.name)
 
 
 def _has_types(tree: TopologyTree, svc: ServiceShape) -> bool:

@@ -101,6 +101,15 @@ def test_most_filled_domain_first_limits_fragmentation():
     assert plan.actions[0].domain == "b"
 
 
+def test_an_existing_group_grows_before_a_fuller_domain_takes_a_new_one():
+    # b would end fuller (the anti-fragmentation tie-break), but a second group of the same service there would
+    # split its requests over two smaller pools
+    tree = build_tree(nodes("s2", "a", "L20", 2, free=8) + nodes("s2", "b", "L20", 2, free=3))
+    group = DeploymentGroup("homo-a", "homo", "s1", "a", "L20", "L20", 1, 2)
+    plan = place(tree, [ScaleRequest(HOMO, 1, 2, (group,))])
+    assert [(a.kind, a.group, a.domain) for a in plan.actions] == [(ActionKind.GROW, "homo-a", "a")]
+
+
 def test_a_batch_is_whole_or_nothing():
     tree = fleet()
     before = dict(tree.free)
