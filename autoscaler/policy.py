@@ -12,7 +12,8 @@ Per service, in order:
 3. proportional control on decode TPS from demand x = tps / target: D = ceil(x), P = ceil(x x ratio) (rounded
    once, `PolicyConfig.pair_for_demand`), hysteresis band (it holds only while TBT meets its SLO: a saturated
    decode pool reports its capacity, inside the band of a target just under it), separate cooldowns,
-   dampened steps, bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
+   dampened steps (not while decode is saturated: demand above the size with TBT over its SLO is sized in one
+   step), bounds; fresh zero traffic goes to the minimum; stale/NaN data holds;
 4. the periodic schedule sets the size (PERIODIC) or floors it (METRICS_WITH_SCHEDULE_FLOOR);
 5. a fleet GPU budget, if set, is shared by priority (higher first; equal priorities in proportion to what they
    ask above their floors), never below a service's floor (`PolicyConfig.fleet_floor`, (0, 0) for a
@@ -289,10 +290,16 @@ def decide_service(cfg: PolicyConfig, st: ServiceState | None, obs: ServiceObser
         # the current size with TBT over its SLO acts (below the safety net's first tier, a fixed step).
         in_band = abs(raw / st.target_decode - 1) <= cfg.hysteresis_band
         tbt = None if obs is None or cfg.tbt_slo_s is None else obs.tbt_s.fresh(now_s, cfg.staleness_limit_s)
-        if in_band and raw > st.target_decode and tbt is not None and tbt > cfg.tbt_slo_s:
+        saturated = raw > st.target_decode and tbt is not None and tbt > cfg.tbt_slo_s
+        if in_band and saturated:
             in_band = False
             diag["note"] = f"TBT {tbt / cfg.tbt_slo_s:.3f} x its SLO, {raw:.2f} decode instances of demand: " \
                            "out of band"
+        if saturated:
+            # Demand above the size while decode misses its SLO is not a noisy reading to step towards: every
+            # request of the pool misses now, and the demand (shed load counted) is what it must carry. A dampened
+            # step left a 2x spike a start-up short of its capacity (docs/design.md, issue 22, fifth part).
+            dampen = False
         if tps == 0:
             desired, reason, dampen = cfg.pair_for_demand(0.0, ratio), Reason.ZERO_TRAFFIC, False
         elif in_band and wanted == ratio:

@@ -57,6 +57,9 @@ SCENARIOS = [
     ("TTFT over its SLO (below the first tier) keeps the band", state(), obs(640, ttft=1.04),
      (Action.HOLD, Reason.WITHIN_BAND, 2, 6, 0, 0)),
     ("spike is dampened to +50 %", state(), obs(3000), (Action.SCALE_OUT, Reason.PROPORTIONAL, 3, 9, 0, 0)),
+    # every request of a saturated pool misses now: the demand is sized in one step, not stepped towards
+    ("a spike with decode past its TBT SLO is not dampened", state(), obs(3000, tbt=0.052),
+     (Action.SCALE_OUT, Reason.PROPORTIONAL, 10, 30, 0, 0)),
     ("ramp down withdraws first", state(), obs(300), (Action.SCALE_IN, Reason.PROPORTIONAL, 2, 6, 1, 3)),
     ("scale-out cooldown", state(out=NOW - 100), obs(800), (Action.HOLD, Reason.COOLDOWN, 2, 6, 0, 0)),
     ("scale-in cooldown counts from the last scale-out", state(out=NOW - 300), obs(300),
