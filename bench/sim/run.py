@@ -11,8 +11,8 @@ from bench.sim.baselines import GRIDS, run_oracle, run_setting, run_static_peak
 from bench.sim.curation import CANDIDATES, DECODE_CANDIDATES, candidate_runs, curate, keep_runs
 from bench.sim.days import tuning_and_scoring
 from bench.sim.model import TTFT_GOAL, Capacity, PolicyResult, Scenario, attainment, choose
-from bench.sim.world import (CURATION_STAGES, carry_history, curated, kept_history, mode_name, modes_to_try,
-                             run_heteroscale, setting_name)
+from bench.sim.world import (CURATION_STAGES, carry_history, curated, kept_history, mode_name, mode_settings,
+                             modes_to_try, run_heteroscale, setting_name)
 
 
 def _baseline(name: str):
@@ -155,7 +155,7 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
     ours = "heteroscale" in policies
     modes = modes_to_try(tuning_day) if ours else []
     runs, settings, histories = {}, {}, {}  # ours' settings on the tuning day by name: {setting, GPU-h, attainment}
-    stages = list(CURATION_STAGES)  # what curation tries after the modes, each from the best so far
+    stages = list(CURATION_STAGES)  # what curation tries after the modes' settings, each from the best so far
 
     def attempt(urgency: int, setting: dict) -> None:
         settings[setting_name(setting)] = {"setting": setting}
@@ -181,7 +181,8 @@ def simulate(scenario: Scenario, policies: Sequence[str], progress=None, tune_ba
                 if name in DECODE_CANDIDATES and all(m in runs for m in DECODE_CANDIDATES):
                     decode_runs = {m: runs[m] for m in DECODE_CANDIDATES}
                     for mode in modes:  # the forecast modes first: they carry a day before
-                        attempt(2 if mode["predict"] else 3, curated(mode))
+                        for setting in mode_settings(mode):
+                            attempt(2 if mode["predict"] else 3, setting)
             elif kind == "mode":
                 summary, history = out
                 settings[name]["gpu_hours"], settings[name]["attainment"] = summary["gpu_hours"], attainment(summary)

@@ -4,8 +4,8 @@ front of GPU-hours against attainment.
 
 Per scenario (`bench.sim.days.tuning_and_scoring` gives its two days):
 - ours (`heteroscale`): each mode (`bench.sim.world.MODES`: fixed or adaptive ratio, with or without the
-  forecast) curated on the tuning day (`bench.sim.curation`) and run there, then the best of them at each decode
-  headroom of `bench.sim.world.HEADROOMS` (target = capacity / h, the curated ratio kept), then the best so far
+  forecast) curated on the tuning day (`bench.sim.curation`) and run there, and at each decode headroom of
+  `bench.sim.world.HEADROOMS` (target = capacity / h, the curated ratio kept), then the best so far
   with its prefill at each of `bench.sim.world.PREFILL_SCALES` x the curated, there too; the setting the tuning
   day chooses (`bench.sim.world.ours_mode`'s rule) is scored on the scoring day, and so are its mode at the
   curated targets, the fixed ratio at its curated targets (the paper's policy, the reference issue 22's
@@ -40,7 +40,7 @@ from bench.sim.model import TTFT_GOAL, Scenario, attainment, choose
 from bench.sim.run import quiet_collector
 from bench.sim.scenarios import load_scenario
 from bench.sim.world import (CURATION_STAGES, HEADROOMS, MODES, PREFILL_SCALES, curated, headroom_settings,
-                             prefill_settings, run_heteroscale, setting_name)
+                             mode_settings, prefill_settings, run_heteroscale, setting_name)
 
 SUITE_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "suite"
 ORACLE_GOALS = (0.95, 0.98, 0.99, 0.995, 0.999)
@@ -116,8 +116,8 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 
 def _tune_tasks(path: str) -> list[tuple]:
-    """Ours in every mode on the tuning day, then every other run that does not wait on ours' choice."""
-    tasks = [(path, "heteroscale", "tune", _key(curated(mode))) for mode in MODES]
+    """Ours in every mode and headroom on the tuning day, then every other run that does not wait on ours' choice."""
+    tasks = [(path, "heteroscale", "tune", _key(setting)) for mode in MODES for setting in mode_settings(mode)]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
         for setting in grid:

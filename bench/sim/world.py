@@ -446,9 +446,9 @@ def mode_name(mode: dict) -> str:
 def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
     """Curation's choice of ours' setting (paper Algorithm 1's rule, on the tuning day only, the forecast's
     history from the day before it): first each mode (fixed or adaptive ratio, with or without the forecast) at
-    the per-service curated targets; then the mode that chose at each of `HEADROOMS` (every service's decode
-    target that share of its measured capacity); then the setting that chose with its prefill sized at each of
-    `PREFILL_SCALES` x the curated, as each baseline's grid is swept; at each stage and of all, the cheapest
+    the per-service curated targets and at each of `HEADROOMS` (every service's decode target that share of its
+    measured capacity), the whole grid as each baseline's is swept (`mode_settings`); then the setting that
+    chose with its prefill sized at each of `PREFILL_SCALES` x the curated; at each stage and of all, the cheapest
     meeting the goal (near-ties to the best attainment), else the best attainment (`choose`). ({adaptive,
     predict, headroom, prefill}: None is the curated; what was tried); memoized per day. A scenario that is not
     a day tries no forecast."""
@@ -460,7 +460,8 @@ def ours_mode(tuning_day: Scenario) -> tuple[dict, list[dict]]:
             tried.append({"setting": setting, "gpu_hours": s["gpu_hours"], "attainment": attainment(s)})
 
         for mode in modes_to_try(tuning_day):
-            attempt(curated(mode))
+            for setting in mode_settings(mode):
+                attempt(setting)
         for stage in CURATION_STAGES:
             for setting in stage(choose(tried)["setting"]):
                 attempt(setting)
@@ -480,16 +481,23 @@ def curated(mode: dict) -> dict:
 
 
 def headroom_settings(mode: dict) -> list[dict]:
-    """`mode` at each of `HEADROOMS`, its prefill curated: the second stage of curation's choice."""
+    """`mode` at each of `HEADROOMS`, its prefill curated."""
     return [curated(mode) | {"headroom": 1 / h} for h in HEADROOMS]
 
 
+def mode_settings(mode: dict) -> list[dict]:
+    """`mode` at its curated targets and at each of `HEADROOMS`: its part of curation's first stage (every mode's
+    headrooms are tried: the headrooms of the mode that was best at its curated targets alone missed a cheaper
+    setting of another, docs/design.md, issue 22's fifth part)."""
+    return [curated(mode), *headroom_settings(mode)]
+
+
 def prefill_settings(setting: dict) -> list[dict]:
-    """`setting` with its prefill at each of `PREFILL_SCALES`: the third stage of curation's choice."""
+    """`setting` with its prefill at each of `PREFILL_SCALES`: the second stage of curation's choice."""
     return [setting | {"prefill": f} for f in PREFILL_SCALES]
 
 
-CURATION_STAGES = (headroom_settings, prefill_settings)  # after the modes, in order, each from the best so far
+CURATION_STAGES = (prefill_settings,)  # after every mode's settings, in order, each from the best so far
 
 
 def setting_name(setting: dict) -> str:

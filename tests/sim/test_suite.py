@@ -150,19 +150,20 @@ def test_a_small_suite_writes_every_policy_tuned_on_one_day_and_scored_on_anothe
     front = policies["heteroscale"]["front"]  # nothing on it beaten on both GPU-hours and attainment
     assert all(a["gpu_hours"] < b["gpu_hours"] and a["attainment"] < b["attainment"] for a, b in zip(front, front[1:]))
     # ours' setting is chosen on the tuning day by the baselines' rule: each mode (ratio fixed or adaptive,
-    # forecast or not) at the curated targets, then the best of them over the decode headrooms, then the best so
-    # far over the prefill scales
+    # forecast or not) at the curated targets and over the decode headrooms, then the best so far over the
+    # prefill scales
     mode = policies["heteroscale"]["mode"]
     tried = [{"setting": m, "gpu_hours": v["gpu_hours"], "attainment": v["attainment"]}
              for m, v in mode["tuning_day"].items()]
     modes = {"fixed", "adaptive", "fixed+forecast", "adaptive+forecast"}
-    best = choose([t for t in tried if t["setting"] in modes])["setting"]
-    headrooms = {f"{best} at headroom 1/{h:.2f}" for h in HEADROOMS}
+    headrooms = {f"{m} at headroom 1/{h:.2f}" for m in modes for h in HEADROOMS}
     second = choose([t for t in tried if t["setting"] in modes | headrooms])["setting"]
     assert set(mode["tuning_day"]) == modes | headrooms | {f"{second}, prefill x{f:.2f}" for f in PREFILL_SCALES}
     assert mode["chosen"] == choose(tried)["setting"]
     assert policies["heteroscale"]["gpu_hours"] == mode["scoring_day_curated"][mode["chosen"]]["gpu_hours"]
     # and beside it its mode at the curated targets and the paper's mode
-    assert set(mode["scoring_day_curated"]) == {mode["chosen"], best, "fixed"}
+    chosen_mode = mode["chosen"].split(" at ")[0].split(",")[0]
+    assert chosen_mode in modes
+    assert set(mode["scoring_day_curated"]) == {mode["chosen"], chosen_mode, "fixed"}
     # the point a baseline reports is the one its tuning day chose, scored on the scoring day
     assert policies["sla_planner"]["setting"] in [{"headroom": h} for h in (1.0, 1.02, 1.04, 1.06, 1.1, 1.15, 1.2)]
