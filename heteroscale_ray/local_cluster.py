@@ -48,15 +48,40 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
 
 
+# Ports a node's agents take are picked from here up to the kernel's ephemeral range: a port the kernel can hand
+# to any outgoing connection (binding to port 0 picks one of those) was taken by one between picking and the
+# dashboard agent's bind, and the raylet died with its agent ("Address already in use", `make test`, 2026-12-07).
+PORT_FLOOR = 20000  # above every fixed port the project's specs use (GCS, dashboard, Serve, Prometheus, Grafana)
+
+
+def _ephemeral_low() -> int | None:
+    """The first port of the kernel's ephemeral range (Linux), None where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports. The sockets are held open together: ports picked one at a time can repeat
-    (a just-closed port is handed out again), which made `ray start` refuse two components on one port."""
+    """`count` distinct free ports, below the kernel's ephemeral range where it leaves room (`PORT_FLOOR`), else
+    any the kernel gives. The sockets are held open together: ports picked one at a time can repeat (a
+    just-closed port is handed out again), which made `ray start` refuse two components on one port."""
+    low = _ephemeral_low()
+    span = range(PORT_FLOOR, low) if low is not None and low - PORT_FLOOR >= 1000 else None
     sockets = []
     try:
-        for _ in range(count):
+        for _ in range(100 * count):
+            if len(sockets) == count:
+                break
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", secrets.choice(span) if span else 0))
+            except OSError:  # in use (or held by this call): another
+                sock.close()
+                continue
             sockets.append(sock)
+        if len(sockets) < count:
+            raise RuntimeError(f"found only {len(sockets)} of {count} free ports in {span or 'the ephemeral range'}")
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:

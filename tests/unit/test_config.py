@@ -113,12 +113,15 @@ def test_api_key_from_env_or_config(monkeypatch):
     assert parse_service_spec(data).api_key() == "k2"
 
 
-def test_free_ports_are_distinct():
-    from heteroscale_ray.local_cluster import _free_ports
+def test_free_ports_are_distinct_and_below_the_ephemeral_range():
+    from heteroscale_ray.local_cluster import PORT_FLOOR, _ephemeral_low, _free_ports
 
+    low = _ephemeral_low()
     for _ in range(50):
         ports = _free_ports(4)
         assert len(set(ports)) == 4
+        if low is not None and low - PORT_FLOOR >= 1000:  # no outgoing connection is given these
+            assert all(PORT_FLOOR <= p < low for p in ports), (ports, low)
 
 
 SUPPLY = {"node_types": [{"gpu_type": t, "num_gpus": 1, "s1": "s1-b", "s2": "s2-0", "max_nodes": 1} for t in ("L20", "H20")]}
