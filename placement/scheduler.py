@@ -12,8 +12,9 @@ Candidates are ranked by (RDMA-subgroup tier, GPU-type fallback rank, grow befor
 domain, name): the least precious tier that satisfies the service first, then the preferred GPU types, then an
 existing group of the service over a new one (a service split over more groups than it needs runs small groups:
 more GPUs for the same tail, docs/design.md), then the most-filled domain (limits fragmentation). Chosen GPUs are
-reserved in the tree at once, so later requests of the same cycle see the reduced capacity. Scale-in shrinks the service's groups in the most precious tiers
-first; freed GPUs are not returned to the tree until the next cycle rebuilds it.
+reserved in the tree at once, so later requests of the same cycle see the reduced capacity. Scale-in shrinks the
+service's groups in the most precious tiers first; freed GPUs are not returned to the tree until the next cycle
+rebuilds it.
 
 Disaggregated MoE: with `ServiceShape.moe`, a prefill instance is `attn_per_prefill` ATTN + `ffn_per_prefill`
 FFN instances that must share one S1, while the whole DG shares one S2.
