@@ -71,8 +71,6 @@ def _free_ports(count: int) -> list[int]:
     sockets = []
     try:
         for _ in range(100 * count):
-            if len(sockets) == count:
-                break
             sock = socket.socket()
             try:
                 sock.bind(("127.0.0.1", secrets.choice(span) if span else 0))
@@ -80,9 +78,9 @@ def _free_ports(count: int) -> list[int]:
                 sock.close()
                 continue
             sockets.append(sock)
-        if len(sockets) < count:
-            raise RuntimeError(f"found only {len(sockets)} of {count} free ports in {span or 'the ephemeral range'}")
-        return [sock.getsockname()[1] for sock in sockets]
+            if len(sockets) == count:
+                return [s.getsockname()[1] for s in sockets]
+        raise RuntimeError(f"found only {len(sockets)} of {count} free ports in {span or 'the ephemeral range'}")
     finally:
         for sock in sockets:
             sock.close()

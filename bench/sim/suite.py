@@ -116,7 +116,8 @@ def _run_scenario(job: tuple[str, bool]) -> tuple[str, dict, float]:
 
 
 def _tune_tasks(path: str) -> list[tuple]:
-    """Ours in every mode and headroom on the tuning day, then every other run that does not wait on ours' choice."""
+    """Ours in every mode and headroom on the tuning day, then every other run that does not wait on ours'
+    choice."""
     tasks = [(path, "heteroscale", "tune", _key(setting)) for mode in MODES for setting in mode_settings(mode)]
     tasks += [(path, "oracle", "score", g) for g in ORACLE_GOALS] + [(path, "static_peak", "score", None)]
     for name, grid in GRIDS.items():
